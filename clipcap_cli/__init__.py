@@ -1,0 +1,23 @@
+"""clipcap: ClipCap image captioning (CLIP prefix + GPT-2) as a library and a command line.
+
+The public API is small: ``load_model(name_or_path)`` returns a captioner with ``.caption(images)``.
+Heavy modules (torch, transformers, open_clip) are imported on first use, not at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipcap_cli.version import __version__
+
+__all__ = ["__version__", "load_model"]
+
+
+def load_model(name_or_path: str = "coco", **kwargs: Any) -> Any:
+    """Load a registry model ("coco", "conceptual", "coco-transformer") or a checkpoint file.
+
+    See ``clipcap_cli.captioner.load_model`` for the keyword arguments.
+    """
+    from clipcap_cli.captioner import load_model as _load
+
+    return _load(name_or_path, **kwargs)

@@ -1,0 +1,3 @@
+from clipcap_cli.cli import main
+
+main()

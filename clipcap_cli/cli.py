@@ -1,0 +1,116 @@
+"""The ``clipcap`` command line: a Typer app over the model core.
+
+Results go to stdout, everything else (progress, warnings, errors) to stderr. Heavy imports
+(torch, transformers, open_clip) happen inside commands, so ``clipcap --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from clipcap_cli import errors
+from clipcap_cli.version import __version__
+
+app = typer.Typer(
+    name="clipcap",
+    help="Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=True,
+)
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class State:
+    verbose = False
+
+
+def debug_enabled() -> bool:
+    return State.verbose or os.environ.get("CLIPCAP_DEBUG", "").lower() in {"1", "true", "yes"}
+
+
+def say(message: str) -> None:
+    """A diagnostic line on stderr (shown only with --verbose)."""
+    if debug_enabled():
+        stderr.print(message, style="dim", highlight=False)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn errors into one readable line and the documented exit code (tracebacks with --verbose)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except errors.ClipCapError as exc:
+        if debug_enabled():
+            traceback.print_exc()
+        stderr.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # an unexpected failure: still one line, unless asked for details
+        if debug_enabled():
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        stderr.print(
+            f"[red]error:[/] {type(exc).__name__}: {first} (run with --verbose or CLIPCAP_DEBUG=1 for the traceback)",
+            highlight=False,
+            markup=True,
+        )
+        raise typer.Exit(errors.EXIT_FATAL) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"clipcap {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Diagnostics (device, files) and tracebacks on stderr."),
+    offline: bool = typer.Option(
+        False, "--offline", envvar="CLIPCAP_OFFLINE", help="Never use the network; fail at once if a model is missing."
+    ),
+) -> None:
+    """Caption images with ClipCap.
+
+    Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.
+    """
+    State.verbose = verbose
+    if offline:
+        os.environ["CLIPCAP_OFFLINE"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+from clipcap_cli.commands import register  # noqa: E402  (commands need `app` above)
+
+register(app)
+
+
+def main() -> None:
+    app(prog_name="clipcap")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The model configuration: everything needed to rebuild a ClipCap model from its weights.
+
+Our checkpoints embed this as JSON, so ``clipcap caption --model run/epoch-010.safetensors``
+needs no other flags. Released ClipCap files carry no config: ``checkpoint.py`` infers one
+from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from clipcap_cli.errors import UsageError
+
+Mapping = Literal["mlp", "transformer"]
+MAPPINGS: tuple[str, ...] = ("mlp", "transformer")
+
+# Output width of the CLIP image encoders people use with ClipCap (open_clip names).
+CLIP_EMBED_DIMS: dict[str, int] = {
+    "RN50": 1024,
+    "RN101": 512,
+    "RN50x4": 640,
+    "RN50x16": 768,
+    "RN50x64": 1024,
+    "ViT-B-32": 512,
+    "ViT-B-16": 512,
+    "ViT-L-14": 768,
+    "ViT-L-14-336": 768,
+}
+# Which CLIP a checkpoint probably wants, from its input width (the released files: 512 -> ViT-B/32,
+# 640 -> RN50x4). Used for defaults and for error messages.
+CLIP_FOR_DIM: dict[int, str] = {512: "ViT-B-32", 640: "RN50x4", 768: "ViT-L-14", 1024: "RN50"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A ClipCap model. Defaults are the original train.py's (MLP, K=10, ViT-B/32, GPT-2 small)."""
+
+    mapping: str = "mlp"  # "mlp" or "transformer"
+    prefix_length: int = 10  # K: GPT-2 input embeddings made from one CLIP embedding
+    clip_length: int = 10  # transformer mapper only: tokens the CLIP embedding is projected to
+    num_layers: int = 8  # transformer mapper only
+    prefix_size: int = 512  # CLIP embedding width (512 ViT-B/32, 640 RN50x4)
+    normalize_prefix: bool = False  # L2-normalise the CLIP embedding before the mapper
+    only_prefix: bool = False  # GPT-2 frozen (trained mapper only)
+    clip_model: str = "ViT-B-32"  # open_clip name, or "local-dir:PATH"
+    clip_pretrained: str | None = "openai"  # open_clip pretrained tag (None for local-dir models)
+    gpt2: str = "gpt2"  # Hugging Face name or local folder of the language model and tokenizer
+    stop_token: str = "."  # decoding stops after this token (the original's stop token)
+
+    def __post_init__(self) -> None:
+        if self.mapping not in MAPPINGS:
+            raise UsageError(f"unknown mapping {self.mapping!r}: choose one of {', '.join(MAPPINGS)}")
+        for name in ("prefix_length", "clip_length", "num_layers", "prefix_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Unknown keys come from newer versions: ignore them rather than refuse the file.
+        return cls(**{k: v for k, v in data.items() if k in known})

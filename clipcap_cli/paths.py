@@ -1,0 +1,72 @@
+"""Where clipcap keeps its files, and whether it may use the network.
+
+Everything lives under one data directory: ``$CLIPCAP_HOME`` when set, otherwise the
+platform's user data directory (``~/.local/share/clipcap`` on Linux).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+APP_NAME = "clipcap"
+TRUE_VALUES = {"1", "true", "yes", "on"}
+
+
+def home() -> Path:
+    """The root data directory (created on first use)."""
+    env = os.environ.get("CLIPCAP_HOME")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        import platformdirs
+
+        root = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def models_dir() -> Path:
+    """ClipCap checkpoints downloaded by name (``clipcap download``)."""
+    return _sub("models")
+
+
+def hf_cache_dir() -> Path:
+    """Hugging Face files: GPT-2 configs, tokenizers and weights."""
+    return _sub("huggingface")
+
+
+def clip_cache_dir() -> Path:
+    """open_clip backbone weights."""
+    return _sub("open_clip")
+
+
+def _sub(name: str) -> Path:
+    path = home() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in TRUE_VALUES
+
+
+def offline_requested() -> bool:
+    """True when the user asked for offline mode (``--offline`` sets ``CLIPCAP_OFFLINE=1``)."""
+    return env_flag("CLIPCAP_OFFLINE") or env_flag("HF_HUB_OFFLINE")
+
+
+@lru_cache(maxsize=8)
+def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so a machine without network fails in seconds, not minutes of retries."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def can_download(host: str = "huggingface.co") -> bool:
+    return not offline_requested() and network_reachable(host)
