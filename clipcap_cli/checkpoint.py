@@ -192,6 +192,22 @@ def build_model(raw: RawCheckpoint, config: ModelConfig) -> ClipCaptionModel:
     return model
 
 
+def check_structure(raw: RawCheckpoint, config: ModelConfig) -> None:
+    """Strictly compare the file's keys and shapes with the model ``config`` describes, without
+    allocating it (the model is built on the meta device). Raises CheckpointError."""
+    from transformers import GPT2Config
+
+    gpt_arch = raw.gpt2_config or infer_gpt2_config(raw.state)
+    if gpt_arch is None:
+        raise CheckpointError("checkpoint has no GPT-2 weights to check against")
+    with torch.device("meta"):
+        model = ClipCaptionModel(config, backbones.build_gpt2(GPT2Config(**_gpt2_kwargs(gpt_arch))))
+    state = dict(raw.state)
+    if TIED_LM_HEAD not in state and "gpt.transformer.wte.weight" in state:
+        state[TIED_LM_HEAD] = state["gpt.transformer.wte.weight"]
+    _check_keys(model.state_dict(), state)
+
+
 def _gpt2_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
     keep = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
             "layer_norm_epsilon", "tie_word_embeddings", "bos_token_id", "eos_token_id", "scale_attn_weights")

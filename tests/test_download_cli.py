@@ -1,0 +1,123 @@
+"""`clipcap download` end to end against a local HTTP server (never the internet)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clipcap_cli import pretrained
+from clipcap_cli.cli import app
+from conftest import build_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def served(tmp_path: Path, tiny_config):
+    """A released-format (bare torch state dict) tiny checkpoint served on 127.0.0.1."""
+    root = tmp_path / "www"
+    root.mkdir()
+    model = build_tiny_model(tiny_config, seed=7)
+    torch.save(model.state_dict(), root / "tiny_weights.pt")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, model
+    server.shutdown()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def tiny_registry(served, tiny_config, monkeypatch: pytest.MonkeyPatch):
+    base, root, model = served
+    entry = pretrained.PretrainedModel(
+        name="tiny",
+        description="tiny test model",
+        filename="tiny_weights.pt",
+        urls=(f"{base}/missing.pt", f"{base}/tiny_weights.pt"),  # the first mirror 404s
+        approx_size=(root / "tiny_weights.pt").stat().st_size,
+        settings={"clip_model": tiny_config.clip_model, "clip_pretrained": None, "gpt2": tiny_config.gpt2},
+    )
+    monkeypatch.setitem(pretrained.REGISTRY, "tiny", entry)
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "0")
+    monkeypatch.setattr("clipcap_cli.paths.can_download", lambda host="huggingface.co": True)
+    return entry, model
+
+
+def test_download_records_hash_and_lists_it(tiny_registry):
+    entry, model = tiny_registry
+    result = runner.invoke(app, ["download", "tiny", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(entry.path)
+    assert entry.path.is_file() and pretrained.is_cached(entry)
+    assert len(pretrained.recorded_sha256(entry)) == 64
+
+    listing = json.loads(runner.invoke(app, ["download", "--list", "--json"]).stdout)
+    row = next(r for r in listing if r["name"] == "tiny")
+    assert row["cached"] is True and row["path"] == str(entry.path)
+    assert {r["name"] for r in listing} >= {"coco", "conceptual", "coco-transformer"}
+
+    result = runner.invoke(app, ["download", "--path", "tiny"])
+    assert result.exit_code == 0 and result.stdout.strip() == str(entry.path)
+
+    # The downloaded file is usable by name, with the registry's settings.
+    path, settings = pretrained.resolve_checkpoint("tiny")
+    assert path == entry.path and settings["clip_model"] == entry.settings["clip_model"]
+
+
+def test_corrupt_cached_file_is_fetched_again(tiny_registry):
+    entry, _ = tiny_registry
+    assert runner.invoke(app, ["download", "tiny", "-q", "--no-backbones"]).exit_code == 0
+    good = entry.path.read_bytes()
+    entry.path.write_bytes(good[:-10] + b"0123456789")  # same size, wrong content
+    result = runner.invoke(app, ["download", "tiny", "-q", "--no-backbones", "--force"])
+    assert result.exit_code == 0, result.output
+    assert entry.path.read_bytes() == good
+
+
+def test_a_file_that_is_not_a_checkpoint_is_removed(tiny_registry, served):
+    entry, _ = tiny_registry
+    _, root, _ = served
+    (root / "tiny_weights.pt").write_bytes(b"this is not a checkpoint" * 100)
+    result = runner.invoke(app, ["download", "tiny", "--no-backbones"])
+    assert result.exit_code == 1
+    assert "not a valid checkpoint" in result.stderr and "Traceback" not in result.output
+    assert not entry.path.exists()
+
+
+def test_offline_says_what_and_where(monkeypatch: pytest.MonkeyPatch):
+    result = runner.invoke(app, ["download", "coco", "--offline"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "huggingface.co/akhaliq/CLIP-prefix-captioning-COCO-weights" in line
+    assert str(pretrained.REGISTRY["coco"].path) in line
+
+
+def test_path_of_missing_model_and_unknown_names():
+    result = runner.invoke(app, ["download", "--path", "coco"])
+    assert result.exit_code == 1 and result.stdout.strip().endswith("coco_weights.pt")
+    result = runner.invoke(app, ["download", "cocoo"])
+    assert result.exit_code == 2 and "did you mean coco?" in result.stderr
+    assert runner.invoke(app, ["download"]).exit_code == 2
+
+
+def test_manually_placed_file_is_verified_and_used(tiny_registry, served, monkeypatch):
+    entry, _ = tiny_registry
+    _, root, _ = served
+    entry.path.write_bytes((root / "tiny_weights.pt").read_bytes())
+    monkeypatch.setattr("clipcap_cli.paths.can_download", lambda host="huggingface.co": False)
+    path, _ = pretrained.resolve_checkpoint("tiny")
+    assert path == entry.path and pretrained.recorded_sha256(entry)
