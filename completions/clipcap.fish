@@ -1,0 +1,1 @@
+complete --command clipcap --no-files --arguments "(env _CLIPCAP_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) clipcap)" --condition "env _CLIPCAP_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) clipcap"
