@@ -1,0 +1,929 @@
+"""COCO-caption-protocol metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr(-D) and SPICE.
+
+The numbers follow the MS-COCO caption evaluation code (``pycocoevalcap``), which is what the
+ClipCap paper and most captioning papers report:
+
+* captions are tokenised with Stanford's PTBTokenizer (CoreNLP 3.4.1, lower-cased) and the tokens
+  in :data:`PTB_PUNCTUATIONS` are dropped;
+* BLEU, ROUGE-L and CIDEr are computed here in pure Python, operation for operation like
+  pycocoevalcap's ``bleu_scorer.py``, ``rouge.py`` and ``cider_scorer.py`` (quirks included, see the
+  functions' docstrings), so they need neither Java nor the package;
+* METEOR and SPICE exist only as Java programs bundled with pycocoevalcap: they are run when the
+  package is importable and ``java`` is on PATH, and otherwise reported unavailable with a reason.
+
+Scale: every value is on the scale pycocoevalcap returns: BLEU, METEOR, ROUGE-L and SPICE in
+[0, 1], CIDEr on its own x10 scale (about 0..10, typically ~1.1 for a good COCO model). Papers,
+including :data:`PAPER_TABLE1_COCO`, print all of them x100 (CIDEr 113.08 == 1.1308 here); use
+:meth:`ScoreResult.as_percent` to compare.
+
+Nothing in this module prints: the Java tools' output is captured and every outcome (which
+tokenizer, which backend, why a metric is unavailable) is part of the returned :class:`ScoreResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from clipcap_cli.errors import ClipCapError, UsageError
+
+__all__ = [
+    "BLEU_NAMES",
+    "METRIC_NAMES",
+    "PAPER_TABLE1_COCO",
+    "PAPER_SCALE",
+    "PTB_PUNCTUATIONS",
+    "TOKENIZERS",
+    "BACKENDS",
+    "MetricsInputError",
+    "KeyMismatchError",
+    "BackendUnavailableError",
+    "MetricScores",
+    "ScoreResult",
+    "score",
+    "bleu",
+    "rouge_l",
+    "cider_d",
+    "tokenize",
+    "ptb_tokenize_python",
+    "java_path",
+    "pycocoevalcap_dir",
+    "spice_unavailable_reason",
+]
+
+BLEU_NAMES: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+METRIC_NAMES: tuple[str, ...] = (*BLEU_NAMES, "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+#: Tokenizer choices for :func:`score` / :func:`tokenize`. "auto" = "ptb-java" when possible.
+TOKENIZERS: tuple[str, ...] = ("auto", "ptb-java", "ptb-python", "none")
+#: Backend choices for :func:`score`.
+BACKENDS: tuple[str, ...] = ("auto", "python", "pycocoevalcap")
+
+#: ClipCap paper (Mokady et al., 2021), Table 1, COCO Karpathy test split. Values are x100
+#: (see :data:`PAPER_SCALE`); ROUGE-L and BLEU-1..3 are not reported there.
+PAPER_TABLE1_COCO: dict[str, dict[str, float]] = {
+    "transformer_frozen_gpt2": {"BLEU-4": 33.53, "METEOR": 27.45, "CIDEr": 113.08, "SPICE": 21.05},
+    "mlp_gpt2_tuning": {"BLEU-4": 32.15, "METEOR": 27.1, "CIDEr": 108.35, "SPICE": 20.12},
+    "ablation_transformer_gpt2_tuning": {"BLEU-4": 32.22, "METEOR": 27.79, "CIDEr": 109.83, "SPICE": 20.63},
+    "ablation_mlp_frozen_gpt2": {"BLEU-4": 27.39, "METEOR": 24.4, "CIDEr": 92.38, "SPICE": 18.04},
+}
+#: Multiply :func:`score` values by this to compare with :data:`PAPER_TABLE1_COCO`.
+PAPER_SCALE = 100.0
+
+#: Tokens pycocoevalcap's PTBTokenizer wrapper removes after tokenising (its list, verbatim).
+#: The bracket names are upper case but the tokenizer runs with -lowerCase and emits "-lrb-",
+#: so brackets are in fact *kept* by the COCO protocol; we keep that behaviour.
+PTB_PUNCTUATIONS: frozenset[str] = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+
+# pycocoevalcap's BLEU smoothing constants (bleu_scorer.py): they keep a 0/0 ratio finite.
+_BLEU_TINY = 1e-15
+_BLEU_SMALL = 1e-9
+
+_PTB_JAR = "stanford-corenlp-3.4.1.jar"
+_METEOR_JAR = "meteor-1.5.jar"
+_SPICE_JAR = "spice-1.0.jar"
+_SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+_DEFAULT_JAVA_TIMEOUT = 600.0
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and results
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsInputError(UsageError, ValueError):
+    """Bad input or arguments to the metrics API: a ValueError for library callers, a usage error
+    (exit code 2, one line) for the CLI."""
+
+
+class KeyMismatchError(MetricsInputError):
+    """References and predictions do not cover the same keys (and ``allow_missing`` is off)."""
+
+    def __init__(self, message: str, missing_predictions: Sequence[Hashable],
+                 unreferenced_predictions: Sequence[Hashable]) -> None:
+        super().__init__(message)
+        #: Reference keys that have no prediction.
+        self.missing_predictions = tuple(missing_predictions)
+        #: Prediction keys that have no references.
+        self.unreferenced_predictions = tuple(unreferenced_predictions)
+
+
+class BackendUnavailableError(ClipCapError, RuntimeError):
+    """An explicitly requested tokenizer or backend cannot run here (no Java, no pycocoevalcap)."""
+
+
+class MetricScores(NamedTuple):
+    """A corpus-level value and the per-image values it was computed with (same order as input)."""
+
+    corpus: float
+    per_image: list[float]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What :func:`score` returns. Values use pycocoevalcap's scale (see the module docstring)."""
+
+    #: Metric name -> corpus value, for the metrics that could be computed (in METRIC_NAMES order).
+    scores: dict[str, float]
+    #: Images (keys) scored, and reference captions over those images.
+    n_images: int
+    n_references: int
+    #: Reference keys without a prediction / prediction keys without references (allow_missing).
+    n_missing_predictions: int
+    n_unreferenced_predictions: int
+    #: "ptb-java", "ptb-python" or "none".
+    tokenizer: str
+    #: Metric name -> "python" | "pycocoevalcap" (its Python scorer) | "pycocoevalcap-java" (its jar).
+    backends: dict[str, str]
+    #: Metric name -> one-line reason, for requested metrics that could not be computed.
+    unavailable: dict[str, str]
+    #: Key -> metric name -> value, when ``per_image=True`` (else None).
+    per_image: dict[Any, dict[str, float]] | None = None
+    #: Things worth knowing about this run (fallbacks taken, degenerate inputs).
+    notes: tuple[str, ...] = field(default=())
+
+    def as_percent(self) -> dict[str, float]:
+        """The scores x100, the scale of papers and :data:`PAPER_TABLE1_COCO`."""
+        return {name: value * PAPER_SCALE for name, value in self.scores.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (per-image keys turned into strings)."""
+        return {
+            "scores": dict(self.scores),
+            "n_images": self.n_images,
+            "n_references": self.n_references,
+            "n_missing_predictions": self.n_missing_predictions,
+            "n_unreferenced_predictions": self.n_unreferenced_predictions,
+            "tokenizer": self.tokenizer,
+            "backends": dict(self.backends),
+            "unavailable": dict(self.unavailable),
+            "per_image": None if self.per_image is None
+            else {str(k): dict(v) for k, v in self.per_image.items()},
+            "notes": list(self.notes),
+        }
+
+
+class _JavaToolError(Exception):
+    """A Java tool failed; the message is the one-line reason shown to the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# Environment: java and pycocoevalcap
+# --------------------------------------------------------------------------------------------
+
+
+def java_path() -> str | None:
+    """The ``java`` executable on PATH, or None."""
+    return shutil.which("java")
+
+
+def pycocoevalcap_dir() -> Path | None:
+    """The installed pycocoevalcap package folder, found without importing it (it is a namespace
+    package with no ``__init__.py``), or None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec("pycocoevalcap")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    for location in spec.submodule_search_locations or []:
+        if (Path(location) / "bleu").is_dir():
+            return Path(location)
+    return None
+
+
+def spice_unavailable_reason() -> str | None:
+    """Why SPICE cannot run here (one line), or None when everything it needs is present.
+
+    pycocoevalcap's ``Spice()`` downloads the full Stanford CoreNLP 3.6.0 zip on first use, with no
+    timeout, so we check for the jars ourselves and never let it try.
+    """
+    return _spice_unavailable_reason(pycocoevalcap_dir(), java_path())
+
+
+def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
+    if package_dir is None:
+        return "SPICE needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
+    if java is None:
+        return "SPICE needs Java: no 'java' on PATH"
+    spice_dir = package_dir / "spice"
+    if not (spice_dir / _SPICE_JAR).is_file():
+        return f"SPICE jar {spice_dir / _SPICE_JAR} is missing"
+    missing = [name for name in _SPICE_CORENLP_JARS if not (spice_dir / "lib" / name).is_file()]
+    if missing:
+        return (f"SPICE needs Stanford CoreNLP 3.6.0 ({', '.join(missing)}) in {spice_dir / 'lib'}; "
+                "pycocoevalcap downloads it on first use, which needs internet: run "
+                "'python -m pycocoevalcap.spice.get_stanford_models' once online")
+    return None
+
+
+def _meteor_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
+    if package_dir is None:
+        return "METEOR needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
+    if java is None:
+        return "METEOR needs Java: no 'java' on PATH"
+    meteor_dir = package_dir / "meteor"
+    for needed in (meteor_dir / _METEOR_JAR, meteor_dir / "data" / "paraphrase-en.gz"):
+        if not needed.is_file():
+            return f"METEOR file {needed} is missing"
+    return None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The last meaningful line of a tool's output, for a one-line reason."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------
+
+# Characters Java's PTBTokenizer treats as line ends in -preserveLines mode. pycocoevalcap only
+# replaces "\n", so a "\r" in a caption shifts every later caption onto the wrong image there;
+# we replace them all to keep one caption per line.
+_LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _run_java_ptb(java: str, jar: Path, captions: Sequence[str], timeout: float) -> list[str]:
+    """Raw PTBTokenizer output, one line per caption (punctuation not yet removed).
+
+    Same command as pycocoevalcap's PTBTokenizer wrapper, but the temporary file goes to the
+    system temp dir, not into site-packages (which may be read-only), and output is captured.
+    """
+    lines = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
+    fd, tmp_name = tempfile.mkstemp(prefix="clipcap-ptb-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write("\n".join(lines).encode("utf-8"))
+        cmd = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+               "-preserveLines", "-lowerCase", tmp_name]
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise _JavaToolError(f"PTBTokenizer timed out after {timeout:g} s") from None
+        except OSError as exc:
+            raise _JavaToolError(f"could not run java: {exc}") from None
+    finally:
+        os.unlink(tmp_name)
+    if proc.returncode != 0:
+        raise _JavaToolError(f"PTBTokenizer failed (exit {proc.returncode}): "
+                             f"{_one_line(proc.stderr.decode('utf-8', 'replace'))}")
+    # Output mirrors the input's line structure ("a\n\n" -> "a\n\n"), blank lines included.
+    out = proc.stdout.decode("utf-8", "replace").split("\n")
+    if len(out) == len(lines) + 1 and out[-1] == "":
+        out.pop()  # tolerate a final newline the input did not have
+    if len(out) != len(lines):
+        raise _JavaToolError(f"PTBTokenizer returned {len(out)} lines for {len(lines)} captions")
+    return out
+
+
+def _remove_punctuation(tokenized_line: str) -> str:
+    """pycocoevalcap's post-processing: split on single spaces, drop PTB_PUNCTUATIONS tokens."""
+    return " ".join(w for w in tokenized_line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS)
+
+
+# ---- Pure-Python imitation of PTBTokenizer 3.4.1 (-preserveLines -lowerCase) ----------------
+
+# Unicode forms PTBTokenizer normalises (its default ptb3Escaping options), mapped to the ASCII
+# it produces; the quote forms end up removed as punctuation either way.
+_UNICODE_MAP = str.maketrans({
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
+    "\u2018": "`", "\u2019": "'",
+    "\u2026": "...", "\u2013": "--", "\u2014": "--",
+    "\u00a3": "#", "\u20ac": "$", "\u00a2": "cents",
+    "\u00bd": " 1/2 ", "\u00bc": " 1/4 ", "\u00be": " 3/4 ",
+})
+
+# Words whose trailing period PTBTokenizer keeps (its ABBREV1/ABBREV2 lists, as far as they are
+# likely in captions), checked on the lower-cased word.
+_ABBREV_ALWAYS = frozenset("""
+jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
+ala ariz calif colo conn ct dak fla ga ind kan kans ky md mich minn mo mont neb nev okla penn
+tenn va vt wis wisc wyo inc co cos corp pty ltd plc rt bancorp dept bhd assn univ intl sys
+ph tel est ext sq ft jr sr bros blvd rd esq etc al seq
+mr mrs ms dr drs prof profs sen sens rep reps atty attys lt col gen messrs gov govs adm rev maj
+sgt cpl pvt capt st ste ave pres lieut hon brig cmdr comdr pfc spc supt supts det mme mlle
+vs alex wm jos cie cf treas mt
+""".split())
+# These keep the period only when capitalised (state names that are also common words).
+_ABBREV_CAPITALISED = frozenset("az ark del ill la mass miss ore pa tex wash".split())
+# These keep the period only before a number ("no. 5", "fig. 3").
+_ABBREV_BEFORE_NUMBER = frozenset("no nos prop fig".split())
+
+_BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
+
+_ALNUM = r"(?:(?!n't(?![^\W_]))[^\W_])+"  # letters/digits, stopping before an "n't" ending
+_NUMBER_GROUP = r"\d+(?:[,:]\d+)+"  # 1,000 / 5:30 stay one token (only between digits)
+_PART = rf"(?:{_NUMBER_GROUP}|{_ALNUM})"
+# Inside a word, "-", ".", "/", "@" join parts (x-ray, 3.5, m/s), and so does an apostrophe unless
+# it starts a clitic the tokenizer splits off ('s 'm 'd 're 've 'll, 'n').
+_JOIN = r"(?:[-./@]|'(?!(?:s|m|d|re|ve|ll)(?![^\W_])|n'))"
+_WORD = rf"{_PART}(?:{_JOIN}{_PART})*"
+
+_TOKEN_RE = re.compile(
+    "|".join([
+        r"(?P<url>(?:https?://|www\.)\S*[^\s.,;:!?)\]}'\"])",
+        r"(?P<tag>[#@][a-z_]\w*)",
+        r"(?P<split>can(?=not(?![^\W_]))|gon(?=na(?![^\W_]))|got(?=ta(?![^\W_]))|wan(?=na(?![^\W_]))"
+        r"|lem(?=me(?![^\W_]))|gim(?=me(?![^\W_]))|'t(?=(?:is|was)(?![^\W_]))|y'(?=all(?![^\W_])))",
+        r"(?P<clitic>n't(?![^\W_])|'(?:s|m|d|re|ve|ll)(?![^\W_])|'n'|'\d\ds(?![^\W_])|'em(?![^\W_]))",
+        rf"(?P<compound>[^\W\d_](?:\.[^\W\d_])+\.-{_WORD})",  # u.s.-made
+        r"(?P<acronym>[^\W\d_](?:\.[^\W\d_])*\.(?![^\W_]))",  # u.s.a. / a.m. / a.
+        rf"(?P<signed>-(?=\d){_WORD})",  # -5 (a minus joined to a word is a hyphen: "x-5")
+        rf"(?P<word>{_WORD})",
+        r"(?P<dots>\.\.\.+)",
+        r"(?P<dashes>--+)",
+        r"(?P<bangs>[?!]+)",
+        r"(?P<stars>\*+)",
+        r"(?P<other>\S)",
+    ]),
+    re.IGNORECASE,
+)
+
+
+def ptb_tokenize_python(caption: str) -> str:
+    """Tokenise one caption like pycocoevalcap (PTBTokenizer, lower-cased, punctuation removed).
+
+    A pure-Python imitation of Stanford PTBTokenizer 3.4.1 for ordinary English captions:
+    clitics ("do n't", "it 's"), sentence punctuation, brackets ("-lrb-", kept as COCO keeps
+    them), quotes, "1,000"/"5:30"/"3.5" numbers, hyphenated words and common abbreviations
+    ("mr.", "u.s.", "a.m.") match the Java tool. Exotic input (URLs, emoticons, SGML, rare
+    abbreviations) may tokenise differently.
+    """
+    text = caption.translate(_UNICODE_MAP)
+    tokens: list[str] = []
+    for chunk_match in re.finditer(r"\S+", text):
+        chunk, pos = chunk_match.group(0), 0
+        following = text[chunk_match.end():].lstrip()  # for "no. 5"-style abbreviations
+        while pos < len(chunk):
+            match = _TOKEN_RE.match(chunk, pos)
+            assert match is not None  # the "other" branch matches any non-space character
+            kind, value = match.lastgroup, match.group(0)
+            pos = match.end()
+            if kind == "word":
+                if pos < len(chunk) and chunk[pos] == "." and _keeps_period(value, chunk[pos + 1:], following):
+                    value += "."
+                    pos += 1
+            elif kind == "dots":
+                value = "..."
+            elif kind == "dashes":
+                value = "--"
+            elif value in _BRACKETS:
+                value = _BRACKETS[value]
+            elif value == '"':
+                value = "``" if pos == 1 else "''"  # opening vs closing; both are removed
+            tokens.append(value)
+    return _remove_punctuation(" ".join(token.lower() for token in tokens))
+
+
+def _keeps_period(word: str, after_dot: str, following: str) -> bool:
+    """Whether PTBTokenizer keeps the period after ``word`` as part of an abbreviation.
+
+    ``after_dot``: the rest of the chunk after the period; ``following``: the next chunks.
+    """
+    if after_dot[:1] in (",", ";", ":"):
+        return True  # "dog., cat" -> "dog. ," : PTBTokenizer keeps a period glued to ,;:
+    lower = word.lower()
+    if lower in _ABBREV_ALWAYS:
+        return True
+    if lower in _ABBREV_CAPITALISED:
+        return word[:1].isupper()
+    if lower in _ABBREV_BEFORE_NUMBER:
+        return (after_dot or following)[:1].isdigit()
+    return False
+
+
+def tokenize(captions: Sequence[str], tokenizer: str = "auto", *,
+             timeout: float = _DEFAULT_JAVA_TIMEOUT) -> tuple[list[str], str, str | None]:
+    """Tokenise captions the COCO way. Returns (tokenised captions, tokenizer used, note).
+
+    ``tokenizer``: "auto" (Java PTBTokenizer when pycocoevalcap and java are available, else the
+    Python imitation), "ptb-java" (raise :class:`BackendUnavailableError` if it cannot run),
+    "ptb-python", or "none" (captions are already tokenised: used as they are). The note says
+    why "auto" fell back to Python (None otherwise).
+    """
+    if tokenizer not in TOKENIZERS:
+        raise MetricsInputError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "none":
+        return list(captions), "none", None
+    if tokenizer == "ptb-python":
+        return [ptb_tokenize_python(c) for c in captions], "ptb-python", None
+
+    package_dir, java = pycocoevalcap_dir(), java_path()
+    reason: str | None = None
+    if package_dir is None:
+        reason = "pycocoevalcap is not installed"
+    elif java is None:
+        reason = "no 'java' on PATH"
+    elif not (package_dir / "tokenizer" / _PTB_JAR).is_file():
+        reason = f"{package_dir / 'tokenizer' / _PTB_JAR} is missing"
+    else:
+        try:
+            raw = _run_java_ptb(java, package_dir / "tokenizer" / _PTB_JAR, captions, timeout)
+            return [_remove_punctuation(line) for line in raw], "ptb-java", None
+        except _JavaToolError as exc:
+            reason = str(exc)
+    if tokenizer == "ptb-java":
+        raise BackendUnavailableError(f"the Java PTBTokenizer cannot run: {reason}")
+    note = f"Java PTBTokenizer not used ({reason}); tokenised with the Python imitation"
+    return [ptb_tokenize_python(c) for c in captions], "ptb-python", note
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-Python scorers (input: pre-tokenised strings, aligned per image)
+# --------------------------------------------------------------------------------------------
+
+
+def _ngram_counts(words: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
+    """n-gram counts for orders 1..n, inserted in the same order as pycocoevalcap's precook."""
+    counts: dict[tuple[str, ...], int] = {}
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            gram = tuple(words[i:i + k])
+            counts[gram] = counts.get(gram, 0) + 1
+    return counts
+
+
+def _check_aligned(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> None:
+    if len(references) != len(hypotheses):
+        raise MetricsInputError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or len(refs) == 0:
+            raise MetricsInputError(f"image {i}: references must be a non-empty list of strings")
+
+
+def bleu(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int = 4) -> list[MetricScores]:
+    """BLEU-1..n exactly as pycocoevalcap's ``Bleu(n)`` (``BleuScorer``, option "closest").
+
+    Corpus BLEU uses clipped n-gram counts summed over images and the sum of per-image
+    *closest* reference lengths (ties go to the shorter reference). Both the corpus and the
+    per-image values use pycocoevalcap's smoothing: every ratio is (matches + 1e-15) /
+    (guesses + 1e-9), and the brevity penalty exp(1 - r/c) applies whenever
+    (c + 1e-15) / (r + 1e-9) < 1, i.e. also (negligibly) when c == r.
+    Returns one :class:`MetricScores` per order.
+    """
+    _check_aligned(references, hypotheses)
+    per_image: list[list[float]] = [[] for _ in range(n)]
+    total_guess, total_correct = [0] * n, [0] * n
+    total_test, total_ref = 0, 0
+    for refs, hyp in zip(references, hypotheses):
+        ref_lens: list[int] = []
+        max_counts: dict[tuple[str, ...], int] = {}
+        for ref in refs:
+            words = ref.split()
+            ref_lens.append(len(words))
+            for gram, count in _ngram_counts(words, n).items():
+                max_counts[gram] = max(max_counts.get(gram, 0), count)
+        words = hyp.split()
+        test_len = len(words)
+        ref_len = min((abs(length - test_len), length) for length in ref_lens)[1]
+        guess = [max(0, test_len - k + 1) for k in range(1, n + 1)]
+        correct = [0] * n
+        for gram, count in _ngram_counts(words, n).items():
+            correct[len(gram) - 1] += min(max_counts.get(gram, 0), count)
+        total_test += test_len
+        total_ref += ref_len
+        value = 1.0
+        for k in range(n):
+            total_guess[k] += guess[k]
+            total_correct[k] += correct[k]
+            value *= (float(correct[k]) + _BLEU_TINY) / (float(guess[k]) + _BLEU_SMALL)
+            per_image[k].append(value ** (1.0 / (k + 1)))
+        ratio = (test_len + _BLEU_TINY) / (ref_len + _BLEU_SMALL)
+        if ratio < 1:
+            for k in range(n):
+                per_image[k][-1] *= math.exp(1 - 1 / ratio)
+
+    corpus: list[float] = []
+    value = 1.0
+    for k in range(n):
+        value *= float(total_correct[k] + _BLEU_TINY) / (total_guess[k] + _BLEU_SMALL)
+        corpus.append(value ** (1.0 / (k + 1)))
+    ratio = (total_test + _BLEU_TINY) / (total_ref + _BLEU_SMALL)
+    if ratio < 1:
+        corpus = [c * math.exp(1 - 1 / ratio) for c in corpus]
+    return [MetricScores(corpus[k], per_image[k]) for k in range(n)]
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (one-row dynamic programme)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            above = row[j]
+            row[j] = diagonal + 1 if x == y else max(above, row[j - 1])
+            diagonal = above
+    return row[len(b)]
+
+
+def rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], beta: float = 1.2) -> MetricScores:
+    """ROUGE-L as pycocoevalcap's ``Rouge``: per image, the LCS-based precision and recall are
+    each maximised over the references (separately), then F = (1+b^2)PR / (R + b^2 P); the corpus
+    value is the mean over images. Tokens come from ``split(" ")`` as there, so an empty caption
+    is one empty token."""
+    _check_aligned(references, hypotheses)
+    scores: list[float] = []
+    for refs, hyp in zip(references, hypotheses):
+        cand = hyp.split(" ")
+        precisions, recalls = [], []
+        for ref in refs:
+            tokens = ref.split(" ")
+            lcs = _lcs_length(tokens, cand)
+            precisions.append(lcs / float(len(cand)))
+            recalls.append(lcs / float(len(tokens)))
+        p, r = max(precisions), max(recalls)
+        if p != 0 and r != 0:
+            scores.append(((1 + beta ** 2) * p * r) / float(r + beta ** 2 * p))
+        else:
+            scores.append(0.0)
+    return MetricScores(math.fsum(scores) / len(scores) if scores else 0.0, scores)
+
+
+def cider_d(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int = 4,
+            sigma: float = 6.0) -> MetricScores:
+    """CIDEr as pycocoevalcap's ``Cider`` (the COCO server's "CIDEr", which is CIDEr-D).
+
+    TF-IDF vectors per n-gram order 1..n with document frequencies counted over the references
+    of *this* evaluation set (so a single image gives IDF 0 everywhere and CIDEr 0), clipped
+    cosine similarity min(hyp, ref) * ref, a Gaussian length penalty exp(-delta^2 / (2 sigma^2)),
+    mean over orders and references, x10. As in pycocoevalcap, the "length" in delta is the
+    number of bigrams, not of words.
+    """
+    _check_aligned(references, hypotheses)
+    ref_counts = [[_ngram_counts(ref.split(), n) for ref in refs] for refs in references]
+    doc_freq: dict[tuple[str, ...], float] = {}
+    for image_refs in ref_counts:
+        for gram in {gram for counts in image_refs for gram in counts}:
+            doc_freq[gram] = doc_freq.get(gram, 0.0) + 1.0
+    log_n_images = math.log(float(len(references))) if references else 0.0
+
+    def to_vector(counts: dict[tuple[str, ...], int]) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
+        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(n)]
+        norm = [0.0] * n
+        length = 0
+        for gram, term_freq in counts.items():
+            order = len(gram) - 1
+            idf_log = math.log(max(1.0, doc_freq.get(gram, 0.0)))
+            vec[order][gram] = float(term_freq) * (log_n_images - idf_log)
+            norm[order] += vec[order][gram] ** 2
+            if order == 1:
+                length += term_freq
+        return vec, [math.sqrt(x) for x in norm], length
+
+    penalty_denominator = 2 * sigma ** 2
+    scores: list[float] = []
+    for image_refs, hyp in zip(ref_counts, hypotheses):
+        vec_h, norm_h, len_h = to_vector(_ngram_counts(hyp.split(), n))
+        total = [0.0] * n
+        for counts in image_refs:
+            vec_r, norm_r, len_r = to_vector(counts)
+            delta = float(len_h - len_r)
+            for k in range(n):
+                val = 0.0
+                for gram, weight in vec_h[k].items():
+                    ref_weight = vec_r[k].get(gram, 0.0)
+                    val += min(weight, ref_weight) * ref_weight
+                if norm_h[k] != 0 and norm_r[k] != 0:
+                    val /= norm_h[k] * norm_r[k]
+                val *= math.e ** (-(delta ** 2) / penalty_denominator)
+                total[k] += val
+        scores.append(sum(total) / n / len(image_refs) * 10.0)
+    return MetricScores(math.fsum(scores) / len(scores) if scores else 0.0, scores)
+
+
+# --------------------------------------------------------------------------------------------
+# pycocoevalcap's own Python scorers (backend="pycocoevalcap")
+# --------------------------------------------------------------------------------------------
+
+
+def _pycocoevalcap_python_scores(names: Sequence[str], references: Sequence[Sequence[str]],
+                                 hypotheses: Sequence[str]) -> dict[str, MetricScores]:
+    """BLEU / ROUGE-L / CIDEr through the package's classes (verbose off: they would print)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {i: list(refs) for i, refs in enumerate(references)}
+    res = {i: [hyp] for i, hyp in enumerate(hypotheses)}
+    out: dict[str, MetricScores] = {}
+    if any(name in BLEU_NAMES for name in names):
+        corpus, per_image = Bleu(4).compute_score(gts, res, verbose=0)
+        for k, name in enumerate(BLEU_NAMES):
+            out[name] = MetricScores(float(corpus[k]), [float(x) for x in per_image[k]])
+    if "ROUGE-L" in names:
+        corpus, per_image = Rouge().compute_score(gts, res)
+        out["ROUGE-L"] = MetricScores(float(corpus), [float(x) for x in per_image])
+    if "CIDEr" in names:
+        corpus, per_image = Cider().compute_score(gts, res)
+        out["CIDEr"] = MetricScores(float(corpus), [float(x) for x in per_image])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Java tools bundled with pycocoevalcap: METEOR 1.5 and SPICE 1.0
+# --------------------------------------------------------------------------------------------
+
+
+def _meteor_java(java: str, package_dir: Path, references: Sequence[Sequence[str]],
+                 hypotheses: Sequence[str], timeout: float) -> MetricScores:
+    """METEOR through pycocoevalcap's meteor-1.5.jar, with the exact command line and stdio
+    protocol of its ``Meteor`` class (SCORE lines, then one EVAL line).
+
+    We drive the process ourselves because the class has no timeout, leaves stderr in a pipe
+    nobody reads, and its ``__del__`` deadlocks on its lock after a failed call.
+    """
+    meteor_dir = package_dir / "meteor"
+    cmd = [java, "-jar", "-Xmx2G", _METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+    timed_out = threading.Event()
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err)
+        except OSError as exc:
+            raise _JavaToolError(f"could not run java: {exc}") from None
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.daemon = True
+        watchdog.start()
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None
+
+        def ask(line: str, n_answers: int) -> list[str]:
+            with contextlib.suppress(OSError):  # a dead process: the empty read below reports it
+                stdin.write((line + "\n").encode("utf-8"))
+                stdin.flush()
+            answers = []
+            for _ in range(n_answers):
+                raw = stdout.readline()
+                if not raw:  # end of output: the process died or the watchdog killed it
+                    if timed_out.is_set():
+                        raise _JavaToolError(f"METEOR timed out after {timeout:g} s")
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=10)
+                    err.seek(0)
+                    detail = _one_line(err.read().decode("utf-8", "replace")) or f"exit {proc.returncode}"
+                    raise _JavaToolError(f"METEOR failed: {detail}")
+                answers.append(raw.decode("utf-8", "replace").strip())
+            return answers
+
+        try:
+            stats = []
+            for refs, hyp in zip(references, hypotheses):
+                # Same clean-up as pycocoevalcap on the hypothesis; on references we only remove
+                # what would break the line protocol ("|||" and line breaks).
+                hyp = _LINE_BREAKS.sub(" ", hyp).replace("|||", "").replace("  ", " ")
+                refs = [_LINE_BREAKS.sub(" ", ref).replace("|||", "") for ref in refs]
+                stats.append(ask(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)), 1)[0])
+            answers = ask("EVAL" + "".join(f" ||| {s}" for s in stats), len(stats) + 1)
+            try:
+                values = [float(a) for a in answers]
+            except ValueError:
+                raise _JavaToolError(f"METEOR returned unexpected output: {answers[-1][:100]}") from None
+            return MetricScores(values[-1], values[:-1])
+        finally:
+            # Like pycocoevalcap's Meteor.__del__: nothing is pending, so just stop the JVM.
+            watchdog.cancel()
+            proc.kill()
+            proc.wait()
+            for stream in (stdin, stdout):
+                with contextlib.suppress(OSError):  # stdin may hold unflushed bytes for a dead process
+                    stream.close()
+
+
+def _spice_java(java: str, package_dir: Path, references: Sequence[Sequence[str]],
+                hypotheses: Sequence[str], timeout: float) -> tuple[MetricScores, int]:
+    """SPICE through pycocoevalcap's spice-1.0.jar, same arguments as its ``Spice`` class except
+    that input/output files live in a temp dir (not site-packages) and no parse cache is kept.
+
+    Returns the scores and how many images SPICE gave an undefined F-score (null or NaN):
+    pycocoevalcap keeps those as NaN, which makes the mean NaN; we count them as 0.
+    """
+    spice_dir = package_dir / "spice"
+    with tempfile.TemporaryDirectory(prefix="clipcap-spice-") as tmp:
+        in_file, out_file = Path(tmp) / "input.json", Path(tmp) / "output.json"
+        data = [{"image_id": i, "test": hyp, "refs": list(refs)}
+                for i, (refs, hyp) in enumerate(zip(references, hypotheses))]
+        in_file.write_text(json.dumps(data), encoding="utf-8")
+        cmd = [java, "-jar", "-Xmx8G", _SPICE_JAR, str(in_file), "-out", str(out_file), "-subset", "-silent"]
+        try:
+            proc = subprocess.run(cmd, cwd=spice_dir, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise _JavaToolError(f"SPICE timed out after {timeout:g} s") from None
+        except OSError as exc:
+            raise _JavaToolError(f"could not run java: {exc}") from None
+        if proc.returncode != 0 or not out_file.is_file():
+            output = proc.stderr.decode("utf-8", "replace") + proc.stdout.decode("utf-8", "replace")
+            raise _JavaToolError(f"SPICE failed (exit {proc.returncode}): {_one_line(output)}")
+        try:
+            results = json.loads(out_file.read_text(encoding="utf-8"))
+            by_id = {int(item["image_id"]): item["scores"]["All"]["f"] for item in results}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _JavaToolError(f"SPICE output could not be read: {exc}") from None
+    per_image: list[float] = []
+    undefined = 0
+    for i in range(len(hypotheses)):
+        try:
+            value = float(by_id[i])
+        except (KeyError, TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            undefined += 1
+            value = 0.0
+        per_image.append(value)
+    corpus = math.fsum(per_image) / len(per_image) if per_image else 0.0
+    return MetricScores(corpus, per_image), undefined
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _examples(keys: Sequence[Hashable], limit: int = 3) -> str:
+    try:
+        ordered = sorted(keys)  # type: ignore[type-var]
+    except TypeError:
+        ordered = list(keys)
+    return ", ".join(repr(k) for k in ordered[:limit]) + (", ..." if len(ordered) > limit else "")
+
+
+def _resolve_metrics(metrics: Iterable[str] | None) -> list[str]:
+    if metrics is None:
+        return list(METRIC_NAMES)
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    by_lower = {name.lower(): name for name in METRIC_NAMES}
+    wanted: set[str] = set()
+    for name in metrics:
+        if name.lower() == "bleu":
+            wanted.update(BLEU_NAMES)
+        elif name.lower() in by_lower:
+            wanted.add(by_lower[name.lower()])
+        else:
+            raise MetricsInputError(f"unknown metric {name!r}; choose from {', '.join(METRIC_NAMES)} (or BLEU)")
+    return [name for name in METRIC_NAMES if name in wanted]
+
+
+def score(
+    references: Mapping[Any, Sequence[str]],
+    predictions: Mapping[Any, str],
+    *,
+    metrics: Iterable[str] | None = None,
+    backend: str = "auto",
+    tokenizer: str = "auto",
+    per_image: bool = False,
+    allow_missing: bool = False,
+    java_timeout: float = _DEFAULT_JAVA_TIMEOUT,
+) -> ScoreResult:
+    """Score predicted captions against reference captions with the COCO caption protocol.
+
+    ``references`` maps a key (e.g. an image id) to its reference captions, ``predictions`` maps
+    the same keys to one predicted caption each. Keys must match exactly, else
+    :class:`KeyMismatchError`; with ``allow_missing=True`` only the common keys are scored (and
+    CIDEr's document frequencies come from their references) and the counts are reported.
+
+    ``metrics``: names from :data:`METRIC_NAMES` ("BLEU" = all four), default all.
+    ``backend``: "auto" (BLEU/ROUGE-L/CIDEr in pure Python, METEOR/SPICE via pycocoevalcap's jars
+    when Java is there), "python" (pure Python only: METEOR and SPICE unavailable) or
+    "pycocoevalcap" (also BLEU/ROUGE-L/CIDEr through the package's classes; it must be installed).
+    ``tokenizer``: see :func:`tokenize`. ``java_timeout`` bounds each Java tool run, in seconds.
+    Metrics that cannot run are listed in ``unavailable`` with a reason; nothing is printed.
+    """
+    if backend not in BACKENDS:
+        raise MetricsInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    names = _resolve_metrics(metrics)
+
+    # ---- keys --------------------------------------------------------------------------------
+    missing = [k for k in references if k not in predictions]
+    extra = [k for k in predictions if k not in references]
+    keys = [k for k in references if k in predictions]
+    if (missing or extra) and (not allow_missing or not keys):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(references)} reference keys have no prediction "
+                         f"(e.g. {_examples(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} of {len(predictions)} prediction keys have no references "
+                         f"(e.g. {_examples(extra)})")
+        hint = (f"; pass allow_missing=True to score the {len(keys)} common keys" if keys and not allow_missing
+                else "; there are no common keys to score")
+        raise KeyMismatchError("references and predictions do not match: " + "; ".join(parts) + hint,
+                               missing, extra)
+    if not keys:
+        raise MetricsInputError("nothing to score: references and predictions are empty")
+    ref_lists: list[list[str]] = []
+    for key in keys:
+        refs, pred = references[key], predictions[key]
+        # A bare string would silently be scored as one reference per character.
+        if isinstance(refs, str) or not isinstance(refs, Iterable):
+            raise MetricsInputError(f"references for key {key!r} must be a list of captions, "
+                             f"not {type(refs).__name__}")
+        ref_lists.append(list(refs))
+        if not ref_lists[-1] or not all(isinstance(r, str) for r in ref_lists[-1]):
+            raise MetricsInputError(f"references for key {key!r} must be a non-empty list of strings")
+        if not isinstance(pred, str):
+            raise MetricsInputError(f"prediction for key {key!r} must be a string, not {type(pred).__name__}")
+
+    # ---- backend availability ----------------------------------------------------------------
+    package_dir = pycocoevalcap_dir()
+    java = java_path()
+    if backend == "pycocoevalcap" and package_dir is None:
+        raise BackendUnavailableError("backend 'pycocoevalcap' requested but the package is not installed "
+                                      "(pip install pycocoevalcap)")
+
+    # ---- tokenisation (references and predictions in one run: lines are independent) ---------
+    ref_counts = [len(refs) for refs in ref_lists]
+    flat = [caption for refs in ref_lists for caption in refs] + [predictions[k] for k in keys]
+    tokenised, tokenizer_used, note = tokenize(flat, tokenizer, timeout=java_timeout)
+    notes: list[str] = [note] if note else []
+    tok_refs: list[list[str]] = []
+    at = 0
+    for count in ref_counts:
+        tok_refs.append(tokenised[at:at + count])
+        at += count
+    tok_hyps = tokenised[at:]
+
+    # ---- scoring -----------------------------------------------------------------------------
+    results: dict[str, MetricScores] = {}
+    backends: dict[str, str] = {}
+    unavailable: dict[str, str] = {}
+    simple = [name for name in names if name in BLEU_NAMES or name in ("ROUGE-L", "CIDEr")]
+    if backend == "pycocoevalcap":
+        results.update(_pycocoevalcap_python_scores(simple, tok_refs, tok_hyps))
+        backends.update({name: "pycocoevalcap" for name in simple})
+    else:
+        if any(name in BLEU_NAMES for name in simple):
+            results.update(zip(BLEU_NAMES, bleu(tok_refs, tok_hyps, 4)))
+        if "ROUGE-L" in simple:
+            results["ROUGE-L"] = rouge_l(tok_refs, tok_hyps)
+        if "CIDEr" in simple:
+            results["CIDEr"] = cider_d(tok_refs, tok_hyps)
+        backends.update({name: "python" for name in simple})
+    if "CIDEr" in names and len(keys) == 1:
+        notes.append("CIDEr is 0 for a single image: its IDF comes from the evaluated set (log 1 = 0)")
+
+    for name in ("METEOR", "SPICE"):
+        if name not in names:
+            continue
+        if backend == "python":
+            unavailable[name] = f"{name} has no pure-Python implementation (backend='python'); it needs " \
+                                "pycocoevalcap and Java"
+            continue
+        reason = (_meteor_unavailable_reason(package_dir, java) if name == "METEOR"
+                  else _spice_unavailable_reason(package_dir, java))
+        if reason is not None:
+            unavailable[name] = reason
+            continue
+        assert package_dir is not None and java is not None
+        try:
+            if name == "METEOR":
+                results[name] = _meteor_java(java, package_dir, tok_refs, tok_hyps, java_timeout)
+            else:
+                results[name], undefined = _spice_java(java, package_dir, tok_refs, tok_hyps, java_timeout)
+                if undefined:
+                    notes.append(f"SPICE F-score undefined for {undefined} image(s) (no tuples); counted as 0")
+            backends[name] = "pycocoevalcap-java"
+        except _JavaToolError as exc:
+            unavailable[name] = str(exc)
+
+    scores = {name: results[name].corpus for name in names if name in results}
+    per_image_scores: dict[Any, dict[str, float]] | None = None
+    if per_image:
+        per_image_scores = {key: {name: results[name].per_image[i] for name in scores}
+                            for i, key in enumerate(keys)}
+    return ScoreResult(
+        scores=scores,
+        n_images=len(keys),
+        n_references=sum(ref_counts),
+        n_missing_predictions=len(missing),
+        n_unreferenced_predictions=len(extra),
+        tokenizer=tokenizer_used,
+        backends={name: backends[name] for name in scores},
+        unavailable=unavailable,
+        per_image=per_image_scores,
+        notes=tuple(notes),
+    )
