@@ -28,3 +28,24 @@ def test_unreadable_inputs_give_one_line_errors(tmp_path: Path):
         open_rgb(tmp_path / "trunc.jpg")
     with pytest.raises(ImageError, match="No such file"):
         open_rgb(tmp_path / "missing.jpg")
+
+
+PHOTOS = Path(__file__).parent / "data" / "photos"
+
+
+def test_real_photos_decode_like_the_original(tiny_clip_dir: Path):
+    """On ordinary RGB JPEGs (no EXIF rotation), our loader gives exactly the pixels the original's
+    PIL path gave, so CLIP sees the same tensor."""
+    import numpy as np
+    import torch
+
+    from clipcap_cli import backbones
+
+    _, preprocess = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None)
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert len(photos) == 4
+    for photo in photos:
+        ours = open_rgb(photo)
+        plain = Image.open(photo).convert("RGB")
+        assert np.array_equal(np.asarray(ours), np.asarray(plain)), photo.name
+        assert torch.equal(preprocess(ours), preprocess(plain))
