@@ -20,7 +20,11 @@ from clipcap_cli.version import __version__
 
 app = typer.Typer(
     name="clipcap",
-    help="Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval.",
+    help=(
+        "Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval.\n\n"
+        "Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.\n\n"
+        "Example: [bold]clipcap caption photos/*.jpg --beam 5 | jq .caption[/]"
+    ),
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
@@ -93,10 +97,7 @@ def root(
         False, "--offline", envvar="CLIPCAP_OFFLINE", help="Never use the network; fail at once if a model is missing."
     ),
 ) -> None:
-    """Caption images with ClipCap.
-
-    Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.
-    """
+    """Global options (before the command name)."""
     State.verbose = verbose
     if offline:
         os.environ["CLIPCAP_OFFLINE"] = "1"

@@ -1,0 +1,296 @@
+"""`clipcap extract`: CLIP features for a captioned dataset (or a folder), batched, resumable, shardable."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from clipcap_cli.features import ExtractOptions
+
+HELP = """Encode a dataset's images with CLIP once per image and write a features store for `train` and `eval`.
+
+DATASET is a COCO captions file, a Karpathy split file (dataset_coco.json), the original ClipCap
+train_caption.json, a CSV/TSV/JSON Lines manifest (image or path column, caption), or a folder of images.
+Interrupted runs continue where they stopped when the same command is run again.
+Unreadable images are listed in OUT/skipped.jsonl (exit code 3).
+
+Example: [bold]clipcap extract annotations/captions_train2014.json --images coco/ --out feats/coco-vitb32[/]
+
+Sharded: [bold]clipcap extract data.csv --out feats --shard 0/2[/] and [bold]--shard 1/2[/], then [bold]clipcap extract --merge feats[/]
+"""
+
+D = ExtractOptions()
+DATA = "Dataset"
+MODEL = "Model and speed"
+RUN = "Output and resuming"
+ORIGINAL = "Original ClipCap pickles"
+SHOW_SKIPPED = 5
+
+
+def _shard_from_env() -> tuple[int, int] | None:
+    """torchrun's RANK/WORLD_SIZE, when this process is one of several."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return (rank, world) if world > 1 else None
+
+
+def command(
+    dataset: Annotated[Optional[Path], typer.Argument(help="Dataset file or image folder.", show_default=False)] = None,
+    images: Annotated[
+        Optional[Path], typer.Option("--images", "-i", help="Images root (default: the dataset file's folder).", rich_help_panel=DATA)
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Features directory to write.", rich_help_panel=RUN)] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="auto, coco, karpathy, caption-list, csv, tsv, jsonl or folder.", rich_help_panel=DATA)
+    ] = "auto",
+    split: Annotated[
+        Optional[str],
+        typer.Option(help="Karpathy split: train, val, test, restval, train+restval (ClipCap's 'train') or all.", rich_help_panel=DATA),
+    ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Folders: include subfolders.", rich_help_panel=DATA)] = False,
+    clip: Annotated[
+        Optional[str], typer.Option(help=f"open_clip model name, or local-dir:PATH \\[default: {D.clip_model}].", show_default=False, rich_help_panel=MODEL)
+    ] = None,
+    pretrained: Annotated[
+        Optional[str],
+        typer.Option(help=f"open_clip pretrained tag; 'none' = random weights \\[default: {D.clip_pretrained}].", show_default=False, rich_help_panel=MODEL),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per CLIP forward pass.", rich_help_panel=MODEL)] = D.batch_size,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Image-decoding worker processes \\[default: min(4, CPU count)].", show_default=False, rich_help_panel=MODEL)
+    ] = D.workers,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps \\[default: best available].", rich_help_panel=MODEL)] = D.device,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="i/n: encode only this process's share (default from torchrun's RANK/WORLD_SIZE).", rich_help_panel=RUN),
+    ] = None,
+    merge: Annotated[
+        Optional[Path], typer.Option(help="Join the part files of a sharded run in this directory into the final store.", rich_help_panel=RUN)
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over, discarding what OUT holds.", rich_help_panel=RUN)] = False,
+    export_pickle: Annotated[
+        Optional[Path],
+        typer.Option("--export-pickle", metavar="FILE", help="Also write the original ClipCap pickle (one row per caption).", rich_help_panel=ORIGINAL),
+    ] = None,
+    import_pickle: Annotated[
+        Optional[Path],
+        typer.Option("--import-pickle", metavar="FILE", help="Convert an original ClipCap pickle into a store at --out (safely, no code runs).", rich_help_panel=ORIGINAL),
+    ] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", hidden=True, help="Images per part file.")] = D.chunk_size,
+    json_: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.", rich_help_panel=RUN)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+) -> None:
+    from clipcap_cli.cli import cli_errors
+
+    with cli_errors():
+        from clipcap_cli.errors import UsageError
+
+        if sum(x is not None for x in (merge, import_pickle)) + (dataset is not None) != 1:
+            raise UsageError("give one of: a DATASET, --merge DIR, or --import-pickle FILE")
+        if import_pickle is not None:
+            _import(import_pickle, out, images, clip, pretrained, export_pickle, json_)
+            return
+        if merge is not None:
+            if out is not None and out.resolve() != merge.resolve():
+                raise UsageError("--merge DIR merges in place: leave out --out")
+            _merge(merge, export_pickle, json_)
+            return
+        if out is None:
+            raise UsageError("--out DIR is required")
+        clip = clip or D.clip_model
+        pretrained = D.clip_pretrained if pretrained is None else _tag(pretrained)
+        options = ExtractOptions(
+            clip_model=clip,
+            clip_pretrained=None if clip.startswith("local-dir:") else pretrained,
+            batch_size=batch_size,
+            workers=workers,
+            device=device or _torchrun_device(),
+            chunk_size=chunk_size,
+            shard=_parse_shard(shard),
+        )
+        _extract(dataset, images, out, format_, split, recursive, options, overwrite, export_pickle, json_, quiet)
+
+
+def _tag(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none") else text
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    from clipcap_cli.features import parse_shard
+
+    if text:
+        return parse_shard(text)
+    return _shard_from_env() or (0, 1)
+
+
+def _torchrun_device() -> str | None:
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or "WORLD_SIZE" not in os.environ:
+        return None
+    import torch
+
+    return f"cuda:{int(local)}" if torch.cuda.is_available() else None
+
+
+def _check_images_exist(records: list[dict], root: Path) -> None:
+    """Fail at once when --images is wrong, instead of skipping every image one by one."""
+    from clipcap_cli.errors import UsageError
+
+    probe = records[:50]
+    if probe and not any((root / r["image"]).is_file() for r in probe):
+        raise UsageError(f"none of the first {len(probe)} images exist (e.g. {root / probe[0]['image']}): check --images")
+
+
+def _extract(
+    dataset: Path,
+    images: Path | None,
+    out: Path,
+    fmt: str,
+    split: str | None,
+    recursive: bool,
+    options: ExtractOptions,
+    overwrite: bool,
+    export_pickle: Path | None,
+    json_: bool,
+    quiet: bool,
+) -> None:
+    from clipcap_cli import features
+    from clipcap_cli.cli import say, stderr
+    from clipcap_cli.datasets import read_dataset
+    from clipcap_cli.ui import item_progress
+
+    ds = read_dataset(dataset, images, fmt, split, recursive)
+    records = list(ds.records())
+    say(f"{ds.format} dataset {ds.source}: {len(records)} images, {sum(len(r['captions']) for r in records)} captions; images under {ds.images_root}")
+    if ds.format != "folder":
+        _check_images_exist(records, ds.images_root)
+    if overwrite:
+        features.clear_store(out)
+
+    progress = item_progress("images", quiet)
+    task = progress.add_task("extracting", total=None)
+    started = False
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal started
+        if not started:  # only now: a finished store (no-op) shows no bar at all
+            if done:
+                stderr.print(f"resuming: {done} of {total} images already done in {out / features.PARTS_DIR}", highlight=False)
+            progress.start()
+            started = True
+        progress.update(task, completed=done, total=total)
+
+    try:
+        result = features.extract(records, ds.images_root, out, options, source=ds.describe(), on_progress=on_progress)
+    except KeyboardInterrupt:
+        progress.stop()
+        stderr.print(f"[red]interrupted[/]: finished chunks are kept in {out / features.PARTS_DIR}; run the same command again to continue")
+        raise typer.Exit(130) from None
+    finally:
+        progress.stop()
+    if result.noop:
+        stderr.print(f"{out} is already complete; nothing to do (use --overwrite to redo it)", highlight=False)
+        if export_pickle:
+            _export(out, export_pickle)
+        _summary(result, json_, show_skipped=False)
+        return
+    if not result.complete:
+        i, n = options.shard
+        left = f"{result.chunks_missing} chunks are still missing from other shards" if result.chunks_missing else "every chunk is done"
+        stderr.print(
+            f"shard {i}/{n} done: {result.encoded} images encoded; {left}. When every shard has finished: "
+            f"[bold]clipcap extract --merge {out}[/]",
+            highlight=False,
+        )
+        if export_pickle:
+            stderr.print("[yellow]warning:[/] --export-pickle needs the merged store: pass it to the --merge run", highlight=False)
+        _summary(result, json_, show_skipped=True)
+        return
+    if export_pickle:
+        _export(out, export_pickle)
+    _summary(result, json_, show_skipped=True)
+
+
+def _merge(folder: Path, export_pickle: Path | None, json_: bool) -> None:
+    from clipcap_cli import features
+    from clipcap_cli.cli import stderr
+
+    result = features.merge_parts(folder)
+    if result.noop:
+        stderr.print(f"{folder} is already merged; nothing to do", highlight=False)
+    if export_pickle:
+        _export(folder, export_pickle)
+    _summary(result, json_, show_skipped=not result.noop)
+
+
+def _export(out: Path, target: Path) -> None:
+    from clipcap_cli.cli import stderr
+    from clipcap_cli.features import load_features
+    from clipcap_cli.legacy import export_original_pickle
+
+    fs = load_features(out)
+    export_original_pickle(fs, target)
+    stderr.print(f"wrote the original-format pickle {target} ({fs.num_captions} caption rows)", highlight=False)
+
+
+def _import(
+    pickle_file: Path, out: Path | None, images: Path | None, clip: str | None, pretrained: str | None, export_pickle: Path | None, json_: bool
+) -> None:
+    from clipcap_cli.cli import stdout, warn
+    from clipcap_cli.errors import UsageError
+    from clipcap_cli.legacy import import_original_pickle
+
+    if out is None:
+        raise UsageError("--import-pickle needs --out DIR")
+    if export_pickle:
+        raise UsageError("--import-pickle and --export-pickle do not go together")
+    fs, warnings = import_original_pickle(pickle_file, out, images, clip, _tag(pretrained) if pretrained is not None else None)
+    for w in warnings:
+        warn(w)
+    if fs.meta.get("clip_model_guessed"):
+        warn(f"the pickle does not say which CLIP made it; recorded {fs.meta['clip_model']} ({fs.meta['clip_pretrained']}) from its width: pass --clip to set it")
+    info = {"out": str(fs.path), "images": len(fs), "captions": fs.num_captions, "pickle_rows": fs.meta["counts"]["pickle_rows"]}
+    if json_:
+        print(json.dumps(info))
+    else:
+        stdout.print(f"imported {info['pickle_rows']} rows as {info['images']} images ({info['captions']} captions) into {fs.path}", highlight=False)
+
+
+def _summary(result: Any, json_: bool, show_skipped: bool) -> None:
+    from clipcap_cli.cli import stderr, stdout
+    from clipcap_cli.errors import EXIT_PARTIAL
+    from clipcap_cli.features import SKIPPED_FILE
+
+    info = {
+        "out": str(result.out),
+        "complete": result.complete,
+        "noop": result.noop,
+        "records": result.records,
+        "encoded": result.encoded,
+        "reused": result.reused,
+        "skipped": len(result.skipped),
+    }
+    if json_:
+        print(json.dumps(info))
+    elif result.complete and not result.noop:
+        stdout.print(
+            f"wrote features for {result.records - len(result.skipped)} images to {result.out}"
+            + (f" ({result.reused} from an earlier run)" if result.reused else ""),
+            highlight=False,
+        )
+    if show_skipped and result.skipped:
+        where = result.out / SKIPPED_FILE if result.complete else "the part files"
+        stderr.print(f"[yellow]warning:[/] skipped {len(result.skipped)} unreadable images (listed in {where}):", highlight=False)
+        for s in result.skipped[:SHOW_SKIPPED]:
+            stderr.print(f"  {s['image']}: {s['reason']}", highlight=False, markup=False)
+        if len(result.skipped) > SHOW_SKIPPED:
+            stderr.print(f"  ... and {len(result.skipped) - SHOW_SKIPPED} more", highlight=False)
+        raise typer.Exit(EXIT_PARTIAL)

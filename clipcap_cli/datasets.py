@@ -1,0 +1,383 @@
+"""Readers for captioned image datasets: each yields one record per unique image.
+
+A record is ``{"image": str, "image_id": int | str | None, "captions": list[str]}`` (plus a few
+format-specific keys: ``split`` for Karpathy files, ``caption_ids`` when the source numbers its
+captions). ``image`` is relative to the images root when the file lies under it. Readers stat
+files to find them but never open image pixels.
+
+Formats: COCO caption annotations (``captions_train2014.json``), the Karpathy split file
+(``dataset_coco.json``), the original ClipCap ``train_caption.json`` list, CSV/TSV and JSON Lines
+manifests, and a plain folder of images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from clipcap_cli.errors import UsageError
+from clipcap_cli.images import is_image_path
+
+FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "csv", "tsv", "jsonl", "folder")
+KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval", "train+restval")
+# Where COCO-style datasets keep their images below the root (the original used DIR/train2014, DIR/val2014).
+COCO_SUBDIRS: tuple[str, ...] = ("train2014", "val2014", "train2017", "val2017", "test2014", "test2015", "test2017")
+IMAGE_COLUMNS: tuple[str, ...] = ("image", "path", "file_name", "filename", "image_path")
+CAPTION_COLUMNS: tuple[str, ...] = ("caption", "captions", "text")
+
+
+class DatasetError(UsageError):
+    """A dataset file that cannot be read: the message names the file, the line and the key."""
+
+
+@dataclass
+class Dataset:
+    """A dataset file (or folder) ready to iterate. ``records()`` can be called more than once."""
+
+    source: Path
+    format: str
+    images_root: Path
+    split: str | None = None
+    _make: Callable[[], Iterator[dict]] = field(default=lambda: iter(()), repr=False)
+
+    def records(self) -> Iterator[dict]:
+        return self._make()
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": str(self.source.resolve()), "dataset_format": self.format, "images_root": str(self.images_root), "split": self.split}
+
+
+class ImageResolver:
+    """Finds an image among candidate relative paths under ``root``, remembering which subfolder hit."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._last_subdir: str | None = None
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` relative to the root when it lies below it, else as given (posix separators)."""
+        p = Path(path)
+        if p.is_absolute():
+            try:
+                return p.relative_to(self.root).as_posix()
+            except ValueError:
+                return p.as_posix()
+        return p.as_posix()
+
+    def find(self, name: str, subdirs: tuple[str, ...] = ()) -> str:
+        """The first of ``name``, ``<subdir>/name`` that exists; ``name`` itself when none does."""
+        candidates = [name]
+        ordered = ([self._last_subdir] if self._last_subdir in subdirs else []) + [s for s in subdirs if s != self._last_subdir]
+        candidates += [f"{s}/{name}" for s in ordered]
+        for cand in candidates:
+            if (self.root / cand).is_file():
+                head = cand.split("/", 1)[0]
+                if head in subdirs and cand != name:
+                    self._last_subdir = head
+                return self.relative(cand)
+        return self.relative(name)
+
+    def first_existing(self, candidates: list[str]) -> str:
+        for cand in candidates:
+            if (self.root / cand).is_file():
+                return self.relative(cand)
+        return self.relative(candidates[0])
+
+
+def read_dataset(
+    source: str | Path,
+    images: str | Path | None = None,
+    fmt: str = "auto",
+    split: str | None = None,
+    recursive: bool = False,
+) -> Dataset:
+    """Open ``source`` (a dataset file or an image folder) and detect its format.
+
+    Args:
+        source: the annotations / manifest file, or a folder of images.
+        images: the images root; defaults to the folder itself or the file's folder.
+        fmt: one of ``FORMATS``; ``auto`` detects from the suffix and the JSON layout.
+        split: Karpathy split filter (``train``, ``val``, ``test``, ``restval``, ``train+restval``).
+        recursive: for folders, include subfolders.
+    """
+    source = Path(source).expanduser()
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown dataset format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if not source.exists():
+        raise UsageError(f"dataset not found: {source}")
+    if split is not None and split not in KARPATHY_SPLITS and split != "all":
+        raise UsageError(f"unknown split {split!r}: use one of {', '.join(KARPATHY_SPLITS)} or all")
+    if source.is_dir():
+        if fmt not in ("auto", "folder"):
+            raise UsageError(f"{source} is a folder; --format {fmt} needs a file")
+        root = Path(images).expanduser() if images else source
+        return Dataset(source, "folder", root.resolve(), None, lambda: _folder(source, root.resolve(), recursive))
+
+    root = (Path(images).expanduser() if images else source.parent).resolve()
+    if images and not root.is_dir():
+        raise UsageError(f"--images {images}: not a folder")
+    resolver = ImageResolver(root)
+    data: Any = None
+    if fmt == "auto":
+        fmt, data = _detect(source)
+    if split not in (None, "all") and fmt != "karpathy":
+        raise UsageError(f"--split applies to Karpathy split files, and {source.name} is {fmt}")
+    split = None if split == "all" else split
+    if fmt in ("coco", "karpathy", "caption-list"):
+        if data is None:
+            data = _load_json(source)
+        grouped = {"coco": _coco, "karpathy": _karpathy, "caption-list": _caption_list}[fmt]
+        # Validate the whole file once up front, so a malformed file fails before any encoding.
+        records = list(grouped(source, data, resolver, split) if fmt == "karpathy" else grouped(source, data, resolver))
+        return Dataset(source, fmt, root, split, lambda: iter(records))
+    if fmt in ("csv", "tsv"):
+        records = list(_table(source, resolver, "\t" if fmt == "tsv" else ","))
+        return Dataset(source, fmt, root, None, lambda: iter(records))
+    records = list(_jsonl(source, resolver))
+    return Dataset(source, "jsonl", root, None, lambda: iter(records))
+
+
+def _detect(source: Path) -> tuple[str, Any]:
+    suffix = source.suffix.lower()
+    if suffix == ".csv":
+        return "csv", None
+    if suffix == ".tsv":
+        return "tsv", None
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl", None
+    if suffix != ".json":
+        raise UsageError(f"cannot tell the format of {source.name}: pass --format ({', '.join(FORMATS[1:])})")
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        if _looks_like_jsonl(source):
+            return "jsonl", None
+        raise DatasetError(f"{source.name}: invalid JSON ({exc})") from exc
+    if isinstance(data, list):
+        return "caption-list", data
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        if "annotations" in data:
+            return "coco", data
+        first = data["images"][0] if data["images"] else {}
+        if isinstance(first, dict) and "sentences" in first:
+            return "karpathy", data
+    raise DatasetError(
+        f"{source.name}: not a known layout (expected COCO {{images, annotations}}, Karpathy {{images: [{{sentences}}]}} or a caption list)"
+    )
+
+
+def _looks_like_jsonl(source: Path) -> bool:
+    with open(source, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
+def _load_json(source: Path) -> Any:
+    try:
+        return json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{source.name}: invalid JSON ({exc})") from exc
+
+
+def _need(source: Path, where: str, entry: Any, key: str) -> Any:
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{source.name}: {where} is not an object")
+    if key not in entry:
+        raise DatasetError(f"{source.name}: {where} has no {key!r} key")
+    return entry[key]
+
+
+def _as_id(value: Any) -> int | str:
+    """Numeric ids (also as strings, as the original's ``int()``) become ints; others stay strings."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.isdigit() else text
+
+
+def _caption_text(source: Path, where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise DatasetError(f"{source.name}: {where} caption is not a string")
+    return value.strip()
+
+
+# --------------------------------------------------------------------------- COCO family
+
+
+def _coco(source: Path, data: Any, resolver: ImageResolver) -> Iterator[dict]:
+    if not isinstance(data, dict):
+        raise DatasetError(f"{source.name}: expected a COCO object with 'images' and 'annotations'")
+    images = _need(source, "the file", data, "images")
+    annotations = _need(source, "the file", data, "annotations")
+    captions: dict[Any, list[str]] = {}
+    for i, ann in enumerate(annotations):
+        image_id = _need(source, f"annotation {i}", ann, "image_id")
+        text = _caption_text(source, f"annotation {i}", _need(source, f"annotation {i}", ann, "caption"))
+        captions.setdefault(image_id, []).append(text)
+    for i, img in enumerate(images):
+        image_id = _need(source, f"image {i}", img, "id")
+        name = _need(source, f"image {i}", img, "file_name")
+        yield {"image": resolver.find(str(name), COCO_SUBDIRS), "image_id": image_id, "captions": captions.get(image_id, [])}
+
+
+def _karpathy(source: Path, data: Any, resolver: ImageResolver, split: str | None) -> Iterator[dict]:
+    if not isinstance(data, dict):
+        raise DatasetError(f"{source.name}: expected a Karpathy object with 'images'")
+    wanted = {"train", "restval"} if split == "train+restval" else ({split} if split else None)
+    for i, img in enumerate(_need(source, "the file", data, "images")):
+        name = str(_need(source, f"image {i}", img, "filename"))
+        img_split = img.get("split")
+        if wanted is not None and img_split not in wanted:
+            continue
+        sentences = _need(source, f"image {i}", img, "sentences")
+        texts = [_caption_text(source, f"image {i}", _need(source, f"image {i} sentence {j}", s, "raw")) for j, s in enumerate(sentences)]
+        folder = img.get("filepath")
+        candidates = ([f"{folder}/{name}"] if folder else []) + [name] + [f"{s}/{name}" for s in COCO_SUBDIRS if s != folder]
+        image_id = img.get("cocoid", img.get("imgid"))
+        record = {"image": resolver.first_existing(candidates), "image_id": image_id, "captions": texts, "split": img_split}
+        ids = [s.get("sentid") for s in sentences]
+        if any(x is not None for x in ids):
+            record["caption_ids"] = ids
+        yield record
+
+
+def coco_id_candidates(image_id: int | str) -> list[str]:
+    """Where the original ClipCap looked for a caption entry's image, in its order."""
+    text = str(image_id).strip()
+    if text.isdigit():
+        n = int(text)
+        train, val = f"COCO_train2014_{n:012d}.jpg", f"COCO_val2014_{n:012d}.jpg"
+        return [train, f"train2014/{train}", val, f"val2014/{val}", f"{text}.jpg"]
+    return [text, f"{text}.jpg"] if Path(text).suffix else [f"{text}.jpg", text]
+
+
+def group_caption_entries(source: Path, entries: Any, resolver: ImageResolver | None, normalize_ids: bool = True) -> Iterator[dict]:
+    """Group a list of ``{image_id, caption, (id)}`` entries into one record per image, first-seen order.
+
+    ``normalize_ids`` turns numeric string ids into ints, as the original's ``int(image_id)``.
+    """
+    if not isinstance(entries, list):
+        raise DatasetError(f"{source.name}: expected a JSON list of caption entries")
+    groups: OrderedDict[Any, dict] = OrderedDict()
+    for i, entry in enumerate(entries):
+        image_id = _need(source, f"entry {i}", entry, "image_id")
+        image_id = _as_id(image_id) if normalize_ids else image_id
+        text = _caption_text(source, f"entry {i}", _need(source, f"entry {i}", entry, "caption"))
+        group = groups.get(image_id)
+        if group is None:
+            explicit = next((entry[k] for k in ("image", "file_name", "filename") if k in entry), None)
+            group = groups[image_id] = {"image_id": image_id, "captions": [], "caption_ids": [], "_explicit": explicit}
+        group["captions"].append(text)
+        group["caption_ids"].append(entry.get("id"))
+    for image_id, group in groups.items():
+        explicit = group.pop("_explicit")
+        if explicit is not None:
+            image = resolver.relative(explicit) if resolver else str(explicit)
+        elif resolver is not None:
+            image = resolver.first_existing(coco_id_candidates(image_id))
+        else:
+            image = coco_id_candidates(image_id)[0]
+        record = {"image": image, "image_id": image_id, "captions": group["captions"]}
+        if any(x is not None for x in group["caption_ids"]):
+            record["caption_ids"] = group["caption_ids"]
+        yield record
+
+
+def _caption_list(source: Path, data: Any, resolver: ImageResolver) -> Iterator[dict]:
+    return group_caption_entries(source, data, resolver)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+class _Grouper:
+    """Collects manifest rows into one record per image, in first-seen order."""
+
+    def __init__(self, resolver: ImageResolver):
+        self.resolver = resolver
+        self.groups: OrderedDict[str, dict] = OrderedDict()
+
+    def add(self, image: str, captions: list[str], image_id: Any) -> None:
+        key = self.resolver.relative(image)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = {"image": key, "image_id": image_id, "captions": []}
+        elif group["image_id"] is None:
+            group["image_id"] = image_id
+        group["captions"].extend(c for c in captions if c)
+
+
+def _pick(keys: Any, choices: tuple[str, ...]) -> str | None:
+    lowered = {str(k).strip().lower(): k for k in keys if k is not None}
+    return next((lowered[c] for c in choices if c in lowered), None)
+
+
+def _table(source: Path, resolver: ImageResolver, delimiter: str) -> Iterator[dict]:
+    grouper = _Grouper(resolver)
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if not reader.fieldnames:
+            raise DatasetError(f"{source.name}: empty file (expected a header with an 'image' or 'path' column)")
+        image_col = _pick(reader.fieldnames, IMAGE_COLUMNS)
+        if image_col is None:
+            raise DatasetError(f"{source.name}: no 'image' or 'path' column in the header ({', '.join(reader.fieldnames)})")
+        caption_col = _pick(reader.fieldnames, CAPTION_COLUMNS)
+        id_col = _pick(reader.fieldnames, ("image_id", "id"))
+        try:
+            for row in reader:
+                if None in row:
+                    raise DatasetError(f"{source.name} line {reader.line_num}: more fields than the header has")
+                image = (row.get(image_col) or "").strip()
+                if not image:
+                    raise DatasetError(f"{source.name} line {reader.line_num}: empty '{image_col}'")
+                caption = (row.get(caption_col) or "").strip() if caption_col else ""
+                image_id = _as_id(row[id_col]) if id_col and (row.get(id_col) or "").strip() else None
+                grouper.add(image, [caption], image_id)
+        except csv.Error as exc:
+            raise DatasetError(f"{source.name} line {reader.line_num}: {exc}") from exc
+    yield from grouper.groups.values()
+
+
+def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
+    grouper = _Grouper(resolver)
+    with open(source, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DatasetError(f"{source.name} line {n}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise DatasetError(f"{source.name} line {n}: expected a JSON object")
+            image_key = _pick(row.keys(), IMAGE_COLUMNS)
+            if image_key is None:
+                raise DatasetError(f"{source.name} line {n}: no 'image' or 'path' key")
+            caption_key = _pick(row.keys(), CAPTION_COLUMNS)
+            value = row.get(caption_key) if caption_key else None
+            captions = value if isinstance(value, list) else ([value] if value is not None else [])
+            if not all(isinstance(c, str) for c in captions):
+                raise DatasetError(f"{source.name} line {n}: caption is not a string")
+            id_key = _pick(row.keys(), ("image_id", "id"))
+            grouper.add(str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None)
+    yield from grouper.groups.values()
+
+
+def _folder(folder: Path, root: Path, recursive: bool) -> Iterator[dict]:
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(
+        p for p in pattern
+        if p.is_file() and is_image_path(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    resolver = ImageResolver(root)
+    for path in files:
+        yield {"image": resolver.relative(path.resolve()), "image_id": None, "captions": []}

@@ -1,0 +1,670 @@
+"""CLIP image features: the on-disk store that `extract` writes and `train`/`eval` read, and the
+batched, resumable, shardable encoding that fills it.
+
+A store is a directory::
+
+    meta.json                 what made the features (CLIP model, preprocessing, counts, ...)
+    embeddings.safetensors    "embeddings": [N_images, D], one row per image, raw CLIP output
+    index.jsonl               row i <-> line i: {"image", "image_id", "captions"}
+    skipped.jsonl             inputs that could not be read, with the reason (optional)
+    parts/                    chunks of an unfinished run (removed once the store is complete)
+
+``meta.json`` is written last, so a store without it is incomplete and is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import types
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from clipcap_cli.errors import ClipCapError, UsageError
+from clipcap_cli.version import __version__
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "clipcap-features"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+INDEX_FILE = "index.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+TOKENS_FILE = "tokens.safetensors"  # the train command's cache, derived from this store
+PARTS_DIR = "parts"
+EMBEDDINGS_KEY = "embeddings"
+
+
+class FeaturesError(ClipCapError):
+    """A features store that is missing, incomplete or inconsistent."""
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class FeatureSet:
+    """A loaded features store: ``embeddings[i]`` is the CLIP embedding of ``records[i]``."""
+
+    embeddings: torch.Tensor  # [N_images, D], fp16 or fp32 as stored
+    records: list[dict]  # {"image": str, "image_id": int | str | None, "captions": list[str]}
+    meta: dict
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(r["captions"]) for r in self.records)
+
+
+def _store_dir(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if path.name in (META_FILE, EMBEDDINGS_FILE, INDEX_FILE) and not path.is_dir():
+        return path.parent
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write)
+
+
+def _check_record(i: int, record: dict) -> dict:
+    if not isinstance(record, dict) or "image" not in record or "captions" not in record:
+        raise FeaturesError(f"record {i} needs 'image' and 'captions' keys, got {record!r:.80}")
+    if not isinstance(record["captions"], list):
+        raise FeaturesError(f"record {i}: 'captions' must be a list of strings")
+    out = dict(record)
+    out["image"] = str(record["image"])
+    out.setdefault("image_id", None)
+    return out
+
+
+def save_features(path: str | Path, embeddings: torch.Tensor, records: list[dict], meta: dict) -> Path:
+    """Write a complete store to the directory ``path`` and return it.
+
+    Each file is written to a temp file and renamed; ``meta.json`` goes first out and last in, so
+    a crash leaves either the old store, or no ``meta.json`` (incomplete, refused by
+    ``load_features``), never a mix. ``meta`` is completed with the format keys and the counts.
+    """
+    from safetensors.torch import save_file
+
+    out = _store_dir(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if embeddings.ndim != 2:
+        raise FeaturesError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] != len(records):
+        raise FeaturesError(f"{embeddings.shape[0]} embedding rows but {len(records)} records")
+    records = [_check_record(i, r) for i, r in enumerate(records)]
+    index_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    full_meta = dict(meta)
+    full_meta.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        count=len(records),
+        embed_dim=int(embeddings.shape[1]),
+        dtype=str(embeddings.dtype).removeprefix("torch."),
+        normalized=bool(meta.get("normalized", False)),
+        num_captions=sum(len(r["captions"]) for r in records),
+        index_sha256=hashlib.sha256(index_text.encode("utf-8")).hexdigest(),
+        store_id=uuid.uuid4().hex,  # changes on every write: lets caches (tokens) detect a new store
+    )
+    full_meta.setdefault("clipcap_version", __version__)
+    full_meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    meta_text = json.dumps(full_meta, indent=2, ensure_ascii=False) + "\n"
+
+    tensor = embeddings.detach().to("cpu").contiguous()
+    (out / META_FILE).unlink(missing_ok=True)
+    _atomic_write(
+        out / EMBEDDINGS_FILE,
+        lambda tmp: save_file({EMBEDDINGS_KEY: tensor}, tmp, metadata={"format": FORMAT, "meta": meta_text}),
+    )
+    write_text_atomic(out / INDEX_FILE, index_text)
+    write_text_atomic(out / META_FILE, meta_text)
+    return out
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    """Load the store at ``path`` (the directory, or its ``meta.json``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = _store_dir(path)
+    if folder.is_file() and folder.suffix in (".pkl", ".pickle"):
+        raise UsageError(
+            f"{folder} is an original ClipCap pickle: convert it with `clipcap extract --import-pickle {folder} --out DIR`"
+        )
+    if not folder.is_dir():
+        raise UsageError(f"features directory not found: {folder}")
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        hint = " (an unfinished extraction: rerun the same `clipcap extract` command to finish it)" if (folder / PARTS_DIR).is_dir() else ""
+        raise FeaturesError(f"{folder} is not a complete features store: no {META_FILE}{hint}")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FeaturesError(f"{meta_file}: unreadable ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FeaturesError(f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise FeaturesError(
+            f"{folder} uses features format {meta['format_version']}, this clipcap ({__version__}) reads up to {FORMAT_VERSION}: upgrade clipcap"
+        )
+    try:
+        embeddings = load_file(str(folder / EMBEDDINGS_FILE))[EMBEDDINGS_KEY]
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise FeaturesError(f"{folder / EMBEDDINGS_FILE}: unreadable ({exc})") from exc
+    try:
+        index_bytes = (folder / INDEX_FILE).read_bytes()
+        records = [json.loads(line) for line in index_bytes.decode("utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise FeaturesError(f"{folder / INDEX_FILE}: unreadable ({exc})") from exc
+    count = meta.get("count")
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(records) or (count is not None and count != len(records)):
+        raise FeaturesError(
+            f"{folder}: inconsistent store ({tuple(embeddings.shape)} embeddings, {len(records)} index lines, count {count})"
+        )
+    expected_sha = meta.get("index_sha256")
+    if expected_sha and hashlib.sha256(index_bytes).hexdigest() != expected_sha:
+        raise FeaturesError(f"{folder}: {INDEX_FILE} does not belong to this {META_FILE} (files from different runs)")
+    return FeatureSet(embeddings=embeddings, records=records, meta=meta, path=folder)
+
+
+def read_skipped(path: str | Path) -> list[dict]:
+    """The ``skipped.jsonl`` entries of a store (empty when nothing was skipped)."""
+    file = _store_dir(path) / SKIPPED_FILE
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- extraction
+
+ProgressFn = Callable[[int, int], None]  # (records done, records total) for this process's share
+CHUNK_PREFIX = "chunk-"
+SETTINGS_FILE = "settings.json"
+RECORDS_FILE = "records.jsonl"
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How `clipcap extract` encodes a dataset. The CLI takes its defaults from here."""
+
+    clip_model: str = "ViT-B-32"  # open_clip name, or local-dir:PATH
+    clip_pretrained: str | None = "openai"  # open_clip pretrained tag; None = random weights (tests, benchmarks)
+    batch_size: int = 64  # images per encode_image call
+    workers: int | None = None  # DataLoader processes decoding images; None = min(4, CPU count)
+    device: str | None = None  # None = CUDA, then MPS, then CPU
+    chunk_size: int = 1024  # images per part file: the most work an interruption can lose
+    shard: tuple[int, int] = (0, 1)  # (i, n): this process encodes chunks c with c % n == i
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must be 0 or more")
+        if self.chunk_size < 1:
+            raise UsageError("--chunk-size must be at least 1")
+        i, n = self.shard
+        if n < 1 or not 0 <= i < n:
+            raise UsageError(f"--shard {i}/{n}: need 0 <= i < n")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> (1, 4)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+@dataclass
+class ExtractResult:
+    """What one `extract` call did."""
+
+    out: Path
+    complete: bool  # the final store exists (written now, or already there)
+    noop: bool = False  # the store was already complete; nothing was done
+    records: int = 0  # records in the dataset
+    shard_records: int = 0  # records assigned to this process
+    encoded: int = 0  # images this call read and encoded
+    reused: int = 0  # records covered by part files from earlier runs (resume)
+    chunks_total: int = 0
+    chunks_missing: int = 0  # chunks other shards still have to write
+    skipped: list[dict] = field(default_factory=list)  # {"image", "reason"} (all shards once merged)
+
+
+def describe_preprocess(preprocess: Any) -> str:
+    """A one-line description of an open_clip/torchvision preprocess transform."""
+    steps = getattr(preprocess, "transforms", [preprocess])
+    names = [t.__name__ if isinstance(t, types.FunctionType) else " ".join(repr(t).split()) for t in steps]
+    return " -> ".join(names)
+
+
+def _settings_sha(settings: dict) -> str:
+    # The dataset's location is informative only: a moved annotations file with the same records resumes fine.
+    return _sha256_json({k: v for k, v in settings.items() if k != "source"})
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def store_is_complete(out: Path) -> bool:
+    return (out / META_FILE).is_file() and not (out / PARTS_DIR).is_dir()
+
+
+def clear_store(out: Path) -> None:
+    """Remove what an earlier extraction wrote in ``out`` (for --overwrite); other files stay."""
+    import shutil
+
+    for name in (META_FILE, EMBEDDINGS_FILE, INDEX_FILE, SKIPPED_FILE, TOKENS_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+
+
+def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOptions, dtype: str, source: dict) -> dict:
+    """What must match for part files to be combined: same model, same records, same chunking."""
+    return {
+        "clip_model": options.clip_model,
+        "clip_pretrained": options.clip_pretrained,
+        "dtype": dtype,
+        "chunk_size": options.chunk_size,
+        "records": len(records),
+        "records_sha256": _sha256_json(list(records)),
+        "images_root": str(images_root),
+        "source": source,
+    }
+
+
+def _settings_mismatch(old: dict, new: dict) -> str:
+    diffs = []
+    for key in ("clip_model", "clip_pretrained", "dtype", "chunk_size", "images_root", "records"):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} {old.get(key)!r} then, {new.get(key)!r} now")
+    if not diffs and old.get("records_sha256") != new.get("records_sha256"):
+        diffs.append("the dataset's images or captions changed")
+    return "; ".join(diffs)
+
+
+def _prepare_parts(out: Path, records: Sequence[dict], settings: dict) -> Path:
+    """Create ``out/parts`` with the run's settings and records, or check an existing one matches."""
+    parts = out / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    settings_file = parts / SETTINGS_FILE
+    if settings_file.is_file():
+        old = _read_json(settings_file)
+        diff = _settings_mismatch(old, settings)
+        if diff:
+            raise UsageError(
+                f"{out} holds an unfinished extraction with other settings ({diff}): rerun with --overwrite to start over, or use another --out"
+            )
+        if (parts / RECORDS_FILE).is_file():
+            return parts
+    # Several shards may get here at once: each writes identical content atomically.
+    write_text_atomic(parts / RECORDS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    return parts
+
+
+def _chunk_path(parts: Path, chunk: int) -> Path:
+    return parts / f"{CHUNK_PREFIX}{chunk:06d}.safetensors"
+
+
+def _chunk_header(path: Path) -> dict | None:
+    """A part file's metadata, or None when it is unreadable (then it is redone)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {k: json.loads(v) for k, v in meta.items()}
+    except Exception:  # a torn or foreign file: not trusted, the chunk is encoded again
+        return None
+
+
+def _done_chunks(parts: Path, settings_sha: str, chunks: Iterable[int]) -> dict[int, dict]:
+    done = {}
+    for c in chunks:
+        path = _chunk_path(parts, c)
+        if path.is_file():
+            header = _chunk_header(path)
+            if header and header.get("settings_sha256") == settings_sha and header.get("chunk") == c:
+                done[c] = header
+    return done
+
+
+class _ImageFiles:
+    """A map-style dataset over (record index, path): decoded and preprocessed in DataLoader workers."""
+
+    def __init__(self, items: list[tuple[int, str]], preprocess: Any):
+        self.items = items
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        from clipcap_cli.images import ImageError, open_rgb
+
+        index, path = self.items[i]
+        try:
+            return index, self.preprocess(open_rgb(path)), None
+        except ImageError as exc:
+            return index, None, str(exc).removeprefix(f"{path}: ")
+        except Exception as exc:  # a decoder crash inside preprocess: skip the file, never a zero tensor
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    import torch
+
+    ok = [(i, x) for i, x, err in batch if err is None]
+    failed = [(i, err) for i, x, err in batch if err is not None]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], pixels, failed
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # workers only decode and resize; the encoder in the main process owns the cores
+
+
+def encode_batch(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Raw (unnormalised) CLIP image embeddings of preprocessed ``pixels``, shape (B, D), on the CPU."""
+    import torch
+
+    param = next(model.parameters())
+    with torch.inference_mode():
+        return model.encode_image(pixels.to(param.device, dtype=param.dtype, non_blocking=True)).cpu()
+
+
+def _write_chunk(parts: Path, chunk: int, rows: list[Any], indices: list[int], skipped: list[dict], header: dict, embed_dim: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    emb = torch.stack(rows) if rows else torch.empty(0, embed_dim)
+    meta = dict(header, chunk=chunk, indices=indices, skipped=skipped)
+    _atomic_write(
+        _chunk_path(parts, chunk),
+        lambda tmp: save_file({EMBEDDINGS_KEY: emb.contiguous()}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}),
+    )
+
+
+def extract(
+    records: Sequence[dict],
+    images_root: str | Path,
+    out: str | Path,
+    options: ExtractOptions = ExtractOptions(),
+    *,
+    source: dict | None = None,
+    clip: tuple[Any, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+    merge: bool | None = None,
+) -> ExtractResult:
+    """Encode every record's image once and write the features store ``out``.
+
+    Work is written to ``out/parts`` in chunks of ``options.chunk_size`` records, each file
+    atomically with the record indices it covers, so an interrupted run loses at most one chunk
+    and the same call continues where it stopped. With ``options.shard = (i, n)`` this process
+    encodes only chunks ``c % n == i``; ``merge`` (default: when n == 1) joins all chunks into the
+    final store once they exist.
+
+    Args:
+        records: dataset records (``datasets.Dataset.records()``), in a fixed order.
+        images_root: what relative ``record["image"]`` paths are relative to.
+        out: the store directory.
+        options: model, batching and chunking.
+        source: description of the dataset (file, format, split), kept in the metadata.
+        clip: an already loaded ``(model, preprocess)``; loaded from ``options`` when None.
+        on_progress: called with (records done, records total) for this process's share.
+        merge: write the final store when all chunks are done (default: unsharded runs).
+    """
+    import torch
+
+    from clipcap_cli.device import pick_device
+
+    out = Path(out).expanduser()
+    images_root = Path(images_root).expanduser().resolve()
+    records = list(records)
+    shard_i, shard_n = options.shard
+    merge = shard_n == 1 if merge is None else merge
+    if clip is not None:
+        device = next(clip[0].parameters()).device
+        dtype = str(next(clip[0].parameters()).dtype).removeprefix("torch.")
+    else:
+        device = pick_device(options.device)
+        dtype = "float16" if device.type == "cuda" else "float32"
+    settings = run_settings(records, images_root, options, dtype, source or {})
+    settings_sha = _settings_sha(settings)
+
+    if store_is_complete(out):
+        meta = _read_json(out / META_FILE)
+        if meta.get("settings_sha256") != settings_sha:
+            why = _settings_mismatch(meta.get("run_settings", {}), settings) or "it was not made by this command"
+            raise UsageError(f"{out} already holds a features store made differently ({why}): use --overwrite or another --out")
+        skipped = read_skipped(out)
+        return ExtractResult(out, complete=True, noop=True, records=len(records), skipped=skipped, chunks_total=meta.get("extraction", {}).get("chunks", 0))
+    if not records:
+        raise UsageError("the dataset has no images")
+
+    parts = _prepare_parts(out, records, settings)
+    n_chunks = -(-len(records) // options.chunk_size)
+    mine = [c for c in range(n_chunks) if c % shard_n == shard_i]
+    done = _done_chunks(parts, settings_sha, mine)
+    pending = [c for c in mine if c not in done]
+    span = lambda c: range(c * options.chunk_size, min((c + 1) * options.chunk_size, len(records)))  # noqa: E731
+    total = sum(len(span(c)) for c in mine)
+    reused = sum(len(span(c)) for c in done)
+    result = ExtractResult(out, complete=False, records=len(records), shard_records=total, reused=reused, chunks_total=n_chunks)
+    if on_progress:
+        on_progress(reused, total)
+
+    if pending:
+        model, preprocess = clip if clip is not None else _load_clip(options, device)
+        embed_dim = int(getattr(model.visual, "output_dim", 0) or 0)
+        header = {
+            "settings_sha256": settings_sha,
+            "run_id": uuid.uuid4().hex[:12],
+            "preprocess": describe_preprocess(preprocess),
+            "device": str(device),
+            "dtype": dtype,
+            "embed_dim": embed_dim,
+        }
+        items = [(i, str(images_root / records[i]["image"])) for c in pending for i in span(c)]
+        # Batches never straddle chunks: a chunk is then encoded in the same batches whether the run
+        # is sharded, resumed or neither, so the stores come out bit-identical.
+        batches, start = [], 0
+        for c in pending:
+            size = len(span(c))
+            batches += [list(range(b, min(b + options.batch_size, start + size))) for b in range(start, start + size, options.batch_size)]
+            start += size
+        workers = default_workers() if options.workers is None else options.workers
+        workers = min(workers, len(batches))  # no idle worker processes
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(items, preprocess),
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=_collate,
+            worker_init_fn=_worker_init if workers else None,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        # Per-chunk buffers; DataLoader keeps order, so chunks complete one after another.
+        remaining = {c: len(span(c)) for c in pending}
+        rows: dict[int, list] = {c: [] for c in pending}
+        ok_idx: dict[int, list[int]] = {c: [] for c in pending}
+        bad: dict[int, list[dict]] = {c: [] for c in pending}
+        progress = reused
+        for indices, pixels, failed in loader:
+            finished: list[int] = []
+            if pixels is not None:
+                emb = encode_batch(model, pixels)
+                embed_dim = emb.shape[1]
+                for i, row in zip(indices, emb):
+                    c = i // options.chunk_size
+                    rows[c].append(row.clone())
+                    ok_idx[c].append(i)
+                    remaining[c] -= 1
+                    finished.append(c)
+            for i, reason in failed:
+                c = i // options.chunk_size
+                bad[c].append({"index": i, "image": records[i]["image"], "reason": reason})
+                remaining[c] -= 1
+                finished.append(c)
+            for c in sorted(set(finished)):
+                if remaining[c] == 0:
+                    _write_chunk(parts, c, rows.pop(c), ok_idx.pop(c), bad.pop(c), header, embed_dim)
+                    remaining[c] = -1
+            result.encoded += len(indices)
+            progress += len(indices) + len(failed)
+            if on_progress:
+                on_progress(progress, total)
+
+    result.skipped = [s for c in mine for s in (_chunk_header(_chunk_path(parts, c)) or {}).get("skipped", [])]
+    missing = [c for c in range(n_chunks) if c not in set(mine) and not _chunk_path(parts, c).is_file()]
+    result.chunks_missing = len(missing)
+    if merge and not missing:
+        merged = merge_parts(out)
+        result.complete = True
+        result.skipped = merged.skipped
+    return result
+
+
+def _load_clip(options: ExtractOptions, device: Any) -> tuple[Any, Any]:
+    from clipcap_cli import backbones
+
+    return backbones.load_clip(options.clip_model, options.clip_pretrained, device)
+
+
+def merge_parts(out: str | Path) -> ExtractResult:
+    """Join the part files in ``out/parts`` (from one or several shards) into the final store."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = Path(out).expanduser()
+    parts = out / PARTS_DIR
+    if store_is_complete(out):
+        return ExtractResult(out, complete=True, noop=True, skipped=read_skipped(out))
+    if not (parts / SETTINGS_FILE).is_file() or not (parts / RECORDS_FILE).is_file():
+        raise UsageError(f"{out} has no unfinished extraction to merge (no {PARTS_DIR}/{SETTINGS_FILE})")
+    settings = _read_json(parts / SETTINGS_FILE)
+    settings_sha = _settings_sha(settings)
+    records = [json.loads(line) for line in (parts / RECORDS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(records) != settings["records"] or _sha256_json(records) != settings["records_sha256"]:
+        raise FeaturesError(f"{parts / RECORDS_FILE} does not match {parts / SETTINGS_FILE}: rerun with --overwrite")
+    n_chunks = -(-len(records) // settings["chunk_size"])
+    done = _done_chunks(parts, settings_sha, range(n_chunks))
+    missing = [c for c in range(n_chunks) if c not in done]
+    if missing:
+        shown = ", ".join(str(c) for c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise FeaturesError(
+            f"cannot merge {out}: {len(missing)} of {n_chunks} chunks are not done yet (chunks {shown}); finish every shard first"
+        )
+    tensors, kept, skipped, runs = [], [], [], {}
+    for c in range(n_chunks):
+        header = done[c]
+        tensors.append(load_file(str(_chunk_path(parts, c)))[EMBEDDINGS_KEY])
+        kept.extend(records[i] for i in header["indices"])
+        skipped.extend(header["skipped"])
+        runs[header["run_id"]] = runs.get(header["run_id"], 0) + len(header["indices"]) + len(header["skipped"])
+    first = done[0]
+    dims = {t.shape[1] for t in tensors if t.shape[0]}
+    dtypes = {t.dtype for t in tensors if t.shape[0]}
+    if len(dims) > 1 or len(dtypes) > 1:
+        raise FeaturesError(f"part files in {parts} disagree on the embedding width or dtype: rerun with --overwrite")
+    embed_dim = dims.pop() if dims else first["embed_dim"]
+    dtype = dtypes.pop() if dtypes else getattr(torch, settings["dtype"])
+    embeddings = torch.cat([t.reshape(-1, embed_dim).to(dtype) for t in tensors]) if tensors else torch.empty(0, embed_dim, dtype=dtype)
+    meta = _store_meta(settings, first, records, kept, skipped, n_chunks, runs)
+    meta["settings_sha256"] = settings_sha
+    write_skipped(out, skipped)
+    save_features(out, embeddings, kept, meta)
+    import shutil
+
+    shutil.rmtree(parts, ignore_errors=True)
+    return ExtractResult(out, complete=True, records=len(records), skipped=skipped, chunks_total=n_chunks)
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    found = {}
+    for dist in ("torch", "open_clip_torch"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def _store_meta(settings: dict, header: dict, records: list[dict], kept: list[dict], skipped: list[dict], n_chunks: int, runs: dict) -> dict:
+    source = settings.get("source") or {}
+    return {
+        "clip_model": settings["clip_model"],
+        "clip_pretrained": settings["clip_pretrained"],
+        "normalized": False,  # raw encode_image output, as the original parse_coco.py stored it
+        "preprocess": header["preprocess"],
+        "device": header["device"],
+        "source": source.get("source"),
+        "dataset_format": source.get("dataset_format"),
+        "split": source.get("split"),
+        "images_root": settings["images_root"],
+        "counts": {
+            "records": len(records),
+            "images": len(kept),
+            "captions": sum(len(r["captions"]) for r in kept),
+            "skipped": len(skipped),
+        },
+        "extraction": {"chunk_size": settings["chunk_size"], "chunks": n_chunks, "runs": runs},
+        "versions": _versions(),
+        "run_settings": settings,
+    }
+
+
+def write_skipped(out: Path, skipped: list[dict]) -> None:
+    """``skipped.jsonl``: one {"image", "reason"} line per input that could not be encoded."""
+    file = out / SKIPPED_FILE
+    if not skipped:
+        file.unlink(missing_ok=True)
+        return
+    lines = "".join(json.dumps({"image": s["image"], "reason": s["reason"]}, ensure_ascii=False) + "\n" for s in skipped)
+    write_text_atomic(file, lines)
