@@ -1,0 +1,350 @@
+"""`clipcap eval`: COCO caption metrics for a predictions file, or for a model run on the reference images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from clipcap_cli.decoding import DecodingOptions
+from clipcap_cli.evaluation import EvalOptions
+
+HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE), computed as pycocoevalcap does.
+
+[bold]References[/] (--refs): COCO captions_val2014.json, the Karpathy split file dataset_coco.json (--split, default test), a features store from `clipcap extract`, or JSON Lines (image, path or image_id + caption; one line per caption).
+
+[bold]Predictions[/]: --predictions FILE (`clipcap caption --jsonl` output, or the COCO results format \\[{"image_id", "caption"}]), or --model NAME|PATH to caption the reference images (found under --images) and score them in one run; --save-predictions keeps those captions for re-scoring. With a features store as --refs, --model captions its stored CLIP embeddings (no image files needed) unless --images is given.
+
+[bold]Matching[/]: by COCO image id when both sides have one (an image_id field, or a file name like COCO_val2014_000000123456.jpg or 000000123456.jpg); otherwise by path, compared on trailing components (/data/val2014/x.jpg matches val2014/x.jpg; x.jpg matches it when the name is unique). Reference images without a prediction, or predictions without references, are an error (exit 2) unless --allow-missing. Prediction records with an "error" (images that failed) are reported and not scored: the other images are scored and the exit code is 3. An empty caption is scored (as zero).
+
+[bold]Output[/]: a table on a terminal (scores x100, as papers print them); JSON on stdout when piped or with --json: {metrics, scale, counts, tokenizer, backends, unavailable, notes, matched_by, settings} plus per_image / paper when asked; values on pycocoevalcap's 0-1 scale (CIDEr about 1.1 for a good COCO model). METEOR and SPICE need Java and the eval extra; when they cannot run they are listed as unavailable with the reason.
+
+Example: [bold]clipcap eval --refs dataset_coco.json --split test --images val2014/ --model coco --beam 5[/]
+
+Example: [bold]clipcap eval --refs captions_val2014.json --predictions captions.jsonl --metrics BLEU,CIDEr --per-image[/]
+"""
+
+D = EvalOptions()
+DECODING = DecodingOptions()
+INPUTS = "Inputs"
+MODEL = "Captioning with --model"
+SCORING = "Scoring"
+OUTPUT = "Output"
+SHOW_FAILED = 5
+
+# Short column titles for the paper's Table 1 rows (metrics.PAPER_TABLE1_COCO keys).
+PAPER_COLUMNS = {
+    "transformer_frozen_gpt2": "paper: Transformer,\nfrozen GPT-2",
+    "mlp_gpt2_tuning": "paper: MLP +\nGPT-2 tuning",
+    "ablation_transformer_gpt2_tuning": "ablation: Transformer\n+ GPT-2 tuning",
+    "ablation_mlp_frozen_gpt2": "ablation: MLP,\nfrozen GPT-2",
+}
+
+
+def command(
+    refs: Annotated[
+        Path,
+        typer.Option("--refs", "-r", help="Reference captions: COCO captions file, Karpathy split file, features store or JSON Lines.",
+                     show_default=False, rich_help_panel=INPUTS),
+    ],
+    predictions: Annotated[
+        Optional[Path],
+        typer.Option("--predictions", "-p", help="Predicted captions: `clipcap caption --jsonl` output or COCO results JSON.",
+                     show_default=False, rich_help_panel=INPUTS),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Caption the reference images with this model (registry name or checkpoint) and score them.",
+                     show_default=False, rich_help_panel=INPUTS),
+    ] = None,
+    refs_format: Annotated[
+        str, typer.Option("--refs-format", help="auto, coco, karpathy, caption-list, features or jsonl.", rich_help_panel=INPUTS)
+    ] = D.refs_format,
+    split: Annotated[
+        Optional[str],
+        typer.Option(help=f"Karpathy split file: the split to score (train, val, test, restval, all) \\[default: {D.split}].",
+                     show_default=False, rich_help_panel=INPUTS),
+    ] = None,
+    images: Annotated[
+        Optional[Path],
+        typer.Option("--images", "-i", help="Folder of the reference images (--model; default: the features store's root or the refs file's folder).",
+                     show_default=False, rich_help_panel=INPUTS),
+    ] = None,
+    beam: Annotated[
+        Optional[int],
+        typer.Option("--beam", metavar="N", help="Beam search with N beams (5 is the original's beam width) \\[default: greedy, as the original's predict.py].",
+                     show_default=False, rich_help_panel=MODEL),
+    ] = None,
+    max_length: Annotated[
+        Optional[int],
+        typer.Option("--max-length", help=f"Most tokens per caption \\[default: {DECODING.max_length}].", show_default=False,
+                     rich_help_panel=MODEL),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", "-b", help=f"Images per captioning batch \\[default: {D.batch_size}].", show_default=False,
+                     rich_help_panel=MODEL),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option("--workers", "-j", help=f"Worker processes that read and decode images (0 = in this process) \\[default: {D.workers}].",
+                     show_default=False, rich_help_panel=MODEL),
+    ] = None,
+    device: Annotated[
+        Optional[str],
+        typer.Option(help="cpu, cuda, cuda:N or mps \\[default: best available].", show_default=False, rich_help_panel=MODEL),
+    ] = D.device,
+    save_predictions: Annotated[
+        Optional[Path],
+        typer.Option("--save-predictions", metavar="FILE", help="Write the model's captions as JSON Lines (re-score them with --predictions).",
+                     show_default=False, rich_help_panel=MODEL),
+    ] = None,
+    metric_names: Annotated[
+        Optional[str],
+        typer.Option("--metrics", help="Comma-separated subset: BLEU (all four), BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE \\[default: all].",
+                     show_default=False, rich_help_panel=SCORING),
+    ] = None,
+    tokenizer: Annotated[
+        str,
+        typer.Option(help="auto (Java PTBTokenizer when available, else its Python imitation), ptb-java, ptb-python or none.",
+                     rich_help_panel=SCORING),
+    ] = D.tokenizer,
+    backend: Annotated[
+        str,
+        typer.Option(help="auto, python (no Java: METEOR/SPICE unavailable) or pycocoevalcap (its Python scorers too).",
+                     rich_help_panel=SCORING),
+    ] = D.backend,
+    allow_missing: Annotated[
+        bool, typer.Option("--allow-missing", help="Score the images both sides share instead of failing on a mismatch.",
+                           rich_help_panel=SCORING)
+    ] = D.allow_missing,
+    per_image: Annotated[
+        bool, typer.Option("--per-image", help="Per-image scores (JSON: a list; terminal: the worst images).", rich_help_panel=OUTPUT)
+    ] = D.per_image,
+    compare: Annotated[
+        Optional[str],
+        typer.Option(help="'paper': the ClipCap paper's Table 1 (COCO) rows beside ours, x100.", show_default=False,
+                     rich_help_panel=OUTPUT),
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout even on a terminal.", rich_help_panel=OUTPUT)] = False,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Also write the JSON report to FILE.", show_default=False,
+                                     rich_help_panel=OUTPUT)
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    from clipcap_cli.cli import cli_errors
+
+    with cli_errors():
+        from clipcap_cli import evaluation
+        from clipcap_cli.errors import UsageError
+
+        if (predictions is None) == (model is None):
+            raise UsageError("give one of --predictions FILE or --model NAME|PATH")
+        model_only = {"--beam": beam, "--max-length": max_length, "--batch-size": batch_size, "--workers": workers,
+                      "--device": device, "--save-predictions": save_predictions}
+        given = [flag for flag, value in model_only.items() if value is not None]
+        if predictions is not None and given:
+            raise UsageError(f"{', '.join(given)} only apply with --model")
+        for flag, path in (("--save-predictions", save_predictions), ("--output", output)):
+            if path is not None and path.is_dir():
+                raise UsageError(f"{flag} {path} is a folder: give a file name")
+        if compare is not None and compare.strip().lower() != "paper":
+            raise UsageError(f"--compare {compare}: the only comparison is 'paper'")
+        options = EvalOptions(
+            refs_format=refs_format,
+            split=split or D.split,
+            metrics=_parse_metrics(metric_names),
+            tokenizer=tokenizer,
+            backend=backend,
+            allow_missing=allow_missing,
+            per_image=per_image,
+            batch_size=batch_size if batch_size is not None else D.batch_size,
+            workers=workers if workers is not None else D.workers,
+            device=device,
+        )
+        if options.batch_size < 1 or options.workers < 0:
+            raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
+        _check_scoring(options)
+        decoding = _decoding(beam, max_length)  # checked before reading anything
+        references = evaluation.read_references(refs, refs_format, split, images)
+        _say_refs(references)
+        settings: dict[str, Any] = {}
+        if model is not None:
+            preds = _caption(references, model, images, decoding, options, quiet)
+            settings = {"model": model, "decoding": evaluation.decoding_settings(decoding),
+                        "batch_size": options.batch_size, "device": options.device}
+            if save_predictions is not None:
+                from clipcap_cli.cli import stderr
+
+                evaluation.write_predictions(save_predictions, preds)
+                stderr.print(f"wrote {len(preds.items)} captions to {save_predictions}", highlight=False)
+                settings["save_predictions"] = str(save_predictions)
+        else:
+            assert predictions is not None
+            preds = evaluation.read_predictions(predictions)
+        report = evaluation.evaluate(references, preds, options, settings=settings, compare_paper=compare is not None)
+        _emit(report, output, json_, options.worst)
+
+
+def _parse_metrics(text: str | None) -> tuple[str, ...] | None:
+    from clipcap_cli import metrics
+    from clipcap_cli.errors import UsageError
+
+    if text is None:
+        return None
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    known = {name.lower() for name in (*metrics.METRIC_NAMES, "BLEU")}
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown or not names:
+        raise UsageError(f"--metrics {text}: unknown metric {', '.join(unknown) or '(none given)'}; "
+                         f"choose from BLEU, {', '.join(metrics.METRIC_NAMES)}")
+    return names
+
+
+def _check_scoring(options: EvalOptions) -> None:
+    """Refuse a tokenizer/backend that cannot run before spending time on captioning."""
+    from clipcap_cli import metrics
+    from clipcap_cli.errors import UsageError
+
+    if options.tokenizer not in metrics.TOKENIZERS:
+        raise UsageError(f"--tokenizer {options.tokenizer}: choose one of {', '.join(metrics.TOKENIZERS)}")
+    if options.backend not in metrics.BACKENDS:
+        raise UsageError(f"--backend {options.backend}: choose one of {', '.join(metrics.BACKENDS)}")
+    if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
+        raise metrics.BackendUnavailableError("--backend pycocoevalcap: the package is not installed "
+                                              "(pip install 'clipcap-cli[eval]')")
+    if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
+        raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
+
+
+def _decoding(beam: int | None, max_length: int | None) -> DecodingOptions:
+    options = DecodingOptions()
+    if beam is not None:
+        options = options.replace(strategy="beam", beam_size=beam)
+    if max_length is not None:
+        options = options.replace(max_length=max_length)
+    return options
+
+
+def _say_refs(references: Any) -> None:
+    from clipcap_cli.cli import say
+
+    split = f" (split {references.split})" if references.split else ""
+    say(f"references: {references.format} {references.source}{split}: {len(references.images)} images, "
+        f"{sum(len(r.captions) for r in references.images)} captions"
+        + (f"; {references.without_captions} images without captions left out" if references.without_captions else ""))
+
+
+def _caption(references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions,
+             quiet: bool) -> Any:
+    from clipcap_cli import evaluation
+    from clipcap_cli.cli import stderr
+    from clipcap_cli.ui import item_progress
+
+    progress = item_progress("images", quiet)
+    task = progress.add_task("loading model", total=None)
+    progress.start()
+    try:
+        preds = evaluation.caption_references(
+            references, model, images_root=images, decoding=decoding, batch_size=options.batch_size,
+            device=options.device, allow_missing=options.allow_missing, workers=options.workers,
+            on_start=lambda total: progress.update(task, description="captioning", total=total),
+            on_progress=lambda done: progress.update(task, completed=done),
+        )
+    except KeyboardInterrupt:
+        progress.stop()
+        stderr.print("[red]interrupted[/]: nothing was scored")
+        raise typer.Exit(130) from None
+    finally:
+        progress.stop()
+    return preds
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _emit(report: dict, output: Path | None, json_: bool, worst: int) -> None:
+    from rich.markup import escape
+
+    from clipcap_cli import evaluation
+    from clipcap_cli.cli import stderr, warn
+    from clipcap_cli.errors import EXIT_PARTIAL
+
+    text = evaluation.report_json(report)
+    if output is not None:
+        evaluation.write_text_atomic(output, text + "\n")
+        stderr.print(f"wrote the report to {output}", highlight=False)
+    as_json = json_ or not _is_terminal()
+    if as_json:
+        print(text)
+        for name, reason in report["unavailable"].items():
+            warn(escape(f"{name} unavailable: {reason}"))
+    else:
+        _render(report, worst)
+    if report["counts"]["failed_predictions"]:
+        warn(escape(next(note for note in report["notes"] if note.startswith(evaluation.FAILED_NOTE))))
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _render(report: dict, worst: int) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    from clipcap_cli import evaluation, metrics
+    from clipcap_cli.cli import stdout
+
+    counts = report["counts"]
+    settings = report["settings"]
+    what = settings["refs_format"] + (f" {settings['split']}" if settings.get("split") else "")
+    source = f"model {settings['model']}" if settings.get("model") else Path(settings["predictions"] or "").name
+    table = Table(
+        title=f"{escape(source)}: {counts['images']} images, {counts['reference_captions']} reference captions ({what})",
+        caption=f"x100 = the papers' scale; JSON holds the 0-1 values. Tokenizer: {report['tokenizer']}.",
+        title_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("x100", justify="right", style="bold")
+    table.add_column("value", justify="right", style="dim")
+    paper = report.get("paper")
+    if paper:
+        for row in paper["rows"]:
+            table.add_column(PAPER_COLUMNS.get(row, row.replace("_", " ")), justify="right")
+    requested = [m for m in metrics.METRIC_NAMES if m in report["metrics"] or m in report["unavailable"]]
+    for name in requested:
+        value = report["metrics"].get(name)
+        cells = [name, _fmt(None if value is None else value * metrics.PAPER_SCALE),
+                 "n/a" if value is None else f"{value:.4f}"]
+        if paper:
+            cells += [_fmt(values.get(name)) for values in paper["rows"].values()]
+        table.add_row(*cells)
+    stdout.print(table)
+    for name, reason in report["unavailable"].items():
+        stdout.print(f"[yellow]{name} unavailable:[/] {escape(reason)}", highlight=False)
+    for note in report["notes"]:
+        stdout.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+    if paper and paper.get("note"):
+        stdout.print(f"[dim]note: {escape(paper['note'])}[/]", highlight=False)
+    metric, rows = evaluation.worst_images(report, worst)
+    if rows:
+        worst_table = Table(title=f"The {len(rows)} lowest {metric} images", title_justify="left")
+        worst_table.add_column("image", overflow="fold")
+        for name in ("CIDEr", "BLEU-4"):
+            if name in rows[0]["scores"]:
+                worst_table.add_column(name, justify="right")
+        worst_table.add_column("caption", overflow="fold")
+        worst_table.add_column("a reference", overflow="fold", style="dim")
+        for row in rows:
+            image = row["image"] or f"image_id {row['image_id']}"
+            scores = [f"{row['scores'][name]:.3f}" for name in ("CIDEr", "BLEU-4") if name in row["scores"]]
+            worst_table.add_row(Text(image), *scores, Text(row["caption"]), Text(row["references"][0]))
+        stdout.print(worst_table)

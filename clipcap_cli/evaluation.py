@@ -1,0 +1,854 @@
+"""`clipcap eval` without the terminal: reading reference captions and predictions, matching their
+keys, captioning the reference images with a model, and assembling the JSON report.
+
+Matching rule (documented in ``clipcap eval --help``): by COCO image id when every reference and
+every prediction has one (an ``image_id`` field, or a COCO file name such as
+``COCO_val2014_000000123456.jpg`` / ``000000123456.jpg``); otherwise by path, compared on their
+trailing components, so ``/data/coco/val2014/x.jpg`` matches the reference ``val2014/x.jpg`` and a
+bare ``x.jpg`` matches it when no other reference image has that name.
+
+The scores come from :func:`clipcap_cli.metrics.score`; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from clipcap_cli.decoding import DecodingOptions
+
+__all__ = [
+    "REFS_FORMATS",
+    "SCALE",
+    "REPORT_KEYS",
+    "EvalOptions",
+    "RefImage",
+    "References",
+    "Prediction",
+    "Predictions",
+    "Matching",
+    "EvalKeyMismatchError",
+    "read_references",
+    "read_predictions",
+    "coco_id_from_name",
+    "match",
+    "check_matching",
+    "evaluate",
+    "worst_images",
+    "report_json",
+    "caption_references",
+    "write_predictions",
+    "paper_comparison",
+]
+
+REFS_FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "features", "jsonl")
+#: The ``scale`` entry of the JSON report: values are what pycocoevalcap returns.
+SCALE = "0-1 (CIDEr: pycocoevalcap scale)"
+#: Top-level keys of the JSON report, always present (``per_image`` and ``paper`` only on request).
+REPORT_KEYS: tuple[str, ...] = (
+    "metrics", "scale", "counts", "tokenizer", "backends", "unavailable", "notes", "matched_by", "settings",
+)
+FAILED_NOTE = "predictions failed (records with an error)"
+KARPATHY_TEST_IMAGES = 5000
+PAPER_SOURCE = "ClipCap (Mokady et al., 2021), Table 1, COCO Karpathy test split"
+
+# Fields a record may name its image by, and its caption by (datasets.py's manifest columns).
+_PATH_KEYS = ("path", "image", "file_name", "filename", "image_path")
+_CAPTION_KEYS = ("caption", "text")
+# COCO file names: COCO_val2014_000000123456.jpg (2014) and 000000123456.jpg (2017).
+_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+\d{4}_)?(\d{12})")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Defaults of ``clipcap eval`` (the Typer options read them from here)."""
+
+    refs_format: str = "auto"  # one of REFS_FORMATS
+    split: str = "test"  # Karpathy split scored: the paper's numbers are on the 5000 test images
+    metrics: tuple[str, ...] | None = None  # None = every metric in metrics.METRIC_NAMES
+    tokenizer: str = "auto"  # metrics.TOKENIZERS: Java PTBTokenizer when there, else the Python imitation
+    backend: str = "auto"  # metrics.BACKENDS
+    allow_missing: bool = False  # score the common images instead of failing on a key mismatch
+    per_image: bool = False  # per-image scores in the report, for error analysis
+    batch_size: int = BATCH_SIZE  # --model: images per CLIP + decoding batch (clipcap caption's default)
+    device: str | None = None  # --model: None = the best available device
+    workers: int = WORKERS  # --model: image-decoding worker processes (0 = in this process), as caption
+    worst: int = 10  # per-image rows shown on a terminal
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class RefImage:
+    """One reference image: where it is (relative to the images root), its id, its captions."""
+
+    image: str | None
+    image_id: int | str | None
+    captions: list[str]
+    row: int | None = None  # features store: the embedding row of this image
+
+
+@dataclass
+class References:
+    """Reference captions, one entry per image that has at least one caption."""
+
+    images: list[RefImage]
+    source: Path
+    format: str  # coco, karpathy, caption-list, features or jsonl
+    split: str | None  # the Karpathy split read (None for other formats)
+    images_root: Path | None  # where the images are, when known (--images, or the features store's root)
+    without_captions: int = 0  # images in the file with no caption (not scored)
+    embeddings: Any = None  # features store: its CLIP embeddings, shape = (N_rows, D)
+    features_meta: dict | None = None  # features store: its meta.json
+
+
+@dataclass
+class Prediction:
+    """One predicted caption; ``error`` set when captioning that image failed."""
+
+    image: str | None
+    image_id: int | str | None
+    caption: str | None
+    error: str | None = None
+    line: int | None = None  # 1-based record number in the predictions file, for messages
+
+    def where(self) -> str:
+        name = self.image if self.image is not None else f"image_id {self.image_id!r}"
+        return f"{name} (record {self.line})" if self.line is not None else str(name)
+
+
+@dataclass
+class Predictions:
+    items: list[Prediction]
+    source: Path | None  # the predictions file (None for --model)
+    format: str  # "jsonl" (clipcap caption --jsonl), "coco" (results list) or "model"
+    images_root: Path | None = None  # --model: where the images were read from
+    captioned_from: str | None = None  # --model: "images" or "features" (stored CLIP embeddings)
+
+
+@dataclass
+class Matching:
+    """References and predictions keyed alike, ready for :func:`metrics.score`."""
+
+    by: str  # "image_id" or "path"
+    references: dict[Any, list[str]]  # every reference image with captions
+    predictions: dict[Any, str]  # key -> caption, for the successful predictions that matched
+    info: dict[Any, RefImage]  # key -> the reference image
+    missing: list[Any]  # reference keys with no prediction at all
+    failed: list[tuple[Any, Prediction]]  # matched predictions whose captioning failed
+    unmatched: list[Prediction]  # predictions that fit no reference image
+
+    @property
+    def scored_keys(self) -> list[Any]:
+        return [key for key in self.references if key in self.predictions]
+
+
+class EvalKeyMismatchError(UsageError):
+    """References and predictions do not cover the same images (exit code 2)."""
+
+    def __init__(self, message: str, missing_predictions: Sequence[Any], unreferenced_predictions: Sequence[Any]) -> None:
+        super().__init__(message)
+        self.missing_predictions = tuple(missing_predictions)  # reference keys without a prediction
+        self.unreferenced_predictions = tuple(unreferenced_predictions)  # predictions without references
+
+
+def _as_id(value: Any) -> int | str | None:
+    """Numeric ids (also "123") become ints, other non-empty values strings; empty means none."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip()
+    if not text:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def coco_id_from_name(path: str | None) -> int | None:
+    """The COCO image id in a COCO-style file name (``COCO_val2014_000000123456.jpg`` -> 123456)."""
+    if not path:
+        return None
+    found = _COCO_STEM.fullmatch(PurePosixPath(path.replace("\\", "/")).stem)
+    return int(found.group(1)) if found else None
+
+
+def _norm_path(path: str) -> tuple[str, ...]:
+    """Path components for suffix matching: posix separators, no "." parts, no drive/root."""
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    return tuple(p for p in parts if p not in ("", ".", "/") and not p.endswith(":"))
+
+
+# --------------------------------------------------------------------------- references
+
+
+def read_references(
+    source: str | Path,
+    fmt: str = "auto",
+    split: str | None = None,
+    images: str | Path | None = None,
+) -> References:
+    """Read reference captions from a COCO captions file, a Karpathy split file, the original
+    ClipCap caption list, a features store (directory) or a JSON Lines file.
+
+    Args:
+        source: the file (or features directory).
+        fmt: one of :data:`REFS_FORMATS`.
+        split: the Karpathy split to keep (``None``: :attr:`EvalOptions.split` for Karpathy files;
+            giving one for another format is a usage error); ``"all"`` keeps every image.
+        images: the images root, used to resolve image paths (and by ``--model`` to find them).
+    """
+    source = Path(source).expanduser()
+    if fmt not in REFS_FORMATS:
+        raise UsageError(f"unknown references format {fmt!r}: use one of {', '.join(REFS_FORMATS)}")
+    if not source.exists():
+        raise UsageError(f"references not found: {source}")
+    root = Path(images).expanduser() if images is not None else None
+    if root is not None and not root.is_dir():
+        raise UsageError(f"--images {images}: not a folder")
+    if fmt == "auto":
+        if source.is_dir() or source.name == "meta.json":
+            fmt = "features"
+        elif source.suffix.lower() in (".jsonl", ".ndjson"):
+            fmt = "jsonl"
+    if split is not None and fmt in ("features", "jsonl"):
+        raise UsageError(f"--split applies to Karpathy split files, and {source.name} is {fmt}")
+    embeddings = features_meta = None
+    if fmt == "features":
+        from clipcap_cli.features import load_features
+
+        store = load_features(source)
+        records, embeddings, features_meta = store.records, store.embeddings, store.meta
+        refs_root = root or (Path(store.meta["images_root"]) if store.meta.get("images_root") else None)
+        out_format, out_split = "features", None
+    elif fmt == "jsonl":
+        records, refs_root, out_format, out_split = list(_jsonl_records(source)), root, "jsonl", None
+    else:
+        dataset = _read_dataset(source, fmt, split, root)
+        records, out_format = list(dataset.records()), dataset.format
+        out_split = dataset.split or ("all" if out_format == "karpathy" else None)
+        refs_root = root
+    images_out: list[RefImage] = []
+    empty = 0
+    for row, record in enumerate(records):
+        captions = [c.strip() for c in record.get("captions") or [] if isinstance(c, str) and c.strip()]
+        if not captions:
+            empty += 1
+            continue
+        image = record.get("image")
+        images_out.append(RefImage(None if image in (None, "") else str(image), _as_id(record.get("image_id")), captions,
+                                   row if embeddings is not None else None))
+    if not images_out:
+        detail = f" ({empty} images without captions)" if empty else ""
+        raise UsageError(f"{source}: no reference captions to score{detail}")
+    return References(images_out, source, out_format, out_split, refs_root, empty, embeddings, features_meta)
+
+
+def _read_dataset(source: Path, fmt: str, split: str | None, root: Path | None) -> Any:
+    """datasets.read_dataset with the eval default split (test) applied only to Karpathy files."""
+    from clipcap_cli.datasets import read_dataset
+
+    if source.is_dir():
+        raise UsageError(f"{source} is a folder: give a references file, or a features store (--refs-format features)")
+    if fmt == "karpathy" or split is not None:
+        return read_dataset(source, root, fmt, split or EvalOptions.split)
+    if fmt != "auto":
+        return read_dataset(source, root, fmt, None)
+    # Auto: only a Karpathy file takes a split, and which format this is is known once it is read.
+    try:
+        return read_dataset(source, root, "auto", EvalOptions.split)
+    except UsageError as exc:
+        if "--split" not in str(exc):
+            raise
+    return read_dataset(source, root, "auto", None)
+
+
+def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    lowered = {str(k).strip().lower(): k for k in row}
+    for key in keys:
+        if key in lowered:
+            return row[lowered[key]]
+    return None
+
+
+def _jsonl_rows(source: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        handle = open(source, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+    with handle:
+        for n, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise UsageError(f"{source.name} line {n}: invalid JSON ({getattr(exc, 'msg', exc)})") from exc
+            if not isinstance(row, dict):
+                raise UsageError(f"{source.name} line {n}: expected a JSON object")
+            yield n, row
+
+
+def _jsonl_records(source: Path) -> Iterator[dict]:
+    """Reference lines ``{"image"|"path"|"image_id", "caption"}`` (or ``"captions": [...]``), grouped
+    per image in first-seen order. Unlike datasets.py's manifest reader, lines may carry only an id."""
+    groups: dict[Any, dict] = {}
+    for n, row in _jsonl_rows(source):
+        path = _first(row, _PATH_KEYS)
+        image_id = _as_id(row.get("image_id"))
+        if path is None and image_id is None:
+            raise UsageError(f"{source.name} line {n}: no 'image', 'path' or 'image_id'")
+        value = row["captions"] if isinstance(row.get("captions"), list) else _first(row, _CAPTION_KEYS)
+        captions = value if isinstance(value, list) else ([] if value is None else [value])
+        if not all(isinstance(c, str) for c in captions):
+            raise UsageError(f"{source.name} line {n}: caption is not a string")
+        key = ("id", image_id) if image_id is not None else ("path", _norm_path(str(path)))
+        group = groups.setdefault(key, {"image": None, "image_id": image_id, "captions": []})
+        if group["image"] is None and path is not None:
+            group["image"] = str(path)
+        group["captions"].extend(captions)
+    yield from groups.values()
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def read_predictions(source: str | Path) -> Predictions:
+    """Read predicted captions: ``clipcap caption --jsonl`` output (also what ``--save-predictions``
+    writes), or the COCO results format ``[{"image_id": 123, "caption": "..."}]``.
+
+    Records with a non-null ``error`` are kept as failed predictions (reported and not scored).
+    """
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise UsageError(f"predictions not found: {source}")
+    fmt, rows = "jsonl", None
+    if source.suffix.lower() == ".json":
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except ValueError:
+            data = None  # perhaps JSON Lines under a .json name: read line by line below
+        except OSError as exc:
+            raise UsageError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            data = data["annotations"]  # a results list wrapped like a COCO annotations file
+        if isinstance(data, list):
+            fmt, rows = "coco", list(enumerate(data, start=1))
+        elif data is not None and not isinstance(data, dict):
+            raise UsageError(f"{source.name}: expected a list of {{image_id, caption}} (the COCO results format)")
+    if rows is None:
+        rows = list(_jsonl_rows(source))
+    items = [_prediction(source, n, row) for n, row in rows]
+    if not items:
+        raise UsageError(f"{source}: no predictions")
+    return Predictions(items, source, fmt)
+
+
+def _prediction(source: Path, n: int, row: Any) -> Prediction:
+    if not isinstance(row, dict):
+        raise UsageError(f"{source.name} record {n}: expected a JSON object")
+    path = _first(row, _PATH_KEYS)
+    image_id = _as_id(row.get("image_id"))
+    if path is None and image_id is None:
+        raise UsageError(f"{source.name} record {n}: no 'path', 'image' or 'image_id'")
+    error = row.get("error")
+    caption = _first(row, _CAPTION_KEYS)
+    if error in (None, "", False):
+        error = None
+        if caption is None:
+            raise UsageError(f"{source.name} record {n}: no 'caption'")
+        if not isinstance(caption, str):
+            raise UsageError(f"{source.name} record {n}: caption is not a string")
+    else:
+        error = str(error)
+    return Prediction(None if path is None else str(path), image_id, caption if isinstance(caption, str) else None,
+                      error, n)
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _image_id(image_id: int | str | None, path: str | None) -> int | str | None:
+    return image_id if image_id is not None else coco_id_from_name(path)
+
+
+def match(references: References, predictions: Sequence[Prediction]) -> Matching:
+    """Key references and predictions alike (see the module docstring for the rule).
+
+    A partial match is returned as it is (:func:`check_matching` decides whether it is an error);
+    two predictions for one image, or a path that fits several reference images equally well, are
+    usage errors here.
+    """
+    refs = references.images
+    ref_ids = [_image_id(r.image_id, r.image) for r in refs]
+    pred_ids = [_image_id(p.image_id, p.image) for p in predictions]
+    by_id = all(i is not None for i in ref_ids) and all(i is not None for i in pred_ids)
+    by_path = all(r.image for r in refs) and all(p.image for p in predictions)
+    if by_id:
+        result = _match_ids(refs, ref_ids, predictions, pred_ids)
+        # Ids on both sides that share nothing (e.g. a Karpathy file's sequential imgid against file
+        # names): paths may still line up.
+        if by_path and not result.predictions and not result.failed:
+            alternative = _match_paths(refs, predictions)
+            if alternative.predictions or alternative.failed:
+                return alternative
+        return result
+    if not by_path:
+        side = "references" if not all(r.image for r in refs) else "predictions"
+        raise UsageError(
+            f"cannot match references and predictions: some {side} have neither a COCO image id nor a path "
+            "(give image_id on both sides, or paths on both sides)"
+        )
+    return _match_paths(refs, predictions)
+
+
+def _assign(
+    by: str,
+    keys: list[Any],
+    refs: Sequence[RefImage],
+    predictions: Sequence[Prediction],
+    targets: Sequence[Any],
+) -> Matching:
+    """Build a Matching from reference keys and, per prediction, the key it matched (or None)."""
+    references: dict[Any, list[str]] = {}
+    info: dict[Any, RefImage] = {}
+    for key, ref in zip(keys, refs):
+        if key in references:  # the same image listed twice: pool its captions
+            references[key].extend(ref.captions)
+        else:
+            references[key], info[key] = list(ref.captions), ref
+    seen: dict[Any, Prediction] = {}
+    ok: dict[Any, str] = {}
+    failed: list[tuple[Any, Prediction]] = []
+    unmatched: list[Prediction] = []
+    for pred, key in zip(predictions, targets):
+        if key is None:
+            unmatched.append(pred)
+            continue
+        if key in seen:
+            raise UsageError(f"two predictions for the same image {info[key].image or key!r}: "
+                             f"{seen[key].where()} and {pred.where()}")
+        seen[key] = pred
+        if pred.error is not None:
+            failed.append((key, pred))
+        else:
+            ok[key] = pred.caption or ""
+    missing = [key for key in references if key not in seen]
+    return Matching(by, references, ok, info, missing, failed, unmatched)
+
+
+def _match_ids(refs: Sequence[RefImage], ref_ids: list[Any], predictions: Sequence[Prediction],
+               pred_ids: list[Any]) -> Matching:
+    known = set(ref_ids)
+    return _assign("image_id", ref_ids, refs, predictions, [i if i in known else None for i in pred_ids])
+
+
+def _match_paths(refs: Sequence[RefImage], predictions: Sequence[Prediction]) -> Matching:
+    ref_parts = [_norm_path(r.image or "") for r in refs]
+    keys = ["/".join(parts) for parts in ref_parts]
+    by_name: dict[str, list[int]] = {}
+    for i, parts in enumerate(ref_parts):
+        if parts:
+            by_name.setdefault(parts[-1], []).append(i)
+    targets: list[Any] = []
+    for pred in predictions:
+        parts = _norm_path(pred.image or "")
+        candidates = by_name.get(parts[-1], []) if parts else []
+        if len({keys[i] for i in candidates}) <= 1:
+            targets.append(keys[candidates[0]] if candidates else None)
+            continue
+        # Several reference images share this file name: the longest common trailing path wins.
+        shared = {i: _common_suffix(ref_parts[i], parts) for i in candidates}
+        best = max(shared.values())
+        winners = {keys[i] for i in candidates if shared[i] == best}
+        if len(winners) > 1:
+            raise UsageError(f"prediction {pred.where()} fits several reference images "
+                             f"({', '.join(sorted(winners)[:3])}): give paths relative to the images root")
+        targets.append(winners.pop())
+    return _assign("path", keys, refs, predictions, targets)
+
+
+def _common_suffix(a: Sequence[str], b: Sequence[str]) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _examples(items: Iterable[Any], limit: int = 3) -> str:
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (", ..." if len(items) > limit else "")
+
+
+def check_matching(matching: Matching, allow_missing: bool) -> None:
+    """Refuse a partial match unless ``allow_missing``; refuse an empty one always."""
+    if not matching.predictions:
+        reason = (f"all {len(matching.failed)} matched predictions failed" if matching.failed
+                  else f"no prediction matches a reference image (matched by {matching.by.replace('_', ' ')})")
+        hint = ""
+        if matching.unmatched:
+            hint = f"; e.g. predictions {_examples(p.where() for p in matching.unmatched)}"
+            hint += f" vs references {_examples(_ref_name(matching, k) for k in list(matching.references)[:3])}"
+        raise EvalKeyMismatchError(f"nothing to score: {reason}{hint}", list(matching.missing),
+                                   [p.where() for p in matching.unmatched])
+    if allow_missing or not (matching.missing or matching.unmatched):
+        return
+    parts = []
+    if matching.missing:
+        parts.append(f"{len(matching.missing)} of {len(matching.references)} reference images have no prediction "
+                     f"(e.g. {_examples(_ref_name(matching, k) for k in matching.missing)})")
+    if matching.unmatched:
+        parts.append(f"{len(matching.unmatched)} predictions match no reference image "
+                     f"(e.g. {_examples(p.where() for p in matching.unmatched)})")
+    raise EvalKeyMismatchError(
+        f"references and predictions do not match (by {matching.by.replace('_', ' ')}): " + "; ".join(parts)
+        + f"; pass --allow-missing to score the {len(matching.predictions)} images they share",
+        list(matching.missing), [p.where() for p in matching.unmatched],
+    )
+
+
+def _ref_name(matching: Matching, key: Any) -> str:
+    ref = matching.info[key]
+    return ref.image or f"image_id {ref.image_id}"
+
+
+# --------------------------------------------------------------------------- scoring and the report
+
+
+def evaluate(
+    references: References,
+    predictions: Predictions,
+    options: EvalOptions = EvalOptions(),
+    *,
+    settings: Mapping[str, Any] | None = None,
+    compare_paper: bool = False,
+) -> dict[str, Any]:
+    """Match, score and return the JSON report (schema in the README and ``clipcap eval --help``).
+
+    ``settings`` is copied into the report's ``settings`` (how the predictions were made).
+    """
+    from clipcap_cli import metrics
+
+    matching = match(references, predictions.items)
+    check_matching(matching, options.allow_missing)
+    keys = matching.scored_keys
+    result = metrics.score(
+        {k: matching.references[k] for k in keys},
+        {k: matching.predictions[k] for k in keys},
+        metrics=options.metrics,
+        backend=options.backend,
+        tokenizer=options.tokenizer,
+        per_image=options.per_image,
+    )
+    notes = list(result.notes)
+    if matching.failed:
+        first = matching.failed[0][1]
+        notes.append(f"{FAILED_NOTE}: {len(matching.failed)} images are not scored "
+                     f"(e.g. {first.where()}: {first.error})")
+    if matching.missing and options.allow_missing:
+        notes.append(f"{len(matching.missing)} reference images without a prediction are not scored (--allow-missing)")
+    if matching.unmatched and options.allow_missing:
+        notes.append(f"{len(matching.unmatched)} predictions without references are ignored (--allow-missing)")
+    report: dict[str, Any] = {
+        "metrics": dict(result.scores),
+        "scale": SCALE,
+        "counts": {
+            "images": result.n_images,  # scored
+            "reference_captions": result.n_references,  # over the scored images
+            "reference_images": len(matching.references),
+            "references_without_captions": references.without_captions,
+            "predictions": len(predictions.items),
+            "failed_predictions": len(matching.failed),
+            "missing_predictions": len(matching.missing),
+            "unmatched_predictions": len(matching.unmatched),
+        },
+        "tokenizer": result.tokenizer,
+        "backends": dict(result.backends),
+        "unavailable": dict(result.unavailable),
+        "notes": notes,
+        "matched_by": matching.by,
+        "settings": {
+            "refs": str(references.source),
+            "refs_format": references.format,
+            "split": references.split,
+            "images": _str_or_none(predictions.images_root or references.images_root),
+            "predictions": None if predictions.source is None else str(predictions.source),
+            "predictions_format": predictions.format,
+            "model": None,  # --model: the name or path given
+            "decoding": None,  # --model: DecodingOptions as a dict
+            "batch_size": None,  # --model
+            "device": None,  # --model: as requested (None = best available)
+            "save_predictions": None,  # --model --save-predictions FILE
+            "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
+            "metrics": requested_metrics(options.metrics),
+            "tokenizer": options.tokenizer,
+            "backend": options.backend,
+            "allow_missing": options.allow_missing,
+        },
+    }
+    unknown = set(settings or {}) - set(report["settings"])
+    if unknown:
+        raise ValueError(f"unknown settings keys {sorted(unknown)}: the report schema is fixed")
+    report["settings"].update(settings or {})
+    if result.per_image is not None:
+        report["per_image"] = [
+            {
+                "image": matching.info[key].image,
+                "image_id": matching.info[key].image_id,
+                "caption": matching.predictions[key],
+                "references": matching.references[key],
+                "scores": dict(result.per_image[key]),
+            }
+            for key in keys
+        ]
+    if compare_paper:
+        report["paper"] = paper_comparison(result.scores, references, result.n_images)
+    return report
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def requested_metrics(names: Iterable[str] | None) -> list[str]:
+    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES ("BLEU" = all four)."""
+    from clipcap_cli import metrics
+
+    if names is None:
+        return list(metrics.METRIC_NAMES)
+    lowered = {name.lower() for name in names}
+    return [name for name in metrics.METRIC_NAMES
+            if name.lower() in lowered or (name in metrics.BLEU_NAMES and "bleu" in lowered)]
+
+
+def paper_comparison(scores: Mapping[str, float], references: References | None = None,
+                     n_images: int | None = None) -> dict[str, Any]:
+    """Our scores and the paper's Table 1 rows, both x100 (the paper's scale); ``note`` says why
+    they may not be comparable (other references, another number of images)."""
+    from clipcap_cli import metrics
+
+    ours = {name: value * metrics.PAPER_SCALE for name, value in scores.items()}
+    out: dict[str, Any] = {
+        "source": PAPER_SOURCE,
+        "scale": "x100",
+        "ours": ours,
+        "rows": {row: dict(values) for row, values in metrics.PAPER_TABLE1_COCO.items()},
+        "note": None,
+    }
+    if references is not None and (references.format != "karpathy" or references.split != "test"):
+        what = references.format + (f" split {references.split}" if references.split else "")
+        out["note"] = f"the paper scores the Karpathy test split ({KARPATHY_TEST_IMAGES} images); these references are {what}"
+    elif n_images is not None and n_images != KARPATHY_TEST_IMAGES:
+        out["note"] = f"the paper scores all {KARPATHY_TEST_IMAGES} Karpathy test images; {n_images} were scored here"
+    return out
+
+
+def worst_images(report: Mapping[str, Any], n: int) -> tuple[str | None, list[dict]]:
+    """The ``n`` lowest-scoring images of a report with ``per_image``, by CIDEr (else BLEU-4, ...)."""
+    from clipcap_cli import metrics
+
+    rows = report.get("per_image") or []
+    if not rows:
+        return None, []
+    available = rows[0]["scores"]
+    metric = next((m for m in ("CIDEr", "BLEU-4", *metrics.METRIC_NAMES) if m in available), None)
+    if metric is None:
+        return None, []
+    return metric, sorted(rows, key=lambda r: r["scores"][metric])[:n]
+
+
+# --------------------------------------------------------------------------- --model
+
+
+def caption_references(
+    references: References,
+    model: str,
+    *,
+    images_root: Path | None,
+    decoding: DecodingOptions,
+    batch_size: int = EvalOptions.batch_size,
+    device: str | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    allow_missing: bool = False,
+    workers: int = EvalOptions.workers,
+) -> Predictions:
+    """Caption every reference image with ``model`` (a registry name or a checkpoint path).
+
+    With a features store as references and no ``images_root``, the stored CLIP embeddings are
+    captioned (no image files needed; they must come from the model's CLIP). Otherwise the images
+    are read under ``images_root`` (else the store's root, else the references file's folder):
+    missing files fail before the model is loaded, unless ``allow_missing`` (then they count as
+    missing predictions); files that cannot be decoded become failed predictions.
+    ``on_start(total)`` and ``on_progress(done)`` drive a progress bar.
+    """
+    use_features = references.embeddings is not None and images_root is None
+    root = images_root or references.images_root or references.source.parent
+    todo: list[tuple[RefImage, Any]] = []
+    if use_features:
+        todo = [(ref, ref.row) for ref in references.images]
+    else:
+        absent: list[RefImage] = []
+        for ref in references.images:
+            path = _locate(ref, root)
+            if path is None:
+                absent.append(ref)
+            else:
+                todo.append((ref, path))
+        if absent and (not allow_missing or not todo):
+            example = absent[0].image or f"image_id {absent[0].image_id}"
+            raise UsageError(
+                f"{len(absent)} of {len(references.images)} reference images are not under {root} "
+                f"(e.g. {example}): point --images at the folder that holds them"
+                + ("" if not todo else ", or pass --allow-missing to score the others")
+            )
+
+    from clipcap_cli.captioner import load_model
+
+    captioner = load_model(model, device=device)
+    if use_features:
+        _check_features_clip(references, captioner.config, model)
+    if on_start is not None:
+        on_start(len(todo))
+    batches = [todo[i:i + max(1, batch_size)] for i in range(0, len(todo), max(1, batch_size))]
+    items: list[Prediction] = []
+    done = 0
+    for batch, results in (_caption_embeddings(captioner, references, batches, decoding) if use_features
+                           else _caption_files(captioner, batches, decoding, workers)):
+        items.extend(Prediction(ref.image, ref.image_id, text, error) for (ref, _), (text, error) in zip(batch, results, strict=True))
+        done += len(batch)
+        if on_progress is not None:
+            on_progress(done)
+    return Predictions(items, None, "model", None if use_features else root,
+                       captioned_from="features" if use_features else "images")
+
+
+def _check_features_clip(references: References, config: Any, model: str) -> None:
+    meta = references.features_meta or {}
+    stored = (meta.get("clip_model"), meta.get("clip_pretrained"))
+    wanted = (config.clip_model, config.clip_pretrained)
+    if stored != wanted:
+        raise UsageError(
+            f"the features in {references.source} come from CLIP {stored[0]} ({stored[1]}) but {model} uses "
+            f"{wanted[0]} ({wanted[1]}): pass --images DIR to caption the image files instead"
+        )
+
+
+Batches = list[list[tuple[RefImage, Any]]]
+Outcome = tuple[str | None, str | None]  # (caption, error)
+
+
+def _caption_embeddings(captioner: Any, references: References, batches: Batches,
+                        decoding: DecodingOptions) -> Iterator[tuple[list, list[Outcome]]]:
+    """Decode stored CLIP embeddings, batch by batch (rows of the features store)."""
+    import torch
+
+    embeddings = references.embeddings
+    for batch in batches:
+        rows = torch.tensor([row for _, row in batch], dtype=torch.long)
+        # Stored fp16 on GPU extraction; the captioner hands the mapper float32, as from images.
+        results = captioner.decode(embeddings[rows].float(), decoding)
+        yield batch, [(r.text, None) for r in results]
+
+
+def _caption_files(captioner: Any, batches: Batches, decoding: DecodingOptions,
+                   workers: int) -> Iterator[tuple[list, list[Outcome]]]:
+    """Caption image files, read and preprocessed by ``clipcap caption``'s loader (``workers``
+    processes). An unreadable image fails alone: the rest of its batch is captioned."""
+    import torch
+
+    from clipcap_cli.inputs import Source, load_batches
+
+    items = [item for batch in batches for item in batch]
+    sources = [Source(str(path), str(path)) for _, path in items]
+    for loaded in load_batches(sources, captioner.preprocess_image, len(batches[0]) if batches else 1, workers):
+        good = [(i, pixels) for i, pixels, error in loaded if error is None]
+        texts: dict[int, str] = {}
+        if good:
+            ids = [i for i, _ in good]
+            results = captioner.caption_pixels(torch.stack([p for _, p in good]), decoding, image_ids=ids)
+            texts = {i: r.text for i, r in zip(ids, results)}
+        yield ([items[i] for i, _, _ in loaded],
+               [(texts[i], None) if error is None else (None, f"{items[i][1]}: {error}") for i, _, error in loaded])
+
+
+def _locate(ref: RefImage, root: Path) -> Path | None:
+    """The reference image's file: its path under ``root``, or a COCO name derived from its id."""
+    candidates: list[str] = []
+    if ref.image:
+        candidates.append(ref.image)
+    elif isinstance(ref.image_id, int):
+        from clipcap_cli.datasets import COCO_SUBDIRS
+
+        for sub in ("val2014", "train2014"):
+            name = f"COCO_{sub}_{ref.image_id:012d}.jpg"
+            candidates += [name, f"{sub}/{name}"]
+        candidates += [f"{ref.image_id:012d}.jpg"] + [f"{s}/{ref.image_id:012d}.jpg" for s in COCO_SUBDIRS]
+    for cand in candidates:
+        path = Path(cand).expanduser()
+        path = path if path.is_absolute() else root / path
+        if path.is_file():
+            return path
+    return None
+
+
+def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
+    return asdict(options)
+
+
+def write_predictions(path: str | Path, predictions: Predictions) -> Path:
+    """Write predictions as JSON Lines (``{"path", "image_id", "caption", "error"}``, the shape of
+    ``clipcap caption --jsonl``), atomically; ``clipcap eval --predictions`` reads them back."""
+    path = Path(path).expanduser()
+    lines = [
+        json.dumps({"path": p.image, "image_id": p.image_id, "caption": p.caption, "error": p.error}, ensure_ascii=False)
+        for p in predictions.items
+    ]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    from clipcap_cli import features
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    features.write_text_atomic(path, text)
+    # The temp file was created 0600; give the result the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
+def report_json(report: Mapping[str, Any]) -> str:
+    """The report as JSON text (non-finite floats, which JSON lacks, become null)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(report), indent=2, ensure_ascii=False)
