@@ -1,0 +1,202 @@
+"""Caption records and the writers that print them, keyed by format name (like whisper's get_writer).
+
+A record is a plain dict: ``path``, ``caption``, ``score``, ``error`` (None when fine), plus
+``captions`` and ``scores`` when several captions per image were asked for. Writers receive
+records batch by batch, so streaming formats (jsonl, csv, text) print as batches finish.
+
+Adding a format: subclass ``Writer`` and decorate it with ``@register_writer("name")``
+(``suffixes=(".ext",)`` lets ``--output file.ext`` pick it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clipcap_cli.decoding import DecodingResult
+
+Record = dict[str, Any]
+
+
+def make_record(path: str, result: DecodingResult | None = None, error: str | None = None, alternatives: bool = False) -> Record:
+    """The record of one input; ``alternatives`` adds the ``captions``/``scores`` lists."""
+    record: Record = {
+        "path": path,
+        "caption": result.text if result else None,
+        "score": result.score if result else None,
+        "error": error,
+    }
+    if alternatives:
+        record["captions"] = list(result.texts) if result else []
+        record["scores"] = list(result.scores) if result else []
+    return record
+
+
+class Writer:
+    """Base writer: ``write(records)`` for each finished batch, ``close()`` once at the end."""
+
+    def __init__(self, stream: IO[str], **options: Any):
+        self.stream = stream
+        self.options = options
+
+    def write(self, records: list[Record]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+_WRITERS: dict[str, type[Writer]] = {}
+_SUFFIXES: dict[str, str] = {}
+
+
+def register_writer(name: str, suffixes: Iterable[str] = ()) -> Callable[[type[Writer]], type[Writer]]:
+    def add(cls: type[Writer]) -> type[Writer]:
+        _WRITERS[name] = cls
+        for suffix in suffixes:
+            _SUFFIXES[suffix.lower()] = name
+        return cls
+
+    return add
+
+
+def available_formats() -> list[str]:
+    return list(_WRITERS)
+
+
+def get_writer(fmt: str, stream: IO[str], **options: Any) -> Writer:
+    """The writer for ``fmt`` on ``stream``; ``options`` are passed through (e.g. ``title=``)."""
+    from clipcap_cli.errors import UsageError
+
+    if fmt not in _WRITERS:
+        raise UsageError(f"unknown output format {fmt!r}: choose one of {', '.join(_WRITERS)}")
+    return _WRITERS[fmt](stream, **options)
+
+
+def format_for_path(path: str | Path) -> str | None:
+    """The format a file name implies (``out.csv`` -> "csv"), or None."""
+    return _SUFFIXES.get(Path(path).suffix.lower())
+
+
+@register_writer("jsonl", suffixes=(".jsonl", ".ndjson"))
+class JsonLinesWriter(Writer):
+    def write(self, records: list[Record]) -> None:
+        for record in records:
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+@register_writer("json", suffixes=(".json",))
+class JsonWriter(Writer):
+    """One JSON array, written at the end."""
+
+    def __init__(self, stream: IO[str], **options: Any):
+        super().__init__(stream, **options)
+        self.records: list[Record] = []
+
+    def write(self, records: list[Record]) -> None:
+        self.records.extend(records)
+
+    def close(self) -> None:
+        json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
+        self.stream.write("\n")
+        super().close()
+
+
+@register_writer("csv", suffixes=(".csv",))
+class CsvWriter(Writer):
+    """A header row, then one row per input; ``captions``/``scores`` cells hold JSON arrays."""
+
+    def __init__(self, stream: IO[str], **options: Any):
+        super().__init__(stream, **options)
+        self.csv = csv.writer(stream, lineterminator="\n")
+        self.columns: list[str] | None = None
+
+    def write(self, records: list[Record]) -> None:
+        for record in records:
+            if self.columns is None:
+                self.columns = list(record)
+                self.csv.writerow(self.columns)
+            self.csv.writerow([_cell(record.get(c)) for c in self.columns])
+        self.stream.flush()
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, list) else value
+
+
+@register_writer("text", suffixes=(".txt",))
+class TextWriter(Writer):
+    """``path<TAB>caption`` per line (one line per caption with several); a failed input gets an
+    empty caption (its error goes to stderr)."""
+
+    def write(self, records: list[Record]) -> None:
+        for record in records:
+            captions = record.get("captions") or [record.get("caption") or ""]
+            for caption in captions:
+                self.stream.write(f"{record['path']}\t{caption}\n")
+        self.stream.flush()
+
+
+@register_writer("table")
+class TableWriter(Writer):
+    """A rich table for a terminal (colours follow rich: NO_COLOR is honoured)."""
+
+    def __init__(self, stream: IO[str], **options: Any):
+        super().__init__(stream, **options)
+        self.records: list[Record] = []
+
+    def write(self, records: list[Record]) -> None:
+        self.records.extend(records)
+
+    def close(self) -> None:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(show_lines=False, expand=False)
+        table.add_column("image", overflow="fold", style="cyan")
+        table.add_column("caption", overflow="fold")
+        table.add_column("score", justify="right", style="dim")
+        for r in self.records:
+            if r["error"] is not None:
+                table.add_row(escape(r["path"]), f"[red]{escape(r['error'])}[/]", "")
+                continue
+            captions = r.get("captions") or [r["caption"]]
+            scores = r.get("scores") or [r["score"]]
+            for k, (caption, score) in enumerate(zip(captions, scores)):  # one row per caption: scores line up
+                table.add_row(escape(r["path"]) if k == 0 else "", escape(caption), f"{score:.3f}",
+                              end_section=len(captions) > 1 and k == len(captions) - 1)
+        Console(file=self.stream, soft_wrap=False).print(table)
+        super().close()
+
+
+class AtomicFile:
+    """A text file written under a temporary name and renamed into place on success only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def __enter__(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        return self.file
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.file.close()
+        if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+            os.replace(self.tmp, self.path)
+        else:
+            Path(self.tmp).unlink(missing_ok=True)
