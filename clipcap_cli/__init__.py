@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipcap_cli.decoding import DecodingOptions, DecodingResult
 from clipcap_cli.version import __version__
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["DecodingOptions", "DecodingResult", "__version__", "load_features", "load_model"]
 
 
 def load_model(name_or_path: str = "coco", **kwargs: Any) -> Any:
@@ -21,3 +22,10 @@ def load_model(name_or_path: str = "coco", **kwargs: Any) -> Any:
     from clipcap_cli.captioner import load_model as _load
 
     return _load(name_or_path, **kwargs)
+
+
+def load_features(path: str) -> Any:
+    """Read a features store written by ``clipcap extract`` (see ``clipcap_cli.features``)."""
+    from clipcap_cli.features import load_features as _load
+
+    return _load(path)

@@ -143,8 +143,28 @@ def clip_embed_dim(model_name: str) -> int | None:
     return int(cfg["embed_dim"]) if cfg else None
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """open_clip logs advisories ("No pretrained weights loaded", ...) on the root logger, which
+    would land on the user's stderr as bare ``WARNING:root:`` lines."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+
+
 def load_clip(model_name: str, pretrained: str | None, device: torch.device | str = "cpu") -> tuple[Any, Any]:
     """(model, preprocess) from open_clip, in eval mode on ``device``; fp16 on CUDA, as the original."""
+    with _quiet_root_logger():
+        return _load_clip(model_name, pretrained, device)
+
+
+def _load_clip(model_name: str, pretrained: str | None, device: torch.device | str) -> tuple[Any, Any]:
     import open_clip
 
     if model_name.startswith(LOCAL_DIR):

@@ -134,12 +134,13 @@ class Captioner:
 
 def to_rgb(image: ImageInput) -> Image.Image:
     """Any accepted image input -> upright 8-bit RGB, as ``images.open_rgb`` does for files."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from clipcap_cli.images import _to_rgb, open_rgb
+    from clipcap_cli.images import open_rgb
+    from clipcap_cli.images import to_rgb as pil_to_rgb
 
     if isinstance(image, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(image) or image)
+        return pil_to_rgb(image)
     return open_rgb(image)
 
 

@@ -35,15 +35,16 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageError(f"{name}: image too large ({img.width}x{img.height})")
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+                return to_rgb(img)
         except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not an image Pillow can read") from exc
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageError(f"{name}: unreadable image ({exc})") from exc
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An already-open image -> upright 8-bit RGB (EXIF orientation, 16-bit scaling, alpha dropped)."""
+    img = ImageOps.exif_transpose(img) or img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: scale to 0..255 rather than letting convert() clip them.
         import numpy as np

@@ -179,6 +179,24 @@ class TableWriter(Writer):
         super().close()
 
 
+@register_writer("html", suffixes=(".html", ".htm"))
+class HtmlWriter(Writer):
+    """A self-contained contact sheet: thumbnails embedded, caption and score under each image."""
+
+    def __init__(self, stream: IO[str], **options: Any):
+        super().__init__(stream, **options)
+        self.records: list[Record] = []
+
+    def write(self, records: list[Record]) -> None:
+        self.records.extend(records)
+
+    def close(self) -> None:
+        from clipcap_cli import html
+
+        self.stream.write(html.render(self.records, settings=str(self.options.get("settings", ""))))
+        super().close()
+
+
 class AtomicFile:
     """A text file written under a temporary name and renamed into place on success only."""
 

@@ -14,6 +14,13 @@ from clipcap_cli.captioner import BATCH_SIZE, WORKERS
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.output import available_formats
 
+def complete_model(incomplete: str) -> list[str]:
+    """Shell completion for --model: the registry names (files are completed by the shell)."""
+    from clipcap_cli.pretrained import names
+
+    return [n for n in names() if n.startswith(incomplete)]
+
+
 HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin.
 
 Captions go to stdout (a table on a terminal, JSON Lines in a pipe), progress and errors to stderr.
@@ -35,7 +42,7 @@ def command(
         Optional[List[str]],
         typer.Argument(help="Image files, folders, globs (quoted ones are expanded too), http(s) URLs, or - for stdin.", show_default=False),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.", rich_help_panel=MODEL)] = "coco",
+    model: Annotated[str, typer.Option("--model", "-m", help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.", rich_help_panel=MODEL, autocompletion=complete_model)] = "coco",
     clip: Annotated[Optional[str], typer.Option("--clip", help="CLIP model (open_clip name or local-dir:PATH) instead of the checkpoint's.", rich_help_panel=MODEL, show_default=False)] = None,
     clip_pretrained: Annotated[Optional[str], typer.Option("--clip-pretrained", help="open_clip pretrained tag for --clip (e.g. openai).", rich_help_panel=MODEL, show_default=False)] = None,
     gpt2: Annotated[Optional[str], typer.Option("--gpt2", help="GPT-2 name or local folder (tokenizer, and weights for frozen-LM checkpoints).", rich_help_panel=MODEL, show_default=False)] = None,
@@ -150,7 +157,8 @@ def _run(
     start = time.perf_counter()
     target = out.AtomicFile(output) if output else contextlib.nullcontext(sys.stdout)
     with target as stream, ui.item_progress("images", quiet) as progress:
-        writer = out.get_writer(fmt, stream)
+        decoding = options.strategy + (f" {options.beam_size}" if options.strategy == "beam" else "")
+        writer = out.get_writer(fmt, stream, settings=f"model {model_args['name_or_path']}, {decoding}")
         task = progress.add_task("captioning", total=len(sources))
         for batch in inputs.load_batches(sources, transform, batch_size, workers):
             good = [(i, pixels) for i, pixels, error in batch if error is None]

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from clipcap_cli.commands.caption import complete_model
 from typing_extensions import Annotated
 
 from clipcap_cli.decoding import DecodingOptions
@@ -57,7 +59,7 @@ def command(
     ] = None,
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Caption the reference images with this model (registry name or checkpoint) and score them.",
+        typer.Option("--model", "-m", help="Caption the reference images with this model (registry name or checkpoint) and score them.", autocompletion=complete_model,
                      show_default=False, rich_help_panel=INPUTS),
     ] = None,
     refs_format: Annotated[
