@@ -73,7 +73,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     from transformers import GPT2TokenizerFast
 
     _quiet_transformers()
-    hint = f"run `clipcap download` with the network on, or pass --gpt2 DIR with vocab.json and merges.txt"
+    hint = "run `clipcap download` with the network on, or pass --gpt2 DIR with vocab.json and merges.txt"
     if is_local(name):
         tok = GPT2TokenizerFast.from_pretrained(str(Path(name).expanduser()))
     else:

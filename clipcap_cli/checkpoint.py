@@ -12,9 +12,7 @@ Two formats:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from clipcap_cli import backbones
 from clipcap_cli.config import CLIP_FOR_DIM, ModelConfig
 from clipcap_cli.errors import CheckpointError
+from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.version import __version__
 
@@ -264,16 +263,7 @@ def save(model: ClipCaptionModel, path: str | Path, extra_metadata: dict[str, st
         "gpt2_config": json.dumps({k: getattr(gpt.config, k) for k in _gpt2_attr_names(gpt.config)}),
     }
     metadata.update(extra_metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path
 
 

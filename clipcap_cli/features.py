@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import types
 import uuid
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from clipcap_cli.fsutil import atomic_write as _atomic_write
+from clipcap_cli.fsutil import write_text_atomic
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.version import __version__
 
@@ -71,28 +72,6 @@ def _store_dir(path: str | Path) -> Path:
     if path.name in (META_FILE, EMBEDDINGS_FILE, INDEX_FILE) and not path.is_dir():
         return path.parent
     return path
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_write(path, write)
 
 
 def _check_record(i: int, record: dict) -> dict:

@@ -13,12 +13,12 @@ containers, and decodes the tensor storages with torch's weights-only loader.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.errors import ClipCapError, UsageError
 
 if TYPE_CHECKING:
@@ -138,15 +138,11 @@ def export_original_pickle(features: FeatureSet, path: str | Path) -> Path:
     rows = torch.repeat_interleave(features.embeddings, torch.tensor(repeats, dtype=torch.long), dim=0)
     payload = {"clip_embedding": rows.contiguous(), "captions": entries}
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             pickle.dump(payload, f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def import_original_pickle(

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 from clipcap_cli import backbones
 from clipcap_cli.config import MAPPINGS, ModelConfig
+from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.version import __version__
 
@@ -273,7 +273,7 @@ def _write_token_cache(path: Path, tc: TokenizedCaptions) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": TOKENS_FORMAT, "key": tc.key, "clipcap_version": __version__}
     tensors = {"tokens": tc.tokens, "offsets": tc.offsets, "image_rows": tc.image_rows}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 class Batch(NamedTuple):
@@ -541,20 +541,6 @@ class _StopFlag:
 # --------------------------------------------------------------------------- the run
 
 
-def _atomic(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_run(out_dir: str | Path) -> tuple[TrainOptions, Path]:
     """The options and features path a run folder was started with (for ``--resume``)."""
     out_dir = Path(out_dir)
@@ -791,7 +777,7 @@ class _Run:
             "clipcap_version": __version__,
         }
         text = json.dumps(info, indent=2) + "\n"
-        _atomic(self.out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(self.out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def _open_metrics(self) -> Any:
         path = self.out / METRICS_FILE
@@ -799,7 +785,7 @@ class _Run:
             # Lines past the resumed step were written after the resume point: drop them so the
             # file describes one continuous run.
             keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            _atomic(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in keep), encoding="utf-8"))
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in keep), encoding="utf-8"))
         elif not self.step:
             path.unlink(missing_ok=True)
         return open(path, "a", encoding="utf-8")
@@ -831,7 +817,7 @@ class _Run:
                 "scaler": self.scaler.state_dict(),
                 "rng": rngs,
             }
-            _atomic(self.out / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+            atomic_write(self.out / RESUME_FILE, lambda tmp: torch.save(state, tmp))
             self.cb.on_checkpoint(self.out / RESUME_FILE, "resume")
         self.dist.barrier()
 

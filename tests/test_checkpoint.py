@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from clipcap_cli import checkpoint
-from clipcap_cli.config import ModelConfig
 from clipcap_cli.errors import CheckpointError
 from conftest import build_tiny_model
 

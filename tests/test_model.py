@@ -3,7 +3,7 @@ import torch
 
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.errors import UsageError
-from clipcap_cli.model import MLP, ClipCaptionModel, TransformerMapper, caption_loss
+from clipcap_cli.model import MLP, TransformerMapper, caption_loss
 from conftest import build_tiny_model
 
 
