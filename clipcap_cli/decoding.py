@@ -71,7 +71,7 @@ def _verify(o: DecodingOptions) -> None:
         ignored = [name for name, on in (("top_p (--top-p)", o.top_p != 1.0), ("top_k (--top-k)", o.top_k != 0),
                                          ("seed (--seed)", o.seed is not None)) if on]
         if ignored:
-            raise UsageError(f"{', '.join(ignored)} only apply to sampling (--sample)")
+            raise UsageError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for sampling only: add --sample")
     if o.strategy == "greedy":
         if o.num_captions > 1:
             raise UsageError("greedy decoding gives one caption: use --beam N or --sample for --num-captions > 1")

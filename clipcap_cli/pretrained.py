@@ -180,6 +180,16 @@ def _clip_dim(name: str) -> int | None:
     return clip_embed_dim(name)
 
 
+def check_model_argument(name_or_path: str) -> None:
+    """Fail early (usage error, with a suggestion) when ``--model`` is neither a file nor a known name."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file() or name_or_path in REGISTRY:
+        return
+    if candidate.suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in name_or_path:
+        raise UsageError(f"checkpoint not found: {candidate}")
+    get(name_or_path)
+
+
 def resolve_checkpoint(
     name_or_path: str, *, progress: Callable[[int, int | None], None] | None = None
 ) -> tuple[Path, dict[str, Any]]:

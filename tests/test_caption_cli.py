@@ -166,7 +166,7 @@ def test_missing_registry_model_offline_is_fatal_one_line(photo_dir):
     "args, message",
     [
         (["--beam", "3", "--sample"], "alternatives"),
-        (["--top-p", "0.5"], "only apply to sampling"),
+        (["--top-p", "0.5"], "for sampling only: add --sample"),
         (["--num-captions", "2"], "greedy decoding gives one caption"),
         (["--beam", "2", "--num-captions", "3"], "cannot exceed the beam size"),
         (["--batch-size", "0"], "--batch-size"),

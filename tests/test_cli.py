@@ -54,3 +54,23 @@ def test_top_level_help_is_cached_and_identical(tmp_path):
     # A different width is a different rendering, so it is not served from the same copy.
     narrow = subprocess.run(cmd, capture_output=True, text=True, env={**env, "COLUMNS": "60"}, check=True)
     assert narrow.stdout != first.stdout and " typer" in narrow.stderr
+
+
+def test_every_command_and_option_is_documented():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        assert "Example" in (command.help or ""), f"{name}: no example in its help"
+        for param in command.params:
+            assert getattr(param, "help", None), f"{name}: {param.name} has no help text"
+
+
+def test_mistakes_get_suggestions_and_one_line(tmp_path):
+    result = runner.invoke(app, ["caption", "--bem", "5", "x.jpg"])
+    assert result.exit_code == 2 and "--beam" in result.output
+    result = runner.invoke(app, ["caption", "--model", "cocoo", str(tmp_path / "x.jpg")])
+    assert result.exit_code == 2 and "did you mean coco?" in result.stderr
+    result = runner.invoke(app, ["download", "conceptul"])
+    assert result.exit_code == 2 and "did you mean conceptual?" in result.stderr
+    assert "Traceback" not in result.output

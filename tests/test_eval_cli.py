@@ -171,7 +171,7 @@ def test_failed_records_are_skipped_with_exit_3(tmp_path: Path):
     [
         ([], "give one of --predictions FILE or --model"),
         (["--model", "coco", "--predictions", "{preds}"], "give one of"),
-        (["--predictions", "{preds}", "--beam", "5"], "--beam only apply with --model"),
+        (["--predictions", "{preds}", "--beam", "5"], "--beam needs --model"),
         (["--predictions", "{preds}", "--metrics", "BLEU,WER"], "unknown metric WER"),
         (["--predictions", "{preds}", "--tokenizer", "spacy"], "--tokenizer spacy"),
         (["--predictions", "{preds}", "--compare", "oscar"], "only comparison is 'paper'"),

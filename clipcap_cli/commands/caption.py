@@ -90,6 +90,9 @@ def command(
             stop_token=stop_token,
         )
         fmt = _pick_format(format_, json_, jsonl, output)
+        from clipcap_cli.pretrained import check_model_argument
+
+        check_model_argument(model)  # a typo in --model is a usage error before any input is read
         failed = _run(
             inputs or [], options, fmt, output, quiet, recursive, batch_size, workers,
             dict(name_or_path=model, device=device, clip_model=clip, clip_pretrained=clip_pretrained, gpt2=gpt2,

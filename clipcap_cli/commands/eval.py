@@ -150,7 +150,7 @@ def command(
                       "--device": device, "--save-predictions": save_predictions}
         given = [flag for flag, value in model_only.items() if value is not None]
         if predictions is not None and given:
-            raise UsageError(f"{', '.join(given)} only apply with --model")
+            raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --model (it sets how the references are captioned)")
         for flag, path in (("--save-predictions", save_predictions), ("--output", output)):
             if path is not None and path.is_dir():
                 raise UsageError(f"{flag} {path} is a folder: give a file name")
