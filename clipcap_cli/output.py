@@ -10,6 +10,7 @@ Adding a format: subclass ``Writer`` and decorate it with ``@register_writer("na
 
 from __future__ import annotations
 
+import abc
 import csv
 import json
 import os
@@ -38,18 +39,30 @@ def make_record(path: str, result: DecodingResult | None = None, error: str | No
     return record
 
 
-class Writer:
+class Writer(abc.ABC):
     """Base writer: ``write(records)`` for each finished batch, ``close()`` once at the end."""
 
     def __init__(self, stream: IO[str], **options: Any):
         self.stream = stream
         self.options = options
 
+    @abc.abstractmethod
     def write(self, records: list[Record]) -> None:
-        raise NotImplementedError
+        """Handle one finished batch of records."""
 
     def close(self) -> None:
         self.stream.flush()
+
+
+class CollectingWriter(Writer):
+    """For formats that need every record before printing (json, table, html): ``close`` renders."""
+
+    def __init__(self, stream: IO[str], **options: Any):
+        super().__init__(stream, **options)
+        self.records: list[Record] = []
+
+    def write(self, records: list[Record]) -> None:
+        self.records.extend(records)
 
 
 _WRITERS: dict[str, type[Writer]] = {}
@@ -93,15 +106,8 @@ class JsonLinesWriter(Writer):
 
 
 @register_writer("json", suffixes=(".json",))
-class JsonWriter(Writer):
+class JsonWriter(CollectingWriter):
     """One JSON array, written at the end."""
-
-    def __init__(self, stream: IO[str], **options: Any):
-        super().__init__(stream, **options)
-        self.records: list[Record] = []
-
-    def write(self, records: list[Record]) -> None:
-        self.records.extend(records)
 
     def close(self) -> None:
         json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
@@ -147,15 +153,8 @@ class TextWriter(Writer):
 
 
 @register_writer("table")
-class TableWriter(Writer):
+class TableWriter(CollectingWriter):
     """A rich table for a terminal (colours follow rich: NO_COLOR is honoured)."""
-
-    def __init__(self, stream: IO[str], **options: Any):
-        super().__init__(stream, **options)
-        self.records: list[Record] = []
-
-    def write(self, records: list[Record]) -> None:
-        self.records.extend(records)
 
     def close(self) -> None:
         from rich.console import Console
@@ -180,15 +179,8 @@ class TableWriter(Writer):
 
 
 @register_writer("html", suffixes=(".html", ".htm"))
-class HtmlWriter(Writer):
+class HtmlWriter(CollectingWriter):
     """A self-contained contact sheet: thumbnails embedded, caption and score under each image."""
-
-    def __init__(self, stream: IO[str], **options: Any):
-        super().__init__(stream, **options)
-        self.records: list[Record] = []
-
-    def write(self, records: list[Record]) -> None:
-        self.records.extend(records)
 
     def close(self) -> None:
         from clipcap_cli import html
