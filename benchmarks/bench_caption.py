@@ -40,55 +40,10 @@ from clipcap_cli.decoding import DecodingOptions, stop_token_id, tokens_to_text
 from clipcap_cli.images import open_rgb
 from clipcap_cli.model import ClipCaptionModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from original_clipcap import ref_beam, ref_greedy  # noqa: E402  (the original algorithms, shared with the tests)
+
 # --------------------------------------------------------------------------- the original algorithm (baseline)
-
-
-def original_greedy(model, prefix, max_length, stop_id):
-    """generate2: argmax after a full forward over [prefix ; tokens so far], every step."""
-    generated, tokens = prefix, []
-    for _ in range(max_length):
-        logits = model.gpt(inputs_embeds=generated).logits[:, -1, :]  # logits for every position, as the original
-        token = int(logits.argmax(-1))
-        tokens.append(token)
-        generated = torch.cat((generated, model.gpt.transformer.wte(torch.tensor([[token]], device=prefix.device))), 1)
-        if token == stop_id:
-            break
-    return tokens
-
-
-def original_beam(model, prefix, beam_size, max_length, stop_id):
-    """generate_beam: full forward of all beams every step, no cache."""
-    device = prefix.device
-    generated, tokens, scores = prefix, None, None
-    seq_lengths = torch.ones(beam_size, device=device)
-    is_stopped = torch.zeros(beam_size, device=device, dtype=torch.bool)
-    for _ in range(max_length):
-        logits = model.gpt(inputs_embeds=generated).logits[:, -1, :].softmax(-1).log()
-        if scores is None:
-            scores, next_tokens = logits.topk(beam_size, -1)
-            generated = generated.expand(beam_size, *generated.shape[1:])
-            next_tokens, scores = next_tokens.permute(1, 0), scores.squeeze(0)
-            tokens = next_tokens
-        else:
-            logits[is_stopped] = -float("inf")
-            logits[is_stopped, 0] = 0
-            scores_sum = scores[:, None] + logits
-            seq_lengths[~is_stopped] += 1
-            average = scores_sum / seq_lengths[:, None]
-            average, flat = average.view(-1).topk(beam_size, -1)
-            source = flat // scores_sum.shape[1]
-            seq_lengths = seq_lengths[source]
-            next_tokens = (flat % scores_sum.shape[1]).unsqueeze(1)
-            tokens = torch.cat((tokens[source], next_tokens), dim=1)
-            generated = generated[source]
-            scores = average * seq_lengths
-            is_stopped = is_stopped[source]
-        generated = torch.cat((generated, model.gpt.transformer.wte(next_tokens.squeeze(1)).view(beam_size, 1, -1)), 1)
-        is_stopped = is_stopped | next_tokens.eq(stop_id).squeeze(1)
-        if is_stopped.all():
-            break
-    order = (scores / seq_lengths).argsort(descending=True)
-    return tokens[order[0], : int(seq_lengths[order[0]])].tolist()
 
 
 def baseline(captioner: Captioner, paths: list[Path], options: DecodingOptions) -> list[str]:
@@ -102,9 +57,9 @@ def baseline(captioner: Captioner, paths: list[Path], options: DecodingOptions) 
             pixels = captioner.preprocess_image(open_rgb(path)).unsqueeze(0).to(captioner.device, dtype=dtype)
             prefix = model.embed_prefix(captioner.clip_model.encode_image(pixels).float())  # (1, K, E)
             if options.strategy == "beam":
-                tokens = original_beam(model, prefix, options.beam_size, options.max_length, stop_id)
+                tokens = ref_beam(model, prefix, options.beam_size, options.max_length, stop_id)[0][0]
             else:
-                tokens = original_greedy(model, prefix, options.max_length, stop_id)
+                tokens = ref_greedy(model, prefix, options.max_length, stop_id)
             texts.append(tokens_to_text(tok, tokens))
     return texts
 

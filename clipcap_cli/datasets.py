@@ -347,28 +347,38 @@ def _table(source: Path, resolver: ImageResolver, delimiter: str) -> Iterator[di
     yield from grouper.groups.values()
 
 
-def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
-    grouper = _Grouper(resolver)
-    with open(source, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+def iter_jsonl(source: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; one-line errors."""
+    try:
+        handle = open(source, encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+    with handle:
+        for n, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                raise DatasetError(f"{source.name} line {n}: invalid JSON ({exc.msg})") from exc
+                raise DatasetError(f"{source.name} line {n}: invalid JSON ({getattr(exc, 'msg', exc)})") from exc
             if not isinstance(row, dict):
                 raise DatasetError(f"{source.name} line {n}: expected a JSON object")
-            image_key = _pick(row.keys(), IMAGE_COLUMNS)
-            if image_key is None:
-                raise DatasetError(f"{source.name} line {n}: no 'image' or 'path' key")
-            caption_key = _pick(row.keys(), CAPTION_COLUMNS)
-            value = row.get(caption_key) if caption_key else None
-            captions = value if isinstance(value, list) else ([value] if value is not None else [])
-            if not all(isinstance(c, str) for c in captions):
-                raise DatasetError(f"{source.name} line {n}: caption is not a string")
-            id_key = _pick(row.keys(), ("image_id", "id"))
-            grouper.add(str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None)
+            yield n, row
+
+
+def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
+    grouper = _Grouper(resolver)
+    for n, row in iter_jsonl(source):
+        image_key = _pick(row.keys(), IMAGE_COLUMNS)
+        if image_key is None:
+            raise DatasetError(f"{source.name} line {n}: no 'image' or 'path' key")
+        caption_key = _pick(row.keys(), CAPTION_COLUMNS)
+        value = row.get(caption_key) if caption_key else None
+        captions = value if isinstance(value, list) else ([value] if value is not None else [])
+        if not all(isinstance(c, str) for c in captions):
+            raise DatasetError(f"{source.name} line {n}: caption is not a string")
+        id_key = _pick(row.keys(), ("image_id", "id"))
+        grouper.add(str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None)
     yield from grouper.groups.values()
 
 

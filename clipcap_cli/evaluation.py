@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.datasets import iter_jsonl
 from clipcap_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -283,29 +284,11 @@ def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return None
 
 
-def _jsonl_rows(source: Path) -> Iterator[tuple[int, dict]]:
-    try:
-        handle = open(source, encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"{source}: cannot read ({exc.strerror or exc})") from exc
-    with handle:
-        for n, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise UsageError(f"{source.name} line {n}: invalid JSON ({getattr(exc, 'msg', exc)})") from exc
-            if not isinstance(row, dict):
-                raise UsageError(f"{source.name} line {n}: expected a JSON object")
-            yield n, row
-
-
 def _jsonl_records(source: Path) -> Iterator[dict]:
     """Reference lines ``{"image"|"path"|"image_id", "caption"}`` (or ``"captions": [...]``), grouped
     per image in first-seen order. Unlike datasets.py's manifest reader, lines may carry only an id."""
     groups: dict[Any, dict] = {}
-    for n, row in _jsonl_rows(source):
+    for n, row in iter_jsonl(source):
         path = _first(row, _PATH_KEYS)
         image_id = _as_id(row.get("image_id"))
         if path is None and image_id is None:
@@ -349,7 +332,7 @@ def read_predictions(source: str | Path) -> Predictions:
         elif data is not None and not isinstance(data, dict):
             raise UsageError(f"{source.name}: expected a list of {{image_id, caption}} (the COCO results format)")
     if rows is None:
-        rows = list(_jsonl_rows(source))
+        rows = list(iter_jsonl(source))
     items = [_prediction(source, n, row) for n, row in rows]
     if not items:
         raise UsageError(f"{source}: no predictions")

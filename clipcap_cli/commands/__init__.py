@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-# (module, command name, one-line help); order is the order in `clipcap --help`.
+# (module, command name); order is the order in `clipcap --help`.
 COMMANDS: list[tuple[str, str]] = [
     ("download", "download"),
     ("extract", "extract"),
@@ -19,10 +19,5 @@ COMMANDS: list[tuple[str, str]] = [
 
 def register(app: typer.Typer) -> None:
     for module, name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"clipcap_cli.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"clipcap_cli.commands.{module}":
-                continue  # not built yet
-            raise
+        mod = importlib.import_module(f"clipcap_cli.commands.{module}")
         app.command(name=name, help=mod.HELP, short_help=mod.HELP.split("\n")[0], no_args_is_help=getattr(mod, "NO_ARGS_IS_HELP", False))(mod.command)
