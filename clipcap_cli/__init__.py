@@ -17,9 +17,9 @@ __all__ = ["DecodingOptions", "DecodingResult", "__version__", "load_features", 
 def load_model(name_or_path: str = "coco", **kwargs: Any) -> Any:
     """Load a registry model ("coco", "conceptual", "coco-transformer") or a checkpoint file.
 
-    See ``clipcap_cli.captioner.load_model`` for the keyword arguments.
+    See ``clipcap_cli.loading.load_model`` for the keyword arguments.
     """
-    from clipcap_cli.captioner import load_model as _load
+    from clipcap_cli.loading import load_model as _load
 
     return _load(name_or_path, **kwargs)
 

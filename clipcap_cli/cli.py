@@ -6,16 +6,13 @@ Results go to stdout, everything else (progress, warnings, errors) to stderr. He
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import traceback
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 
-from clipcap_cli import errors
+from clipcap_cli.ui import State, stdout
 from clipcap_cli.version import __version__
 
 app = typer.Typer(
@@ -31,54 +28,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=True,
 )
-
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
-
-
-class State:
-    verbose = False
-
-
-def debug_enabled() -> bool:
-    return State.verbose or os.environ.get("CLIPCAP_DEBUG", "").lower() in {"1", "true", "yes"}
-
-
-def say(message: str) -> None:
-    """A diagnostic line on stderr (shown only with --verbose)."""
-    if debug_enabled():
-        stderr.print(message, style="dim", highlight=False)
-
-
-def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-
-@contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """Turn errors into one readable line and the documented exit code (tracebacks with --verbose)."""
-    try:
-        yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except errors.ClipCapError as exc:
-        if debug_enabled():
-            traceback.print_exc()
-        stderr.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # an unexpected failure: still one line, unless asked for details
-        if debug_enabled():
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        stderr.print(
-            f"[red]error:[/] {type(exc).__name__}: {first} (run with --verbose or CLIPCAP_DEBUG=1 for the traceback)",
-            highlight=False,
-            markup=True,
-        )
-        raise typer.Exit(errors.EXIT_FATAL) from None
 
 
 def _version(value: bool) -> None:

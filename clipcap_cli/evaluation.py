@@ -701,7 +701,7 @@ def caption_references(
                 + ("" if not todo else ", or pass --allow-missing to score the others")
             )
 
-    from clipcap_cli.captioner import load_model
+    from clipcap_cli.loading import load_model
 
     captioner = load_model(model, device=device)
     if use_features:

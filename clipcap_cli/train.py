@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 from clipcap_cli import backbones
 from clipcap_cli.config import MAPPINGS, ModelConfig
+from clipcap_cli.distributed import Distributed
 from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.version import __version__
@@ -438,76 +439,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (or a job of one)."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls, requested_device: str | None) -> Distributed:
-        """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-        import torch
-
-        from clipcap_cli.device import pick_device
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls(device=pick_device(requested_device))
-        import torch.distributed as dist
-
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and (requested_device or "cuda").startswith("cuda")
-        if use_cuda:
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        return cls(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        if not self.enabled:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 class _StopFlag:

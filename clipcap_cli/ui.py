@@ -1,27 +1,92 @@
-"""Terminal helpers shared by the commands: progress bars on stderr, output-format choice.
+"""The terminal side of the CLI: the two consoles, the error-to-exit-code mapping, progress bars on
+stderr, and the choices shared by several commands (output format, --model completion).
 
-Only the CLI layer imports this module; the core reports progress through callbacks.
+Only the CLI layer imports this module; the core reports progress through callbacks and never prints.
+Commands import from here, never from ``cli`` or from each other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from typing import Any
+import traceback
+from typing import Any, Iterator
 
+from rich.console import Console
 from rich.progress import (
-    ProgressColumn,
-    Task,
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
-    DownloadColumn,
 )
+
+from clipcap_cli import errors
+
+stdout = Console(soft_wrap=True)  # results
+stderr = Console(stderr=True, soft_wrap=True)  # progress, warnings, errors
+
+
+class State:
+    verbose = False
+
+
+def debug_enabled() -> bool:
+    return State.verbose or os.environ.get("CLIPCAP_DEBUG", "").lower() in {"1", "true", "yes"}
+
+
+def say(message: str) -> None:
+    """A diagnostic line on stderr (shown only with --verbose)."""
+    if debug_enabled():
+        stderr.print(message, style="dim", highlight=False)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn errors into one readable line and the documented exit code (tracebacks with --verbose)."""
+    import typer
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except errors.ClipCapError as exc:
+        if debug_enabled():
+            traceback.print_exc()
+        stderr.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # an unexpected failure: still one line, unless asked for details
+        if debug_enabled():
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        stderr.print(
+            f"[red]error:[/] {type(exc).__name__}: {first} (run with --verbose or CLIPCAP_DEBUG=1 for the traceback)",
+            highlight=False,
+            markup=True,
+        )
+        raise typer.Exit(errors.EXIT_FATAL) from None
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Shell completion for --model: the registry names (files are completed by the shell)."""
+    from clipcap_cli.pretrained import names
+
+    return [n for n in names() if n.startswith(incomplete)]
 
 
 class RateColumn(ProgressColumn):
@@ -38,12 +103,6 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
-def stderr_console() -> Any:
-    from clipcap_cli.cli import stderr
-
-    return stderr
-
-
 def item_progress(unit: str = "images", quiet: bool = False, *extra_columns: Any) -> Progress:
     """A progress bar for counted work: ``done/total``, rate in ``unit``/s and ETA, on stderr."""
     return Progress(
@@ -57,7 +116,7 @@ def item_progress(unit: str = "images", quiet: bool = False, *extra_columns: Any
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=stderr_console(),
+        console=stderr,
         disable=quiet,
         transient=False,
     )
@@ -71,7 +130,7 @@ def byte_progress(quiet: bool = False) -> Progress:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=stderr_console(),
+        console=stderr,
         disable=quiet,
     )
 

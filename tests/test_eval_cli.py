@@ -296,7 +296,7 @@ def test_model_missing_images_fail_before_captioning(tmp_path: Path, coco_images
 def test_model_on_a_features_store_captions_the_stored_embeddings(tmp_path: Path, coco_images: Path,
                                                                     tiny_checkpoint: Path):
     """Captions from the store's CLIP embeddings equal captions from the image files."""
-    from clipcap_cli.captioner import load_model
+    from clipcap_cli.loading import load_model
     from clipcap_cli.features import save_features
 
     captioner = load_model(str(tiny_checkpoint), device="cpu")

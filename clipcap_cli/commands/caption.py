@@ -13,13 +13,7 @@ from typing_extensions import Annotated
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.output import available_formats
-
-def complete_model(incomplete: str) -> list[str]:
-    """Shell completion for --model: the registry names (files are completed by the shell)."""
-    from clipcap_cli.pretrained import names
-
-    return [n for n in names() if n.startswith(incomplete)]
-
+from clipcap_cli.ui import complete_model
 
 HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin.
 
@@ -67,7 +61,7 @@ def command(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available).", rich_help_panel=RUN, show_default=False)] = None,
 ) -> None:
     """Caption images."""
-    from clipcap_cli.cli import cli_errors
+    from clipcap_cli.ui import cli_errors
 
     with cli_errors():
         from clipcap_cli.errors import UsageError
@@ -137,7 +131,7 @@ def _run(
     """Caption everything, streaming records to the writer; returns how many inputs failed."""
     from clipcap_cli import inputs, ui
     from clipcap_cli import output as out
-    from clipcap_cli.cli import say, stderr, warn
+    from clipcap_cli.ui import say, stderr, warn
     from clipcap_cli.errors import UsageError
 
     sources = inputs.collect(args, recursive=recursive, stdin=sys.stdin if "-" in args else None)
@@ -146,7 +140,7 @@ def _run(
 
     import torch
 
-    from clipcap_cli.captioner import load_model
+    from clipcap_cli.loading import load_model
 
     captioner = None
     if any(s.error is None for s in sources):  # nothing to caption: report the inputs without loading a model

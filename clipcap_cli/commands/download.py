@@ -44,7 +44,7 @@ def command(
         bool, typer.Option("--backbones/--no-backbones", help="Also fetch the CLIP backbone and GPT-2 tokenizer each model needs.")
     ] = True,
 ) -> None:
-    from clipcap_cli.cli import cli_errors, stderr, stdout
+    from clipcap_cli.ui import cli_errors, stderr, stdout
 
     with cli_errors():
         import os
@@ -97,7 +97,7 @@ def _fetch_with_progress(model, *, force: bool, quiet: bool):
 
 def _fetch_backbones(model, *, quiet: bool) -> None:
     from clipcap_cli import backbones
-    from clipcap_cli.cli import stderr
+    from clipcap_cli.ui import stderr
 
     clip_name, clip_tag = model.clip
     if not quiet:
@@ -108,7 +108,7 @@ def _fetch_backbones(model, *, quiet: bool) -> None:
 
 def _print_list(as_json: bool) -> None:
     from clipcap_cli import pretrained
-    from clipcap_cli.cli import stdout
+    from clipcap_cli.ui import stdout
 
     rows = []
     for model in pretrained.REGISTRY.values():

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from clipcap_cli.commands.caption import complete_model
+from clipcap_cli.ui import complete_model
 from typing_extensions import Annotated
 
 from clipcap_cli.decoding import DecodingOptions
@@ -138,7 +138,7 @@ def command(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
-    from clipcap_cli.cli import cli_errors
+    from clipcap_cli.ui import cli_errors
 
     with cli_errors():
         from clipcap_cli import evaluation
@@ -180,7 +180,7 @@ def command(
             settings = {"model": model, "decoding": evaluation.decoding_settings(decoding),
                         "batch_size": options.batch_size, "device": options.device}
             if save_predictions is not None:
-                from clipcap_cli.cli import stderr
+                from clipcap_cli.ui import stderr
 
                 evaluation.write_predictions(save_predictions, preds)
                 stderr.print(f"wrote {len(preds.items)} captions to {save_predictions}", highlight=False)
@@ -233,7 +233,7 @@ def _decoding(beam: int | None, max_length: int | None) -> DecodingOptions:
 
 
 def _say_refs(references: Any) -> None:
-    from clipcap_cli.cli import say
+    from clipcap_cli.ui import say
 
     split = f" (split {references.split})" if references.split else ""
     say(f"references: {references.format} {references.source}{split}: {len(references.images)} images, "
@@ -244,7 +244,7 @@ def _say_refs(references: Any) -> None:
 def _caption(references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions,
              quiet: bool) -> Any:
     from clipcap_cli import evaluation
-    from clipcap_cli.cli import stderr
+    from clipcap_cli.ui import stderr
     from clipcap_cli.ui import item_progress
 
     progress = item_progress("images", quiet)
@@ -274,7 +274,7 @@ def _emit(report: dict, output: Path | None, json_: bool, worst: int) -> None:
     from rich.markup import escape
 
     from clipcap_cli import evaluation
-    from clipcap_cli.cli import stderr, warn
+    from clipcap_cli.ui import stderr, warn
     from clipcap_cli.errors import EXIT_PARTIAL
 
     text = evaluation.report_json(report)
@@ -303,7 +303,7 @@ def _render(report: dict, worst: int) -> None:
     from rich.text import Text
 
     from clipcap_cli import evaluation, metrics
-    from clipcap_cli.cli import stdout
+    from clipcap_cli.ui import stdout
 
     counts = report["counts"]
     settings = report["settings"]

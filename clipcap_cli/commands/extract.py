@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli import distributed
 from clipcap_cli.features import ExtractOptions
 
 HELP = """Encode a dataset's images with CLIP once per image and write a features store for `train` and `eval`.
@@ -30,16 +30,6 @@ MODEL = "Model and speed"
 RUN = "Output and resuming"
 ORIGINAL = "Original ClipCap pickles"
 SHOW_SKIPPED = 5
-
-
-def _shard_from_env() -> tuple[int, int] | None:
-    """torchrun's RANK/WORLD_SIZE, when this process is one of several."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return None
-    return (rank, world) if world > 1 else None
 
 
 def command(
@@ -88,7 +78,7 @@ def command(
     json_: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
 ) -> None:
-    from clipcap_cli.cli import cli_errors
+    from clipcap_cli.ui import cli_errors
 
     with cli_errors():
         from clipcap_cli.errors import UsageError
@@ -112,7 +102,7 @@ def command(
             clip_pretrained=None if clip.startswith("local-dir:") else pretrained,
             batch_size=batch_size,
             workers=workers,
-            device=device or _torchrun_device(),
+            device=device or distributed.local_device(),
             chunk_size=chunk_size,
             shard=_parse_shard(shard),
         )
@@ -128,16 +118,8 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
     if text:
         return parse_shard(text)
-    return _shard_from_env() or (0, 1)
-
-
-def _torchrun_device() -> str | None:
-    local = os.environ.get("LOCAL_RANK")
-    if local is None or "WORLD_SIZE" not in os.environ:
-        return None
-    import torch
-
-    return f"cuda:{int(local)}" if torch.cuda.is_available() else None
+    place = distributed.env()
+    return (place.rank, place.world_size)
 
 
 def _check_images_exist(records: list[dict], root: Path) -> None:
@@ -163,7 +145,7 @@ def _extract(
     quiet: bool,
 ) -> None:
     from clipcap_cli import features
-    from clipcap_cli.cli import say, stderr
+    from clipcap_cli.ui import say, stderr
     from clipcap_cli.datasets import read_dataset
     from clipcap_cli.ui import item_progress
 
@@ -221,7 +203,7 @@ def _extract(
 
 def _merge(folder: Path, export_pickle: Path | None, json_: bool) -> None:
     from clipcap_cli import features
-    from clipcap_cli.cli import stderr
+    from clipcap_cli.ui import stderr
 
     result = features.merge_parts(folder)
     if result.noop:
@@ -232,7 +214,7 @@ def _merge(folder: Path, export_pickle: Path | None, json_: bool) -> None:
 
 
 def _export(out: Path, target: Path) -> None:
-    from clipcap_cli.cli import stderr
+    from clipcap_cli.ui import stderr
     from clipcap_cli.features import load_features
     from clipcap_cli.legacy import export_original_pickle
 
@@ -244,7 +226,7 @@ def _export(out: Path, target: Path) -> None:
 def _import(
     pickle_file: Path, out: Path | None, images: Path | None, clip: str | None, pretrained: str | None, export_pickle: Path | None, json_: bool
 ) -> None:
-    from clipcap_cli.cli import stdout, warn
+    from clipcap_cli.ui import stdout, warn
     from clipcap_cli.errors import UsageError
     from clipcap_cli.legacy import import_original_pickle
 
@@ -265,7 +247,7 @@ def _import(
 
 
 def _summary(result: Any, json_: bool, show_skipped: bool) -> None:
-    from clipcap_cli.cli import stderr, stdout
+    from clipcap_cli.ui import stderr, stdout
     from clipcap_cli.errors import EXIT_PARTIAL
     from clipcap_cli.features import SKIPPED_FILE
 

@@ -47,7 +47,7 @@ def collect() -> dict:
 def command(
     json_: bool = typer.Option(False, "--json", help="Print the information as JSON."),
 ) -> None:
-    from clipcap_cli.cli import cli_errors, stdout
+    from clipcap_cli.ui import cli_errors, stdout
 
     with cli_errors():
         info = collect()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,7 +78,7 @@ def command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the final checkpoint path.", rich_help_panel=RUN)] = False,
 ) -> None:
     """Train a ClipCap model on a features store."""
-    from clipcap_cli.cli import cli_errors, stderr
+    from clipcap_cli.ui import cli_errors, stderr
 
     with cli_errors():
         from clipcap_cli import train as core
@@ -105,7 +104,9 @@ def command(
                 raise UsageError("--data is required (the features folder from `clipcap extract`)")
             opts = TrainOptions(**values)
 
-        rank = int(os.environ.get("RANK", "0"))
+        from clipcap_cli import distributed
+
+        rank = distributed.env().rank
         display = _Display(quiet=quiet or rank != 0)
         try:
             with display:
@@ -139,7 +140,7 @@ class _Display(TrainCallback):
     def __enter__(self) -> _Display:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from clipcap_cli.cli import stderr
+        from clipcap_cli.ui import stderr
 
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -165,7 +166,7 @@ class _Display(TrainCallback):
         self.progress.update(self.tok_task, completed=done)
 
     def on_start(self, info: StartInfo) -> None:
-        from clipcap_cli.cli import say
+        from clipcap_cli.ui import say
 
         if self.tok_task is not None:
             self.progress.remove_task(self.tok_task)
@@ -193,7 +194,7 @@ class _Display(TrainCallback):
         self._print(f"epoch {epoch}: validation loss {loss:.4f} (step {step})")
 
     def on_checkpoint(self, path: Path, kind: str) -> None:
-        from clipcap_cli.cli import say
+        from clipcap_cli.ui import say
 
         if kind == "epoch":
             self._print(f"saved {path}")
@@ -201,7 +202,7 @@ class _Display(TrainCallback):
             say(f"saved resume state {path}")
 
     def on_warning(self, message: str) -> None:
-        from clipcap_cli.cli import warn
+        from clipcap_cli.ui import warn
 
         if not self.quiet:
             warn(message)

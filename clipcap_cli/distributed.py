@@ -1,0 +1,120 @@
+"""This process's place in a torchrun job: the one reader of torchrun's environment, and the few
+collective operations clipcap uses (counts, barriers, gathers; no home-made cluster code).
+
+A process not started by torchrun is a job of one, and every operation is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from clipcap_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Place(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def launched(self) -> bool:
+        """Started by torchrun with more than one process."""
+        return self.world_size > 1
+
+
+def env() -> Place:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; (0, 1, 0) outside torchrun."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise UsageError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {exc}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    return Place(rank, world, local)
+
+
+def local_device() -> str | None:
+    """The GPU torchrun gave this process (cuda:LOCAL_RANK), or None outside torchrun or without CUDA."""
+    place = env()
+    if not place.launched:
+        return None
+    import torch
+
+    return f"cuda:{place.local_rank}" if torch.cuda.is_available() else None
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (or a job of one)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, requested_device: str | None) -> Distributed:
+        """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+        import torch
+
+        from clipcap_cli.device import pick_device
+
+        place = env()
+        if place.world_size <= 1:
+            return cls(device=pick_device(requested_device))
+        import torch.distributed as dist
+
+        rank, world, local_rank = place.rank, place.world_size, place.local_rank
+        use_cuda = torch.cuda.is_available() and (requested_device or "cuda").startswith("cuda")
+        if use_cuda:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        return cls(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
