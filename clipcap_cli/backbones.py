@@ -190,6 +190,11 @@ def _load_clip(model_name: str, pretrained: str | None, device: torch.device | s
             f"run `clipcap download` with the network on to fill {cache}",
         )
     model.eval()
-    if str(device).startswith("cuda"):
-        model.half()
-    return model, preprocess
+    return model.to(clip_dtype(device)), preprocess
+
+
+def clip_dtype(device: torch.device | str) -> torch.dtype:
+    """CLIP runs in fp16 on CUDA, as the original's ``clip.load`` did, and in fp32 elsewhere."""
+    import torch
+
+    return torch.float16 if str(device).startswith("cuda") else torch.float32

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from clipcap_cli import backbones
-from clipcap_cli.config import CLIP_FOR_DIM, ModelConfig
+from clipcap_cli.config import CLIP_FOR_DIM, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ModelConfig
 from clipcap_cli.errors import CheckpointError
 from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.model import ClipCaptionModel
@@ -119,8 +119,8 @@ def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
         # The only released transformer checkpoint was used with L2-normalised CLIP embeddings
         # (the original's transformer notebook); the MLP ones were not.
         normalize_prefix=mapping == "transformer",
-        clip_model=clip or "ViT-B-32",
-        clip_pretrained="openai",
+        clip_model=clip or DEFAULT_CLIP_MODEL,
+        clip_pretrained=DEFAULT_CLIP_PRETRAINED,
     )
 
 

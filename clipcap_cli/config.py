@@ -17,6 +17,10 @@ from clipcap_cli.errors import UsageError
 Mapping = Literal["mlp", "transformer"]
 MAPPINGS: tuple[str, ...] = ("mlp", "transformer")
 
+# The CLIP the released MLP models were trained on, and every default here: OpenAI's ViT-B/32.
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_PRETRAINED = "openai"
+
 # Output width of the CLIP image encoders people use with ClipCap (open_clip names).
 CLIP_EMBED_DIMS: dict[str, int] = {
     "RN50": 1024,
@@ -45,8 +49,8 @@ class ModelConfig:
     prefix_size: int = 512  # CLIP embedding width (512 ViT-B/32, 640 RN50x4)
     normalize_prefix: bool = False  # L2-normalise the CLIP embedding before the mapper
     only_prefix: bool = False  # GPT-2 frozen (trained mapper only)
-    clip_model: str = "ViT-B-32"  # open_clip name, or "local-dir:PATH"
-    clip_pretrained: str | None = "openai"  # open_clip pretrained tag (None for local-dir models)
+    clip_model: str = DEFAULT_CLIP_MODEL  # open_clip name, or "local-dir:PATH"
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag (None for local-dir models)
     gpt2: str = "gpt2"  # Hugging Face name or local folder of the language model and tokenizer
     stop_token: str = "."  # decoding stops after this token (the original's stop token)
 

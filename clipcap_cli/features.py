@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.fsutil import atomic_write as _atomic_write
 from clipcap_cli.fsutil import write_text_atomic
 from clipcap_cli.errors import ClipCapError, UsageError
@@ -199,8 +200,8 @@ def default_workers() -> int:
 class ExtractOptions:
     """How `clipcap extract` encodes a dataset. The CLI takes its defaults from here."""
 
-    clip_model: str = "ViT-B-32"  # open_clip name, or local-dir:PATH
-    clip_pretrained: str | None = "openai"  # open_clip pretrained tag; None = random weights (tests, benchmarks)
+    clip_model: str = DEFAULT_CLIP_MODEL  # open_clip name, or local-dir:PATH
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag; None = random weights (tests, benchmarks)
     batch_size: int = 64  # images per encode_image call
     workers: int | None = None  # DataLoader processes decoding images; None = min(4, CPU count)
     device: str | None = None  # None = CUDA, then MPS, then CPU
@@ -451,7 +452,9 @@ def extract(
         dtype = str(next(clip[0].parameters()).dtype).removeprefix("torch.")
     else:
         device = pick_device(options.device)
-        dtype = "float16" if device.type == "cuda" else "float32"
+        from clipcap_cli.backbones import clip_dtype
+
+        dtype = str(clip_dtype(device)).removeprefix("torch.")
     settings = run_settings(records, images_root, options, dtype, source or {})
     settings_sha = _settings_sha(settings)
 

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from clipcap_cli.config import DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.errors import ClipCapError, UsageError
 
@@ -192,7 +193,7 @@ def import_original_pickle(
     dim = int(emb.shape[1])
     meta = {
         "clip_model": clip_model or CLIP_FOR_DIM.get(dim),
-        "clip_pretrained": clip_pretrained if clip_model else (clip_pretrained or "openai"),
+        "clip_pretrained": clip_pretrained if clip_model else (clip_pretrained or DEFAULT_CLIP_PRETRAINED),
         "clip_model_guessed": clip_model is None,
         "normalized": False,
         "preprocess": ORIGINAL_PREPROCESS,

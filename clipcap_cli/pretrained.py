@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clipcap_cli import paths
+from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
 
 MB = 1000 * 1000
@@ -41,7 +42,7 @@ class PretrainedModel:
 
     @property
     def clip(self) -> tuple[str, str | None]:
-        return self.settings.get("clip_model", "ViT-B-32"), self.settings.get("clip_pretrained", "openai")
+        return self.settings.get("clip_model", DEFAULT_CLIP_MODEL), self.settings.get("clip_pretrained", DEFAULT_CLIP_PRETRAINED)
 
     @property
     def gpt2(self) -> str:
@@ -60,7 +61,7 @@ REGISTRY: dict[str, PretrainedModel] = {
                 _drive("1IdaBtMSvtyzF0ByVaBHtvM0JYSXRExRX"),
             ),
             approx_size=636 * MB,
-            settings={"clip_model": "ViT-B-32", "clip_pretrained": "openai", "normalize_prefix": False},
+            settings={"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "normalize_prefix": False},
         ),
         PretrainedModel(
             name="conceptual",
@@ -71,7 +72,7 @@ REGISTRY: dict[str, PretrainedModel] = {
                 _drive("14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT"),
             ),
             approx_size=636 * MB,
-            settings={"clip_model": "ViT-B-32", "clip_pretrained": "openai", "normalize_prefix": False},
+            settings={"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "normalize_prefix": False},
         ),
         PretrainedModel(
             name="coco-transformer",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 from clipcap_cli import backbones
-from clipcap_cli.config import MAPPINGS, ModelConfig
+from clipcap_cli.config import DEFAULT_CLIP_MODEL, MAPPINGS, ModelConfig
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.errors import ClipCapError, UsageError
@@ -142,7 +142,7 @@ def model_config(opts: TrainOptions, meta: dict[str, Any]) -> ModelConfig:
         prefix_size=int(meta["embed_dim"]),
         normalize_prefix=opts.normalize_prefix,
         only_prefix=opts.only_prefix,
-        clip_model=str(meta.get("clip_model") or "ViT-B-32"),
+        clip_model=str(meta.get("clip_model") or DEFAULT_CLIP_MODEL),
         clip_pretrained=meta.get("clip_pretrained"),
         gpt2=gpt2,
     )
