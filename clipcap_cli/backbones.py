@@ -1,52 +1,60 @@
-"""Loading the two pretrained parts ClipCap stands on: a CLIP image encoder (open_clip) and
-GPT-2 (transformers), with every cache under clipcap's data directory.
+"""The two pretrained parts ClipCap stands on: a CLIP image encoder (open_clip) and GPT-2
+(transformers), with every cache under clipcap's data directory.
+
+CLIP is built as its pretrained tag says it was trained: OpenAI's models (and the other
+QuickGELU tags) get QuickGELU, which open_clip 3.x only warns about. Models are built on the
+meta device and their weights assigned from the file, so nothing is initialised at random only
+to be overwritten; without ``text=True`` only the image tower is kept.
 
 A missing model never means minutes of hub retries or a silently empty tokenizer: the cache is
-tried first with the network off, and a miss on a machine that cannot download fails at once
-with one line that says what to fetch.
+asked first (``local_files_only``), and a miss on a machine that cannot download fails at once
+with one line that says what to fetch. Only "not cached" errors take that path: anything else
+(a corrupt file, CUDA out of memory) propagates as itself.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from clipcap_cli import paths
 from clipcap_cli.config import CLIP_EMBED_DIMS
-from clipcap_cli.errors import ModelNotAvailableError, UsageError
+from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
 
 if TYPE_CHECKING:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 LOCAL_DIR = "local-dir:"
+QUICK_GELU = "quick_gelu"
+GELU = "gelu"
+DOWNLOAD_HINT = "run `clipcap download` with the network on"
 # huggingface_hub and transformers read these at import time; setting them before the first import
-# keeps telemetry and implicit update checks off in a CLI that must work offline.
+# keeps telemetry and implicit token lookups off in a CLI that must work offline.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
 
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Make huggingface_hub answer from its cache only, for the duration of the block."""
-    from huggingface_hub import constants
 
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+# What "not in the cache" looks like: huggingface_hub's LocalEntryNotFoundError and transformers'
+# missing-file errors are OSErrors, and so is FileNotFoundError for open_clip's URL cache.
+NOT_CACHED = (OSError,)
+
+
+def cached_or_download(load: Callable[[bool], T], what: str, hint: str) -> T:
+    """Call ``load(local_only=True)``; on a cache miss, ``load(False)`` if the network may be used.
+
+    Only a cache miss (an OSError) falls through; other errors are real and propagate.
+    """
     try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-def _cached_or_download(load: Callable[[bool], Any], what: str, hint: str) -> Any:
-    """Call ``load(local_only)`` from the cache first, then (if allowed) with the network."""
-    try:
-        with hub_offline():
-            return load(True)
-    except (OSError, RuntimeError, ValueError) as cache_miss:
+        return load(True)
+    except NOT_CACHED as cache_miss:
         miss = cache_miss
     if not paths.can_download():
         why = "offline mode is on" if paths.offline_requested() else "the network is unreachable"
@@ -55,6 +63,7 @@ def _cached_or_download(load: Callable[[bool], Any], what: str, hint: str) -> An
 
 
 # --------------------------------------------------------------------------- GPT-2
+
 
 def is_local(name: str) -> bool:
     return Path(name).expanduser().is_dir()
@@ -68,129 +77,305 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _hub_kwargs(local: bool) -> dict[str, Any]:
+    return {"cache_dir": paths.hf_cache_dir(), "local_files_only": local}
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The GPT-2 tokenizer from a hub name (cached under CLIPCAP_HOME) or a local folder."""
     from transformers import GPT2TokenizerFast
 
     _quiet_transformers()
-    hint = "run `clipcap download` with the network on, or pass --gpt2 DIR with vocab.json and merges.txt"
+    hint = f"{DOWNLOAD_HINT}, or pass --gpt2 DIR with vocab.json and merges.txt"
     if is_local(name):
         tok = GPT2TokenizerFast.from_pretrained(str(Path(name).expanduser()))
     else:
 
         def load(local: bool) -> PreTrainedTokenizerBase:
-            found = GPT2TokenizerFast.from_pretrained(name, cache_dir=paths.hf_cache_dir(), local_files_only=local)
+            found = GPT2TokenizerFast.from_pretrained(name, **_hub_kwargs(local))
             if len(found) <= 1:  # transformers 5: missing files give an empty tokenizer, not an error
-                raise OSError(f"tokenizer '{name}' not found")
+                raise FileNotFoundError(f"tokenizer '{name}' not found")
             return found
 
-        tok = _cached_or_download(load, f"GPT-2 tokenizer '{name}'", hint)
+        tok = cached_or_download(load, f"GPT-2 tokenizer '{name}'", hint)
     if len(tok) <= 1:
         raise ModelNotAvailableError(f"GPT-2 tokenizer '{name}' has an empty vocabulary (files missing): {hint}")
     return tok
 
 
-def load_gpt2_config(name: str) -> GPT2Config:
+def gpt2_config(name: str) -> GPT2Config | None:
+    """The architecture of the GPT-2 ``name`` names: a local folder's ``config.json``, or the hub
+    model's config (cached, or downloaded when the network may be used). None when there is none
+    to be had (a folder with only a tokenizer, or offline with nothing cached)."""
     from transformers import GPT2Config
 
+    _quiet_transformers()
     if is_local(name):
-        return GPT2Config.from_pretrained(str(Path(name).expanduser()))
-    return _cached_or_download(
-        lambda local: GPT2Config.from_pretrained(name, cache_dir=paths.hf_cache_dir(), local_files_only=local),
-        f"GPT-2 config '{name}'",
-        "run `clipcap download` with the network on, or pass --gpt2 DIR",
-    )
+        folder = Path(name).expanduser()
+        return GPT2Config.from_pretrained(str(folder)) if (folder / "config.json").is_file() else None
+    try:
+        return cached_or_download(
+            lambda local: GPT2Config.from_pretrained(name, **_hub_kwargs(local)), f"GPT-2 config '{name}'", DOWNLOAD_HINT
+        )
+    except ModelNotAvailableError:
+        return None
 
 
-def build_gpt2(config: GPT2Config) -> GPT2LMHeadModel:
-    """GPT-2 with random weights (the caller loads a checkpoint into it)."""
-    from transformers import GPT2LMHeadModel
+def gpt2_weights(name: str) -> dict[str, torch.Tensor]:
+    """The pretrained GPT-2 ``name``'s tensors (``transformer.*``), from a local folder or the hub
+    cache, without building a model (frozen-LM checkpoints carry only their mapper)."""
+    hint = f"{DOWNLOAD_HINT}, or pass --gpt2 DIR with the model's weights"
+    if is_local(name):
+        folder = Path(name).expanduser()
+        files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+        if not files:
+            raise ModelNotAvailableError(f"GPT-2 folder {folder} has no model.safetensors or pytorch_model.bin: {hint}")
+        return _read_weights(files[0])
+    from huggingface_hub import hf_hub_download
 
-    return GPT2LMHeadModel(config)
+    def load(local: bool) -> Path:
+        try:
+            return Path(hf_hub_download(name, "model.safetensors", **_hub_kwargs(local)))
+        except OSError:
+            return Path(hf_hub_download(name, "pytorch_model.bin", **_hub_kwargs(local)))
+
+    return _read_weights(cached_or_download(load, f"GPT-2 weights '{name}'", hint))
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_gpt2(name: str) -> GPT2LMHeadModel:
-    """GPT-2 with its pretrained weights (needed for frozen-LM checkpoints and for training)."""
+    """GPT-2 with its pretrained weights, ready to train (transformers' own loading path)."""
     from transformers import GPT2LMHeadModel
 
     _quiet_transformers()
     if is_local(name):
         return GPT2LMHeadModel.from_pretrained(str(Path(name).expanduser()))
-    return _cached_or_download(
-        lambda local: GPT2LMHeadModel.from_pretrained(name, cache_dir=paths.hf_cache_dir(), local_files_only=local),
+    return cached_or_download(
+        lambda local: GPT2LMHeadModel.from_pretrained(name, **_hub_kwargs(local)),
         f"GPT-2 weights '{name}'",
-        "run `clipcap download` with the network on, or pass --gpt2 DIR",
+        f"{DOWNLOAD_HINT}, or pass --gpt2 DIR",
     )
 
 
 # --------------------------------------------------------------------------- CLIP
 
-def clip_embed_dim(model_name: str) -> int | None:
-    """The image-embedding width of an open_clip model, from its config (no weights needed)."""
-    if model_name.startswith(LOCAL_DIR):
-        import json
 
-        cfg_file = Path(model_name[len(LOCAL_DIR) :]).expanduser() / "open_clip_config.json"
-        try:
-            return int(json.loads(cfg_file.read_text())["model_cfg"]["embed_dim"])
-        except (OSError, KeyError, ValueError):
-            return None
-    if model_name in CLIP_EMBED_DIMS:
-        return CLIP_EMBED_DIMS[model_name]
-    import open_clip
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything needed to build one open_clip model: its architecture and where its weights are."""
 
-    cfg = open_clip.get_model_config(model_name)
-    return int(cfg["embed_dim"]) if cfg else None
+    name: str  # open_clip name, or local-dir:PATH
+    pretrained: str | None  # the pretrained tag (or a weights file path); None for local-dir and random weights
+    model_cfg: dict[str, Any]  # open_clip's model config, with quick_gelu set as the weights need
+    preprocess_cfg: dict[str, Any]  # mean, std, interpolation, resize mode
+    tag_cfg: dict[str, Any] | None  # open_clip's pretrained config for the tag (download locations)
+    weights: Path | None = None  # a local weights file (local-dir: or a path given as `pretrained`)
 
+    @property
+    def activation(self) -> str:
+        return QUICK_GELU if self.model_cfg.get("quick_gelu") else GELU
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """open_clip logs advisories ("No pretrained weights loaded", ...) on the root logger, which
-    would land on the user's stderr as bare ``WARNING:root:`` lines."""
-    import logging
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
 
-    root = logging.getLogger()
-    saved = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(saved)
+    @property
+    def image_tower_has_gelu(self) -> bool:
+        """A ViT image tower uses the activation; OpenAI's ModifiedResNets (layers given per stage) do not."""
+        vision = self.model_cfg.get("vision_cfg", {})
+        return "timm_model_name" not in vision and isinstance(vision.get("layers"), int)
 
 
-def load_clip(model_name: str, pretrained: str | None, device: torch.device | str = "cpu") -> tuple[Any, Any]:
-    """(model, preprocess) from open_clip, in eval mode on ``device``; fp16 on CUDA, as the original."""
-    with _quiet_root_logger():
-        return _load_clip(model_name, pretrained, device)
+def clip_spec(model_name: str, pretrained: str | None) -> ClipSpec:
+    """The architecture ``model_name`` with ``pretrained`` weights needs (no weights are read).
 
-
-def _load_clip(model_name: str, pretrained: str | None, device: torch.device | str) -> tuple[Any, Any]:
-    import open_clip
-
+    QuickGELU comes from the model's own config (``-quickgelu`` names) or from the pretrained
+    tag's ``quick_gelu`` (every ``openai`` tag), so OpenAI's weights run with OpenAI's activation.
+    """
     if model_name.startswith(LOCAL_DIR):
         folder = Path(model_name[len(LOCAL_DIR) :]).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise UsageError(f"CLIP folder {folder} has no open_clip_config.json")
-        model, _, preprocess = open_clip.create_model_and_transforms(f"{LOCAL_DIR}{folder}", device=device)
-    else:
-        if model_name not in open_clip.list_models():
-            import difflib
+        try:
+            data = json.loads((folder / "open_clip_config.json").read_text())
+            model_cfg = dict(data["model_cfg"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"CLIP folder {folder} has no usable open_clip_config.json ({exc})") from None
+        weights = next((folder / f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                        if (folder / f).is_file()), None)
+        return ClipSpec(model_name, None, model_cfg, data.get("preprocess_cfg", {}), None, weights)
+    import open_clip
 
-            close = difflib.get_close_matches(model_name, open_clip.list_models(), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"unknown CLIP model {model_name!r}{hint}")
-        if pretrained and not open_clip.get_pretrained_cfg(model_name, pretrained):
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        import difflib
+
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=1)
+        raise UsageError(f"unknown CLIP model {model_name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else None
+    weights = None
+    if pretrained and not tag_cfg:
+        if not Path(pretrained).expanduser().is_file():
             raise UsageError(f"CLIP {model_name} has no pretrained weights tagged {pretrained!r}")
-        cache = str(paths.clip_cache_dir())
-        model, _, preprocess = _cached_or_download(
-            lambda local: open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, cache_dir=cache, device=device
-            ),
-            f"CLIP {model_name} ({pretrained}) weights",
-            f"run `clipcap download` with the network on to fill {cache}",
-        )
+        weights = Path(pretrained).expanduser()
+    if tag_cfg and tag_cfg.get("quick_gelu"):
+        model_cfg["quick_gelu"] = True
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg} if tag_cfg else {}
+    return ClipSpec(model_name, pretrained, model_cfg, preprocess, tag_cfg or None, weights)
+
+
+def clip_activation(model_name: str, pretrained: str | None) -> str:
+    """"quick_gelu" or "gelu": the activation ``model_name`` with ``pretrained`` weights is built with."""
+    return clip_spec(model_name, pretrained).activation
+
+
+def clip_embed_dim(model_name: str) -> int | None:
+    """The image-embedding width of an open_clip model, from its config (no weights needed)."""
+    if model_name in CLIP_EMBED_DIMS:
+        return CLIP_EMBED_DIMS[model_name]
+    try:
+        return clip_spec(model_name, None).embed_dim
+    except (UsageError, KeyError, ValueError):
+        return None
+
+
+def clip_weights_file(spec: ClipSpec) -> Path | None:
+    """The weights file of ``spec``: local, or open_clip's hub/URL cache under CLIPCAP_HOME (filled
+    on a miss when the network may be used). None for a model with no pretrained weights."""
+    if spec.weights is not None or spec.tag_cfg is None:
+        return spec.weights
+    cache = paths.clip_cache_dir()
+    cfg = spec.tag_cfg
+    what = f"CLIP {spec.name} ({spec.pretrained}) weights"
+
+    def load(local: bool) -> Path:
+        if not local:
+            from open_clip.pretrained import download_pretrained
+
+            return Path(download_pretrained(cfg, cache_dir=str(cache)))
+        if cfg.get("hf_hub"):
+            return _hub_cached_weights(cfg["hf_hub"], cache)
+        target = cache / os.path.basename(cfg["url"])
+        if not target.is_file():
+            raise FileNotFoundError(target)
+        return target
+
+    return cached_or_download(load, what, f"{DOWNLOAD_HINT} to fill {cache}")
+
+
+def _hub_cached_weights(hf_hub: str, cache: Path) -> Path:
+    """The cached file open_clip would download for ``org/repo/[filename]``: the safetensors
+    version first, as open_clip prefers it. Raises LocalEntryNotFoundError when none is cached."""
+    from huggingface_hub import hf_hub_download
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo, filename = os.path.split(hf_hub)  # "org/repo/" means open_clip's default file names
+    if not filename:
+        names = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+    elif filename.endswith((".bin", ".pth")):
+        names = [filename[:-4] + ".safetensors", filename]
+    else:
+        names = [filename]
+    miss: OSError | None = None
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name, cache_dir=str(cache), local_files_only=True))
+        except OSError as exc:
+            miss = exc
+    assert miss is not None
+    raise miss
+
+
+def build_clip(spec: ClipSpec, *, meta: bool = True) -> tuple[Any, Any]:
+    """(model, preprocess) with ``spec``'s architecture; on the meta device (no memory, no random
+    initialisation) unless ``meta`` is False (random weights, for models without pretrained ones)."""
+    import contextlib
+
+    import open_clip
+    import torch
+
+    device = "meta" if meta else "cpu"
+    with _QuietRootLogger(), (torch.device("meta") if meta else contextlib.nullcontext()):
+        if spec.name.startswith(LOCAL_DIR):
+            model = open_clip.create_model(spec.name, load_weights=False, device=device)
+        else:
+            quick = bool(spec.model_cfg.get("quick_gelu"))
+            model = open_clip.create_model(spec.name, pretrained=None, device=device, force_quick_gelu=quick,
+                                           force_preprocess_cfg=spec.preprocess_cfg)
+    # As open_clip's create_model_and_transforms: the evaluation transform of the final config.
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return model, image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+
+
+def load_clip(
+    model_name: str, pretrained: str | None, device: torch.device | str = "cpu", *, text: bool = False
+) -> tuple[Any, Any]:
+    """(model, preprocess), in eval mode on ``device``; fp16 on CUDA, as the original.
+
+    Without ``text`` the model is the image tower alone (``encode_image``); with it, the whole
+    open_clip model (``encode_text`` too). Weights are assigned from the (memory-mapped) file
+    into a model built without initialisation; a model with no pretrained weights gets random ones.
+    """
+    spec = clip_spec(model_name, pretrained)
+    weights = clip_weights_file(spec)
+    if weights is None:
+        model, preprocess = build_clip(spec, meta=False)
+    else:
+        model, preprocess = build_clip(spec)
+        _assign_clip_weights(model, weights, text)
+    if not text:
+        from clipcap_cli.clip_image import ClipImageEncoder
+
+        model = ClipImageEncoder(model.visual)
     model.eval()
-    return model.to(clip_dtype(device)), preprocess
+    return model.to(device=device, dtype=clip_dtype(device)), preprocess
+
+
+def _assign_clip_weights(model: Any, weights: Path, text: bool) -> None:
+    """Load ``weights`` into the meta-built ``model`` by assignment (the tensors become the model's)."""
+    import torch
+
+    state = _read_weights(weights)
+    if any(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    expected = model.state_dict()
+    keep = (lambda k: True) if text else (lambda k: k.startswith("visual."))
+    wanted = {k for k in expected if keep(k)}
+    given = {k for k in state if keep(k)}
+    if wanted != given:
+        missing, extra = sorted(wanted - given), sorted(given - wanted)
+        raise CheckpointError(
+            f"CLIP weights {weights.name} do not fit {type(model).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    for key in wanted:
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"CLIP weights {weights.name}: {key} has shape {tuple(state[key].shape)}, "
+                                  f"the model needs {tuple(expected[key].shape)}")
+    target = model if text else model.visual
+    sub = {k: v for k, v in state.items() if k in wanted}
+    if not text:
+        sub = {k.removeprefix("visual."): v for k, v in sub.items()}
+    # Weights may be stored in fp16; the model's dtype is set by the caller afterwards.
+    target.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sub.items()},
+                           strict=True, assign=True)
+    if text:
+        # The causal text mask is a non-persistent buffer: it is not in the file, so build it here.
+        n = model.attn_mask.shape[0]
+        model.attn_mask = torch.empty(n, n).fill_(float("-inf")).triu_(1)
+    leftover = [n for n, t in [*target.named_parameters(), *target.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"CLIP weights {weights.name} left {len(leftover)} tensors unset (e.g. {leftover[0]})")
 
 
 def clip_dtype(device: torch.device | str) -> torch.dtype:
@@ -198,3 +383,23 @@ def clip_dtype(device: torch.device | str) -> torch.dtype:
     import torch
 
     return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_clip_tokenizer(model_name: str) -> Callable[..., torch.Tensor]:
+    """CLIP's text tokenizer (bundled with open_clip: works offline)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(model_name)
+
+
+class _QuietRootLogger:
+    """open_clip logs advisories ("No pretrained weights loaded", ...) on the root logger, which
+    would land on the user's stderr as bare ``WARNING:root:`` lines."""
+
+    def __enter__(self) -> None:
+        root = logging.getLogger()
+        self.saved = root.level
+        root.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger().setLevel(self.saved)

@@ -3,10 +3,14 @@
 Two formats:
 
 * the original release (``coco_weights.pt``, ``conceptual_weights.pt``, the transformer file): a bare
-  ``torch.save(state_dict)`` with no config. Loaded with ``weights_only=True``; the GPT-2 attention
-  buffers that old transformers saved are dropped; the model is inferred from the tensor shapes.
+  ``torch.save(state_dict)`` with no config. Read with ``weights_only=True`` (memory-mapped); the
+  GPT-2 attention buffers that old transformers saved are dropped; the model is inferred from the
+  tensor shapes. A downloaded one is converted once into safetensors beside it (``to_safetensors``).
 * ours: safetensors with the ``ModelConfig`` in the metadata. Frozen-LM (only-prefix) checkpoints
   hold only the mapper plus the LM's name and config, not 500 MB of unchanged GPT-2.
+
+Models are built on the meta device and the file's tensors assigned to them: nothing is
+initialised at random only to be overwritten, and no tensor is held twice.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from typing import Any
 
 import torch
 
-from clipcap_cli import backbones
 from clipcap_cli.config import CLIP_FOR_DIM, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ModelConfig
 from clipcap_cli.errors import CheckpointError
 from clipcap_cli.fsutil import atomic_write
@@ -28,6 +31,12 @@ from clipcap_cli.version import __version__
 
 FORMAT = "clipcap"
 FORMAT_VERSION = "1"
+CONVERTED_FORMAT = "clipcap-converted"  # a released .pt, converted as it is (no config)
+# The GPT-2 architecture fields a checkpoint records and a model is built from (GPT2Config names).
+GPT2_ARCH_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                  "layer_norm_epsilon", "tie_word_embeddings", "bos_token_id", "eos_token_id", "scale_attn_weights")
+# What the tensors fix (n_head and the rest cannot be seen in them).
+GPT2_SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_inner")
 # Causal-mask buffers that transformers <= 4.11 saved in every GPT-2 state dict; newer versions
 # make them non-persistent, so a strict load of the released files fails on them (original issue #76).
 STALE_GPT_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -45,6 +54,11 @@ class RawCheckpoint:
     gpt2_config: dict[str, Any] | None = None  # GPT-2 architecture, when the file carries it
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def has_lm(self) -> bool:
+        """Whether the file holds GPT-2's weights (frozen-LM files of ours hold only the mapper)."""
+        return any(k.startswith("gpt.") for k in self.state)
+
 
 def read(path: str | Path) -> RawCheckpoint:
     """Read a checkpoint file without building anything. Never unpickles code."""
@@ -53,11 +67,7 @@ def read(path: str | Path) -> RawCheckpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unsafe pickle, a truncated file, not a torch file at all
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path.name} as a weights-only torch checkpoint: {first}") from exc
+    obj = _torch_load(path)
     if isinstance(obj, dict) and not _is_state_dict(obj):
         for key in ("state_dict", "model_state_dict", "model"):  # common training-script wrappers
             if _is_state_dict(obj.get(key)):
@@ -67,6 +77,31 @@ def read(path: str | Path) -> RawCheckpoint:
         raise CheckpointError(f"{path.name} is not a ClipCap state dict (no tensors keyed by name)")
     state = {k: v for k, v in obj.items() if not STALE_GPT_BUFFER.match(k)}
     return RawCheckpoint(state=state)
+
+
+def holds_lm(path: str | Path) -> bool:
+    """Whether a checkpoint file holds GPT-2's weights, reading only its header when it can."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("gpt.") for k in f.keys())
+    return read(path).has_lm
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with weights only, memory-mapped when the file allows it (zip format)."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files
+    except Exception as exc:  # an unsafe pickle, a truncated file, not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path.name} as a weights-only torch checkpoint: {first}") from exc
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -86,6 +121,39 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     config = ModelConfig.from_dict(json.loads(metadata["config"])) if "config" in metadata else None
     gpt2_config = json.loads(metadata["gpt2_config"]) if "gpt2_config" in metadata else None
     return RawCheckpoint(state=state, config=config, gpt2_config=gpt2_config, metadata=metadata)
+
+
+def to_safetensors(path: str | Path) -> Path:
+    """Convert a released ``.pt`` into ``<name>.safetensors`` beside it, once, and return that file.
+
+    Every tensor of the new file is compared with the original before it is used; the tied
+    ``lm_head`` (the same storage as ``wte``) and the stale attention buffers are left out. A
+    conversion made from another version of the ``.pt`` (size or time changed) is redone.
+    """
+    from safetensors.torch import safe_open, save_file
+
+    path = Path(path)
+    target = path.with_suffix(".safetensors")
+    stamp = f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    if target.is_file():
+        try:
+            with safe_open(str(target), framework="pt") as f:
+                if (f.metadata() or {}).get("source_stamp") == stamp:
+                    return target
+        except Exception:  # a damaged conversion is simply redone
+            pass
+    state = read(path).state
+    wte, head = state.get("gpt.transformer.wte.weight"), state.get(TIED_LM_HEAD)
+    if head is not None and wte is not None and (head.data_ptr() == wte.data_ptr() or torch.equal(head, wte)):
+        state = {k: v for k, v in state.items() if k != TIED_LM_HEAD}
+    state = {k: v.contiguous() for k, v in state.items()}
+    metadata = {"format": CONVERTED_FORMAT, "source": path.name, "source_stamp": stamp}
+    atomic_write(target, lambda tmp: save_file(state, tmp, metadata=metadata))
+    with safe_open(str(target), framework="pt") as f:
+        if set(f.keys()) != set(state) or not all(torch.equal(f.get_tensor(k), state[k]) for k in state):
+            target.unlink(missing_ok=True)
+            raise CheckpointError(f"converting {path.name} to safetensors gave different tensors; kept the .pt")
+    return target
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
@@ -144,7 +212,57 @@ def infer_gpt2_config(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         "n_embd": n_embd,
         "n_layer": max(layers) + 1,
         "n_head": max(n_embd // 64, 1),
+        "n_inner": int(state["gpt.transformer.h.0.mlp.c_fc.weight"].shape[1]),
     }
+
+
+def gpt2_architecture(
+    raw: RawCheckpoint,
+    named: dict[str, Any] | None = None,
+    source: str = "--gpt2",
+    lm: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The GPT-2 architecture to build for ``raw``: the named model's config (``--gpt2 DIR`` or the
+    registry's), else the one the file records, else what the tensors show (a bare released file:
+    64-wide heads, as every GPT-2 size has).
+
+    Raises CheckpointError when a config and the tensors disagree: the heads' width cannot be seen
+    in the tensors, so a wrong config would silently give other captions. ``lm``: the pretrained
+    GPT-2's tensors for a frozen-LM file (``lm_state``).
+    """
+    seen = infer_gpt2_config({**raw.state, **(lm or {})})
+    chosen = None
+    for arch, where in ((named, source), (raw.gpt2_config, "the checkpoint's metadata")):
+        if arch is None:
+            continue
+        arch = {k: arch[k] for k in GPT2_ARCH_KEYS if arch.get(k) is not None}
+        if seen is not None:
+            _check_arch(arch, seen, where)
+        if chosen is None:
+            chosen = arch
+        elif chosen.get("n_head") != arch.get("n_head"):
+            raise CheckpointError(
+                f"GPT-2 configs disagree: {source} has {chosen.get('n_head')} heads, the checkpoint's metadata "
+                f"{arch.get('n_head')}; pass --gpt2 with the model this checkpoint was trained on"
+            )
+    if chosen is None and seen is None:
+        raise CheckpointError("this checkpoint holds no GPT-2 weights and no GPT-2 config was found: pass --gpt2 DIR")
+    return chosen or seen  # type: ignore[return-value]
+
+
+def _check_arch(arch: dict[str, Any], seen: dict[str, Any], where: str) -> None:
+    def shapes(a: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: a.get(k) for k in GPT2_SHAPE_KEYS}, "n_inner": a.get("n_inner") or 4 * a["n_embd"]}
+
+    want, got = shapes(arch), shapes(seen)
+    wrong = [f"{k} {want[k]} in the config, {got[k]} in the tensors" for k in GPT2_SHAPE_KEYS if want[k] != got[k]]
+    if arch["n_embd"] % arch.get("n_head", 1):
+        wrong.append(f"n_embd {arch['n_embd']} is not a multiple of n_head {arch['n_head']}")
+    if wrong:
+        raise CheckpointError(
+            f"the GPT-2 config from {where} does not fit this checkpoint's GPT-2 tensors ({'; '.join(wrong)}): "
+            "pass --gpt2 with the model this checkpoint was trained on"
+        )
 
 
 def describe_clip_mismatch(expected: int, clip_model: str, got: int | None) -> str:
@@ -158,59 +276,80 @@ def describe_clip_mismatch(expected: int, clip_model: str, got: int | None) -> s
 
 def resolve_config(raw: RawCheckpoint, **overrides: Any) -> ModelConfig:
     """The embedded or inferred config, with the caller's settings (None = keep) applied."""
-    config = raw.config or infer_config(raw.state)
-    config = config.replace(**overrides)
-    got = backbones.clip_embed_dim(config.clip_model)
-    if got is not None and got != config.prefix_size:
-        raise CheckpointError(describe_clip_mismatch(config.prefix_size, config.clip_model, got))
-    return config
+    return (raw.config or infer_config(raw.state)).replace(**overrides)
 
 
-def build_model(raw: RawCheckpoint, config: ModelConfig) -> ClipCaptionModel:
-    """A ClipCaptionModel holding the checkpoint's weights (strict: nothing missing, nothing extra)."""
-    from transformers import GPT2Config
+def check_clip(config: ModelConfig, clip_dim: int | None) -> None:
+    """Refuse a CLIP whose embedding width (``clip_dim``; None = unknown) the mapper cannot take."""
+    if clip_dim is not None and clip_dim != config.prefix_size:
+        raise CheckpointError(describe_clip_mismatch(config.prefix_size, config.clip_model, clip_dim))
 
-    has_gpt = any(k.startswith("gpt.") for k in raw.state)
-    if has_gpt:
-        gpt_arch = raw.gpt2_config or infer_gpt2_config(raw.state)
-        if gpt_arch is None:
-            raise CheckpointError("checkpoint has partial GPT-2 weights (no wte/wpe)")
-        gpt = backbones.build_gpt2(GPT2Config(**_gpt2_kwargs(gpt_arch)))
-    else:
-        gpt = backbones.load_gpt2(config.gpt2)  # frozen-LM checkpoint: the pretrained LM it was trained on
-    model = ClipCaptionModel(config, gpt)
+
+def lm_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pretrained GPT-2's tensors (hub or ``save_pretrained`` layout) as ``gpt.*`` checkpoint keys."""
+    out = {}
+    for key, value in weights.items():
+        key = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if not STALE_GPT_BUFFER.match(f"gpt.{key}"):
+            out[f"gpt.{key}"] = value
+    return out
+
+
+def build_model(
+    raw: RawCheckpoint,
+    config: ModelConfig,
+    gpt2_arch: dict[str, Any] | None = None,
+    lm: dict[str, torch.Tensor] | None = None,
+) -> ClipCaptionModel:
+    """A ClipCaptionModel holding the checkpoint's weights (strict: nothing missing, nothing extra).
+
+    The model is built on the meta device and the tensors are assigned, not copied. ``gpt2_arch``
+    is the GPT-2 to build (default: ``gpt2_architecture(raw)``); ``lm`` gives GPT-2's weights for a
+    frozen-LM file that holds only its mapper (``lm_state`` of the pretrained model's tensors).
+    """
     state = dict(raw.state)
-    if has_gpt and TIED_LM_HEAD not in state and gpt.config.tie_word_embeddings:
+    if not raw.has_lm:
+        if lm is None:
+            raise CheckpointError("this checkpoint holds only its mapper: the pretrained GPT-2's weights are needed")
+        state.update(lm)
+    model = _meta_model(config, gpt2_arch or gpt2_architecture(raw, lm=lm))
+    tied = model.gpt.config.tie_word_embeddings
+    if tied and TIED_LM_HEAD in state and not _same_tensor(state[TIED_LM_HEAD], state["gpt.transformer.wte.weight"]):
+        raise CheckpointError("the checkpoint's lm_head differs from its token embeddings, but GPT-2 ties them")
+    if tied:
         state[TIED_LM_HEAD] = state["gpt.transformer.wte.weight"]
-    expected = model.state_dict() if has_gpt else model.clip_project.state_dict()
-    if not has_gpt:
-        state = {k[len("clip_project.") :]: v for k, v in state.items()}
-    _check_keys(expected, state)
-    target = model if has_gpt else model.clip_project
-    target.load_state_dict(state, strict=True)
+    _check_keys(model.state_dict(), state)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.gpt.tie_weights()  # assignment gave lm_head its own Parameter: share wte's again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint left {len(left)} tensors unset (e.g. {left[0]})")
     return model
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() or (a.shape == b.shape and torch.equal(a, b))
+
+
+def _meta_model(config: ModelConfig, gpt2_arch: dict[str, Any]) -> ClipCaptionModel:
+    """The model ``config`` and ``gpt2_arch`` describe, on the meta device (no memory, no init)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        return ClipCaptionModel(config, GPT2LMHeadModel(GPT2Config(**gpt2_arch)))
 
 
 def check_structure(raw: RawCheckpoint, config: ModelConfig) -> None:
     """Strictly compare the file's keys and shapes with the model ``config`` describes, without
     allocating it (the model is built on the meta device). Raises CheckpointError."""
-    from transformers import GPT2Config
-
-    gpt_arch = raw.gpt2_config or infer_gpt2_config(raw.state)
-    if gpt_arch is None:
+    if not raw.has_lm:
         raise CheckpointError("checkpoint has no GPT-2 weights to check against")
-    with torch.device("meta"):
-        model = ClipCaptionModel(config, backbones.build_gpt2(GPT2Config(**_gpt2_kwargs(gpt_arch))))
+    model = _meta_model(config, gpt2_architecture(raw))
     state = dict(raw.state)
     if TIED_LM_HEAD not in state and "gpt.transformer.wte.weight" in state:
         state[TIED_LM_HEAD] = state["gpt.transformer.wte.weight"]
     _check_keys(model.state_dict(), state)
-
-
-def _gpt2_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
-    keep = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-            "layer_norm_epsilon", "tie_word_embeddings", "bos_token_id", "eos_token_id", "scale_attn_weights")
-    return {k: arch[k] for k in keep if k in arch}
 
 
 def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
@@ -228,17 +367,6 @@ def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
             raise CheckpointError(
                 f"checkpoint tensor {key} has shape {tuple(state[key].shape)}, the model needs {tuple(tensor.shape)}"
             )
-
-
-def load(path: str | Path, device: torch.device | str = "cpu", **overrides: Any) -> ClipCaptionModel:
-    """Load any supported checkpoint as an eval-mode model on ``device``.
-
-    ``overrides`` are ModelConfig fields (clip_model=, normalize_prefix=, gpt2=, ...); None keeps
-    what the checkpoint says or implies.
-    """
-    raw = read(path)
-    config = resolve_config(raw, **overrides)
-    return build_model(raw, config).to(device).eval()
 
 
 def save(model: ClipCaptionModel, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -260,14 +388,8 @@ def save(model: ClipCaptionModel, path: str | Path, extra_metadata: dict[str, st
         "format_version": FORMAT_VERSION,
         "clipcap_version": __version__,
         "config": config.to_json(),
-        "gpt2_config": json.dumps({k: getattr(gpt.config, k) for k in _gpt2_attr_names(gpt.config)}),
+        "gpt2_config": json.dumps({k: getattr(gpt.config, k) for k in GPT2_ARCH_KEYS if hasattr(gpt.config, k)}),
     }
     metadata.update(extra_metadata or {})
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path
-
-
-def _gpt2_attr_names(cfg: Any) -> list[str]:
-    names = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-             "layer_norm_epsilon", "tie_word_embeddings", "bos_token_id", "eos_token_id")
-    return [n for n in names if hasattr(cfg, n)]

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from clipcap_cli.ui import State, stdout
+from clipcap_cli.ui import State, show_core_warnings, stdout
 from clipcap_cli.version import __version__
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ def root(
 ) -> None:
     """Global options (before the command name)."""
     State.verbose = verbose
+    show_core_warnings()
     if offline:
         os.environ["CLIPCAP_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -2,7 +2,8 @@
 
 ``fetch`` tries a list of URLs in order, streams into ``<dest>.part`` with HTTP Range
 resume and bounded retries, follows Google Drive's large-file confirmation page,
-checks size and sha256, and renames atomically into place. A lock file keeps two
+checks size and sha256 (the caller's, or the one a Hugging Face mirror publishes for its
+LFS files), and renames atomically into place. A lock file keeps two
 processes from downloading the same file at once. Nothing here prints: progress goes
 to an optional callback and every failure is a ``DownloadError`` with a one-line message.
 """
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
@@ -40,8 +42,11 @@ __all__ = [
     "OfflineError",
     "TransferError",
     "ProgressCallback",
+    "Fetched",
     "check_network",
     "fetch",
+    "fetch_verified",
+    "published_checksum",
     "sha256_file",
 ]
 
@@ -50,6 +55,7 @@ ProgressCallback = Callable[[int, "int | None"], None]
 can go back to 0 when a server forces a restart. ``total`` is None when unknown."""
 
 CHUNK = 1 << 20
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_BACKOFF = 30.0  # seconds; cap for backoff * 2**n and for Retry-After
 MAX_CONFIRM_HOPS = 3  # consecutive HTML confirmation pages followed before giving up
 SPACE_MARGIN = 16 << 20  # bytes kept free on top of what the download needs
@@ -141,7 +147,21 @@ def check_network(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
-def fetch(
+class Fetched(NamedTuple):
+    """A file ``fetch_verified`` delivered, and what vouches for its content."""
+
+    path: Path
+    sha256: str | None  # the hash it was checked against (None: nothing to check against)
+    published_by: str | None  # host that published that hash (a Hugging Face mirror), else None
+    url: str | None = None  # where it came from (None: it was already cached)
+
+
+def fetch(urls: Sequence[str] | str, dest: Path | str, **kwargs: Any) -> Path:
+    """``fetch_verified(urls, dest, ...).path``: the downloaded (or cached) file."""
+    return fetch_verified(urls, dest, **kwargs).path
+
+
+def fetch_verified(
     urls: Sequence[str] | str,
     dest: Path | str,
     *,
@@ -155,15 +175,18 @@ def fetch(
     force: bool = False,
     offline: bool = False,
     lock_timeout: float = 3600.0,
-) -> Path:
-    """Download the first working URL of ``urls`` to ``dest`` and return ``dest``.
+) -> Fetched:
+    """Download the first working URL of ``urls`` to ``dest``.
 
     A cached ``dest`` that matches ``sha256``/``size`` is returned without any network
     access (with neither given, an existing ``dest`` is trusted); ``force`` downloads
-    again anyway. ``timeout`` is seconds for connect and for each read, or a
-    ``(connect, read)`` pair. Each URL gets ``retries`` retries after transient
-    failures, waiting ``backoff * 2**n`` seconds (capped); a retry that made progress
-    resets the count, so a flaky link still finishes a large file.
+    again anyway. A Hugging Face ``/resolve/`` URL is asked first for the sha256 it
+    publishes (``published_checksum``), and the download is checked against it; when the
+    caller's ``sha256`` is given too, a mirror publishing another one is refused.
+    ``timeout`` is seconds for connect and for each read, or a ``(connect, read)``
+    pair. Each URL gets ``retries`` retries after transient failures, waiting
+    ``backoff * 2**n`` seconds (capped); a retry that made progress resets the count, so
+    a flaky link still finishes a large file.
 
     Raises OfflineError, NotEnoughSpaceError, LockTimeoutError at once; otherwise the
     error of the single URL, or one summarising all of them (all DownloadError).
@@ -175,7 +198,7 @@ def fetch(
     want_sha = sha256.strip().lower() if sha256 else None
 
     if not force and _is_cached(dest, want_sha, size):
-        return dest
+        return Fetched(dest, want_sha, None)
     if offline:
         raise OfflineError(
             f"offline: {dest.name} is not cached; download {url_list[0]} by hand and "
@@ -188,19 +211,21 @@ def fetch(
         # Whoever held the lock may have just finished this very file: use it, even
         # with force (their download is as fresh as ours would be).
         if (not force or waited) and _is_cached(dest, want_sha, size):
-            return dest
+            return Fetched(dest, want_sha, None)
         if size is not None:
             _check_space(dest, size - _size_of(part))
 
         sess = session or requests.Session()
         errors: list[tuple[str, DownloadError]] = []
+        timeouts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
         try:
             for url in url_list:
                 try:
+                    url_sha, url_size, publisher = _expected_for(sess, url, dest, want_sha, size, timeouts)
                     _fetch_one(
-                        sess, url, part, dest, want_sha, size, timeout, retries, backoff, progress
+                        sess, url, part, dest, url_sha, url_size, timeout, retries, backoff, progress
                     )
-                    return dest
+                    return Fetched(dest, url_sha, publisher, url)
                 except _FATAL:
                     raise
                 except DownloadError as exc:  # permanent for this URL: try the next one
@@ -209,6 +234,48 @@ def fetch(
             if session is None:
                 sess.close()
     raise _combine(errors, dest)
+
+
+def _expected_for(
+    sess: requests.Session,
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    size: int | None,
+    timeouts: tuple[float, float],
+) -> tuple[str | None, int | None, str | None]:
+    """(sha256, size, publisher) to check ``url``'s download against: the caller's, or what a
+    Hugging Face mirror publishes; a mirror that publishes another hash than the caller's is refused."""
+    published_sha, published_size = published_checksum(sess, url, timeouts)
+    if published_sha is None:
+        return sha256, size, None
+    if sha256 is not None and published_sha != sha256:
+        raise ChecksumError(
+            f"{_host(url)} publishes sha256 {published_sha} for {dest.name}, not the verified {sha256}"
+        )
+    return published_sha, size if size is not None else published_size, _host(url)
+
+
+def published_checksum(
+    sess: requests.Session, url: str, timeouts: tuple[float, float] = (10.0, 10.0)
+) -> tuple[str | None, int | None]:
+    """The (sha256, size) a Hugging Face ``/resolve/`` URL publishes for an LFS file, or (None, None).
+
+    The hub answers a HEAD on ``.../resolve/REV/FILE`` with a redirect whose ``X-Linked-Etag``
+    header is the file's sha256 and ``X-Linked-Size`` its size. Any failure here only means no
+    published hash: the download itself decides whether the URL works.
+    """
+    if "/resolve/" not in urlsplit(url).path:
+        return None, None
+    try:
+        resp = sess.head(url, allow_redirects=False, timeout=timeouts,
+                         headers={"User-Agent": _user_agent(), "Accept-Encoding": "identity"})
+    except requests.RequestException:
+        return None, None
+    with resp:
+        etag = resp.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
+        linked_size = _int_or_none(resp.headers.get("X-Linked-Size"))
+    return (etag, linked_size) if SHA256_HEX.match(etag) else (None, None)
 
 
 # --------------------------------------------------------------------------- one URL

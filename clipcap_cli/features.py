@@ -104,6 +104,11 @@ def save_features(path: str | Path, embeddings: torch.Tensor, records: list[dict
     records = [_check_record(i, r) for i, r in enumerate(records)]
     index_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     full_meta = dict(meta)
+    if full_meta.get("clip_model") and not full_meta.get("clip_activation"):
+        from clipcap_cli.backbones import clip_activation
+
+        # Features written now come from clipcap's CLIP loader, which builds the activation the tag needs.
+        full_meta["clip_activation"] = clip_activation(str(full_meta["clip_model"]), full_meta.get("clip_pretrained"))
     full_meta.update(
         format=FORMAT,
         format_version=FORMAT_VERSION,
@@ -170,10 +175,29 @@ def load_features(path: str | Path) -> FeatureSet:
         raise FeaturesError(
             f"{folder}: inconsistent store ({tuple(embeddings.shape)} embeddings, {len(records)} index lines, count {count})"
         )
+    _check_activation(meta, folder)
     expected_sha = meta.get("index_sha256")
     if expected_sha and hashlib.sha256(index_bytes).hexdigest() != expected_sha:
         raise FeaturesError(f"{folder}: {INDEX_FILE} does not belong to this {META_FILE} (files from different runs)")
     return FeatureSet(embeddings=embeddings, records=records, meta=meta, path=folder)
+
+
+def _check_activation(meta: dict, folder: Path) -> None:
+    """Refuse a store whose CLIP ran with the wrong activation: clipcap 0.1 recorded none, and
+    open_clip then built OpenAI's ViTs with GELU instead of their QuickGELU."""
+    if meta.get("clip_activation") or not meta.get("clip_model"):
+        return
+    from clipcap_cli.backbones import clip_spec
+
+    try:
+        spec = clip_spec(str(meta["clip_model"]), meta.get("clip_pretrained"))
+    except ClipCapError:
+        return  # a CLIP this installation does not know: nothing to compare with
+    if spec.activation == "quick_gelu" and spec.image_tower_has_gelu:
+        raise FeaturesError(
+            f"{folder} was extracted by clipcap 0.1, which ran {meta['clip_model']} ({meta.get('clip_pretrained')}) "
+            "with GELU instead of its QuickGELU: re-extract it (the same `clipcap extract` command with --overwrite)"
+        )
 
 
 def read_skipped(path: str | Path) -> list[dict]:
@@ -282,9 +306,12 @@ def clear_store(out: Path) -> None:
 
 def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOptions, dtype: str, source: dict) -> dict:
     """What must match for part files to be combined: same model, same records, same chunking."""
+    from clipcap_cli.backbones import clip_activation
+
     return {
         "clip_model": options.clip_model,
         "clip_pretrained": options.clip_pretrained,
+        "clip_activation": clip_activation(options.clip_model, options.clip_pretrained),
         "dtype": dtype,
         "chunk_size": options.chunk_size,
         "records": len(records),
@@ -296,6 +323,10 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
 
 def _settings_mismatch(old: dict, new: dict) -> str:
     diffs = []
+    if old.get("clip_activation") != new.get("clip_activation"):
+        # Stores from clipcap 0.1 have no activation: open_clip built OpenAI's CLIP with GELU then.
+        then = old.get("clip_activation") or "gelu (clipcap 0.1)"
+        diffs.append(f"CLIP activation {then} then, {new.get('clip_activation')} now: features cannot be mixed")
     for key in ("clip_model", "clip_pretrained", "dtype", "chunk_size", "images_root", "records"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key} {old.get(key)!r} then, {new.get(key)!r} now")
@@ -623,6 +654,7 @@ def _store_meta(settings: dict, header: dict, records: list[dict], kept: list[di
     return {
         "clip_model": settings["clip_model"],
         "clip_pretrained": settings["clip_pretrained"],
+        "clip_activation": settings["clip_activation"],
         "normalized": False,  # raw encode_image output, as the original parse_coco.py stored it
         "preprocess": header["preprocess"],
         "device": header["device"],

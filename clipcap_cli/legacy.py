@@ -194,6 +194,7 @@ def import_original_pickle(
     meta = {
         "clip_model": clip_model or CLIP_FOR_DIM.get(dim),
         "clip_pretrained": clip_pretrained if clip_model else (clip_pretrained or DEFAULT_CLIP_PRETRAINED),
+        "clip_activation": "quick_gelu",  # the original encoded with OpenAI's own CLIP package
         "clip_model_guessed": clip_model is None,
         "normalized": False,
         "preprocess": ORIGINAL_PREPROCESS,

@@ -1,4 +1,16 @@
-"""Loading a captioner: a registry name or a checkpoint file in, a ready ``Captioner`` out."""
+"""Loading a captioner: a registry name or a checkpoint file in, a ready ``Captioner`` out.
+
+One straight path, top to bottom (``load_model``):
+
+1. resolve the name to a verified file (``pretrained``: registry, download, sha256);
+2. read the tensors and the config (``checkpoint``; a downloaded ``.pt`` is converted once into
+   safetensors beside it), and the GPT-2 architecture the user named (``backbones``);
+3. build the modules without initialising them (the meta device);
+4. load the weights, by assignment;
+5. attach CLIP (its image tower) and the tokenizer (``backbones``).
+
+Each lower module is called from here and none of them calls back up.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipcap_cli import backbones, checkpoint, pretrained
 from clipcap_cli.captioner import Captioner
-from clipcap_cli.errors import ModelNotAvailableError
+from clipcap_cli.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
+    from clipcap_cli.model import ClipCaptionModel
 
-def resolve(name_or_path: str, progress: Callable[[int, int | None], None] | None = None) -> tuple[Path, dict[str, Any]]:
-    """``--model NAME|PATH`` -> (checkpoint file, ModelConfig settings the registry implies)."""
-    try:
-        from clipcap_cli.pretrained import resolve_checkpoint
-    except ModuleNotFoundError as exc:  # the registry is optional: plain files still work
-        if exc.name != "clipcap_cli.pretrained":
-            raise
-        path = Path(name_or_path).expanduser()
-        if path.is_file():
-            return path, {}
-        raise ModelNotAvailableError(f"no checkpoint file {name_or_path!r} (and no model registry)") from None
-    return resolve_checkpoint(name_or_path, progress=progress) if progress else resolve_checkpoint(name_or_path)
+Progress = Callable[[int, "int | None"], None]
 
 
 def load_model(
@@ -35,7 +38,7 @@ def load_model(
     gpt2: str | None = None,
     normalize_prefix: bool | None = None,
     *,
-    download_progress: Callable[[int, int | None], None] | None = None,
+    download_progress: Progress | None = None,
 ) -> Captioner:
     """Load a registry model ("coco", "conceptual", "coco-transformer") or a checkpoint file.
 
@@ -46,15 +49,59 @@ def load_model(
             (or the registry entry) implies; None keeps it.
         download_progress: ``progress(done_bytes, total_bytes)`` while a registry model downloads.
     """
-    from clipcap_cli import backbones, checkpoint
     from clipcap_cli.device import pick_device
 
     dev = pick_device(str(device) if device is not None else None)
-    path, implied = resolve(name_or_path, download_progress)
     user = {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "gpt2": gpt2, "normalize_prefix": normalize_prefix}
-    overrides = {**implied, **{k: v for k, v in user.items() if v is not None}}
-    model = checkpoint.load(path, dev, **overrides)
+    model = load_network(name_or_path, dev, download_progress=download_progress, **user)
     config = model.config
+    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev)  # 5.
     tokenizer = backbones.load_tokenizer(config.gpt2)
-    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev)
     return Captioner(model, clip, preprocess, tokenizer, dev)
+
+
+def load_network(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    *,
+    download_progress: Progress | None = None,
+    **overrides: Any,
+) -> ClipCaptionModel:
+    """Steps 1-4 of ``load_model``: the ClipCaptionModel alone (mapper and GPT-2), in eval mode.
+
+    ``overrides`` are ModelConfig fields (clip_model=, normalize_prefix=, gpt2=, ...); None keeps
+    what the checkpoint says or the registry implies.
+    """
+    path, implied = pretrained.resolve(name_or_path, progress=download_progress)  # 1.
+    raw = read_checkpoint(path, converted=name_or_path in pretrained.REGISTRY)  # 2.
+    config = checkpoint.resolve_config(raw, **{**implied, **{k: v for k, v in overrides.items() if v is not None}})
+    checkpoint.check_clip(config, backbones.clip_embed_dim(config.clip_model))
+    named_gpt2 = overrides.get("gpt2") is not None or raw.gpt2_config is None or not raw.has_lm
+    lm = None if raw.has_lm else checkpoint.lm_state(backbones.gpt2_weights(config.gpt2))
+    named = backbones.gpt2_config(config.gpt2) if named_gpt2 else None
+    arch = checkpoint.gpt2_architecture(raw, named.to_dict() if named else None, f"GPT-2 '{config.gpt2}'", lm=lm)
+    model = checkpoint.build_model(raw, config, arch, lm)  # 3. and 4.
+    return model.to(device).eval()
+
+
+def read_checkpoint(path: Path, *, converted: bool = False) -> checkpoint.RawCheckpoint:
+    """Read ``path``; with ``converted`` (a downloaded registry file), through its safetensors copy,
+    made on first use."""
+    if converted and path.suffix == ".pt":
+        path = checkpoint.to_safetensors(path)
+    return checkpoint.read(path)
+
+
+def verify_download(model: pretrained.PretrainedModel) -> Path:
+    """Check a downloaded registry file strictly (keys and shapes, the CLIP it needs) and convert it
+    to safetensors, so the first caption is fast. A file that is not the model is deleted."""
+    try:
+        raw = read_checkpoint(model.path, converted=True)
+        config = checkpoint.resolve_config(raw, **model.settings)
+        checkpoint.check_structure(raw, config)
+        checkpoint.check_clip(config, backbones.clip_embed_dim(model.clip[0]))
+    except CheckpointError as exc:
+        model.path.unlink(missing_ok=True)
+        model.path.with_suffix(".safetensors").unlink(missing_ok=True)
+        raise CheckpointError(f"model '{model.name}': the downloaded file is not a valid checkpoint ({exc}); removed") from exc
+    return model.path

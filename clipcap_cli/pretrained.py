@@ -2,22 +2,28 @@
 
 One place for every released checkpoint: where to fetch it (Hugging Face mirrors first, the
 original Google Drive file as a fallback), how big it is, and which CLIP, GPT-2 and settings it
-needs. The released files have no published sha256, so the hash is recorded on first download
-(``<file>.sha256``) and later checks compare against it; the download itself is verified by a
-strict load of the state dict's keys and shapes.
+needs. The Hugging Face mirrors publish each file's sha256 (their LFS metadata), and a download
+from them is checked against it; Google Drive publishes none. Either way the hash is recorded
+beside the file (``<file>.sha256``, with who vouched for it), later downloads are checked against
+a verified record, and a verified record is never replaced by an unverified one.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable
 
 from clipcap_cli import paths
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
+from clipcap_cli.fsutil import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 MB = 1000 * 1000
 
@@ -102,24 +108,34 @@ def _hash_file(model: PretrainedModel) -> Path:
     return model.path.with_name(model.path.name + ".sha256")
 
 
-def recorded_sha256(model: PretrainedModel) -> str | None:
-    if model.sha256:
-        return model.sha256
+def record(model: PretrainedModel) -> dict[str, Any]:
+    """What was recorded when the file was downloaded: ``sha256``, ``size`` and ``verified_by``
+    (the host that published the hash, or None when nobody did); {} when nothing was."""
     try:
-        return json.loads(_hash_file(model).read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
-        return None
+        data = json.loads(_hash_file(model).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("sha256"), str) else {}
+
+
+def recorded_sha256(model: PretrainedModel) -> str | None:
+    return model.sha256 or record(model).get("sha256")
+
+
+def verified_sha256(model: PretrainedModel) -> str | None:
+    """The hash a download must match: the registry's own, or a recorded one someone published."""
+    rec = record(model)
+    return model.sha256 or (rec["sha256"] if rec.get("verified_by") else None)
 
 
 def is_cached(model: PretrainedModel) -> bool:
     """The file is there and complete (its size matches what was recorded when it was verified)."""
     if not model.path.is_file():
         return False
-    try:
-        recorded = json.loads(_hash_file(model).read_text())
-    except (OSError, ValueError):
-        return model.sha256 is not None  # a published hash is checked by `download`; trust the file here
-    return recorded.get("size") == model.path.stat().st_size
+    rec = record(model)
+    if not rec:
+        return model.sha256 is not None  # a registry hash is checked by `download`; trust the file here
+    return rec.get("size") == model.path.stat().st_size
 
 
 def manual_hint(model: PretrainedModel) -> str:
@@ -132,53 +148,37 @@ def fetch(
     force: bool = False,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
-    """Download (or re-verify) a registry model's checkpoint and return its path."""
+    """Download (or re-verify) a registry model's checkpoint and return its path.
+
+    A download from a Hugging Face mirror is checked against the sha256 the mirror publishes;
+    one from Google Drive cannot be, which is logged as a warning. With ``force``, a verified
+    record stays the reference: the new file must match it, or it is refused.
+    """
     from clipcap_cli import download
 
     offline = not paths.can_download()
     if offline and not model.path.is_file():
         why = "offline mode is on" if paths.offline_requested() else "the network is unreachable"
         raise ModelNotAvailableError(f"model '{model.name}' is not downloaded and {why}: {manual_hint(model)}")
-    expected = recorded_sha256(model)
-    if force and not model.sha256:
-        expected = None  # a forced download starts from scratch, so its hash is recorded anew
+    old = record(model)
+    expected = verified_sha256(model) if force else recorded_sha256(model)
     try:
-        path = download.fetch(
+        got = download.fetch_verified(
             model.urls, model.path, sha256=expected, force=force, progress=progress, offline=offline
         )
     except download.OfflineError as exc:
         raise ModelNotAvailableError(f"model '{model.name}': {exc}") from exc
-    if recorded_sha256(model) is None or force or not is_cached(model):
-        verify_structure(model)
-        digest = download.sha256_file(path)
-        if model.sha256 and digest != model.sha256:
-            path.unlink(missing_ok=True)
-            raise CheckpointError(f"model '{model.name}': sha256 {digest} does not match {model.sha256}; file removed")
-        _hash_file(model).write_text(json.dumps({"sha256": digest, "size": path.stat().st_size}))
-    return path
-
-
-def verify_structure(model: PretrainedModel) -> None:
-    """A strict key-and-shape check of a downloaded file; a bad file is deleted, not kept."""
-    from clipcap_cli import checkpoint
-
-    try:
-        raw = checkpoint.read(model.path)
-        config = checkpoint.infer_config(raw.state)
-        checkpoint.check_structure(raw, config)
-    except CheckpointError as exc:
-        model.path.unlink(missing_ok=True)
-        raise CheckpointError(f"model '{model.name}': the downloaded file is not a valid checkpoint ({exc}); removed") from exc
-    want = model.settings
-    if want.get("clip_model") and config.prefix_size != _clip_dim(want["clip_model"]):
-        model.path.unlink(missing_ok=True)
-        raise CheckpointError(f"model '{model.name}': downloaded file expects {config.prefix_size}-d CLIP features; removed")
-
-
-def _clip_dim(name: str) -> int | None:
-    from clipcap_cli.backbones import clip_embed_dim
-
-    return clip_embed_dim(name)
+    digest = got.sha256 or download.sha256_file(got.path)
+    verified_by = got.published_by or ("registry" if model.sha256 else None)
+    if verified_by is None and old.get("verified_by") and old.get("sha256") == digest:
+        verified_by = old["verified_by"]  # the same bytes a mirror vouched for before
+    if verified_by is None and old.get("sha256") != digest:
+        source = urlsplit(got.url).hostname if got.url else "the file in place"
+        log.warning("model '%s': %s publishes no checksum, so the download could not be verified; "
+                    "recorded its sha256 %s", model.name, source, digest)
+    write_text_atomic(_hash_file(model), json.dumps(
+        {"sha256": digest, "size": got.path.stat().st_size, "verified_by": verified_by}) + "\n")
+    return got.path
 
 
 def check_model_argument(name_or_path: str) -> None:
@@ -191,7 +191,7 @@ def check_model_argument(name_or_path: str) -> None:
     get(name_or_path)
 
 
-def resolve_checkpoint(
+def resolve(
     name_or_path: str, *, progress: Callable[[int, int | None], None] | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """``--model`` to (checkpoint file, ModelConfig settings the registry implies).

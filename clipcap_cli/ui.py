@@ -8,6 +8,7 @@ Commands import from here, never from ``cli`` or from each other.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import traceback
@@ -80,6 +81,22 @@ def cli_errors() -> Iterator[None]:
             markup=True,
         )
         raise typer.Exit(errors.EXIT_FATAL) from None
+
+
+class WarningsToStderr(logging.Handler):
+    """The core reports what the user should know (an unverified download, ...) as log warnings;
+    the CLI shows them as ``warning:`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
+
+
+def show_core_warnings() -> None:
+    logger = logging.getLogger("clipcap_cli")
+    if not any(isinstance(h, WarningsToStderr) for h in logger.handlers):
+        handler = WarningsToStderr(level=logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def complete_model(incomplete: str) -> list[str]:

@@ -3,64 +3,16 @@
 from __future__ import annotations
 
 import pickle
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
 from clipcap_cli import checkpoint
+from clipcap_cli.loading import load_network
 from clipcap_cli.errors import CheckpointError
 from conftest import build_tiny_model
-
-
-def released_gpt2_state(gen: torch.Generator) -> "OrderedDict[str, torch.Tensor]":
-    """GPT-2 124M keys and shapes as in the released files (transformers 4.11 era, reference 1.5),
-    including the stale attn.bias / attn.masked_bias buffers and the tied lm_head."""
-    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
-    r = lambda *shape: torch.randn(*shape, generator=gen) * 0.02  # noqa: E731
-    sd["gpt.transformer.wte.weight"] = r(50257, 768)
-    sd["gpt.transformer.wpe.weight"] = r(1024, 768)
-    causal = torch.tril(torch.ones(1024, 1024, dtype=torch.uint8)).view(1, 1, 1024, 1024)
-    for i in range(12):
-        p = f"gpt.transformer.h.{i}."
-        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = r(768), r(768)
-        sd[p + "attn.bias"] = causal.clone()
-        sd[p + "attn.masked_bias"] = torch.tensor(-1e4)
-        sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"] = r(768, 2304), r(2304)
-        sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"] = r(768, 768), r(768)
-        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = r(768), r(768)
-        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(768, 3072), r(3072)
-        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(3072, 768), r(768)
-    sd["gpt.transformer.ln_f.weight"], sd["gpt.transformer.ln_f.bias"] = r(768), r(768)
-    sd["gpt.lm_head.weight"] = sd["gpt.transformer.wte.weight"]  # tied: same storage, as saved
-    return sd
-
-
-def released_mlp_state(gen: torch.Generator) -> "OrderedDict[str, torch.Tensor]":
-    sd = released_gpt2_state(gen)
-    sd["clip_project.model.0.weight"] = torch.randn(3840, 512, generator=gen) * 0.02
-    sd["clip_project.model.0.bias"] = torch.randn(3840, generator=gen)
-    sd["clip_project.model.2.weight"] = torch.randn(7680, 3840, generator=gen) * 0.02
-    sd["clip_project.model.2.bias"] = torch.randn(7680, generator=gen)
-    return sd
-
-
-def released_transformer_state(gen: torch.Generator) -> "OrderedDict[str, torch.Tensor]":
-    sd = released_gpt2_state(gen)
-    r = lambda *shape: torch.randn(*shape, generator=gen) * 0.02  # noqa: E731
-    sd["clip_project.prefix_const"] = r(40, 768)
-    for i in range(8):
-        p = f"clip_project.transformer.layers.{i}."
-        sd[p + "norm1.weight"], sd[p + "norm1.bias"] = r(768), r(768)
-        sd[p + "attn.to_queries.weight"] = r(768, 768)
-        sd[p + "attn.to_keys_values.weight"] = r(1536, 768)
-        sd[p + "attn.project.weight"], sd[p + "attn.project.bias"] = r(768, 768), r(768)
-        sd[p + "norm2.weight"], sd[p + "norm2.bias"] = r(768), r(768)
-        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = r(1536, 768), r(1536)
-        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = r(768, 1536), r(768)
-    sd["clip_project.linear.weight"], sd["clip_project.linear.bias"] = r(30720, 640), r(30720)
-    return sd
+from released import released_mlp_state, released_transformer_state
 
 
 def _assert_loaded_exactly(model, sd):
@@ -101,7 +53,7 @@ def test_released_transformer_checkpoint_loads_strictly(tmp_path: Path):
     _assert_loaded_exactly(model, sd)
     # A wrong CLIP is named in one line, with the fix.
     with pytest.raises(CheckpointError, match=r"expects 640-d CLIP features \(RN50x4\); you gave ViT-B-32 \(512-d\)"):
-        checkpoint.resolve_config(raw, clip_model="ViT-B-32")
+        checkpoint.check_clip(checkpoint.resolve_config(raw, clip_model="ViT-B-32"), 512)
 
 
 def test_missing_or_extra_keys_are_named(tmp_path: Path, tiny_config):
@@ -120,7 +72,7 @@ def test_our_checkpoint_round_trips_bit_exactly(tmp_path: Path, tiny_config):
     model = build_tiny_model(tiny_config, seed=3)
     path = checkpoint.save(model, tmp_path / "run" / "epoch-001.safetensors")
     assert not list(path.parent.glob("*.tmp"))
-    loaded = checkpoint.load(path)
+    loaded = load_network(path)
     assert loaded.config == tiny_config
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
@@ -134,7 +86,7 @@ def test_only_prefix_checkpoint_stores_mapper_only(tmp_path: Path, tiny_config, 
     raw = checkpoint.read(path)
     assert raw.state and all(k.startswith("clip_project.") for k in raw.state)
     assert raw.config == config and raw.metadata["format"] == "clipcap"
-    loaded = checkpoint.load(path)
+    loaded = load_network(path)
     a, b = model.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # mapper from the file, GPT-2 from tiny_gpt2_dir
 

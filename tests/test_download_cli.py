@@ -73,7 +73,7 @@ def test_download_records_hash_and_lists_it(tiny_registry):
     assert result.exit_code == 0 and result.stdout.strip() == str(entry.path)
 
     # The downloaded file is usable by name, with the registry's settings.
-    path, settings = pretrained.resolve_checkpoint("tiny")
+    path, settings = pretrained.resolve("tiny")
     assert path == entry.path and settings["clip_model"] == entry.settings["clip_model"]
 
 
@@ -119,5 +119,5 @@ def test_manually_placed_file_is_verified_and_used(tiny_registry, served, monkey
     _, root, _ = served
     entry.path.write_bytes((root / "tiny_weights.pt").read_bytes())
     monkeypatch.setattr("clipcap_cli.paths.can_download", lambda host="huggingface.co": False)
-    path, _ = pretrained.resolve_checkpoint("tiny")
+    path, _ = pretrained.resolve("tiny")
     assert path == entry.path and pretrained.recorded_sha256(entry)

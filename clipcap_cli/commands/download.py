@@ -80,30 +80,36 @@ def command(
 
 
 def _fetch_with_progress(model, *, force: bool, quiet: bool):
-    from clipcap_cli import paths, pretrained, ui
+    from clipcap_cli import loading, paths, pretrained, ui
 
     if pretrained.is_cached(model) and not force:
         return model.path
     if not paths.can_download():
-        return pretrained.fetch(model, force=force)  # fails at once with what to download and where
-    with ui.byte_progress(quiet=quiet) as bar:
-        task = bar.add_task(f"{model.name}", total=model.approx_size)
+        path = pretrained.fetch(model, force=force)  # fails at once with what to download and where
+    else:
+        with ui.byte_progress(quiet=quiet) as bar:
+            task = bar.add_task(f"{model.name}", total=model.approx_size)
 
-        def progress(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total or model.approx_size)
+            def progress(done: int, total: int | None) -> None:
+                bar.update(task, completed=done, total=total or model.approx_size)
 
-        return pretrained.fetch(model, force=force, progress=progress)
+            path = pretrained.fetch(model, force=force, progress=progress)
+    loading.verify_download(model)  # keys and shapes, then the one-time safetensors conversion
+    return path
 
 
 def _fetch_backbones(model, *, quiet: bool) -> None:
-    from clipcap_cli import backbones
+    from clipcap_cli import backbones, checkpoint
     from clipcap_cli.ui import stderr
 
     clip_name, clip_tag = model.clip
     if not quiet:
-        stderr.print(f"fetching CLIP {clip_name} ({clip_tag}) and the GPT-2 tokenizer '{model.gpt2}' ...", highlight=False)
+        stderr.print(f"fetching CLIP {clip_name} ({clip_tag}) and GPT-2 '{model.gpt2}' (tokenizer, config) ...", highlight=False)
     backbones.load_clip(clip_name, clip_tag, "cpu")
     backbones.load_tokenizer(model.gpt2)
+    backbones.gpt2_config(model.gpt2)
+    if not checkpoint.holds_lm(model.path.with_suffix(".safetensors")):
+        backbones.gpt2_weights(model.gpt2)  # a frozen-LM file without GPT-2: its weights come from the hub
 
 
 def _print_list(as_json: bool) -> None:
