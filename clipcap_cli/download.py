@@ -182,7 +182,8 @@ def fetch_verified(
     access (with neither given, an existing ``dest`` is trusted); ``force`` downloads
     again anyway. A Hugging Face ``/resolve/`` URL is asked first for the sha256 it
     publishes (``published_checksum``), and the download is checked against it; when the
-    caller's ``sha256`` is given too, a mirror publishing another one is refused.
+    caller's ``sha256`` is given too, a mirror publishing another one is refused. A hash
+    published by one mirror also binds the fallbacks tried after it.
     ``timeout`` is seconds for connect and for each read, or a ``(connect, read)``
     pair. Each URL gets ``retries`` retries after transient failures, waiting
     ``backoff * 2**n`` seconds (capped); a retry that made progress resets the count, so
@@ -218,14 +219,17 @@ def fetch_verified(
         sess = session or requests.Session()
         errors: list[tuple[str, DownloadError]] = []
         timeouts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        vouched: str | None = None  # a mirror that published the hash: later sources must match it too
         try:
             for url in url_list:
                 try:
                     url_sha, url_size, publisher = _expected_for(sess, url, dest, want_sha, size, timeouts)
+                    if publisher is not None:
+                        want_sha, vouched = url_sha, publisher
                     _fetch_one(
                         sess, url, part, dest, url_sha, url_size, timeout, retries, backoff, progress
                     )
-                    return Fetched(dest, url_sha, publisher, url)
+                    return Fetched(dest, url_sha, publisher or vouched, url)
                 except _FATAL:
                     raise
                 except DownloadError as exc:  # permanent for this URL: try the next one

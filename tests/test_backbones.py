@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from clipcap_cli import backbones, paths
+from clipcap_cli.config import CLIP_EMBED_DIMS, CLIP_FOR_DIM
 from clipcap_cli.device import pick_device
 from clipcap_cli.errors import ModelNotAvailableError, UsageError
 
@@ -48,8 +49,123 @@ def test_tiny_clip_from_local_dir(tiny_clip_dir: Path):
 def test_clip_names_are_checked():
     with pytest.raises(UsageError, match="did you mean ViT-B-32"):
         backbones.load_clip("ViT-B-23", "openai")
-    assert backbones.clip_embed_dim("RN50x4") == 640
-    assert backbones.clip_embed_dim("ViT-B-32") == 512
+    with pytest.raises(UsageError, match="no pretrained weights tagged 'openia'"):
+        backbones.load_clip("ViT-B-32", "openia")
+
+
+def test_embed_dims_table_agrees_with_open_clip():
+    """The shortcut table must say what open_clip's own configs say (a wrong entry would let a
+    mapper meet the wrong CLIP width, or refuse the right one)."""
+    import open_clip
+
+    for name, dim in CLIP_EMBED_DIMS.items():
+        assert open_clip.get_model_config(name)["embed_dim"] == dim, name
+    for dim, name in CLIP_FOR_DIM.items():
+        assert open_clip.get_model_config(name)["embed_dim"] == dim, name
+
+
+def _quickgelu_tags() -> list[tuple[str, str]]:
+    import open_clip
+
+    return [(m, t) for m, t in open_clip.list_pretrained() if (open_clip.get_pretrained_cfg(m, t) or {}).get("quick_gelu")]
+
+
+def _activations(module) -> set[str]:
+    return {type(m).__name__ for m in module.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
+
+
+def test_every_quickgelu_tag_builds_quickgelu():
+    """open_clip 3.x builds ViT-B-32 with nn.GELU even for the `openai` tag (it only warns). Every
+    tag trained with QuickGELU must get it, in both towers (the models are built on the meta
+    device: no weights, no memory)."""
+    tags = _quickgelu_tags()
+    assert ("ViT-B-32", "openai") in tags and ("RN50x4", "openai") in tags and len(tags) >= 10
+    for name, tag in tags:
+        spec = backbones.clip_spec(name, tag)
+        assert spec.activation == backbones.QUICK_GELU, (name, tag)
+        model, _ = backbones.build_clip(spec)
+        assert _activations(model) == {"QuickGELU"}, (name, tag)
+    # ... and a tag trained with GELU keeps GELU, so the rule is the tag's, not "always QuickGELU".
+    laion = backbones.clip_spec("ViT-B-32", "laion2b_s34b_b79k")
+    assert laion.activation == backbones.GELU
+    assert _activations(backbones.build_clip(laion)[0]) == {"GELU"}
+
+
+def test_openai_vit_b32_image_features_are_quickgelu(tmp_path: Path):
+    """The image tower clipcap builds for ViT-B-32/openai equals open_clip's QuickGELU model on the
+    same weights, and differs measurably from the GELU model open_clip builds by default."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32", force_quick_gelu=True).eval()
+    gelu = open_clip.create_model("ViT-B-32").eval()
+    gelu.load_state_dict(reference.state_dict())
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+    # A file given as `pretrained` carries no activation: name the QuickGELU architecture.
+    ours, _ = backbones.load_clip("ViT-B-32-quickgelu", str(weights))
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want, got, wrong = reference.encode_image(pixels), ours.encode_image(pixels), gelu.encode_image(pixels)
+    assert (got - want).abs().max() < 1e-5
+    assert (wrong - want).abs().max() > 1e-3
+
+
+def test_image_tower_alone_and_both_towers_match_open_clip(tiny_clip_dir: Path):
+    import open_clip
+
+    reference, _, ref_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir}")
+    reference.eval()
+    image_only, preprocess = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None)
+    assert not hasattr(image_only, "encode_text") and not any(n.startswith("transformer") for n, _ in image_only.named_parameters())
+    full, _ = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None, text=True)
+    assert repr(preprocess) == repr(ref_preprocess)
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = open_clip.get_tokenizer(f"local-dir:{tiny_clip_dir}")(["a red square", "two dogs on a beach"])
+    with torch.no_grad():
+        assert torch.equal(image_only.encode_image(pixels), reference.encode_image(pixels))
+        assert torch.equal(full.encode_image(pixels), reference.encode_image(pixels))
+        assert torch.equal(full.encode_text(tokens), reference.encode_text(tokens))
+
+
+def test_only_cache_misses_fall_through_to_the_network(monkeypatch: pytest.MonkeyPatch):
+    """A cache miss offline is 'not cached'; any other failure (CUDA out of memory, a bug) is
+    reported as itself, never as a missing download."""
+    calls = []
+
+    def out_of_memory(local: bool):
+        calls.append(local)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        backbones.cached_or_download(out_of_memory, "CLIP", "hint")
+    assert calls == [True]
+
+    def missing(local: bool):
+        raise FileNotFoundError("not in the cache")
+
+    with pytest.raises(ModelNotAvailableError, match="CLIP x is not cached and offline mode is on"):
+        backbones.cached_or_download(missing, "CLIP x", "hint")
+
+
+def test_cache_lookups_leave_huggingface_hub_settings_alone(monkeypatch: pytest.MonkeyPatch):
+    """The cache-first lookup asks for local files; it must not flip huggingface_hub's global
+    offline switch, which other threads and a user's own code in the process rely on."""
+    from huggingface_hub import constants
+    from transformers import GPT2TokenizerFast
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def spy(name, **kwargs):
+        seen.append((constants.HF_HUB_OFFLINE, kwargs.get("local_files_only")))
+        raise OSError("not cached")
+
+    monkeypatch.setattr(GPT2TokenizerFast, "from_pretrained", spy)
+    with pytest.raises(ModelNotAvailableError):
+        backbones.load_tokenizer("gpt2")
+    assert seen == [(False, True)]  # asked the cache only, with the global switch untouched
 
 
 def test_home_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -62,8 +178,10 @@ def test_home_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_device_choice():
     assert pick_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert pick_device(None).type in {"cpu", "mps"}
+    if torch.cuda.is_available():
+        assert pick_device(None).type == "cuda" and pick_device("cuda:0") == torch.device("cuda", 0)
+    else:
+        assert pick_device(None).type == ("mps" if torch.backends.mps.is_available() else "cpu")
         with pytest.raises(UsageError, match="CUDA is not available"):
             pick_device("cuda")
     with pytest.raises(UsageError, match="unknown device"):

@@ -121,3 +121,143 @@ def test_manually_placed_file_is_verified_and_used(tiny_registry, served, monkey
     monkeypatch.setattr("clipcap_cli.paths.can_download", lambda host="huggingface.co": False)
     path, _ = pretrained.resolve("tiny")
     assert path == entry.path and pretrained.recorded_sha256(entry)
+
+
+# --------------------------------------------------------------------------- published checksums
+
+
+class _HubHandler(SimpleHTTPRequestHandler):
+    """A Hugging Face mirror as the hub answers for an LFS file: ``/org/repo/resolve/main/FILE``
+    redirects to a CDN URL, and the redirect carries ``X-Linked-Etag`` (the sha256, quoted) and
+    ``X-Linked-Size``. ``/drive/FILE`` is a fallback that publishes nothing."""
+
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _resolve(self, head: bool) -> None:
+        st = self.state
+        if st.get("hub_down"):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(302)
+        self.send_header("Location", "/cdn/" + self.path.rsplit("/", 1)[1])
+        self.send_header("X-Linked-Etag", f'"{st["published"]}"')
+        self.send_header("X-Linked-Size", str(len(st["hub_bytes"])))
+        self.send_header("ETag", f'"{st["published"]}"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self):
+        if "/resolve/" in self.path:
+            return self._resolve(head=True)
+        return super().do_HEAD()
+
+    def do_GET(self):
+        if "/resolve/" in self.path:
+            return self._resolve(head=False)
+        if self.path.startswith("/cdn/") and self.state.get("cdn_down"):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.state["hub_bytes"] if self.path.startswith("/cdn/") else self.state["drive_bytes"]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, tiny_config, monkeypatch: pytest.MonkeyPatch):
+    import hashlib
+
+    model = build_tiny_model(tiny_config, seed=7)
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    state = {"hub_bytes": good, "drive_bytes": good, "published": hashlib.sha256(good).hexdigest()}
+    handler = type("Handler", (_HubHandler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    entry = pretrained.PretrainedModel(
+        name="tinyhub",
+        description="tiny test model on a hub mirror",
+        filename="tinyhub_weights.pt",
+        urls=(f"{base}/org/repo/resolve/main/tinyhub_weights.pt", f"{base}/drive/tinyhub_weights.pt"),
+        approx_size=len(good),
+        settings={"clip_model": tiny_config.clip_model, "clip_pretrained": None, "gpt2": tiny_config.gpt2},
+    )
+    monkeypatch.setitem(pretrained.REGISTRY, "tinyhub", entry)
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "0")
+    monkeypatch.setattr("clipcap_cli.paths.can_download", lambda host="huggingface.co": True)
+    yield entry, state
+    server.shutdown()
+
+
+def test_hub_published_sha256_is_checked_and_recorded(hub):
+    entry, state = hub
+    result = runner.invoke(app, ["download", "tinyhub", "-q", "--no-backbones"])
+    assert result.exit_code == 0, result.output
+    assert pretrained.record(entry) == {"sha256": state["published"], "size": len(state["hub_bytes"]),
+                                        "verified_by": "127.0.0.1"}
+    assert "no checksum" not in result.stderr
+    listing = json.loads(runner.invoke(app, ["download", "--list", "--json"]).stdout)
+    row = next(r for r in listing if r["name"] == "tinyhub")
+    assert row["sha256"] == state["published"] and row["verified_by"] == "127.0.0.1"
+
+
+def test_download_that_does_not_match_the_published_hash_is_refused(hub):
+    entry, state = hub
+    state["hub_bytes"] = state["hub_bytes"][:-10] + b"0123456789"  # corrupted in transit (same size)
+    state["drive_bytes"] = b"not the model" * 10
+    result = runner.invoke(app, ["download", "tinyhub", "--no-backbones"])
+    assert result.exit_code == 1
+    assert "sha256 mismatch" in result.stderr and "Traceback" not in result.output
+    assert not entry.path.exists() and not pretrained.record(entry)
+
+
+def test_a_published_hash_binds_the_fallback(hub):
+    """The mirror publishes the hash but its file server fails: the Drive copy is checked against
+    the published hash, and so counts as verified."""
+    entry, state = hub
+    state["cdn_down"] = True
+    result = runner.invoke(app, ["download", "tinyhub", "-q", "--no-backbones"])
+    assert result.exit_code == 0, result.output
+    assert pretrained.record(entry)["verified_by"] == "127.0.0.1" and "no checksum" not in result.stderr
+    entry.path.unlink()
+    state["drive_bytes"] = state["hub_bytes"][:-10] + b"0123456789"
+    result = runner.invoke(app, ["download", "tinyhub", "--no-backbones"])
+    assert result.exit_code == 1 and "sha256 mismatch" in result.stderr and not entry.path.exists()
+
+
+def test_drive_fallback_is_recorded_unverified_and_said(hub):
+    entry, state = hub
+    state["hub_down"] = True
+    result = runner.invoke(app, ["download", "tinyhub", "--no-backbones"])
+    assert result.exit_code == 0, result.output
+    assert "publishes no checksum" in result.stderr and "127.0.0.1" in result.stderr
+    rec = pretrained.record(entry)
+    assert rec["verified_by"] is None and len(rec["sha256"]) == 64
+
+
+def test_force_never_replaces_a_verified_hash_with_an_unverified_one(hub):
+    entry, state = hub
+    assert runner.invoke(app, ["download", "tinyhub", "-q", "--no-backbones"]).exit_code == 0
+    verified = pretrained.record(entry)
+    original = entry.path.read_bytes()
+    # The mirror is gone and the fallback serves other bytes: --force must not swap them in.
+    state["hub_down"] = True
+    state["drive_bytes"] = original[:-10] + b"0123456789"
+    result = runner.invoke(app, ["download", "tinyhub", "--force", "--no-backbones"])
+    assert result.exit_code == 1 and "sha256 mismatch" in result.stderr
+    assert entry.path.read_bytes() == original and pretrained.record(entry) == verified
+    # The fallback serving the verified bytes is fine, and the record stays verified.
+    state["drive_bytes"] = original
+    result = runner.invoke(app, ["download", "tinyhub", "--force", "--no-backbones"])
+    assert result.exit_code == 0, result.output
+    assert pretrained.record(entry) == verified

@@ -128,6 +128,7 @@ def _print_list(as_json: bool) -> None:
                 "path": str(model.path),
                 "clip": f"{model.clip[0]}/{model.clip[1]}",
                 "sha256": pretrained.recorded_sha256(model),
+                "verified_by": pretrained.record(model).get("verified_by"),
                 "urls": list(model.urls),
             }
         )
@@ -137,9 +138,10 @@ def _print_list(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title="ClipCap models")
-    for col in ("name", "description", "size", "cached", "path"):
+    for col in ("name", "description", "size", "cached", "sha256", "path"):
         table.add_column(col)
     for r in rows:
         size = f"{r['size'] / 1e6:.0f} MB" if r["size"] else "?"
-        table.add_row(r["name"], r["description"], size, "[green]yes[/]" if r["cached"] else "no", r["path"])
+        sha = (r["sha256"] or "")[:12] + (f" (verified by {r['verified_by']})" if r["verified_by"] else " (unverified)" if r["sha256"] else "")
+        table.add_row(r["name"], r["description"], size, "[green]yes[/]" if r["cached"] else "no", sha, r["path"])
     stdout.print(table)
