@@ -1,7 +1,7 @@
 """Caption the original README's example photos with the released weights and compare with the captions
 the original README shows (a regression check for a machine that can download the weights).
 
-    python benchmarks/check_released_examples.py                       # tests/data/photos, greedy and beam 5
+    python benchmarks/check_released_examples.py                       # all 12 README photos, greedy and beam 5
     python benchmarks/check_released_examples.py --images DIR --device cuda
 
 COCO_* photos are captioned with `coco`, CONCEPTUAL_* with `conceptual`. The original ran CLIP in fp16 on
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_IMAGES = HERE.parent / "tests" / "data" / "photos"
+DEFAULT_IMAGES = HERE / "data" / "readme-photos"  # the original README's 12 photos and their captions
 
 
 def main() -> int:

@@ -182,9 +182,23 @@ def load_features(path: str | Path) -> FeatureSet:
     return FeatureSet(embeddings=embeddings, records=records, meta=meta, path=folder)
 
 
+def with_activation(settings: dict) -> dict:
+    """``settings`` (a store's meta or run settings) with the CLIP activation its features were made
+    with. clipcap 0.1 recorded none: it built the architecture's own activation, because open_clip
+    ignores a pretrained tag's QuickGELU (OpenAI's ViTs got GELU)."""
+    if settings.get("clip_activation") or not settings.get("clip_model"):
+        return settings
+    from clipcap_cli.backbones import clip_activation
+
+    try:
+        then = clip_activation(str(settings["clip_model"]), None)
+    except ClipCapError:
+        return settings  # a CLIP this installation does not know: nothing to compare with
+    return {**settings, "clip_activation": then}
+
+
 def _check_activation(meta: dict, folder: Path) -> None:
-    """Refuse a store whose CLIP ran with the wrong activation: clipcap 0.1 recorded none, and
-    open_clip then built OpenAI's ViTs with GELU instead of their QuickGELU."""
+    """Refuse a store whose image features came from the wrong activation (clipcap 0.1's ViTs)."""
     if meta.get("clip_activation") or not meta.get("clip_model"):
         return
     from clipcap_cli.backbones import clip_spec
@@ -192,8 +206,8 @@ def _check_activation(meta: dict, folder: Path) -> None:
     try:
         spec = clip_spec(str(meta["clip_model"]), meta.get("clip_pretrained"))
     except ClipCapError:
-        return  # a CLIP this installation does not know: nothing to compare with
-    if spec.activation == "quick_gelu" and spec.image_tower_has_gelu:
+        return
+    if spec.activation != with_activation(meta)["clip_activation"] and spec.image_tower_has_gelu:
         raise FeaturesError(
             f"{folder} was extracted by clipcap 0.1, which ran {meta['clip_model']} ({meta.get('clip_pretrained')}) "
             "with GELU instead of its QuickGELU: re-extract it (the same `clipcap extract` command with --overwrite)"
@@ -323,10 +337,10 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
 
 def _settings_mismatch(old: dict, new: dict) -> str:
     diffs = []
+    old = with_activation(old)
     if old.get("clip_activation") != new.get("clip_activation"):
-        # Stores from clipcap 0.1 have no activation: open_clip built OpenAI's CLIP with GELU then.
-        then = old.get("clip_activation") or "gelu (clipcap 0.1)"
-        diffs.append(f"CLIP activation {then} then, {new.get('clip_activation')} now: features cannot be mixed")
+        diffs.append(f"CLIP activation {old.get('clip_activation')} then, {new.get('clip_activation')} now: "
+                     "features from the two cannot be mixed")
     for key in ("clip_model", "clip_pretrained", "dtype", "chunk_size", "images_root", "records"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key} {old.get(key)!r} then, {new.get(key)!r} now")
@@ -491,7 +505,7 @@ def extract(
 
     if store_is_complete(out):
         meta = _read_json(out / META_FILE)
-        if meta.get("settings_sha256") != settings_sha:
+        if _settings_sha(with_activation(meta.get("run_settings", {}))) != settings_sha:
             why = _settings_mismatch(meta.get("run_settings", {}), settings) or "it was not made by this command"
             raise UsageError(f"{out} already holds a features store made differently ({why}): use --overwrite or another --out")
         skipped = read_skipped(out)
