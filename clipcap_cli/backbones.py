@@ -142,14 +142,18 @@ def gpt2_weights(name: str) -> dict[str, torch.Tensor]:
     return _read_weights(cached_or_download(load, f"GPT-2 weights '{name}'", hint))
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (only the keys ``keep`` accepts): safetensors read key by key,
+    torch files memory-mapped, so tensors left out are never read into memory."""
     import torch
 
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k.removeprefix("module."))}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: v for k, v in state.items() if keep is None or keep(k.removeprefix("module."))}
 
 
 def load_gpt2(name: str) -> GPT2LMHeadModel:
@@ -343,13 +347,11 @@ def _assign_clip_weights(model: Any, weights: Path, text: bool) -> None:
     """Load ``weights`` into the meta-built ``model`` by assignment (the tensors become the model's)."""
     import torch
 
-    state = _read_weights(weights)
-    if any(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    keep = (lambda k: True) if text else (lambda k: k.startswith("visual."))  # noqa: E731
+    state = {k.removeprefix("module."): v for k, v in _read_weights(weights, keep).items()}
     if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     expected = model.state_dict()
-    keep = (lambda k: True) if text else (lambda k: k.startswith("visual."))
     wanted = {k for k in expected if keep(k)}
     given = {k for k in state if keep(k)}
     if wanted != given:
