@@ -58,6 +58,10 @@ def main() -> None:
         sys.stdout.write(cache.read_text(encoding="utf-8"))
         sys.stdout.flush()
         return
+    import clipcap_cli.commands
+
+    if "_CLIPCAP_COMPLETE" not in os.environ:  # shell completion needs every command
+        clipcap_cli.commands.only = clipcap_cli.commands.invoked(sys.argv[1:])
     from clipcap_cli.cli import main as run
 
     if cache is None:

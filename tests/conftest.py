@@ -135,6 +135,15 @@ def tiny_transformer_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_c
     return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "tiny-transformer.safetensors")
 
 
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory planted as real downloads fill it (tests/released.py): the released layouts,
+    full size, random weights. Generated once per test session (about 2 GB of files)."""
+    from released import plant_everything
+
+    return plant_everything(tmp_path_factory.mktemp("planted_home"))
+
+
 def make_images(folder: Path) -> dict[str, Path]:
     """Images in the modes users meet: RGB JPEG, RGBA PNG, palette, grayscale, CMYK, 16-bit, EXIF-rotated."""
     import numpy as np

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from released import CLIP_HUB_REPOS, HF_REVISION, plant_everything
+from released import CLIP_HUB_REPOS, HF_REVISION
 
 pytestmark = pytest.mark.slow
 PHOTO = Path(__file__).parent / "data" / "photos" / "COCO_val2014_000000354533.jpg"
@@ -36,12 +36,6 @@ def _hook(event, args):
         raise OSError(f"network blocked by the test ({event})")
 sys.addaudithook(_hook)
 '''
-
-
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generated once per test session (about 2 GB of files, under a minute)."""
-    return plant_everything(tmp_path_factory.mktemp("planted_home"))
 
 
 @pytest.fixture

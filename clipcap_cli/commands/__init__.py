@@ -17,7 +17,24 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+# Set by the console entry point to the command on the command line: only its module is imported
+# then (a caption run need not import the training and evaluation code). None registers all.
+only: str | None = None
+
+
+def invoked(argv: list[str]) -> str | None:
+    """The command ``argv`` (without the program name) runs, when it names one; global options
+    (--verbose, --offline) may come first. None for help, completion or anything unusual."""
+    for arg in argv:
+        if arg in ("-v", "--verbose", "--offline"):
+            continue
+        return arg if arg in {name for _, name in COMMANDS} else None
+    return None
+
+
 def register(app: typer.Typer) -> None:
     for module, name in COMMANDS:
+        if only is not None and name != only:
+            continue
         mod = importlib.import_module(f"clipcap_cli.commands.{module}")
         app.command(name=name, help=mod.HELP, short_help=mod.HELP.split("\n")[0], no_args_is_help=getattr(mod, "NO_ARGS_IS_HELP", False))(mod.command)
