@@ -14,6 +14,7 @@ Each lower module is called from here and none of them calls back up.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from clipcap_cli.model import ClipCaptionModel
 
 Progress = Callable[[int, "int | None"], None]
+log = logging.getLogger(__name__)
 
 
 def load_model(
@@ -88,7 +90,10 @@ def read_checkpoint(path: Path, *, converted: bool = False) -> checkpoint.RawChe
     """Read ``path``; with ``converted`` (a downloaded registry file), through its safetensors copy,
     made on first use."""
     if converted and path.suffix == ".pt":
-        path = checkpoint.to_safetensors(path)
+        try:
+            path = checkpoint.to_safetensors(path)
+        except OSError as exc:  # a read-only or full models folder: the .pt itself still loads
+            log.warning("could not convert %s to safetensors (%s); loading the .pt as it is", path.name, exc.strerror or exc)
     return checkpoint.read(path)
 
 

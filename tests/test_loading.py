@@ -140,3 +140,20 @@ def test_registry_pt_is_converted_once_and_checked(narrow_heads, tmp_path: Path)
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in a.items()}, pt)
     again = checkpoint.read(checkpoint.to_safetensors(pt)).state
     assert torch.equal(again["clip_project.model.0.bias"], bias + 1)
+
+
+def test_a_read_only_models_folder_still_loads(narrow_heads, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture):
+    """Converting needs to write beside the .pt; where it cannot (a shared read-only install, a
+    full disk), the .pt itself is loaded and the user told why it is slower."""
+    path, _, _, _ = narrow_heads
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(path.read_bytes())
+
+    def read_only(target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda target, write: read_only(target))
+    raw = loading.read_checkpoint(pt, converted=True)
+    assert raw.has_lm and not pt.with_suffix(".safetensors").exists()
+    assert "could not convert model.pt to safetensors (Permission denied)" in caplog.text
