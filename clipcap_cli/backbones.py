@@ -387,13 +387,6 @@ def clip_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_clip_tokenizer(model_name: str) -> Callable[..., torch.Tensor]:
-    """CLIP's text tokenizer (bundled with open_clip: works offline)."""
-    import open_clip
-
-    return open_clip.get_tokenizer(model_name)
-
-
 class _QuietRootLogger:
     """open_clip logs advisories ("No pretrained weights loaded", ...) on the root logger, which
     would land on the user's stderr as bare ``WARNING:root:`` lines."""
