@@ -48,7 +48,7 @@ def command(
         if not sources:
             raise UsageError("no inputs: give image files, folders, globs, URLs, or - to read paths from stdin")
         records = _inspect(sources, model, device, top)
-        if jsonl or not sys.stdout.isatty():
+        if jsonl or not _is_terminal():
             for record in records:
                 print(json.dumps(record, ensure_ascii=False))
         else:
@@ -60,6 +60,10 @@ def command(
             for record in failed:
                 warn(f"{record['path']}: {record['error']}")
             raise typer.Exit(EXIT_PARTIAL)
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _inspect(sources: list[Any], model: str, device: str | None, top: int) -> list[dict[str, Any]]:
@@ -99,7 +103,8 @@ def _render(records: list[dict[str, Any]]) -> None:
         table = Table(title=f"{escape(record['path'])}: {escape(record['caption'])}", title_justify="left")
         table.add_column("position", justify="right")
         for rank in range(top):
-            table.add_column("nearest token" if rank == 0 else "runner-up" if rank == 1 else f"#{rank + 1}")
+            table.add_column("nearest token" if rank == 0 else "runner-up" if rank == 1 else f"#{rank + 1}",
+                             overflow="fold")
             table.add_column("cosine", justify="right", style="dim")
         for position in record["prefix"]:
             cells = [str(position["position"])]
