@@ -705,57 +705,70 @@ def clip_metrics(
     with ``options.clip_model``; else the image files under the --model run's folder, --images or
     the store's root. No images, a missing or unreadable one, or a CLIP that is not available
     make both unavailable (with the reason), like SPICE without Java.
+    ``on_progress(done, total)`` follows the image files as they are encoded.
     """
     from clipcap_cli import clipscore
-    from clipcap_cli.errors import ModelNotAvailableError
 
     names = [name for name in clipscore.METRIC_NAMES if name in requested_metrics(options.metrics)]
     if not names:
         return ClipOutcome({}, {}, {})
     clip = (options.clip_model, options.clip_pretrained)
+    try:
+        features, text, stored = _clip_inputs(references, predictions, [matching.info[key] for key in keys], options,
+                                              on_progress)
+    except _ClipUnavailable as exc:
+        return ClipOutcome({}, {}, {name: str(exc) for name in names}, clip)
+    result = clipscore.score(features, [matching.predictions[key] for key in keys], text,
+                             [matching.references[key] for key in keys])
+    values = result.as_metrics()
+    per_image = [{"CLIPScore": c, "RefCLIPScore": r} for c, r in zip(result.per_image_clip, result.per_image_ref or ())]
+    note = f"{' and '.join(names)} from the CLIP embeddings stored in {references.source}" if stored else None
+    return ClipOutcome({name: values[name] for name in names},
+                       {key: {name: row[name] for name in names} for key, row in zip(keys, per_image)}, {}, clip, note)
 
-    def unavailable(reason: str) -> ClipOutcome:
-        return ClipOutcome({}, {}, {name: reason for name in names}, clip)
 
-    infos = [matching.info[key] for key in keys]
-    meta = references.features_meta or {}
-    stored = references.embeddings is not None and (meta.get("clip_model"), meta.get("clip_pretrained")) == clip
-    files: list[Path] = []
-    if not stored:
-        root = predictions.images_root or references.images_root
-        if root is None:
-            return unavailable("no images to score the captions against: pass --images DIR (the reference images)")
-        located = [_locate(ref, root) for ref in infos]
-        absent = [ref for ref, path in zip(infos, located) if path is None]
-        if absent:
-            example = absent[0].image or f"image_id {absent[0].image_id}"
-            return unavailable(f"{len(absent)} of {len(infos)} scored images are not under {root} (e.g. {example})")
-        files = [path for path in located if path is not None]
+class _ClipUnavailable(Exception):
+    """Why CLIPScore cannot be computed (reported as unavailable, like SPICE without Java)."""
+
+
+def _clip_inputs(references: References, predictions: Predictions, infos: Sequence[RefImage], options: EvalOptions,
+                 on_progress: Callable[[int, int], None] | None) -> tuple[Any, Any, bool]:
+    """(image features (N, D), the CLIP text side, whether the features came from the store)."""
+    from clipcap_cli import clipscore
     from clipcap_cli.device import pick_device
+    from clipcap_cli.errors import ModelNotAvailableError
 
+    meta = references.features_meta or {}
+    stored = (references.embeddings is not None
+              and (meta.get("clip_model"), meta.get("clip_pretrained")) == (options.clip_model, options.clip_pretrained))
+    files = [] if stored else _clip_image_files(predictions.images_root or references.images_root, infos)
     device = pick_device(options.device)
     try:
         model, preprocess = clipscore.load_clip(options.clip_model, options.clip_pretrained, device)
         text = clipscore.ClipText(model, clipscore.get_tokenizer(options.clip_model), device)
     except ModelNotAvailableError as exc:
-        return unavailable(str(exc))
+        raise _ClipUnavailable(str(exc)) from exc
     if stored:
         import torch
 
-        features = references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float()
-    else:
-        features, failed = clipscore.encode_image_files(model, preprocess, [str(f) for f in files], device,
-                                                        options.batch_size, options.workers, on_progress)
-        if failed:
-            return unavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
-    result = clipscore.score(features, [matching.predictions[key] for key in keys], text,
-                             [matching.references[key] for key in keys])
-    values = result.as_metrics()
-    per_image = {key: {"CLIPScore": result.per_image_clip[i], "RefCLIPScore": result.per_image_ref[i]}  # type: ignore[index]
-                 for i, key in enumerate(keys)}
-    note = f"{' and '.join(names)} from the CLIP embeddings stored in {references.source}" if stored else None
-    return ClipOutcome({name: values[name] for name in names},
-                       {key: {name: row[name] for name in names} for key, row in per_image.items()}, {}, clip, note)
+        return references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float(), text, True
+    features, failed = clipscore.encode_image_files(model, preprocess, [str(f) for f in files], device,
+                                                    options.batch_size, options.workers, on_progress)
+    if failed:
+        raise _ClipUnavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
+    return features, text, False
+
+
+def _clip_image_files(root: Path | None, infos: Sequence[RefImage]) -> list[Path]:
+    """Every scored image's file under ``root``, or :class:`_ClipUnavailable` saying what is missing."""
+    if root is None:
+        raise _ClipUnavailable("no images to score the captions against: pass --images DIR (the reference images)")
+    located = [_locate(ref, root) for ref in infos]
+    absent = [ref for ref, path in zip(infos, located) if path is None]
+    if absent:
+        example = absent[0].image or f"image_id {absent[0].image_id}"
+        raise _ClipUnavailable(f"{len(absent)} of {len(infos)} scored images are not under {root} (e.g. {example})")
+    return [path for path in located if path is not None]
 
 
 def _add_clip_metrics(report: dict[str, Any], outcome: ClipOutcome, keys: Sequence[Any]) -> None:
