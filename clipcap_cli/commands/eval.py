@@ -26,7 +26,7 @@ HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE
 
 [bold]Output[/]: a table on a terminal (scores x100, as papers print them); JSON on stdout when piped or with --json: {metrics, scale, counts, tokenizer, backends, unavailable, notes, matched_by, settings} plus per_image / paper when asked; values on pycocoevalcap's 0-1 scale (CIDEr about 1.1 for a good COCO model). METEOR and SPICE need Java and the eval extra; when they cannot run they are listed as unavailable with the reason.
 
-[bold]CLIPScore[/] and [bold]RefCLIPScore[/] (Hessel et al., 2021; computed as jmhessel/clipscore does, on its 0-2.5 scale): how well CLIP matches each caption to its image ("A photo depicts " + caption), and its harmonic mean with the closest reference. They need the images: --images DIR, a features store (its stored embeddings when they come from the same CLIP, else its image files) or a --model run; otherwise they are listed as unavailable. CLIP: --clip (default ViT-B-32, openai weights, as the paper).
+[bold]CLIPScore[/] and [bold]RefCLIPScore[/] (Hessel et al., 2021; computed as jmhessel/clipscore does, on its 0-2.5 scale): how well CLIP matches each caption to its image ("A photo depicts " + caption), and its harmonic mean with the closest reference. They need the images: --images DIR, a features store (its stored embeddings when they come from the same CLIP, else its image files) or a --model run; otherwise they are listed as unavailable. CLIP: --clip (default ViT-B-32 with OpenAI's weights, as the CLIPScore paper).
 
 Example: [bold]clipcap eval --refs captions_val2014.json --predictions captions.jsonl --images val2014/ --metrics CLIPScore,RefCLIPScore[/]
 
@@ -78,7 +78,7 @@ def command(
     ] = None,
     images: Annotated[
         Optional[Path],
-        typer.Option("--images", "-i", help="Folder of the reference images (--model; default: the features store's root or the refs file's folder).",
+        typer.Option("--images", "-i", help="Folder of the reference images, for --model and CLIPScore (--model's default: the features store's root or the refs file's folder).",
                      show_default=False, rich_help_panel=INPUTS),
     ] = None,
     beam: Annotated[

@@ -13,7 +13,9 @@ from clipcap_cli.captioner import BATCH_SIZE
 from clipcap_cli.interpret import TOP
 from clipcap_cli.ui import complete_model
 
-HELP = """Look inside the prefix: for each image, its caption and, for each of the K prefix embeddings the mapper makes, the GPT-2 vocabulary tokens nearest to it by cosine similarity with GPT-2's input embeddings (the paper's prefix interpretation).
+HELP = """Read a model's prefix as words: each image's caption, and the GPT-2 tokens nearest to each prefix embedding.
+
+As the paper's prefix interpretation: for each of the K prefix embeddings the mapper makes, the vocabulary tokens whose GPT-2 input embeddings are closest to it by cosine similarity, with that similarity.
 
 With GPT-2 fine-tuned (the coco and conceptual models) the nearest tokens tend to be salient words of the image; with GPT-2 frozen (coco-transformer) they are unreadable, because the mapper must also steer the fixed language model.
 
