@@ -619,9 +619,9 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def requested_metrics(names: Iterable[str] | None) -> list[str]:
-    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES ("BLEU" = all four)."""
+    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES and
+    clipscore.METRIC_NAMES ("BLEU" = all four)."""
     from clipcap_cli import metrics
-
     from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
 
     if names is None:
@@ -688,7 +688,7 @@ class ClipOutcome:
     per_image: dict[Any, dict[str, float]]  # scored key -> its values
     unavailable: dict[str, str]  # requested CLIP metrics that could not run -> why
     clip: tuple[str, str | None] | None = None  # (model, pretrained) when requested
-    note: str | None = None
+    note: str | None = None  # for the report's notes (e.g. stored embeddings were used)
 
 
 def clip_metrics(

@@ -188,7 +188,7 @@ def command(
         if options.batch_size < 1 or options.workers < 0:
             raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
         _check_scoring(options)
-        if clip is not None and set(evaluation.requested_metrics(options.metrics)) & set(CLIP_METRICS):
+        if (clip, clip_pretrained) != (None, None) and set(evaluation.requested_metrics(options.metrics)) & set(CLIP_METRICS):
             from clipcap_cli.clipscore import check_clip
 
             check_clip(options.clip_model, options.clip_pretrained)  # a typo fails before any captioning
