@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from clipcap_cli.clipscore import ClipText
     from clipcap_cli.config import ModelConfig
     from clipcap_cli.model import ClipCaptionModel
 
@@ -45,6 +46,7 @@ class Captioner:
         self.preprocess_image = preprocess
         self.tokenizer = tokenizer
         self.device = device
+        self._clip_text: ClipText | None = None  # rerank="clip": CLIP's text side, built on first use
 
     @property
     def config(self) -> ModelConfig:
@@ -88,9 +90,24 @@ class Captioner:
         """Caption CLIP embeddings (B, D), e.g. from an extracted features store.
 
         ``image_ids`` (sampling only): the images' positions in the whole job, so that image i
-        draws from ``seed + i`` however the job is batched.
+        draws from ``seed + i`` however the job is batched. With ``rerank="clip"`` the candidates
+        are ordered by CLIP-S on this captioner's CLIP (see ``clipscore.rerank_decode``).
         """
-        return decode(self.model, self.tokenizer, clip_embedding.to(self.device), options, image_ids, **overrides)
+        options = (options or DecodingOptions()).replace(**overrides) if overrides else (options or DecodingOptions())
+        if options.rerank is not None:
+            from clipcap_cli.clipscore import rerank_decode
+
+            return rerank_decode(self, clip_embedding.to(self.device), options, image_ids)
+        return decode(self.model, self.tokenizer, clip_embedding.to(self.device), options, image_ids)
+
+    def clip_text(self) -> ClipText:
+        """The text side of this captioner's CLIP (for reranking), built on first use and kept."""
+        if self._clip_text is None:
+            from clipcap_cli.clipscore import ClipText
+
+            c = self.config
+            self._clip_text = ClipText.load(c.clip_model, c.clip_pretrained, self.device, reuse=self.clip_model)
+        return self._clip_text
 
     def caption_pixels(
         self,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from clipcap_cli.model import ClipCaptionModel
 
 STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
+RERANKERS: tuple[str, ...] = ("clip",)  # DecodingOptions.rerank values (see clipscore.py)
 Hypothesis = tuple[list[int], float]  # (token ids, score)
 
 
@@ -40,6 +41,7 @@ class DecodingOptions:
     seed: int | None = None  # sample only: image i of a call draws from seed + i; None = random
     max_length: int = 67  # most tokens per caption, the stop token included (the original's 67)
     stop_token: str | None = None  # decoding stops after this token; None = the model config's (".")
+    rerank: str | None = None  # "clip": order candidates by CLIP-S (which ones: clipscore.candidate_options)
 
     def __post_init__(self) -> None:
         _verify(self)
@@ -72,12 +74,16 @@ def _verify(o: DecodingOptions) -> None:
                                          ("seed (--seed)", o.seed is not None)) if on]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for sampling only: add --sample")
-    if o.strategy == "greedy":
+    if o.rerank is not None and o.rerank not in RERANKERS:
+        raise UsageError(f"unknown reranker {o.rerank!r}: choose {', '.join(RERANKERS)}")
+    # Reranking greedy output would rank one caption: it searches beam_size beams instead.
+    beams = o.strategy == "beam" or (o.strategy == "greedy" and o.rerank is not None)
+    if o.strategy == "greedy" and not beams:
         if o.num_captions > 1:
             raise UsageError("greedy decoding gives one caption: use --beam N or --sample for --num-captions > 1")
         if o.temperature != 1.0:
             raise UsageError("temperature has no effect on greedy decoding: use --sample or --beam")
-    if o.strategy == "beam" and o.num_captions > o.beam_size:
+    if beams and o.num_captions > o.beam_size:
         raise UsageError(f"num_captions ({o.num_captions}) cannot exceed the beam size ({o.beam_size})")
 
 
@@ -90,6 +96,8 @@ class DecodingResult:
     score: float  # beam: the original's length-normalised score; greedy/sample: mean token log-prob
     texts: tuple[str, ...]  # num_captions captions, best first (texts[0] == text)
     scores: tuple[float, ...]  # their scores
+    clip_score: float | None = None  # rerank="clip": CLIP-S of ``text`` (0-2.5); None = not reranked
+    clip_scores: tuple[float, ...] | None = None  # rerank="clip": CLIP-S of each of ``texts``
 
 
 # --------------------------------------------------------------------------- text

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.datasets import iter_jsonl
 from clipcap_cli.errors import UsageError
 
@@ -50,11 +51,13 @@ __all__ = [
     "caption_references",
     "write_predictions",
     "paper_comparison",
+    "ClipOutcome",
+    "clip_metrics",
 ]
 
 REFS_FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "features", "jsonl")
 #: The ``scale`` entry of the JSON report: values are what pycocoevalcap returns.
-SCALE = "0-1 (CIDEr: pycocoevalcap scale)"
+SCALE = "0-1 (CIDEr: pycocoevalcap scale; CLIPScore, RefCLIPScore: 0-2.5, as jmhessel/clipscore)"
 #: Top-level keys of the JSON report, always present (``per_image`` and ``paper`` only on request).
 REPORT_KEYS: tuple[str, ...] = (
     "metrics", "scale", "counts", "tokenizer", "backends", "unavailable", "notes", "matched_by", "settings",
@@ -85,6 +88,8 @@ class EvalOptions:
     device: str | None = None  # --model: None = the best available device
     workers: int = WORKERS  # --model: image-decoding worker processes (0 = in this process), as caption
     worst: int = 10  # per-image rows shown on a terminal
+    clip_model: str = DEFAULT_CLIP_MODEL  # CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH (the paper's ViT-B/32)
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # its open_clip tag (None for local-dir: models)
 
 
 # --------------------------------------------------------------------------- records
@@ -520,10 +525,12 @@ def evaluate(
     *,
     settings: Mapping[str, Any] | None = None,
     compare_paper: bool = False,
+    clip_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Match, score and return the JSON report (schema in the README and ``clipcap eval --help``).
 
     ``settings`` is copied into the report's ``settings`` (how the predictions were made).
+    ``clip_progress(done, total)`` follows the images CLIPScore encodes (see :func:`clip_metrics`).
     """
     from clipcap_cli import metrics
 
@@ -533,7 +540,7 @@ def evaluate(
     result = metrics.score(
         {k: matching.references[k] for k in keys},
         {k: matching.predictions[k] for k in keys},
-        metrics=options.metrics,
+        metrics=coco_metric_names(options.metrics),
         backend=options.backend,
         tokenizer=options.tokenizer,
         per_image=options.per_image,
@@ -582,6 +589,8 @@ def evaluate(
             "tokenizer": options.tokenizer,
             "backend": options.backend,
             "allow_missing": options.allow_missing,
+            "clip_model": None,  # CLIPScore/RefCLIPScore requested: the CLIP that scored them
+            "clip_pretrained": None,
         },
     }
     unknown = set(settings or {}) - set(report["settings"])
@@ -599,6 +608,7 @@ def evaluate(
             }
             for key in keys
         ]
+    _add_clip_metrics(report, clip_metrics(references, predictions, matching, keys, options, clip_progress), keys)
     if compare_paper:
         report["paper"] = paper_comparison(result.scores, references, result.n_images)
     return report
@@ -609,13 +619,15 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def requested_metrics(names: Iterable[str] | None) -> list[str]:
-    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES ("BLEU" = all four)."""
+    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES and
+    clipscore.METRIC_NAMES ("BLEU" = all four)."""
     from clipcap_cli import metrics
+    from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
 
     if names is None:
-        return list(metrics.METRIC_NAMES)
+        return [*metrics.METRIC_NAMES, *CLIP_NAMES]
     lowered = {name.lower() for name in names}
-    return [name for name in metrics.METRIC_NAMES
+    return [name for name in (*metrics.METRIC_NAMES, *CLIP_NAMES)
             if name.lower() in lowered or (name in metrics.BLEU_NAMES and "bleu" in lowered)]
 
 
@@ -653,6 +665,123 @@ def worst_images(report: Mapping[str, Any], n: int) -> tuple[str | None, list[di
     if metric is None:
         return None, []
     return metric, sorted(rows, key=lambda r: r["scores"][metric])[:n]
+
+
+# --------------------------------------------------------------------------- CLIPScore
+
+
+def coco_metric_names(names: Iterable[str] | None) -> list[str] | None:
+    """``--metrics`` without the CLIP metrics (what :func:`metrics.score` computes); None = all."""
+    from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
+
+    if names is None:
+        return None
+    clip = {name.lower() for name in CLIP_NAMES}
+    return [name for name in names if name.lower() not in clip]
+
+
+@dataclass
+class ClipOutcome:
+    """CLIPScore/RefCLIPScore for the report: values, or why they could not be computed."""
+
+    scores: dict[str, float]  # requested CLIP metrics that ran -> corpus value (0-2.5)
+    per_image: dict[Any, dict[str, float]]  # scored key -> its values
+    unavailable: dict[str, str]  # requested CLIP metrics that could not run -> why
+    clip: tuple[str, str | None] | None = None  # (model, pretrained) when requested
+    note: str | None = None  # for the report's notes (e.g. stored embeddings were used)
+
+
+def clip_metrics(
+    references: References,
+    predictions: Predictions,
+    matching: Matching,
+    keys: Sequence[Any],
+    options: EvalOptions,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ClipOutcome:
+    """CLIPScore and RefCLIPScore (as requested by ``options.metrics``) of the scored images.
+
+    The images are the references' own stored embeddings when they are a features store made
+    with ``options.clip_model``; else the image files under the --model run's folder, --images or
+    the store's root. No images, a missing or unreadable one, or a CLIP that is not available
+    make both unavailable (with the reason), like SPICE without Java.
+    ``on_progress(done, total)`` follows the image files as they are encoded.
+    """
+    from clipcap_cli import clipscore
+
+    names = [name for name in clipscore.METRIC_NAMES if name in requested_metrics(options.metrics)]
+    if not names:
+        return ClipOutcome({}, {}, {})
+    clip = (options.clip_model, options.clip_pretrained)
+    try:
+        features, text, stored = _clip_inputs(references, predictions, [matching.info[key] for key in keys], options,
+                                              on_progress)
+    except _ClipUnavailable as exc:
+        return ClipOutcome({}, {}, {name: str(exc) for name in names}, clip)
+    result = clipscore.score(features, [matching.predictions[key] for key in keys], text,
+                             [matching.references[key] for key in keys])
+    values = result.as_metrics()
+    per_image = [{"CLIPScore": c, "RefCLIPScore": r} for c, r in zip(result.per_image_clip, result.per_image_ref or ())]
+    note = f"{' and '.join(names)} from the CLIP embeddings stored in {references.source}" if stored else None
+    return ClipOutcome({name: values[name] for name in names},
+                       {key: {name: row[name] for name in names} for key, row in zip(keys, per_image)}, {}, clip, note)
+
+
+class _ClipUnavailable(Exception):
+    """Why CLIPScore cannot be computed (reported as unavailable, like SPICE without Java)."""
+
+
+def _clip_inputs(references: References, predictions: Predictions, infos: Sequence[RefImage], options: EvalOptions,
+                 on_progress: Callable[[int, int], None] | None) -> tuple[Any, Any, bool]:
+    """(image features (N, D), the CLIP text side, whether the features came from the store)."""
+    from clipcap_cli import clipscore
+    from clipcap_cli.device import pick_device
+    from clipcap_cli.errors import ModelNotAvailableError
+
+    meta = references.features_meta or {}
+    stored = (references.embeddings is not None
+              and (meta.get("clip_model"), meta.get("clip_pretrained")) == (options.clip_model, options.clip_pretrained))
+    files = [] if stored else _clip_image_files(predictions.images_root or references.images_root, infos)
+    device = pick_device(options.device)
+    try:
+        model, preprocess = clipscore.load_clip(options.clip_model, options.clip_pretrained, device)
+        text = clipscore.ClipText(model, clipscore.get_tokenizer(options.clip_model), device)
+    except ModelNotAvailableError as exc:
+        raise _ClipUnavailable(str(exc)) from exc
+    if stored:
+        import torch
+
+        return references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float(), text, True
+    features, failed = clipscore.encode_image_files(model, preprocess, [str(f) for f in files], device,
+                                                    options.batch_size, options.workers, on_progress)
+    if failed:
+        raise _ClipUnavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
+    return features, text, False
+
+
+def _clip_image_files(root: Path | None, infos: Sequence[RefImage]) -> list[Path]:
+    """Every scored image's file under ``root``, or :class:`_ClipUnavailable` saying what is missing."""
+    if root is None:
+        raise _ClipUnavailable("no images to score the captions against: pass --images DIR (the reference images)")
+    located = [_locate(ref, root) for ref in infos]
+    absent = [ref for ref, path in zip(infos, located) if path is None]
+    if absent:
+        example = absent[0].image or f"image_id {absent[0].image_id}"
+        raise _ClipUnavailable(f"{len(absent)} of {len(infos)} scored images are not under {root} (e.g. {example})")
+    return [path for path in located if path is not None]
+
+
+def _add_clip_metrics(report: dict[str, Any], outcome: ClipOutcome, keys: Sequence[Any]) -> None:
+    """Put a :class:`ClipOutcome` into a report made by :func:`evaluate`."""
+    report["metrics"].update(outcome.scores)
+    report["backends"].update({name: "open_clip" for name in outcome.scores})
+    report["unavailable"].update(outcome.unavailable)
+    if outcome.note:
+        report["notes"].append(outcome.note)
+    if outcome.clip is not None:
+        report["settings"]["clip_model"], report["settings"]["clip_pretrained"] = outcome.clip
+    for row, key in zip(report.get("per_image") or [], keys):
+        row["scores"].update(outcome.per_image.get(key, {}))
 
 
 # --------------------------------------------------------------------------- --model

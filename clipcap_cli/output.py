@@ -1,7 +1,8 @@
 """Caption records and the writers that print them, keyed by format name (like whisper's get_writer).
 
 A record is a plain dict: ``path``, ``caption``, ``score``, ``error`` (None when fine), plus
-``captions`` and ``scores`` when several captions per image were asked for. Writers receive
+``captions`` and ``scores`` when several captions per image were asked for, and ``clip_score``
+(``clip_scores``) when the captions were reranked by CLIP. Writers receive
 records batch by batch, so streaming formats (jsonl, csv, text) print as batches finish.
 
 Adding a format: subclass ``Writer`` and decorate it with ``@register_writer("name")``
@@ -25,17 +26,23 @@ if TYPE_CHECKING:
 Record = dict[str, Any]
 
 
-def make_record(path: str, result: DecodingResult | None = None, error: str | None = None, alternatives: bool = False) -> Record:
-    """The record of one input; ``alternatives`` adds the ``captions``/``scores`` lists."""
+def make_record(path: str, result: DecodingResult | None = None, error: str | None = None, alternatives: bool = False,
+                clip: bool = False) -> Record:
+    """The record of one input; ``alternatives`` adds the ``captions``/``scores`` lists, ``clip``
+    (reranked by CLIP) adds ``clip_score`` (and ``clip_scores`` with ``alternatives``)."""
     record: Record = {
         "path": path,
         "caption": result.text if result else None,
         "score": result.score if result else None,
         "error": error,
     }
+    if clip:
+        record["clip_score"] = result.clip_score if result else None
     if alternatives:
         record["captions"] = list(result.texts) if result else []
         record["scores"] = list(result.scores) if result else []
+        if clip:
+            record["clip_scores"] = list(result.clip_scores or ()) if result else []
     return record
 
 
@@ -165,14 +172,19 @@ class TableWriter(CollectingWriter):
         table.add_column("image", overflow="fold", style="cyan")
         table.add_column("caption", overflow="fold")
         table.add_column("score", justify="right", style="dim")
+        clip = any("clip_score" in r for r in self.records)
+        if clip:
+            table.add_column("CLIP-S", justify="right")
         for r in self.records:
             if r["error"] is not None:
-                table.add_row(escape(r["path"]), f"[red]{escape(r['error'])}[/]", "")
+                table.add_row(escape(r["path"]), f"[red]{escape(r['error'])}[/]", "", *([""] if clip else []))
                 continue
             captions = r.get("captions") or [r["caption"]]
             scores = r.get("scores") or [r["score"]]
+            clip_scores = r.get("clip_scores") or [r.get("clip_score")]
             for k, (caption, score) in enumerate(zip(captions, scores)):  # one row per caption: scores line up
-                table.add_row(escape(r["path"]) if k == 0 else "", escape(caption), f"{score:.3f}",
+                extra = [f"{clip_scores[k]:.3f}"] if clip else []
+                table.add_row(escape(r["path"]) if k == 0 else "", escape(caption), f"{score:.3f}", *extra,
                               end_section=len(captions) > 1 and k == len(captions) - 1)
         Console(file=self.stream, soft_wrap=False).print(table)
         super().close()

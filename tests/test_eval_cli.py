@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clipcap_cli import evaluation, metrics
+from clipcap_cli import clipscore, evaluation, metrics
 from clipcap_cli.cli import app
 from test_evaluation import (
     CAPTIONS,
@@ -25,9 +25,10 @@ from test_evaluation import (
 runner = CliRunner()
 FAST = ["--metrics", "BLEU,ROUGE-L,CIDEr", "--tokenizer", "ptb-python"]  # no JVM: keeps the tests quick
 FAST_METRICS = [*metrics.BLEU_NAMES, "ROUGE-L", "CIDEr"]
+ALL_METRICS = (*metrics.METRIC_NAMES, *clipscore.METRIC_NAMES)  # the default --metrics
 SETTINGS_KEYS = {"refs", "refs_format", "split", "images", "predictions", "predictions_format", "model", "decoding",
                  "batch_size", "device", "save_predictions", "captioned_from", "metrics", "tokenizer", "backend",
-                 "allow_missing"}
+                 "allow_missing", "clip_model", "clip_pretrained"}
 COUNT_KEYS = {"images", "reference_captions", "reference_images", "references_without_captions", "predictions",
               "failed_predictions", "missing_predictions", "unmatched_predictions"}
 
@@ -106,7 +107,7 @@ def test_default_metric_set_runs_or_reports_unavailable(tmp_path: Path):
     refs = write_coco(tmp_path / "captions_val2014.json")
     code, report, output = run("--refs", refs, "--predictions", write_coco_results(tmp_path / "r.json"))
     assert code == 0, output
-    assert set(report["metrics"]) | set(report["unavailable"]) == set(metrics.METRIC_NAMES)
+    assert set(report["metrics"]) | set(report["unavailable"]) == set(ALL_METRICS)
     assert set(report["metrics"]).isdisjoint(report["unavailable"])
     for name, reason in report["unavailable"].items():
         assert reason and name in output  # also warned about on stderr
@@ -116,7 +117,7 @@ def test_default_metric_set_runs_or_reports_unavailable(tmp_path: Path):
     assert {name: report["metrics"][name] for name in python_side} == pytest.approx(want.scores, rel=1e-12)
     for name in set(report["metrics"]) - set(python_side):  # METEOR / SPICE from the jars
         assert report["backends"][name] == "pycocoevalcap-java" and 0 < report["metrics"][name] < 1
-    assert report["settings"]["metrics"] == list(metrics.METRIC_NAMES)
+    assert report["settings"]["metrics"] == list(ALL_METRICS)
 
 
 # --------------------------------------------------------------------------- matching and exit codes
@@ -197,7 +198,7 @@ def test_json_schema_is_stable(tmp_path: Path):
     code, report, output = run("--refs", refs, "-p", preds, *FAST, "--json")
     assert code == 0, output
     assert list(report) == list(evaluation.REPORT_KEYS)  # no per_image / paper unless asked
-    assert report["scale"] == "0-1 (CIDEr: pycocoevalcap scale)"
+    assert report["scale"] == evaluation.SCALE and report["scale"].startswith("0-1 (CIDEr: pycocoevalcap scale")
     assert set(report["counts"]) == COUNT_KEYS and set(report["settings"]) == SETTINGS_KEYS
     assert report["settings"]["split"] == "test" and report["settings"]["model"] is None
     assert report["settings"]["metrics"] == FAST_METRICS and report["tokenizer"] == "ptb-python"
@@ -266,7 +267,7 @@ def test_model_captions_and_scores_in_one_run(tmp_path: Path, coco_images: Path,
                                "--max-length", "8", "--batch-size", "4", "--device", "cpu", "--save-predictions", saved,
                                "--backend", "python", "--tokenizer", "ptb-python")
     assert code == 0, output
-    assert set(report["metrics"]) | set(report["unavailable"]) == set(metrics.METRIC_NAMES)
+    assert set(report["metrics"]) | set(report["unavailable"]) == set(ALL_METRICS)
     assert set(report["metrics"]) == set(FAST_METRICS)
     settings = report["settings"]
     assert set(settings) == SETTINGS_KEYS and settings["save_predictions"] == str(saved)

@@ -294,7 +294,8 @@ def test_report_keys_and_paper_comparison(tmp_path: Path):
     preds = evaluation.read_predictions(write_coco_results(tmp_path / "r.json"))
     report = evaluation.evaluate(refs, preds, EvalOptions(tokenizer="ptb-python", backend="python"), compare_paper=True)
     assert set(report) == set(evaluation.REPORT_KEYS) | {"paper"}
-    assert set(report["unavailable"]) == {"METEOR", "SPICE"}  # backend python: no Java tools
+    # backend python: no Java tools; no images: no CLIPScore
+    assert set(report["unavailable"]) == {"METEOR", "SPICE", "CLIPScore", "RefCLIPScore"}
     assert set(report["metrics"]) == set(metrics.METRIC_NAMES) - {"METEOR", "SPICE"}
     paper = report["paper"]
     assert paper["rows"] == metrics.PAPER_TABLE1_COCO

@@ -13,6 +13,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "train"),
     ("caption", "caption"),
     ("eval", "eval"),
+    ("inspect", "inspect"),
     ("info", "info"),
 ]
 

@@ -23,6 +23,8 @@ A bad input never stops the run: it gets a record with its error.
 Exit codes: 0 all captioned, 1 fatal error (e.g. the model is missing), 2 usage error (no inputs, bad options), 3 some inputs failed.
 
 Example: [bold]clipcap caption photos/ --recursive --beam 5 > captions.jsonl[/]   ·   [bold]find . -name '*.jpg' | clipcap caption - --format csv[/]
+
+Example: [bold]clipcap caption photo.jpg --rerank clip[/] (5 beams, the one CLIP scores highest first)   ·   [bold]clipcap caption photo.jpg --sample -n 8 --rerank clip[/]
 """
 
 MODEL = "Model"
@@ -47,6 +49,7 @@ def command(
     top_k: Annotated[int, typer.Option("--top-k", help="Sampling: keep the K likeliest tokens (0 = no limit).", rich_help_panel=DECODING)] = DecodingOptions.top_k,
     temperature: Annotated[float, typer.Option("--temperature", help="Divide logits by this (beam search and sampling).", rich_help_panel=DECODING)] = DecodingOptions.temperature,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling: make the samples reproducible (image i uses seed + i).", rich_help_panel=DECODING, show_default=False)] = DecodingOptions.seed,
+    rerank: Annotated[Optional[str], typer.Option("--rerank", metavar="clip", help="Decode candidates (--beam N: all N beams, 5 by default; --sample -n N: N samples) and put the one CLIP matches best first: CLIPScore on the model's own CLIP, added to records as clip_score (clip_scores with -n).", rich_help_panel=DECODING, show_default=False)] = DecodingOptions.rerank,
     num_captions: Annotated[int, typer.Option("--num-captions", "-n", help="Captions per image: the N best beams (N <= --beam) or N samples.", rich_help_panel=DECODING)] = DecodingOptions.num_captions,
     max_length: Annotated[int, typer.Option("--max-length", help="Most tokens per caption.", rich_help_panel=DECODING)] = DecodingOptions.max_length,
     stop_token: Annotated[Optional[str], typer.Option("--stop-token", help="Stop after this token (default: the model's, \".\").", rich_help_panel=DECODING, show_default=False)] = DecodingOptions.stop_token,
@@ -82,6 +85,7 @@ def command(
             seed=seed,
             max_length=max_length,
             stop_token=stop_token,
+            rerank=rerank,
         )
         fmt = _pick_format(format_, json_, jsonl, output)
         from clipcap_cli.pretrained import check_model_argument
@@ -154,7 +158,9 @@ def _run(
     start = time.perf_counter()
     target = out.AtomicFile(output) if output else contextlib.nullcontext(sys.stdout)
     with target as stream, ui.item_progress("images", quiet) as progress:
-        decoding = options.strategy + (f" {options.beam_size}" if options.strategy == "beam" else "")
+        strategy = "beam" if options.rerank and options.strategy == "greedy" else options.strategy  # see candidate_options
+        decoding = strategy + (f" {options.beam_size}" if strategy == "beam" else "")
+        decoding += f", reranked by {options.rerank}" if options.rerank else ""
         writer = out.get_writer(fmt, stream, settings=f"model {model_args['name_or_path']}, {decoding}")
         task = progress.add_task("captioning", total=len(sources))
         for batch in inputs.load_batches(sources, transform, batch_size, workers):
@@ -171,7 +177,7 @@ def _run(
                     failed += 1
                     if not quiet:
                         warn(f"{name}: {error}")
-                records.append(out.make_record(name, results.get(i), error, alternatives))
+                records.append(out.make_record(name, results.get(i), error, alternatives, clip=options.rerank is not None))
             writer.write(records)
             done += len(batch)
             progress.advance(task, len(batch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -11,10 +12,11 @@ import typer
 from clipcap_cli.ui import complete_model
 from typing_extensions import Annotated
 
+from clipcap_cli.clipscore import METRIC_NAMES as CLIP_METRICS
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.evaluation import EvalOptions
 
-HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE), computed as pycocoevalcap does.
+HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE), computed as pycocoevalcap does, and with CLIPScore and RefCLIPScore.
 
 [bold]References[/] (--refs): COCO captions_val2014.json, the Karpathy split file dataset_coco.json (--split, default test), a features store from `clipcap extract`, or JSON Lines (image, path or image_id + caption; one line per caption).
 
@@ -23,6 +25,10 @@ HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE
 [bold]Matching[/]: by COCO image id when both sides have one (an image_id field, or a file name like COCO_val2014_000000123456.jpg or 000000123456.jpg); otherwise by path, compared on trailing components (/data/val2014/x.jpg matches val2014/x.jpg; x.jpg matches it when the name is unique). Reference images without a prediction, or predictions without references, are an error (exit 2) unless --allow-missing. Prediction records with an "error" (images that failed) are reported and not scored: the other images are scored and the exit code is 3. An empty caption is scored (as zero).
 
 [bold]Output[/]: a table on a terminal (scores x100, as papers print them); JSON on stdout when piped or with --json: {metrics, scale, counts, tokenizer, backends, unavailable, notes, matched_by, settings} plus per_image / paper when asked; values on pycocoevalcap's 0-1 scale (CIDEr about 1.1 for a good COCO model). METEOR and SPICE need Java and the eval extra; when they cannot run they are listed as unavailable with the reason.
+
+[bold]CLIPScore[/] and [bold]RefCLIPScore[/] (Hessel et al., 2021; computed as jmhessel/clipscore does, on its 0-2.5 scale): how well CLIP matches each caption to its image ("A photo depicts " + caption), and its harmonic mean with the closest reference. They need the images: --images DIR, a features store (its stored embeddings when they come from the same CLIP, else its image files) or a --model run; otherwise they are listed as unavailable. CLIP: --clip (default ViT-B-32 with OpenAI's weights, as the CLIPScore paper).
+
+Example: [bold]clipcap eval --refs captions_val2014.json --predictions captions.jsonl --images val2014/ --metrics CLIPScore,RefCLIPScore[/]
 
 Example: [bold]clipcap eval --refs dataset_coco.json --split test --images val2014/ --model coco --beam 5[/]
 
@@ -72,7 +78,7 @@ def command(
     ] = None,
     images: Annotated[
         Optional[Path],
-        typer.Option("--images", "-i", help="Folder of the reference images (--model; default: the features store's root or the refs file's folder).",
+        typer.Option("--images", "-i", help="Folder of the reference images, for --model and CLIPScore (--model's default: the features store's root or the refs file's folder).",
                      show_default=False, rich_help_panel=INPUTS),
     ] = None,
     beam: Annotated[
@@ -97,7 +103,7 @@ def command(
     ] = None,
     device: Annotated[
         Optional[str],
-        typer.Option(help="cpu, cuda, cuda:N or mps \\[default: best available].", show_default=False, rich_help_panel=MODEL),
+        typer.Option(help="cpu, cuda, cuda:N or mps, for --model and for CLIPScore \\[default: best available].", show_default=False, rich_help_panel=MODEL),
     ] = D.device,
     save_predictions: Annotated[
         Optional[Path],
@@ -106,7 +112,7 @@ def command(
     ] = None,
     metric_names: Annotated[
         Optional[str],
-        typer.Option("--metrics", help="Comma-separated subset: BLEU (all four), BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE \\[default: all].",
+        typer.Option("--metrics", help="Comma-separated subset: BLEU (all four), BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE, CLIPScore, RefCLIPScore \\[default: all].",
                      show_default=False, rich_help_panel=SCORING),
     ] = None,
     tokenizer: Annotated[
@@ -119,6 +125,16 @@ def command(
         typer.Option(help="auto, python (no Java: METEOR/SPICE unavailable) or pycocoevalcap (its Python scorers too).",
                      rich_help_panel=SCORING),
     ] = D.backend,
+    clip: Annotated[
+        Optional[str],
+        typer.Option("--clip", help=f"CLIP for CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH \\[default: {D.clip_model}].",
+                     show_default=False, rich_help_panel=SCORING),
+    ] = None,
+    clip_pretrained: Annotated[
+        Optional[str],
+        typer.Option("--clip-pretrained", help=f"open_clip pretrained tag of --clip \\[default: {D.clip_pretrained}; none for local-dir:].",
+                     show_default=False, rich_help_panel=SCORING),
+    ] = None,
     allow_missing: Annotated[
         bool, typer.Option("--allow-missing", help="Score the images both sides share instead of failing on a mismatch.",
                            rich_help_panel=SCORING)
@@ -147,7 +163,7 @@ def command(
         if (predictions is None) == (model is None):
             raise UsageError("give one of --predictions FILE or --model NAME|PATH")
         model_only = {"--beam": beam, "--max-length": max_length, "--batch-size": batch_size, "--workers": workers,
-                      "--device": device, "--save-predictions": save_predictions}
+                      "--save-predictions": save_predictions}
         given = [flag for flag, value in model_only.items() if value is not None]
         if predictions is not None and given:
             raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --model (it sets how the references are captioned)")
@@ -167,10 +183,15 @@ def command(
             batch_size=batch_size if batch_size is not None else D.batch_size,
             workers=workers if workers is not None else D.workers,
             device=device,
+            **_clip_options(clip, clip_pretrained),
         )
         if options.batch_size < 1 or options.workers < 0:
             raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
         _check_scoring(options)
+        if (clip, clip_pretrained) != (None, None) and set(evaluation.requested_metrics(options.metrics)) & set(CLIP_METRICS):
+            from clipcap_cli.clipscore import check_clip
+
+            check_clip(options.clip_model, options.clip_pretrained)  # a typo fails before any captioning
         decoding = _decoding(beam, max_length)  # checked before reading anything
         references = evaluation.read_references(refs, refs_format, split, images)
         _say_refs(references)
@@ -188,7 +209,9 @@ def command(
         else:
             assert predictions is not None
             preds = evaluation.read_predictions(predictions)
-        report = evaluation.evaluate(references, preds, options, settings=settings, compare_paper=compare is not None)
+        with _clip_progress(quiet) as clip_progress:
+            report = evaluation.evaluate(references, preds, options, settings=settings, compare_paper=compare is not None,
+                                         clip_progress=clip_progress)
         _emit(report, output, json_, options.worst)
 
 
@@ -199,12 +222,45 @@ def _parse_metrics(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     names = tuple(part.strip() for part in text.split(",") if part.strip())
-    known = {name.lower() for name in (*metrics.METRIC_NAMES, "BLEU")}
+    known = {name.lower() for name in (*metrics.METRIC_NAMES, *CLIP_METRICS, "BLEU")}
     unknown = [name for name in names if name.lower() not in known]
     if unknown or not names:
         raise UsageError(f"--metrics {text}: unknown metric {', '.join(unknown) or '(none given)'}; "
-                         f"choose from BLEU, {', '.join(metrics.METRIC_NAMES)}")
+                         f"choose from BLEU, {', '.join((*metrics.METRIC_NAMES, *CLIP_METRICS))}")
     return names
+
+
+def _clip_options(clip: str | None, pretrained: str | None) -> dict[str, Any]:
+    """EvalOptions' CLIP fields: --clip (default ViT-B-32) and its tag (openai by default; none
+    for a local-dir: model, which has its weights in its folder)."""
+    if clip is None and pretrained is None:
+        return {}
+    model = clip or D.clip_model
+    from clipcap_cli.backbones import LOCAL_DIR
+
+    return {"clip_model": model,
+            "clip_pretrained": pretrained if pretrained is not None else None if model.startswith(LOCAL_DIR) else D.clip_pretrained}
+
+
+@contextlib.contextmanager
+def _clip_progress(quiet: bool) -> Any:
+    """A progress bar that appears only if CLIPScore reads image files."""
+    from clipcap_cli import ui
+
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = ui.item_progress("images", quiet)
+            state["bar"].start()
+            state["task"] = state["bar"].add_task("CLIPScore", total=total)
+        state["bar"].update(state["task"], completed=done)
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
 
 
 def _check_scoring(options: EvalOptions) -> None:
@@ -311,7 +367,7 @@ def _render(report: dict, worst: int) -> None:
     source = f"model {settings['model']}" if settings.get("model") else Path(settings["predictions"] or "").name
     table = Table(
         title=f"{escape(source)}: {counts['images']} images, {counts['reference_captions']} reference captions ({what})",
-        caption=f"x100 = the papers' scale; JSON holds the 0-1 values. Tokenizer: {report['tokenizer']}.",
+        caption=f"x100 = the papers' scale; JSON holds the unscaled values. Tokenizer: {report['tokenizer']}.",
         title_justify="left",
     )
     table.add_column("metric")
@@ -321,7 +377,7 @@ def _render(report: dict, worst: int) -> None:
     if paper:
         for row in paper["rows"]:
             table.add_column(PAPER_COLUMNS.get(row, row.replace("_", " ")), justify="right")
-    requested = [m for m in metrics.METRIC_NAMES if m in report["metrics"] or m in report["unavailable"]]
+    requested = [m for m in (*metrics.METRIC_NAMES, *CLIP_METRICS) if m in report["metrics"] or m in report["unavailable"]]
     for name in requested:
         value = report["metrics"].get(name)
         cells = [name, _fmt(None if value is None else value * metrics.PAPER_SCALE),
