@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clipcap_cli.errors import ModelNotAvailableError, UsageError
+from clipcap_cli.errors import ModelNotAvailableError
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device | st
     """(CLIP with both towers, preprocess): the one place clipcap builds a CLIP for its text side."""
     from clipcap_cli import backbones
 
-    return backbones.load_clip(model_name, pretrained, device)
+    return backbones.load_clip(model_name, pretrained, device, text=True)
 
 
 def has_text_tower(clip_model: Any) -> bool:
@@ -70,21 +70,9 @@ def get_tokenizer(model_name: str) -> Callable[[list[str]], torch.Tensor]:
 
 def check_clip(model_name: str, pretrained: str | None) -> None:
     """Refuse an unknown CLIP name or pretrained tag before anything slow runs (no weights read)."""
-    from pathlib import Path
+    from clipcap_cli.backbones import clip_spec
 
-    from clipcap_cli.backbones import LOCAL_DIR
-
-    if model_name.startswith(LOCAL_DIR):
-        folder = Path(model_name[len(LOCAL_DIR) :]).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise UsageError(f"CLIP folder {folder} has no open_clip_config.json")
-        return
-    import open_clip
-
-    if model_name not in open_clip.list_models():
-        raise UsageError(f"unknown CLIP model {model_name!r} (see open_clip.list_models())")
-    if pretrained and not open_clip.get_pretrained_cfg(model_name, pretrained):
-        raise UsageError(f"CLIP {model_name} has no pretrained weights tagged {pretrained!r}")
+    clip_spec(model_name, pretrained)
 
 
 class ClipText:
