@@ -18,7 +18,7 @@ from clipcap_cli.version import __version__
 app = typer.Typer(
     name="clipcap",
     help=(
-        "Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval.\n\n"
+        "Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval, inspect.\n\n"
         "Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.\n\n"
         "Example: [bold]clipcap caption photos/*.jpg --beam 5 | jq .caption[/]"
     ),

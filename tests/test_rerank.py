@@ -116,21 +116,22 @@ def test_a_text_tower_that_prefers_one_candidate_changes_the_caption(tmp_path: P
 
 
 def test_text_tower_is_built_on_first_use_and_kept(tiny_checkpoint: Path, photo: Path, monkeypatch):
+    """Captioning builds CLIP's image tower alone; the first reranking builds the text side once
+    (through clipscore.load_clip) and keeps it."""
+    real = clipscore.load_clip
+    calls = []
+    monkeypatch.setattr(clipscore, "load_clip", lambda *a: calls.append(a) or real(*a))
     fresh = load_model(str(tiny_checkpoint), device="cpu")
     fresh.caption(photo, **FAST)
-    assert fresh._clip_text is None  # not reranking: no text side
+    assert fresh._clip_text is None and not clipscore.has_text_tower(fresh.clip_model)  # no text side
     fresh.caption(photo, rerank="clip", **FAST)
     text = fresh._clip_text
-    assert text is not None and text.model is fresh.clip_model  # the loaded CLIP has a text tower: reused
+    assert text is not None and clipscore.has_text_tower(text.model) and len(calls) == 1
     fresh.caption(photo, rerank="clip", **FAST)
-    assert fresh._clip_text is text
-    # an image-only CLIP: the text side is built once, through clipscore.load_clip
-    calls = []
-    monkeypatch.setattr(clipscore, "load_clip", lambda *a: calls.append(a) or (fresh.clip_model, None))
-    image_only = type("ImageOnly", (), {"encode_image": lambda self, x: x})()
-    assert not clipscore.has_text_tower(image_only) and clipscore.has_text_tower(fresh.clip_model)
-    loaded = clipscore.ClipText.load(fresh.config.clip_model, None, "cpu", reuse=image_only)
-    assert calls == [(fresh.config.clip_model, None, "cpu")] and loaded.model is fresh.clip_model
+    assert fresh._clip_text is text and len(calls) == 1
+    # A CLIP that already has its text tower is reused as it is.
+    full, _ = real(fresh.config.clip_model, None, "cpu")
+    assert clipscore.ClipText.load(fresh.config.clip_model, None, "cpu", reuse=full).model is full and len(calls) == 1
 
 
 def test_rerank_options_are_checked():
