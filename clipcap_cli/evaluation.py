@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,8 +21,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
-from clipcap_cli.datasets import iter_jsonl
+from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
+from clipcap_cli.fsutil import write_text_atomic
 
 if TYPE_CHECKING:
     from clipcap_cli.decoding import DecodingOptions
@@ -50,6 +50,7 @@ __all__ = [
     "caption_references",
     "write_predictions",
     "paper_comparison",
+    "check_scorers",
 ]
 
 REFS_FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "features", "jsonl")
@@ -85,6 +86,35 @@ class EvalOptions:
     device: str | None = None  # --model: None = the best available device
     workers: int = WORKERS  # --model: image-decoding worker processes (0 = in this process), as caption
     worst: int = 10  # per-image rows shown on a terminal
+
+    def __post_init__(self) -> None:
+        # Messages name the `clipcap eval` flags: each field is the option of the same name.
+        from clipcap_cli import metrics
+
+        for flag, value, choices in (("--refs-format", self.refs_format, REFS_FORMATS),
+                                     ("--tokenizer", self.tokenizer, metrics.TOKENIZERS),
+                                     ("--backend", self.backend, metrics.BACKENDS)):
+            if value not in choices:
+                raise UsageError(f"{flag} {value}: choose one of {', '.join(choices)}")
+        if self.metrics is not None:
+            known = {name.lower() for name in (*metrics.METRIC_NAMES, "BLEU")}
+            unknown = [name for name in self.metrics if name.lower() not in known]
+            if unknown or not self.metrics:
+                raise UsageError(f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
+                                 f"choose from BLEU, {', '.join(metrics.METRIC_NAMES)}")
+        if self.batch_size < 1 or self.workers < 0 or self.worst < 0:
+            raise UsageError("--batch-size must be at least 1, and --workers and the worst-images count 0 or more")
+
+
+def check_scorers(options: EvalOptions) -> None:
+    """Refuse a tokenizer or backend this machine cannot run, before any time goes into captioning."""
+    from clipcap_cli import metrics
+
+    if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
+        raise metrics.BackendUnavailableError("--backend pycocoevalcap: the package is not installed "
+                                              "(pip install 'clipcap-cli[eval]')")
+    if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
+        raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
 
 
 # --------------------------------------------------------------------------- records
@@ -164,20 +194,6 @@ class EvalKeyMismatchError(UsageError):
         self.unreferenced_predictions = tuple(unreferenced_predictions)  # predictions without references
 
 
-def _as_id(value: Any) -> int | str | None:
-    """Numeric ids (also "123") become ints, other non-empty values strings; empty means none."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    text = str(value).strip()
-    if not text:
-        return None
-    return int(text) if text.isdigit() else text
-
-
 def coco_id_from_name(path: str | None) -> int | None:
     """The COCO image id in a COCO-style file name (``COCO_val2014_000000123456.jpg`` -> 123456)."""
     if not path:
@@ -249,7 +265,7 @@ def read_references(
             empty += 1
             continue
         image = record.get("image")
-        images_out.append(RefImage(None if image in (None, "") else str(image), _as_id(record.get("image_id")), captions,
+        images_out.append(RefImage(None if image in (None, "") else str(image), normalize_id(record.get("image_id")), captions,
                                    row if embeddings is not None else None))
     if not images_out:
         detail = f" ({empty} images without captions)" if empty else ""
@@ -290,7 +306,7 @@ def _jsonl_records(source: Path) -> Iterator[dict]:
     groups: dict[Any, dict] = {}
     for n, row in iter_jsonl(source):
         path = _first(row, _PATH_KEYS)
-        image_id = _as_id(row.get("image_id"))
+        image_id = normalize_id(row.get("image_id"))
         if path is None and image_id is None:
             raise UsageError(f"{source.name} line {n}: no 'image', 'path' or 'image_id'")
         value = row["captions"] if isinstance(row.get("captions"), list) else _first(row, _CAPTION_KEYS)
@@ -343,7 +359,7 @@ def _prediction(source: Path, n: int, row: Any) -> Prediction:
     if not isinstance(row, dict):
         raise UsageError(f"{source.name} record {n}: expected a JSON object")
     path = _first(row, _PATH_KEYS)
-    image_id = _as_id(row.get("image_id"))
+    image_id = normalize_id(row.get("image_id"))
     if path is None and image_id is None:
         raise UsageError(f"{source.name} record {n}: no 'path', 'image' or 'image_id'")
     error = row.get("error")
@@ -578,7 +594,7 @@ def evaluate(
             "device": None,  # --model: as requested (None = best available)
             "save_predictions": None,  # --model --save-predictions FILE
             "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
-            "metrics": requested_metrics(options.metrics),
+            "metrics": metrics.resolve_metrics(options.metrics),
             "tokenizer": options.tokenizer,
             "backend": options.backend,
             "allow_missing": options.allow_missing,
@@ -606,17 +622,6 @@ def evaluate(
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def requested_metrics(names: Iterable[str] | None) -> list[str]:
-    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES ("BLEU" = all four)."""
-    from clipcap_cli import metrics
-
-    if names is None:
-        return list(metrics.METRIC_NAMES)
-    lowered = {name.lower() for name in names}
-    return [name for name in metrics.METRIC_NAMES
-            if name.lower() in lowered or (name in metrics.BLEU_NAMES and "bleu" in lowered)]
 
 
 def paper_comparison(scores: Mapping[str, float], references: References | None = None,
@@ -803,22 +808,6 @@ def write_predictions(path: str | Path, predictions: Predictions) -> Path:
         for p in predictions.items
     ]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    from clipcap_cli import features
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder: give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    features.write_text_atomic(path, text)
-    # The temp file was created 0600; give the result the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
     return path
 
 

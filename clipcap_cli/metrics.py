@@ -53,6 +53,7 @@ __all__ = [
     "MetricScores",
     "ScoreResult",
     "score",
+    "resolve_metrics",
     "bleu",
     "rouge_l",
     "cider_d",
@@ -771,7 +772,8 @@ def _examples(keys: Sequence[Hashable], limit: int = 3) -> str:
     return ", ".join(repr(k) for k in ordered[:limit]) + (", ..." if len(ordered) > limit else "")
 
 
-def _resolve_metrics(metrics: Iterable[str] | None) -> list[str]:
+def resolve_metrics(metrics: Iterable[str] | None) -> list[str]:
+    """Metric names as a user gives them (any case; "BLEU" = BLEU-1..4; None = all), in METRIC_NAMES order."""
     if metrics is None:
         return list(METRIC_NAMES)
     if isinstance(metrics, str):
@@ -815,7 +817,7 @@ def score(
     """
     if backend not in BACKENDS:
         raise MetricsInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    names = _resolve_metrics(metrics)
+    names = resolve_metrics(metrics)
 
     # ---- keys --------------------------------------------------------------------------------
     missing = [k for k in references if k not in predictions]

@@ -168,9 +168,7 @@ def command(
             workers=workers if workers is not None else D.workers,
             device=device,
         )
-        if options.batch_size < 1 or options.workers < 0:
-            raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
-        _check_scoring(options)
+        evaluation.check_scorers(options)
         decoding = _decoding(beam, max_length)  # checked before reading anything
         references = evaluation.read_references(refs, refs_format, split, images)
         _say_refs(references)
@@ -193,34 +191,10 @@ def command(
 
 
 def _parse_metrics(text: str | None) -> tuple[str, ...] | None:
-    from clipcap_cli import metrics
-    from clipcap_cli.errors import UsageError
-
+    """--metrics "BLEU,CIDEr" -> ("BLEU", "CIDEr"); EvalOptions checks the names."""
     if text is None:
         return None
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    known = {name.lower() for name in (*metrics.METRIC_NAMES, "BLEU")}
-    unknown = [name for name in names if name.lower() not in known]
-    if unknown or not names:
-        raise UsageError(f"--metrics {text}: unknown metric {', '.join(unknown) or '(none given)'}; "
-                         f"choose from BLEU, {', '.join(metrics.METRIC_NAMES)}")
-    return names
-
-
-def _check_scoring(options: EvalOptions) -> None:
-    """Refuse a tokenizer/backend that cannot run before spending time on captioning."""
-    from clipcap_cli import metrics
-    from clipcap_cli.errors import UsageError
-
-    if options.tokenizer not in metrics.TOKENIZERS:
-        raise UsageError(f"--tokenizer {options.tokenizer}: choose one of {', '.join(metrics.TOKENIZERS)}")
-    if options.backend not in metrics.BACKENDS:
-        raise UsageError(f"--backend {options.backend}: choose one of {', '.join(metrics.BACKENDS)}")
-    if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
-        raise metrics.BackendUnavailableError("--backend pycocoevalcap: the package is not installed "
-                                              "(pip install 'clipcap-cli[eval]')")
-    if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
-        raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _decoding(beam: int | None, max_length: int | None) -> DecodingOptions:
@@ -274,12 +248,13 @@ def _emit(report: dict, output: Path | None, json_: bool, worst: int) -> None:
     from rich.markup import escape
 
     from clipcap_cli import evaluation
-    from clipcap_cli.ui import stderr, warn
     from clipcap_cli.errors import EXIT_PARTIAL
+    from clipcap_cli.fsutil import write_text_atomic
+    from clipcap_cli.ui import stderr, warn
 
     text = evaluation.report_json(report)
     if output is not None:
-        evaluation.write_text_atomic(output, text + "\n")
+        write_text_atomic(output, text + "\n")
         stderr.print(f"wrote the report to {output}", highlight=False)
     as_json = json_ or not _is_terminal()
     if as_json:
