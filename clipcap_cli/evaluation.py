@@ -554,15 +554,6 @@ def evaluate(
         tokenizer=options.tokenizer,
         per_image=options.per_image,
     )
-    notes = list(result.notes)
-    if matching.failed:
-        first = matching.failed[0][1]
-        notes.append(f"{FAILED_NOTE}: {len(matching.failed)} images are not scored "
-                     f"(e.g. {first.where()}: {first.error})")
-    if matching.missing and options.allow_missing:
-        notes.append(f"{len(matching.missing)} reference images without a prediction are not scored (--allow-missing)")
-    if matching.unmatched and options.allow_missing:
-        notes.append(f"{len(matching.unmatched)} predictions without references are ignored (--allow-missing)")
     report: dict[str, Any] = {
         "metrics": dict(result.scores),
         "scale": SCALE,
@@ -579,31 +570,10 @@ def evaluate(
         "tokenizer": result.tokenizer,
         "backends": dict(result.backends),
         "unavailable": dict(result.unavailable),
-        "notes": notes,
+        "notes": [*result.notes, *_matching_notes(matching, options.allow_missing)],
         "matched_by": matching.by,
-        "settings": {
-            "refs": str(references.source),
-            "refs_format": references.format,
-            "split": references.split,
-            "images": _str_or_none(predictions.images_root or references.images_root),
-            "predictions": None if predictions.source is None else str(predictions.source),
-            "predictions_format": predictions.format,
-            "model": None,  # --model: the name or path given
-            "decoding": None,  # --model: DecodingOptions as a dict
-            "batch_size": None,  # --model
-            "device": None,  # --model: as requested (None = best available)
-            "save_predictions": None,  # --model --save-predictions FILE
-            "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
-            "metrics": metrics.resolve_metrics(options.metrics),
-            "tokenizer": options.tokenizer,
-            "backend": options.backend,
-            "allow_missing": options.allow_missing,
-        },
+        "settings": _settings(references, predictions, options, settings),
     }
-    unknown = set(settings or {}) - set(report["settings"])
-    if unknown:
-        raise ValueError(f"unknown settings keys {sorted(unknown)}: the report schema is fixed")
-    report["settings"].update(settings or {})
     if result.per_image is not None:
         report["per_image"] = [
             {
@@ -618,6 +588,49 @@ def evaluate(
     if compare_paper:
         report["paper"] = paper_comparison(result.scores, references, result.n_images)
     return report
+
+
+def _matching_notes(matching: Matching, allow_missing: bool) -> list[str]:
+    notes = []
+    if matching.failed:
+        first = matching.failed[0][1]
+        notes.append(f"{FAILED_NOTE}: {len(matching.failed)} images are not scored "
+                     f"(e.g. {first.where()}: {first.error})")
+    if matching.missing and allow_missing:
+        notes.append(f"{len(matching.missing)} reference images without a prediction are not scored (--allow-missing)")
+    if matching.unmatched and allow_missing:
+        notes.append(f"{len(matching.unmatched)} predictions without references are ignored (--allow-missing)")
+    return notes
+
+
+def _settings(references: References, predictions: Predictions, options: EvalOptions,
+              given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The report's ``settings``: its fixed keys, with ``given`` (how --model captioned) filled in."""
+    from clipcap_cli import metrics
+
+    settings = {
+        "refs": str(references.source),
+        "refs_format": references.format,
+        "split": references.split,
+        "images": _str_or_none(predictions.images_root or references.images_root),
+        "predictions": None if predictions.source is None else str(predictions.source),
+        "predictions_format": predictions.format,
+        "model": None,  # --model: the name or path given
+        "decoding": None,  # --model: DecodingOptions as a dict
+        "batch_size": None,  # --model
+        "device": None,  # --model: as requested (None = best available)
+        "save_predictions": None,  # --model --save-predictions FILE
+        "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
+        "metrics": metrics.resolve_metrics(options.metrics),
+        "tokenizer": options.tokenizer,
+        "backend": options.backend,
+        "allow_missing": options.allow_missing,
+    }
+    unknown = set(given or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown settings keys {sorted(unknown)}: the report schema is fixed")
+    settings.update(given or {})
+    return settings
 
 
 def _str_or_none(value: Any) -> str | None:
