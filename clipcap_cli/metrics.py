@@ -217,11 +217,19 @@ def spice_unavailable_reason() -> str | None:
     return _spice_unavailable_reason(pycocoevalcap_dir(), java_path())
 
 
-def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
+def _package_and_java_reason(metric: str, package_dir: Path | None, java: str | None) -> str | None:
     if package_dir is None:
-        return "SPICE needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
+        return f"{metric} needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
     if java is None:
-        return "SPICE needs Java: no 'java' on PATH"
+        return f"{metric} needs Java: no 'java' on PATH"
+    return None
+
+
+def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
+    reason = _package_and_java_reason("SPICE", package_dir, java)
+    if reason is not None:
+        return reason
+    assert package_dir is not None
     spice_dir = package_dir / "spice"
     if not (spice_dir / _SPICE_JAR).is_file():
         return f"SPICE jar {spice_dir / _SPICE_JAR} is missing"
@@ -234,10 +242,10 @@ def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str
 
 
 def _meteor_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
-    if package_dir is None:
-        return "METEOR needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
-    if java is None:
-        return "METEOR needs Java: no 'java' on PATH"
+    reason = _package_and_java_reason("METEOR", package_dir, java)
+    if reason is not None:
+        return reason
+    assert package_dir is not None
     meteor_dir = package_dir / "meteor"
     for needed in (meteor_dir / _METEOR_JAR, meteor_dir / "data" / "paraphrase-en.gz"):
         if not needed.is_file():

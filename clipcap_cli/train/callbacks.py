@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Sequence
+from typing import IO, TYPE_CHECKING, Any, Sequence
 
 from clipcap_cli.fsutil import write_text_atomic
 
@@ -69,13 +69,14 @@ class TrainCallback:
     """Hooks the loop calls. Override what you need.
 
     They run on the main process (rank 0) only, unless ``all_ranks`` is True: then on every
-    process of a torchrun job (each sees its own ``caption_ids`` and its own model). An exception
-    in a hook stops the run on every process, with its message.
+    process of a torchrun job (each sees its own ``caption_ids`` and its own model), except
+    ``on_tokenize`` and ``on_checkpoint``, which report work only rank 0 does. An exception in a
+    hook stops the run on every process, with its message.
     """
 
     all_ranks = False
 
-    def on_tokenize(self, done: int, total: int) -> None: ...  # on the process that tokenises
+    def on_tokenize(self, done: int, total: int) -> None: ...  # captions tokenised so far (not when cached)
     def on_start(self, info: StartInfo) -> None: ...
     def on_step(self, info: StepInfo) -> None: ...
     def on_validation(self, epoch: int, step: int, loss: float) -> None: ...
@@ -90,33 +91,17 @@ class Callbacks(TrainCallback):
     def __init__(self, callbacks: Sequence[TrainCallback | None], main: bool):
         self.callbacks = [c for c in callbacks if c is not None and (main or c.all_ranks)]
 
-    def on_tokenize(self, done: int, total: int) -> None:
-        for c in self.callbacks:
-            c.on_tokenize(done, total)
+    def _each(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(*args)
 
-    def on_start(self, info: StartInfo) -> None:
-        for c in self.callbacks:
-            c.on_start(info)
-
-    def on_step(self, info: StepInfo) -> None:
-        for c in self.callbacks:
-            c.on_step(info)
-
-    def on_validation(self, epoch: int, step: int, loss: float) -> None:
-        for c in self.callbacks:
-            c.on_validation(epoch, step, loss)
-
-    def on_checkpoint(self, path: Path, kind: str) -> None:
-        for c in self.callbacks:
-            c.on_checkpoint(path, kind)
-
-    def on_warning(self, message: str) -> None:
-        for c in self.callbacks:
-            c.on_warning(message)
-
-    def on_end(self, result: TrainResult, model: ClipCaptionModel) -> None:
-        for c in self.callbacks:
-            c.on_end(result, model)
+    def on_tokenize(self, done: int, total: int) -> None: self._each("on_tokenize", done, total)
+    def on_start(self, info: StartInfo) -> None: self._each("on_start", info)
+    def on_step(self, info: StepInfo) -> None: self._each("on_step", info)
+    def on_validation(self, epoch: int, step: int, loss: float) -> None: self._each("on_validation", epoch, step, loss)
+    def on_checkpoint(self, path: Path, kind: str) -> None: self._each("on_checkpoint", path, kind)
+    def on_warning(self, message: str) -> None: self._each("on_warning", message)
+    def on_end(self, result: TrainResult, model: ClipCaptionModel) -> None: self._each("on_end", result, model)
 
 
 class MetricsLog(TrainCallback):

@@ -96,7 +96,7 @@ def train(
 
 @dataclass
 class Trainer:
-    """A run ready to go: built by ``prepare``; ``fit`` changes nothing but the weights and ``pos``."""
+    """A run ready to go, built by ``prepare``; ``fit`` moves it on (weights, optimizer, ``pos``)."""
 
     opts: TrainOptions
     dist: Distributed
@@ -113,6 +113,10 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.opts.epochs * self.data.steps_per_epoch
+
+    @property
+    def batches_per_epoch(self) -> int:  # micro-batches
+        return self.data.steps_per_epoch * self.opts.grad_accum
 
     @property
     def global_batch(self) -> int:
@@ -188,9 +192,8 @@ def _mixed_precision(device: torch.device, precision: str) -> tuple[torch.dtype 
 def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
     """Epochs of optimizer steps, each epoch ending in validation and checkpoints.
 
-    Every step ends with one all-reduce (mean loss, stop requested), so all processes stop
-    after the same step; rank-0 work (files, callbacks) runs in ``fail_together`` blocks, so a
-    failure there stops every process with its message.
+    Runs from ``t.pos`` (the start, or where a resumed run stopped) to the last epoch. Under
+    torchrun every process runs this same loop on its own share of each epoch's captions.
     """
     opts, dist, pos = t.opts, t.dist, t.pos
     _start(t, cb)
@@ -198,24 +201,27 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
     t.model.train()
     with _StopFlag().installed() as stop:
         while pos.epoch < opts.epochs:
+            # This epoch's batches in their seeded order, minus those a resumed run already did.
             batches = t.data.epoch_batches(pos.epoch, opts.batch_size, opts.grad_accum)[pos.batch :]
             it = iter(loader(t.data.train, batches, opts.num_workers, dist.device, opts.seed))
-            while pos.batch < t.data.steps_per_epoch * opts.grad_accum:
+            while pos.batch < t.batches_per_epoch:
                 t0 = time.perf_counter()
                 lr = t.lr(pos.step)
                 loss, caption_ids = train_step(t, it)
                 pos.step += 1
                 pos.batch += opts.grad_accum
-                # The mean loss, and whether any rank was asked to stop (all must stop together).
-                shared = dist.all_reduce_sum(torch.stack([loss, torch.tensor(float(stop.requested), device=dist.device)]))
-                loss_value = float(shared[0]) / dist.world_size
+                # One small all-reduce: the mean loss, and whether any process was asked to stop
+                # (all must stop after the same step, or the next collective would hang).
+                loss_value, stopping = _mean_loss_and_stop(dist, loss, stop.requested)
                 dt = time.perf_counter() - t0
                 pos.elapsed += dt
                 pos.loss_ema = loss_value if pos.loss_ema is None else LOSS_EMA * pos.loss_ema + (1 - LOSS_EMA) * loss_value
-                with dist.fail_together():
-                    cb.on_step(StepInfo(pos.step, t.total_steps, pos.epoch + 1, opts.epochs, loss_value, pos.loss_ema, lr,
-                                        t.global_batch / max(dt, 1e-9), pos.elapsed, dt, caption_ids))
-                if float(shared[1]) > 0:
+                info = StepInfo(step=pos.step, total_steps=t.total_steps, epoch=pos.epoch + 1, epochs=opts.epochs,
+                                loss=loss_value, loss_ema=pos.loss_ema, lr=lr, samples_per_s=t.global_batch / max(dt, 1e-9),
+                                elapsed=pos.elapsed, seconds=dt, caption_ids=caption_ids)
+                with dist.fail_together():  # rank 0's callbacks (progress, metrics.jsonl) may fail
+                    cb.on_step(info)
+                if stopping:
                     save_resume(t, cb)
                     raise TrainingInterrupted(f"interrupted at step {pos.step}/{t.total_steps}; the run was saved to "
                                               f"{t.out / RESUME_FILE}", t.out, pos.step)
@@ -226,6 +232,11 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
     with dist.fail_together():
         cb.on_end(result, t.model)
     return result
+
+
+def _mean_loss_and_stop(dist: Distributed, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    shared = dist.all_reduce_sum(torch.stack([loss, torch.tensor(float(stop), device=dist.device)]))  # (2,)
+    return float(shared[0]) / dist.world_size, float(shared[1]) > 0
 
 
 def _start(t: Trainer, cb: TrainCallback) -> None:
