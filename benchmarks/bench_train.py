@@ -51,6 +51,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
     from clipcap_cli.features import save_features
 
     gpt_dir = root / "gpt2-random"
@@ -67,7 +68,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
         records.append({"image": f"{i}.jpg", "image_id": i, "captions": [f"A{words}."]})
     g = torch.Generator().manual_seed(0)
     store = save_features(root / "feats", torch.randn(n, 512, generator=g).half(), records,
-                          {"clip_model": "ViT-B-32", "clip_pretrained": "openai", "preprocess": "bench"})
+                          {"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "preprocess": "bench"})
     return gpt_dir, store
 
 

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-
-from clipcap_cli.ui import complete_model
 from typing_extensions import Annotated
 
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.evaluation import EvalOptions
+from clipcap_cli.ui import complete_model
 
 HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE), computed as pycocoevalcap does.
 
@@ -218,8 +217,7 @@ def _say_refs(references: Any) -> None:
 def _caption(references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions,
              quiet: bool) -> Any:
     from clipcap_cli import evaluation
-    from clipcap_cli.ui import stderr
-    from clipcap_cli.ui import item_progress
+    from clipcap_cli.ui import item_progress, stderr
 
     progress = item_progress("images", quiet)
     task = progress.add_task("loading model", total=None)

@@ -139,7 +139,7 @@ def _tokenize_main_first(fs: FeatureSet, tokenizer: Any, dist: Distributed, call
     """Rank 0 tokenises and writes the cache while the others wait; then they read the cache."""
     with dist.fail_together():
         captions = tokenize_captions(fs, tokenizer, callback) if dist.main else None
-    return captions or tokenize_captions(fs, tokenizer)
+    return captions if captions is not None else tokenize_captions(fs, tokenizer)  # the others: from the cache
 
 
 # --------------------------------------------------------------------------- samples and batches
