@@ -10,7 +10,7 @@ The baseline follows the original loop: every batch padded to the dataset-wide m
 (min(mean + 10 std, max)), the attention mask passed to GPT-2 (first-epoch behaviour), logits for
 all K+T positions sliced at [K-1:-1], cross-entropy with ignore_index=0, and in only-prefix mode
 GPT-2 keeps requires_grad=True so its gradients are computed (and never zeroed) though only the
-mapper is optimised. Ours is `clipcap train`'s own step (``train._Run._train_step``): per-batch
+mapper is optimised. Ours is `clipcap train`'s own step (``train.train_step``): per-batch
 padding, no attention mask, the LM head on the scored positions only, no GPT-2 gradients when
 frozen. Both run the same batches in alternating blocks, so machine noise hits both alike;
 AdamW and the schedule are the same. Model building, data loading setup and warm-up steps are not timed.
@@ -51,6 +51,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
     from clipcap_cli.features import save_features
 
     gpt_dir = root / "gpt2-random"
@@ -67,7 +68,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
         records.append({"image": f"{i}.jpg", "image_id": i, "captions": [f"A{words}."]})
     g = torch.Generator().manual_seed(0)
     store = save_features(root / "feats", torch.randn(n, 512, generator=g).half(), records,
-                          {"clip_model": "ViT-B-32", "clip_pretrained": "openai", "preprocess": "bench"})
+                          {"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "preprocess": "bench"})
     return gpt_dir, store
 
 
@@ -82,7 +83,7 @@ class OriginalStep:
         torch.manual_seed(1)
         gpt = type(run.model.gpt)(run.model.gpt.config)
         gpt.load_state_dict(run.model.gpt.state_dict())
-        self.model = ClipCaptionModel(run.config, gpt)
+        self.model = ClipCaptionModel(run.data.config, gpt)
         if only_prefix:
             # ClipCaptionPrefix: GPT-2 keeps requires_grad=True, only the mapper is optimised/zeroed.
             self.model.gpt.requires_grad_(True)
@@ -92,11 +93,11 @@ class OriginalStep:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=run.opts.lr, eps=1e-6, weight_decay=0.0)
         self.model.train()
-        lengths = run.train_set.offsets[1:] - run.train_set.offsets[:-1]
+        lengths = run.data.train.offsets[1:] - run.data.train.offsets[:-1]
         lengths = lengths.float()
         # ClipCocoDataset: max_seq_len = min(int(mean + 10 * std), int(max)), over all captions
         self.max_seq_len = min(int(lengths.mean() + 10 * lengths.std()), int(lengths.max()))
-        self.dataset = run.train_set
+        self.dataset = run.data.train
 
     def batch(self, ids: list[int]):
         """pad_tokens for each item: pad with -1 to max_seq_len, mask = [1]*K + (tokens >= 0), pads -> 0."""
@@ -132,21 +133,24 @@ def bench(mode: str, gpt_dir: Path, store: Path, root: Path, steps: int, warm: i
     import torch
 
     from clipcap_cli import train
+    from clipcap_cli.distributed import Distributed
+    from clipcap_cli.train.data import loader
 
     only_prefix = mode == "only-prefix"
-    opts = train.TrainOptions(
+    opts = train.TrainOptions.create(
         mapping="transformer" if only_prefix else "mlp", only_prefix=only_prefix, prefix_length=K, clip_length=K,
         gpt2=str(gpt_dir), epochs=1, batch_size=batch_size, warmup=5000, seed=0, device="cpu",
     )
-    run = train._Run(opts, store, root / f"run-{mode}", False, train.Distributed(torch.device("cpu")), train.TrainCallback())
+    cpu = torch.device("cpu")
+    run = train.prepare(opts, store, root / f"run-{mode}", False, Distributed(cpu), train.TrainCallback())
     run.model.train()
     baseline = OriginalStep(run, only_prefix)
-    batches = run._epoch_batches(0)
+    batches = run.data.epoch_batches(0, batch_size, 1)
     assert len(batches) >= warm + steps, "not enough captions for the requested steps"
-    ours_iter = iter(run._loader(run.train_set, batches))
+    ours_iter = iter(loader(run.data.train, batches, 0, cpu, 0))
     # Warm-up (allocator, first-call overheads) on both; then alternate blocks of `block` steps.
     for i in range(warm):
-        run._train_step(ours_iter)
+        train.train_step(run, ours_iter)
         baseline.step(batches[i])
     t_ours = t_base = 0.0
     done = warm
@@ -155,9 +159,9 @@ def bench(mode: str, gpt_dir: Path, store: Path, root: Path, steps: int, warm: i
         span = batches[done : min(done + block, warm + steps)]
         t = time.perf_counter()
         for ids in span:
-            widths_ours.append(max(int(run.train_set.offsets[c + 1] - run.train_set.offsets[c]) for c in ids))
-            run._train_step(ours_iter)
-            run.step += 1
+            widths_ours.append(max(int(run.data.train.offsets[c + 1] - run.data.train.offsets[c]) for c in ids))
+            train.train_step(run, ours_iter)
+            run.pos.step += 1
         t_ours += time.perf_counter() - t
         t = time.perf_counter()
         for ids in span:

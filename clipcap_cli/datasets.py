@@ -194,14 +194,23 @@ def _need(source: Path, where: str, entry: Any, key: str) -> Any:
     return entry[key]
 
 
-def _as_id(value: Any) -> int | str:
-    """Numeric ids (also as strings, as the original's ``int()``) become ints; others stay strings."""
-    if isinstance(value, bool):
-        return str(value)
+def normalize_id(value: Any) -> int | str | None:
+    """An image id as clipcap compares them: an int when the value is a whole number, else a string.
+
+    ``123``, ``123.0`` (a float, as pandas writes an integer column that has a gap) and the text
+    ``"123"`` or ``" 0123 "`` (as the original's ``int(image_id)``) are all the int 123; other text
+    stays as written (``"1.0"``, ``"abc"``, ``"-1"``); ``None``, empty text and booleans are no id.
+    """
+    if value is None or isinstance(value, bool):
+        return None
     if isinstance(value, int):
         return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     text = str(value).strip()
-    return int(text) if text.isdigit() else text
+    if not text:
+        return None
+    return int(text) if text.isascii() and text.isdigit() else text
 
 
 def _caption_text(source: Path, where: str, value: Any) -> str:
@@ -263,14 +272,17 @@ def coco_id_candidates(image_id: int | str) -> list[str]:
 def group_caption_entries(source: Path, entries: Any, resolver: ImageResolver | None, normalize_ids: bool = True) -> Iterator[dict]:
     """Group a list of ``{image_id, caption, (id)}`` entries into one record per image, first-seen order.
 
-    ``normalize_ids`` turns numeric string ids into ints, as the original's ``int(image_id)``.
+    ``normalize_ids`` applies :func:`normalize_id` (numeric text becomes an int, as the original's ``int(image_id)``).
     """
     if not isinstance(entries, list):
         raise DatasetError(f"{source.name}: expected a JSON list of caption entries")
     groups: OrderedDict[Any, dict] = OrderedDict()
     for i, entry in enumerate(entries):
         image_id = _need(source, f"entry {i}", entry, "image_id")
-        image_id = _as_id(image_id) if normalize_ids else image_id
+        if normalize_ids:
+            image_id = normalize_id(image_id)
+            if image_id is None:
+                raise DatasetError(f"{source.name}: entry {i} has an empty image_id")
         text = _caption_text(source, f"entry {i}", _need(source, f"entry {i}", entry, "caption"))
         group = groups.get(image_id)
         if group is None:
@@ -340,7 +352,7 @@ def _table(source: Path, resolver: ImageResolver, delimiter: str) -> Iterator[di
                 if not image:
                     raise DatasetError(f"{source.name} line {reader.line_num}: empty '{image_col}'")
                 caption = (row.get(caption_col) or "").strip() if caption_col else ""
-                image_id = _as_id(row[id_col]) if id_col and (row.get(id_col) or "").strip() else None
+                image_id = normalize_id(row[id_col]) if id_col else None
                 grouper.add(image, [caption], image_id)
         except csv.Error as exc:
             raise DatasetError(f"{source.name} line {reader.line_num}: {exc}") from exc

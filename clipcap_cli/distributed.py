@@ -6,11 +6,12 @@ A process not started by torchrun is a job of one, and every operation is then a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
-from clipcap_cli.errors import UsageError
+from clipcap_cli.errors import ClipCapError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -112,9 +113,54 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    @contextlib.contextmanager
+    def fail_together(self) -> Iterator[None]:
+        """Run a block on every process, then agree on whether it failed anywhere (one all-reduce).
+
+        Put rank-0-only work (writing files, callbacks) inside, so that if it raises on rank 0,
+        every other process stops at once with rank 0's message (``PeerFailed``) instead of
+        waiting in its next collective until the backend's timeout. The failing process raises
+        its own exception. KeyboardInterrupt is not caught: torchrun stops every process then.
+        """
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as exc:
+            if not self.enabled:
+                raise
+            error = exc
+        self._raise_if_any_failed(error)
+
+    def _raise_if_any_failed(self, error: Exception | None) -> None:
+        import torch
+
+        failed = self.all_reduce_sum(torch.tensor([float(error is not None)], device=self.device))
+        if not failed.item():
+            return
+        reports = self.all_gather(None if error is None else (_one_line(error), getattr(error, "exit_code", 1)))
+        if error is not None:
+            raise error
+        rank, (message, exit_code) = next((r, report) for r, report in enumerate(reports) if report is not None)
+        raise PeerFailed(f"process {rank} of {self.world_size} failed: {message}", exit_code)
+
     def close(self) -> None:
         if self.enabled:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+class PeerFailed(ClipCapError):
+    """Another process of the torchrun job failed; the message is its error."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    if isinstance(error, ClipCapError) and text:
+        return text[0]
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

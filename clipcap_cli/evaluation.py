@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -23,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-from clipcap_cli.datasets import iter_jsonl
+from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
+from clipcap_cli.fsutil import write_text_atomic
 
 if TYPE_CHECKING:
     from clipcap_cli.decoding import DecodingOptions
@@ -53,6 +53,7 @@ __all__ = [
     "paper_comparison",
     "ClipOutcome",
     "clip_metrics",
+    "check_scorers",
 ]
 
 REFS_FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "features", "jsonl")
@@ -90,6 +91,37 @@ class EvalOptions:
     worst: int = 10  # per-image rows shown on a terminal
     clip_model: str = DEFAULT_CLIP_MODEL  # CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH (the paper's ViT-B/32)
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # its open_clip tag (None for local-dir: models)
+
+    def __post_init__(self) -> None:
+        # Messages name the `clipcap eval` flags: each field is the option of the same name.
+        from clipcap_cli import metrics
+
+        for flag, value, choices in (("--refs-format", self.refs_format, REFS_FORMATS),
+                                     ("--tokenizer", self.tokenizer, metrics.TOKENIZERS),
+                                     ("--backend", self.backend, metrics.BACKENDS)):
+            if value not in choices:
+                raise UsageError(f"{flag} {value}: choose one of {', '.join(choices)}")
+        if self.metrics is not None:
+            from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
+
+            names = (*metrics.METRIC_NAMES, *CLIP_NAMES)
+            unknown = [name for name in self.metrics if name.lower() not in {n.lower() for n in (*names, "BLEU")}]
+            if unknown or not self.metrics:
+                raise UsageError(f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
+                                 f"choose from BLEU, {', '.join(names)}")
+        if self.batch_size < 1 or self.workers < 0 or self.worst < 0:
+            raise UsageError("--batch-size must be at least 1, and --workers and the worst-images count 0 or more")
+
+
+def check_scorers(options: EvalOptions) -> None:
+    """Refuse a tokenizer or backend this machine cannot run, before any time goes into captioning."""
+    from clipcap_cli import metrics
+
+    if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
+        raise metrics.BackendUnavailableError("--backend pycocoevalcap: the package is not installed "
+                                              "(pip install 'clipcap-cli[eval]')")
+    if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
+        raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
 
 
 # --------------------------------------------------------------------------- records
@@ -169,20 +201,6 @@ class EvalKeyMismatchError(UsageError):
         self.unreferenced_predictions = tuple(unreferenced_predictions)  # predictions without references
 
 
-def _as_id(value: Any) -> int | str | None:
-    """Numeric ids (also "123") become ints, other non-empty values strings; empty means none."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    text = str(value).strip()
-    if not text:
-        return None
-    return int(text) if text.isdigit() else text
-
-
 def coco_id_from_name(path: str | None) -> int | None:
     """The COCO image id in a COCO-style file name (``COCO_val2014_000000123456.jpg`` -> 123456)."""
     if not path:
@@ -254,7 +272,7 @@ def read_references(
             empty += 1
             continue
         image = record.get("image")
-        images_out.append(RefImage(None if image in (None, "") else str(image), _as_id(record.get("image_id")), captions,
+        images_out.append(RefImage(None if image in (None, "") else str(image), normalize_id(record.get("image_id")), captions,
                                    row if embeddings is not None else None))
     if not images_out:
         detail = f" ({empty} images without captions)" if empty else ""
@@ -295,7 +313,7 @@ def _jsonl_records(source: Path) -> Iterator[dict]:
     groups: dict[Any, dict] = {}
     for n, row in iter_jsonl(source):
         path = _first(row, _PATH_KEYS)
-        image_id = _as_id(row.get("image_id"))
+        image_id = normalize_id(row.get("image_id"))
         if path is None and image_id is None:
             raise UsageError(f"{source.name} line {n}: no 'image', 'path' or 'image_id'")
         value = row["captions"] if isinstance(row.get("captions"), list) else _first(row, _CAPTION_KEYS)
@@ -348,7 +366,7 @@ def _prediction(source: Path, n: int, row: Any) -> Prediction:
     if not isinstance(row, dict):
         raise UsageError(f"{source.name} record {n}: expected a JSON object")
     path = _first(row, _PATH_KEYS)
-    image_id = _as_id(row.get("image_id"))
+    image_id = normalize_id(row.get("image_id"))
     if path is None and image_id is None:
         raise UsageError(f"{source.name} record {n}: no 'path', 'image' or 'image_id'")
     error = row.get("error")
@@ -545,15 +563,6 @@ def evaluate(
         tokenizer=options.tokenizer,
         per_image=options.per_image,
     )
-    notes = list(result.notes)
-    if matching.failed:
-        first = matching.failed[0][1]
-        notes.append(f"{FAILED_NOTE}: {len(matching.failed)} images are not scored "
-                     f"(e.g. {first.where()}: {first.error})")
-    if matching.missing and options.allow_missing:
-        notes.append(f"{len(matching.missing)} reference images without a prediction are not scored (--allow-missing)")
-    if matching.unmatched and options.allow_missing:
-        notes.append(f"{len(matching.unmatched)} predictions without references are ignored (--allow-missing)")
     report: dict[str, Any] = {
         "metrics": dict(result.scores),
         "scale": SCALE,
@@ -570,33 +579,10 @@ def evaluate(
         "tokenizer": result.tokenizer,
         "backends": dict(result.backends),
         "unavailable": dict(result.unavailable),
-        "notes": notes,
+        "notes": [*result.notes, *_matching_notes(matching, options.allow_missing)],
         "matched_by": matching.by,
-        "settings": {
-            "refs": str(references.source),
-            "refs_format": references.format,
-            "split": references.split,
-            "images": _str_or_none(predictions.images_root or references.images_root),
-            "predictions": None if predictions.source is None else str(predictions.source),
-            "predictions_format": predictions.format,
-            "model": None,  # --model: the name or path given
-            "decoding": None,  # --model: DecodingOptions as a dict
-            "batch_size": None,  # --model
-            "device": None,  # --model: as requested (None = best available)
-            "save_predictions": None,  # --model --save-predictions FILE
-            "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
-            "metrics": requested_metrics(options.metrics),
-            "tokenizer": options.tokenizer,
-            "backend": options.backend,
-            "allow_missing": options.allow_missing,
-            "clip_model": None,  # CLIPScore/RefCLIPScore requested: the CLIP that scored them
-            "clip_pretrained": None,
-        },
+        "settings": _settings(references, predictions, options, settings),
     }
-    unknown = set(settings or {}) - set(report["settings"])
-    if unknown:
-        raise ValueError(f"unknown settings keys {sorted(unknown)}: the report schema is fixed")
-    report["settings"].update(settings or {})
     if result.per_image is not None:
         report["per_image"] = [
             {
@@ -614,21 +600,62 @@ def evaluate(
     return report
 
 
+def _matching_notes(matching: Matching, allow_missing: bool) -> list[str]:
+    notes = []
+    if matching.failed:
+        first = matching.failed[0][1]
+        notes.append(f"{FAILED_NOTE}: {len(matching.failed)} images are not scored "
+                     f"(e.g. {first.where()}: {first.error})")
+    if matching.missing and allow_missing:
+        notes.append(f"{len(matching.missing)} reference images without a prediction are not scored (--allow-missing)")
+    if matching.unmatched and allow_missing:
+        notes.append(f"{len(matching.unmatched)} predictions without references are ignored (--allow-missing)")
+    return notes
+
+
+def _settings(references: References, predictions: Predictions, options: EvalOptions,
+              given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The report's ``settings``: its fixed keys, with ``given`` (how --model captioned) filled in."""
+    settings = {
+        "refs": str(references.source),
+        "refs_format": references.format,
+        "split": references.split,
+        "images": _str_or_none(predictions.images_root or references.images_root),
+        "predictions": None if predictions.source is None else str(predictions.source),
+        "predictions_format": predictions.format,
+        "model": None,  # --model: the name or path given
+        "decoding": None,  # --model: DecodingOptions as a dict
+        "batch_size": None,  # --model
+        "device": None,  # --model: as requested (None = best available)
+        "save_predictions": None,  # --model --save-predictions FILE
+        "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
+        "metrics": requested_metrics(options.metrics),
+        "tokenizer": options.tokenizer,
+        "backend": options.backend,
+        "allow_missing": options.allow_missing,
+        "clip_model": None,  # CLIPScore/RefCLIPScore requested: the CLIP that scored them
+        "clip_pretrained": None,
+    }
+    unknown = set(given or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown settings keys {sorted(unknown)}: the report schema is fixed")
+    settings.update(given or {})
+    return settings
+
+
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
 def requested_metrics(names: Iterable[str] | None) -> list[str]:
-    """Metric names as given to ``--metrics``, spelled as in metrics.METRIC_NAMES and
-    clipscore.METRIC_NAMES ("BLEU" = all four)."""
+    """Metric names as given to ``--metrics`` (any case, "BLEU" = all four, None = all): the COCO
+    metrics in metrics.METRIC_NAMES order, then clipscore.METRIC_NAMES."""
     from clipcap_cli import metrics
     from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
 
-    if names is None:
-        return [*metrics.METRIC_NAMES, *CLIP_NAMES]
-    lowered = {name.lower() for name in names}
-    return [name for name in (*metrics.METRIC_NAMES, *CLIP_NAMES)
-            if name.lower() in lowered or (name in metrics.BLEU_NAMES and "bleu" in lowered)]
+    coco = coco_metric_names(names)
+    clip = CLIP_NAMES if names is None else [n for n in CLIP_NAMES if n.lower() in {x.lower() for x in names}]
+    return [*(metrics.resolve_metrics(coco) if coco is None or coco else []), *clip]
 
 
 def paper_comparison(scores: Mapping[str, float], references: References | None = None,
@@ -932,22 +959,6 @@ def write_predictions(path: str | Path, predictions: Predictions) -> Path:
         for p in predictions.items
     ]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    from clipcap_cli import features
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder: give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    features.write_text_atomic(path, text)
-    # The temp file was created 0600; give the result the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
     return path
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.fsutil import atomic_write as _atomic_write
-from clipcap_cli.fsutil import write_text_atomic
+from clipcap_cli.fsutil import create_exclusive, write_text_atomic
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.version import __version__
 
@@ -350,22 +350,25 @@ def _settings_mismatch(old: dict, new: dict) -> str:
 
 
 def _prepare_parts(out: Path, records: Sequence[dict], settings: dict) -> Path:
-    """Create ``out/parts`` with the run's settings and records, or check an existing one matches."""
+    """Create ``out/parts`` with the run's settings and records, or check an existing one matches.
+
+    The settings file comes first, and is created only if absent (atomically: of several shards
+    starting at once exactly one creates it), so every later shard is checked against it before
+    it writes anything: one with other settings is refused instead of overwriting the records.
+    """
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     settings_file = parts / SETTINGS_FILE
-    if settings_file.is_file():
-        old = _read_json(settings_file)
-        diff = _settings_mismatch(old, settings)
+    if not create_exclusive(settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n"):
+        diff = _settings_mismatch(_read_json(settings_file), settings)
         if diff:
             raise UsageError(
                 f"{out} holds an unfinished extraction with other settings ({diff}): rerun with --overwrite to start over, or use another --out"
             )
         if (parts / RECORDS_FILE).is_file():
             return parts
-    # Several shards may get here at once: each writes identical content atomically.
+    # The settings pin the records (count and sha256): concurrent shards write identical content.
     write_text_atomic(parts / RECORDS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_text_atomic(settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     return parts
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -53,6 +54,7 @@ __all__ = [
     "MetricScores",
     "ScoreResult",
     "score",
+    "resolve_metrics",
     "bleu",
     "rouge_l",
     "cider_d",
@@ -215,11 +217,19 @@ def spice_unavailable_reason() -> str | None:
     return _spice_unavailable_reason(pycocoevalcap_dir(), java_path())
 
 
-def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
+def _package_and_java_reason(metric: str, package_dir: Path | None, java: str | None) -> str | None:
     if package_dir is None:
-        return "SPICE needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
+        return f"{metric} needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
     if java is None:
-        return "SPICE needs Java: no 'java' on PATH"
+        return f"{metric} needs Java: no 'java' on PATH"
+    return None
+
+
+def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
+    reason = _package_and_java_reason("SPICE", package_dir, java)
+    if reason is not None:
+        return reason
+    assert package_dir is not None
     spice_dir = package_dir / "spice"
     if not (spice_dir / _SPICE_JAR).is_file():
         return f"SPICE jar {spice_dir / _SPICE_JAR} is missing"
@@ -232,10 +242,10 @@ def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str
 
 
 def _meteor_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
-    if package_dir is None:
-        return "METEOR needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
-    if java is None:
-        return "METEOR needs Java: no 'java' on PATH"
+    reason = _package_and_java_reason("METEOR", package_dir, java)
+    if reason is not None:
+        return reason
+    assert package_dir is not None
     meteor_dir = package_dir / "meteor"
     for needed in (meteor_dir / _METEOR_JAR, meteor_dir / "data" / "paraphrase-en.gz"):
         if not needed.is_file():
@@ -771,7 +781,8 @@ def _examples(keys: Sequence[Hashable], limit: int = 3) -> str:
     return ", ".join(repr(k) for k in ordered[:limit]) + (", ..." if len(ordered) > limit else "")
 
 
-def _resolve_metrics(metrics: Iterable[str] | None) -> list[str]:
+def resolve_metrics(metrics: Iterable[str] | None) -> list[str]:
+    """Metric names as a user gives them (any case; "BLEU" = BLEU-1..4; None = all), in METRIC_NAMES order."""
     if metrics is None:
         return list(METRIC_NAMES)
     if isinstance(metrics, str):
@@ -815,77 +826,27 @@ def score(
     """
     if backend not in BACKENDS:
         raise MetricsInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    names = _resolve_metrics(metrics)
-
-    # ---- keys --------------------------------------------------------------------------------
-    missing = [k for k in references if k not in predictions]
-    extra = [k for k in predictions if k not in references]
-    keys = [k for k in references if k in predictions]
-    if (missing or extra) and (not allow_missing or not keys):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} of {len(references)} reference keys have no prediction "
-                         f"(e.g. {_examples(missing)})")
-        if extra:
-            parts.append(f"{len(extra)} of {len(predictions)} prediction keys have no references "
-                         f"(e.g. {_examples(extra)})")
-        hint = (f"; pass allow_missing=True to score the {len(keys)} common keys" if keys and not allow_missing
-                else "; there are no common keys to score")
-        raise KeyMismatchError("references and predictions do not match: " + "; ".join(parts) + hint,
-                               missing, extra)
-    if not keys:
-        raise MetricsInputError("nothing to score: references and predictions are empty")
-    ref_lists: list[list[str]] = []
-    for key in keys:
-        refs, pred = references[key], predictions[key]
-        # A bare string would silently be scored as one reference per character.
-        if isinstance(refs, str) or not isinstance(refs, Iterable):
-            raise MetricsInputError(f"references for key {key!r} must be a list of captions, "
-                             f"not {type(refs).__name__}")
-        ref_lists.append(list(refs))
-        if not ref_lists[-1] or not all(isinstance(r, str) for r in ref_lists[-1]):
-            raise MetricsInputError(f"references for key {key!r} must be a non-empty list of strings")
-        if not isinstance(pred, str):
-            raise MetricsInputError(f"prediction for key {key!r} must be a string, not {type(pred).__name__}")
-
-    # ---- backend availability ----------------------------------------------------------------
+    names = resolve_metrics(metrics)
+    keys, missing, extra = _common_keys(references, predictions, allow_missing)
+    ref_lists = _reference_lists(references, predictions, keys)
     package_dir = pycocoevalcap_dir()
-    java = java_path()
     if backend == "pycocoevalcap" and package_dir is None:
         raise BackendUnavailableError("backend 'pycocoevalcap' requested but the package is not installed "
                                       "(pip install pycocoevalcap)")
 
-    # ---- tokenisation (references and predictions in one run: lines are independent) ---------
+    # Tokenise references and predictions in one run (lines are independent), then split them back.
     ref_counts = [len(refs) for refs in ref_lists]
     flat = [caption for refs in ref_lists for caption in refs] + [predictions[k] for k in keys]
     tokenised, tokenizer_used, note = tokenize(flat, tokenizer, timeout=java_timeout)
     notes: list[str] = [note] if note else []
-    tok_refs: list[list[str]] = []
-    at = 0
-    for count in ref_counts:
-        tok_refs.append(tokenised[at:at + count])
-        at += count
-    tok_hyps = tokenised[at:]
+    bounds = [0, *itertools.accumulate(ref_counts)]
+    tok_refs = [tokenised[a:b] for a, b in zip(bounds, bounds[1:])]
+    tok_hyps = tokenised[bounds[-1]:]
 
-    # ---- scoring -----------------------------------------------------------------------------
-    results: dict[str, MetricScores] = {}
-    backends: dict[str, str] = {}
-    unavailable: dict[str, str] = {}
-    simple = [name for name in names if name in BLEU_NAMES or name in ("ROUGE-L", "CIDEr")]
-    if backend == "pycocoevalcap":
-        results.update(_pycocoevalcap_python_scores(simple, tok_refs, tok_hyps))
-        backends.update({name: "pycocoevalcap" for name in simple})
-    else:
-        if any(name in BLEU_NAMES for name in simple):
-            results.update(zip(BLEU_NAMES, bleu(tok_refs, tok_hyps, 4)))
-        if "ROUGE-L" in simple:
-            results["ROUGE-L"] = rouge_l(tok_refs, tok_hyps)
-        if "CIDEr" in simple:
-            results["CIDEr"] = cider_d(tok_refs, tok_hyps)
-        backends.update({name: "python" for name in simple})
+    results, backends = _n_gram_scores(names, backend, tok_refs, tok_hyps)
     if "CIDEr" in names and len(keys) == 1:
         notes.append("CIDEr is 0 for a single image: its IDF comes from the evaluated set (log 1 = 0)")
-
+    unavailable: dict[str, str] = {}
     for name in ("METEOR", "SPICE"):
         if name not in names:
             continue
@@ -893,20 +854,10 @@ def score(
             unavailable[name] = f"{name} has no pure-Python implementation (backend='python'); it needs " \
                                 "pycocoevalcap and Java"
             continue
-        reason = (_meteor_unavailable_reason(package_dir, java) if name == "METEOR"
-                  else _spice_unavailable_reason(package_dir, java))
-        if reason is not None:
-            unavailable[name] = reason
-            continue
-        assert package_dir is not None and java is not None
         try:
-            if name == "METEOR":
-                results[name] = _meteor_java(java, package_dir, tok_refs, tok_hyps, java_timeout)
-            else:
-                results[name], undefined = _spice_java(java, package_dir, tok_refs, tok_hyps, java_timeout)
-                if undefined:
-                    notes.append(f"SPICE F-score undefined for {undefined} image(s) (no tuples); counted as 0")
+            results[name], note = _java_score(name, package_dir, tok_refs, tok_hyps, java_timeout)
             backends[name] = "pycocoevalcap-java"
+            notes += [note] if note else []
         except _JavaToolError as exc:
             unavailable[name] = str(exc)
 
@@ -927,3 +878,78 @@ def score(
         per_image=per_image_scores,
         notes=tuple(notes),
     )
+
+
+def _common_keys(references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str],
+                 allow_missing: bool) -> tuple[list[Any], list[Any], list[Any]]:
+    """(keys to score, reference keys without a prediction, prediction keys without references)."""
+    missing = [k for k in references if k not in predictions]
+    extra = [k for k in predictions if k not in references]
+    keys = [k for k in references if k in predictions]
+    if (missing or extra) and (not allow_missing or not keys):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(references)} reference keys have no prediction "
+                         f"(e.g. {_examples(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} of {len(predictions)} prediction keys have no references "
+                         f"(e.g. {_examples(extra)})")
+        hint = (f"; pass allow_missing=True to score the {len(keys)} common keys" if keys and not allow_missing
+                else "; there are no common keys to score")
+        raise KeyMismatchError("references and predictions do not match: " + "; ".join(parts) + hint,
+                               missing, extra)
+    if not keys:
+        raise MetricsInputError("nothing to score: references and predictions are empty")
+    return keys, missing, extra
+
+
+def _reference_lists(references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str],
+                     keys: Sequence[Any]) -> list[list[str]]:
+    """The references of ``keys`` as lists, after checking both sides hold strings."""
+    ref_lists: list[list[str]] = []
+    for key in keys:
+        refs, pred = references[key], predictions[key]
+        # A bare string would silently be scored as one reference per character.
+        if isinstance(refs, str) or not isinstance(refs, Iterable):
+            raise MetricsInputError(f"references for key {key!r} must be a list of captions, "
+                                    f"not {type(refs).__name__}")
+        ref_lists.append(list(refs))
+        if not ref_lists[-1] or not all(isinstance(r, str) for r in ref_lists[-1]):
+            raise MetricsInputError(f"references for key {key!r} must be a non-empty list of strings")
+        if not isinstance(pred, str):
+            raise MetricsInputError(f"prediction for key {key!r} must be a string, not {type(pred).__name__}")
+    return ref_lists
+
+
+def _n_gram_scores(names: Sequence[str], backend: str, tok_refs: Sequence[Sequence[str]],
+                   tok_hyps: Sequence[str]) -> tuple[dict[str, MetricScores], dict[str, str]]:
+    """BLEU, ROUGE-L and CIDEr among ``names``: (scores, the backend that computed each)."""
+    simple = [name for name in names if name in BLEU_NAMES or name in ("ROUGE-L", "CIDEr")]
+    results: dict[str, MetricScores] = {}
+    if backend == "pycocoevalcap":
+        results.update(_pycocoevalcap_python_scores(simple, tok_refs, tok_hyps))
+        return results, {name: "pycocoevalcap" for name in simple}
+    if any(name in BLEU_NAMES for name in simple):
+        results.update(zip(BLEU_NAMES, bleu(tok_refs, tok_hyps, 4)))
+    if "ROUGE-L" in simple:
+        results["ROUGE-L"] = rouge_l(tok_refs, tok_hyps)
+    if "CIDEr" in simple:
+        results["CIDEr"] = cider_d(tok_refs, tok_hyps)
+    return results, {name: "python" for name in simple}
+
+
+def _java_score(name: str, package_dir: Path | None, tok_refs: Sequence[Sequence[str]], tok_hyps: Sequence[str],
+                timeout: float) -> tuple[MetricScores, str | None]:
+    """METEOR or SPICE through pycocoevalcap's jars: (scores, a note or None).
+
+    Raises _JavaToolError with the reason when the tool cannot run here or fails.
+    """
+    java = java_path()
+    reason = (_meteor_unavailable_reason if name == "METEOR" else _spice_unavailable_reason)(package_dir, java)
+    if reason is not None:
+        raise _JavaToolError(reason)
+    assert package_dir is not None and java is not None
+    if name == "METEOR":
+        return _meteor_java(java, package_dir, tok_refs, tok_hyps, timeout), None
+    scores, undefined = _spice_java(java, package_dir, tok_refs, tok_hyps, timeout)
+    return scores, (f"SPICE F-score undefined for {undefined} image(s) (no tuples); counted as 0" if undefined else None)

@@ -150,22 +150,50 @@ class ClipCaptionModel(nn.Module):
         return self.gpt.transformer.wte(tokens)
 
     def forward(
-        self, tokens: torch.Tensor, clip_embedding: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits (B, K + T, V) for captions ``tokens`` (B, T) after the image prefix.
+        self,
+        tokens: torch.Tensor,
+        clip_embedding: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GPT-2 run on [prefix ; caption tokens], as nanoGPT's ``forward(idx, targets)``.
 
-        ``mask`` (B, K + T) is GPT-2's attention mask. With right padding it can be left out:
-        GPT-2 is causal, so real tokens never attend to the padding after them.
+        Args:
+            tokens: caption token ids, right-padded, shape = (B, T).
+            clip_embedding: CLIP image embeddings, shape = (B, prefix_size).
+            mask: True on the real tokens of ``targets``, shape = (B, T); None = all real. Only the
+                loss reads it: GPT-2 gets no attention mask, since the padding is on the right and
+                GPT-2 is causal, so no real token sees it (and SDPA keeps its fast causal kernel).
+            targets: the tokens to predict, normally ``tokens`` itself, shape = (B, T).
+
+        Returns:
+            Without ``targets``: (logits of every position, shape = (B, K + T, V), None).
+            With ``targets``: (logits from position K-1 on, shape = (B, T + 1, V), where position i
+            predicts targets[:, i], mean caption loss). The LM head (E x V, the biggest matmul) then
+            runs only on these T + 1 positions, not on the K-1 prefix positions nobody scores.
         """
-        embeds = torch.cat((self.embed_prefix(clip_embedding), self.embed_tokens(tokens)), dim=1)
-        return self.gpt(inputs_embeds=embeds, attention_mask=mask).logits
+        embeds = torch.cat((self.embed_prefix(clip_embedding), self.embed_tokens(tokens)), dim=1)  # (B, K+T, E)
+        if targets is None:
+            return self.gpt(inputs_embeds=embeds).logits, None
+        hidden = self.gpt.transformer(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, K+T, E)
+        logits = self.gpt.lm_head(hidden[:, self.prefix_length - 1 :])  # (B, T+1, V)
+        if mask is None:
+            mask = torch.ones_like(targets, dtype=torch.bool)
+        # The logits already start at position K-1, so caption_loss's [K-1 : -1] slice is [0 : -1].
+        return logits, caption_loss(logits, targets, mask, prefix_length=1)
 
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
     """Mean cross-entropy over the real caption tokens.
 
+    Args:
+        logits: GPT-2's output over [prefix ; tokens], shape = (B, K + T, V).
+        tokens: the caption, shape = (B, T).
+        token_mask: True on real tokens, False on padding, shape = (B, T).
+        prefix_length: K.
+
     The logit at position K-1 (the last prefix position) predicts caption token 0, so the
-    prefix is left out by slicing [K-1 : -1]. Padding is left out through ``token_mask`` (B, T),
+    prefix is left out by slicing [K-1 : -1]. Padding is left out through ``token_mask``,
     not by ignoring token id 0 as the original did, so GPT-2's token 0 ("!") can be learned.
     """
     logits = logits[:, prefix_length - 1 : -1]  # (B, T, V)

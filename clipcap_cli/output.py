@@ -14,16 +14,19 @@ from __future__ import annotations
 import abc
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+from clipcap_cli.fsutil import atomic_open
 
 if TYPE_CHECKING:
     from clipcap_cli.decoding import DecodingResult
 
 Record = dict[str, Any]
+
+# ``--output FILE``: written under a temporary name, fsynced, renamed into place on success only.
+AtomicFile = atomic_open
 
 
 def make_record(path: str, result: DecodingResult | None = None, error: str | None = None, alternatives: bool = False,
@@ -199,26 +202,3 @@ class HtmlWriter(CollectingWriter):
 
         self.stream.write(html.render(self.records, settings=str(self.options.get("settings", ""))))
         super().close()
-
-
-class AtomicFile:
-    """A text file written under a temporary name and renamed into place on success only."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-
-    def __enter__(self) -> IO[str]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
-        return self.file
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.file.close()
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)

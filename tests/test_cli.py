@@ -25,11 +25,26 @@ def test_help_lists_commands_and_exit_codes():
     assert "3 some inputs failed" in result.stdout
 
 
-def test_info_json():
-    result = runner.invoke(app, ["info", "--json"])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
-    assert info["clipcap"] == __version__ and info["device"] == "cpu"
+def test_info_json_reports_the_device_this_machine_would_use(monkeypatch):
+    import torch
+
+    def info() -> dict:
+        result = runner.invoke(app, ["info", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    here = info()
+    assert here["clipcap"] == __version__ and here["cuda_available"] == torch.cuda.is_available()
+    best = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert here["device"] == best  # CUDA, then MPS, then the CPU
+    # The same rule on the machines we are not on:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (info()["device"], info()["cuda_available"]) == ("cuda", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (info()["device"], info()["cuda_available"]) == ("cpu", False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert info()["device"] == "mps"
 
 
 def test_help_is_fast_and_imports_no_torch():

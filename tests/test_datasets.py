@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap_cli.datasets import DatasetError, read_dataset
+from clipcap_cli.datasets import DatasetError, normalize_id, read_dataset
 from clipcap_cli.errors import UsageError
 
 
@@ -191,3 +191,27 @@ def test_readers_never_open_images(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(Image, "open", refuse)
     assert len(_records(read_dataset(src))) == 1
     assert len(_records(read_dataset(tmp_path))) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (123, 123), (123.0, 123), ("123", 123), (" 0123 ", 123),  # whole numbers, however written
+        ("1.0", "1.0"), (1.5, "1.5"), ("-1", "-1"), ("abc", "abc"), ("\u00b2", "\u00b2"),  # other text stays text
+        (None, None), ("", None), ("  ", None), (True, None),  # no id
+    ],
+)
+def test_image_ids_are_normalised_one_way(value, expected):
+    got = normalize_id(value)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_caption_list_ids_written_as_floats_are_integers(tmp_path: Path):
+    """pandas writes an integer id column that has a gap as floats: 42.0 is image 42, as "42" is."""
+    path = tmp_path / "train_caption.json"
+    path.write_text(json.dumps([{"image_id": 42.0, "caption": "a"}, {"image_id": "42", "caption": "b"}]))
+    records = _records(read_dataset(path))
+    assert [(r["image_id"], r["captions"]) for r in records] == [(42, ["a", "b"])]
+    path.write_text(json.dumps([{"image_id": "", "caption": "a"}]))
+    with pytest.raises(DatasetError, match="entry 0 has an empty image_id"):
+        _records(read_dataset(path))

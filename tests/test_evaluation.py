@@ -11,6 +11,7 @@ import pytest
 from clipcap_cli import evaluation, metrics
 from clipcap_cli.errors import UsageError
 from clipcap_cli.evaluation import EvalKeyMismatchError, EvalOptions, Prediction
+from paper_table import PAPER_TABLE1
 
 # Six COCO val images (id -> captions) and a model's captions for them: the shared test set.
 CAPTIONS: dict[int, list[str]] = {
@@ -216,6 +217,14 @@ def test_match_by_coco_id_from_names_and_ids(tmp_path: Path):
     assert m.by == "image_id" and m.predictions == PREDICTED and not m.missing and not m.unmatched
 
 
+def test_ids_written_as_floats_match_integer_ids(tmp_path: Path):
+    """References whose ids are floats (1.0, as pandas writes them) match predictions with ints."""
+    refs = tmp_path / "train_caption.json"
+    refs.write_text(json.dumps([{"image_id": float(i), "caption": c} for i, caps in CAPTIONS.items() for c in caps]))
+    m = evaluation.match(evaluation.read_references(refs), evaluation.read_predictions(write_coco_results(tmp_path / "r.json")).items)
+    assert m.by == "image_id" and not m.missing and not m.unmatched and set(m.predictions) == set(PREDICTED)
+
+
 def test_match_by_path_suffix_and_duplicate_names():
     refs = _refs([("a/dog.jpg", None, ["a dog"]), ("b/dog.jpg", None, ["another dog"]), ("cat.jpg", None, ["a cat"])])
     preds = [Prediction("/abs/root/b/dog.jpg", None, "dog b"), Prediction("./a/dog.jpg", None, "dog a"),
@@ -298,7 +307,7 @@ def test_report_keys_and_paper_comparison(tmp_path: Path):
     assert set(report["unavailable"]) == {"METEOR", "SPICE", "CLIPScore", "RefCLIPScore"}
     assert set(report["metrics"]) == set(metrics.METRIC_NAMES) - {"METEOR", "SPICE"}
     paper = report["paper"]
-    assert paper["rows"] == metrics.PAPER_TABLE1_COCO
+    assert paper["rows"] == PAPER_TABLE1  # the paper's numbers, written independently
     assert paper["note"] == "the paper scores all 5000 Karpathy test images; 6 were scored here"
     assert paper["ours"]["CIDEr"] == pytest.approx(report["metrics"]["CIDEr"] * 100)
     metric, worst = evaluation.worst_images({"per_image": [{"scores": {"CIDEr": 2.0}}, {"scores": {"CIDEr": 0.5}}]}, 1)
@@ -318,3 +327,21 @@ def test_write_predictions_round_trip(tmp_path: Path):
         ("val2014/a.jpg", 1, "a dog", None), ("val2014/b.jpg", 2, None, "bad file")]
     assert not [p for p in out.parent.iterdir() if p.name != "saved.jsonl"]  # no temp file left behind
     assert out.stat().st_mode & 0o777 == 0o644  # as open() would make it, not the temp file's 0600
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"tokenizer": "spacy"}, "--tokenizer spacy: choose one of"),
+        ({"backend": "java"}, "--backend java: choose one of"),
+        ({"refs_format": "csv"}, "--refs-format csv: choose one of"),
+        ({"metrics": ("BLEU", "WER")}, "unknown metric WER"),
+        ({"metrics": ()}, "unknown metric (none given)"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"workers": -1}, "--workers"),
+    ],
+)
+def test_eval_options_validate_themselves(bad: dict, message: str):
+    with pytest.raises(UsageError) as exc:
+        EvalOptions(**bad)
+    assert message in str(exc.value)

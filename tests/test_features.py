@@ -216,3 +216,52 @@ def test_option_validation():
     for bad in ("1", "a/b", "4/4", "-1/2"):
         with pytest.raises(UsageError):
             features.parse_shard(bad)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_concurrent_shard_with_other_settings_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str):
+    """Two shards of one --out start together with different settings (another dataset and chunk
+    size). Whatever the interleaving, one of them is refused, and the part files on disk are the
+    other's alone: its settings with its records."""
+    out = tmp_path / "f"
+    ours = features.run_settings(_records(6), tmp_path, features.ExtractOptions(chunk_size=2), "float32", {})
+    theirs = features.run_settings(_records(5), tmp_path, features.ExtractOptions(chunk_size=3), "float32", {})
+    outcome: dict[str, str] = {}
+    fired: list[Path] = []  # every part file written, by either shard
+
+    def start(name: str, records: list[dict], settings: dict) -> None:
+        try:
+            features._prepare_parts(out, records, settings)
+            outcome[name] = "ok"
+        except UsageError as exc:
+            outcome[name] = str(exc)
+
+    def with_other_shard(write):
+        """The other shard runs all its preparation just before (or after) our first file write."""
+
+        def hooked(path, *args, **kwargs):
+            first = not fired
+            fired.append(path)
+            if first and when == "before":
+                start("other", _records(5), theirs)
+            result = write(path, *args, **kwargs)
+            if first and when == "after":
+                start("other", _records(5), theirs)
+            return result
+
+        return hooked
+
+    monkeypatch.setattr(features, "write_text_atomic", with_other_shard(features.write_text_atomic))
+    if hasattr(features, "create_exclusive"):
+        monkeypatch.setattr(features, "create_exclusive", with_other_shard(features.create_exclusive))
+    start("ours", _records(6), ours)
+
+    results = [outcome["ours"], outcome["other"]]
+    assert results.count("ok") == 1, results
+    refused = next(r for r in results if r != "ok")
+    assert "unfinished extraction with other settings" in refused
+    winner = ours if outcome["ours"] == "ok" else theirs
+    parts = out / features.PARTS_DIR
+    assert json.loads((parts / features.SETTINGS_FILE).read_text()) == winner
+    records = [json.loads(line) for line in (parts / features.RECORDS_FILE).read_text().splitlines()]
+    assert features._sha256_json(records) == winner["records_sha256"]

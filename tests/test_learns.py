@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap_cli import backbones, checkpoint, decoding, features, train
+from clipcap_cli.loading import load_network
+from clipcap_cli import backbones, decoding, features, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -141,12 +142,12 @@ def test_training_learns_image_conditioned_captions(tmp_path, tiny_clip_dir, tin
 
     # Full fine-tuning of the tiny GPT-2 (it starts random, so it must learn the language too):
     # 15 epochs x 18 steps of 8 captions. K=8 gives the image more room than K=4.
-    opts = train.TrainOptions(prefix_length=8, gpt2=str(tiny_gpt2_dir), epochs=15, batch_size=8, lr=1e-2, warmup=10, seed=seed)
+    opts = train.TrainOptions.create(prefix_length=8, gpt2=str(tiny_gpt2_dir), epochs=15, batch_size=8, lr=1e-2, warmup=10, seed=seed)
     tokenizer = backbones.load_tokenizer(str(tiny_gpt2_dir))
 
     def caption_test_images(store: Path, out: Path) -> list[str]:
         result = train.train(opts, store, out)
-        model = checkpoint.load(result.checkpoints[-1])  # the epoch file alone is enough
+        model = load_network(result.checkpoints[-1])  # the epoch file alone is enough
         decoded = decoding.decode(model, tokenizer, test_fs.embeddings.float(), max_length=12)
         return [d.text for d in decoded]
 

@@ -58,8 +58,8 @@ def test_forward_puts_prefix_before_tokens(tiny_config):
     model = build_tiny_model(tiny_config)
     tokens = torch.tensor([[464, 3290, 13], [64, 3797, 13]])
     clip = torch.randn(2, tiny_config.prefix_size)
-    logits = model(tokens, clip)
-    assert logits.shape == (2, tiny_config.prefix_length + 3, 50257)
+    logits, loss = model(tokens, clip)
+    assert loss is None and logits.shape == (2, tiny_config.prefix_length + 3, 50257)
     # The same result by hand: [mapper(clip) ; wte(tokens)] through GPT-2.
     embeds = torch.cat([model.clip_project(clip).view(2, tiny_config.prefix_length, -1), model.gpt.transformer.wte(tokens)], 1)
     torch.testing.assert_close(logits, model.gpt(inputs_embeds=embeds).logits)
@@ -98,8 +98,8 @@ def test_only_prefix_freezes_gpt_and_keeps_it_in_eval(tiny_config):
     assert model.clip_project.training
     assert not any(p.requires_grad for p in model.gpt.parameters())
     tokens = torch.tensor([[464, 3290, 13]])
-    logits = model(tokens, torch.randn(1, tiny_config.prefix_size))
-    caption_loss(logits, tokens, torch.ones_like(tokens), tiny_config.prefix_length).backward()
+    _, loss = model(tokens, torch.randn(1, tiny_config.prefix_size), targets=tokens)
+    loss.backward()
     assert all(p.grad is None for p in model.gpt.parameters())
     assert all(p.grad is not None for p in model.clip_project.parameters())
 

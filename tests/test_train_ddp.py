@@ -1,5 +1,6 @@
-"""`torchrun --nproc_per_node 2 -m clipcap_cli train` on the CPU (gloo): the ranks see disjoint data
-and end with identical weights, and only rank 0 writes the run."""
+"""`clipcap train` under torchrun with 2 CPU processes (gloo): the ranks see disjoint data and end
+with identical weights, only rank 0 writes the run, and a failure on rank 0 stops rank 1 at once
+with rank 0's message. The runs go through tests/ddp_train.py, which adds a probe callback."""
 
 from __future__ import annotations
 
@@ -7,12 +8,29 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from clipcap_cli import checkpoint, train
+from clipcap_cli.loading import load_network
+from ddp_train import weights_hash
 from test_train import make_store
+
+ENTRY = Path(__file__).with_name("ddp_train.py")
+
+
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    # --monitor-interval: when a process fails, torchrun waits this long before stopping the
+    # others, so that their own error line reaches stderr (its default, 0.1 s, can cut it off).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # = torchrun; free port
+           "--monitor-interval", "5", *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(store: Path, out: Path, gpt2: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(store), "--out", str(out), "--gpt2", str(gpt2), "--prefix-length", "4", "--epochs", "2",
+            "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--log-every", "1", *extra]
 
 
 @pytest.mark.slow
@@ -27,14 +45,7 @@ from test_train import make_store
 def test_two_cpu_processes_stay_in_sync_on_disjoint_data(tmp_path: Path, tiny_clip_dir, tiny_gpt2_dir, mode):
     store = make_store(tmp_path / "feats", tiny_clip_dir, n_images=12, per_image=2)  # 24 captions
     out, debug = tmp_path / "run", tmp_path / "debug"
-    env = {**os.environ, train.DEBUG_DDP_ENV: str(debug), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # = torchrun; free port
-        "-m", "clipcap_cli", "train", "--data", str(store), "--out", str(out), "--gpt2", str(tiny_gpt2_dir),
-        "--prefix-length", "4", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1",
-        "--device", "cpu", "--log-every", "1", *mode,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun(str(ENTRY), str(debug), *train_args(store, out, tiny_gpt2_dir, *mode))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only rank 0 prints the result and writes the run.
     assert proc.stdout.strip().splitlines() == [str(out / "epoch-002.safetensors")]
@@ -55,6 +66,30 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_data(tmp_path: Path, tiny_cl
     # Different data, same weights: the gradients were averaged across the processes ...
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     # ... and the checkpoint rank 0 wrote holds exactly those weights.
-    model = checkpoint.load(out / "epoch-002.safetensors")
-    assert train._weights_hash(model) == ranks[0]["weights_sha256"]
+    model = load_network(out / "epoch-002.safetensors")
+    assert weights_hash(model) == ranks[0]["weights_sha256"]
     assert model.config.only_prefix == ("--only-prefix" in mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["metrics-file", "callback"])
+def test_a_failure_on_rank_0_stops_rank_1_at_once_with_its_message(tmp_path: Path, tiny_clip_dir, tiny_gpt2_dir, where):
+    """Rank-0-only work fails (its metrics.jsonl cannot be opened, or a callback raises mid-run):
+    rank 1 must not wait in its next collective for the backend's timeout (30 min for gloo), nor
+    die of a lost connection, but stop with rank 0's message."""
+    store = make_store(tmp_path / "feats", tiny_clip_dir, n_images=12, per_image=2)
+    out = tmp_path / "run"
+    if where == "metrics-file":
+        (out / "metrics.jsonl").mkdir(parents=True)  # rank 0 cannot write its log
+        args = [str(ENTRY), str(tmp_path / "probe"), *train_args(store, out, tiny_gpt2_dir)]
+        message = "process 0 of 2 failed: IsADirectoryError"
+    else:
+        args = [str(ENTRY), str(tmp_path / "probe"), "step:2", *train_args(store, out, tiny_gpt2_dir)]
+        message = "process 0 of 2 failed: RuntimeError: probe: rank 0 gives up at step 2"
+    start = time.monotonic()
+    proc = torchrun(*args, timeout=180)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert message in " ".join(proc.stderr.split()), proc.stderr[-3000:]  # printed by rank 1
+    assert elapsed < 120, elapsed
+    assert not (tmp_path / "probe").exists()  # no rank got to the end

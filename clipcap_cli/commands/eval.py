@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-
-from clipcap_cli.ui import complete_model
 from typing_extensions import Annotated
 
 from clipcap_cli.clipscore import METRIC_NAMES as CLIP_METRICS
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.evaluation import EvalOptions
+from clipcap_cli.ui import complete_model
 
 HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE), computed as pycocoevalcap does, and with CLIPScore and RefCLIPScore.
 
@@ -185,9 +184,7 @@ def command(
             device=device,
             **_clip_options(clip, clip_pretrained),
         )
-        if options.batch_size < 1 or options.workers < 0:
-            raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
-        _check_scoring(options)
+        evaluation.check_scorers(options)
         if (clip, clip_pretrained) != (None, None) and set(evaluation.requested_metrics(options.metrics)) & set(CLIP_METRICS):
             from clipcap_cli.clipscore import check_clip
 
@@ -216,18 +213,10 @@ def command(
 
 
 def _parse_metrics(text: str | None) -> tuple[str, ...] | None:
-    from clipcap_cli import metrics
-    from clipcap_cli.errors import UsageError
-
+    """--metrics "BLEU,CIDEr" -> ("BLEU", "CIDEr"); EvalOptions checks the names."""
     if text is None:
         return None
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    known = {name.lower() for name in (*metrics.METRIC_NAMES, *CLIP_METRICS, "BLEU")}
-    unknown = [name for name in names if name.lower() not in known]
-    if unknown or not names:
-        raise UsageError(f"--metrics {text}: unknown metric {', '.join(unknown) or '(none given)'}; "
-                         f"choose from BLEU, {', '.join((*metrics.METRIC_NAMES, *CLIP_METRICS))}")
-    return names
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _clip_options(clip: str | None, pretrained: str | None) -> dict[str, Any]:
@@ -263,22 +252,6 @@ def _clip_progress(quiet: bool) -> Any:
             state["bar"].stop()
 
 
-def _check_scoring(options: EvalOptions) -> None:
-    """Refuse a tokenizer/backend that cannot run before spending time on captioning."""
-    from clipcap_cli import metrics
-    from clipcap_cli.errors import UsageError
-
-    if options.tokenizer not in metrics.TOKENIZERS:
-        raise UsageError(f"--tokenizer {options.tokenizer}: choose one of {', '.join(metrics.TOKENIZERS)}")
-    if options.backend not in metrics.BACKENDS:
-        raise UsageError(f"--backend {options.backend}: choose one of {', '.join(metrics.BACKENDS)}")
-    if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
-        raise metrics.BackendUnavailableError("--backend pycocoevalcap: the package is not installed "
-                                              "(pip install 'clipcap-cli[eval]')")
-    if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
-        raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
-
-
 def _decoding(beam: int | None, max_length: int | None) -> DecodingOptions:
     options = DecodingOptions()
     if beam is not None:
@@ -300,8 +273,7 @@ def _say_refs(references: Any) -> None:
 def _caption(references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions,
              quiet: bool) -> Any:
     from clipcap_cli import evaluation
-    from clipcap_cli.ui import stderr
-    from clipcap_cli.ui import item_progress
+    from clipcap_cli.ui import item_progress, stderr
 
     progress = item_progress("images", quiet)
     task = progress.add_task("loading model", total=None)
@@ -330,12 +302,13 @@ def _emit(report: dict, output: Path | None, json_: bool, worst: int) -> None:
     from rich.markup import escape
 
     from clipcap_cli import evaluation
-    from clipcap_cli.ui import stderr, warn
     from clipcap_cli.errors import EXIT_PARTIAL
+    from clipcap_cli.fsutil import write_text_atomic
+    from clipcap_cli.ui import stderr, warn
 
     text = evaluation.report_json(report)
     if output is not None:
-        evaluation.write_text_atomic(output, text + "\n")
+        write_text_atomic(output, text + "\n")
         stderr.print(f"wrote the report to {output}", highlight=False)
     as_json = json_ or not _is_terminal()
     if as_json:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli.config import ModelConfig
 from clipcap_cli.train import StartInfo, StepInfo, TrainCallback, TrainOptions
 
 HELP = """Train a ClipCap model on CLIP features made by [bold]clipcap extract[/].
@@ -22,7 +23,7 @@ Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train --data feats/coc
 """
 
 DATA, MODEL, OPTIM, RUN = "Data", "Model", "Optimisation", "Run"
-D = TrainOptions  # the one home of the defaults
+D, M = TrainOptions, ModelConfig  # the one home of the defaults (the model's are in config.py)
 
 
 def command(
@@ -43,17 +44,17 @@ def command(
         typer.Option("--max-tokens", help="Truncate captions to this many tokens (default: GPT-2's window minus the prefix).", rich_help_panel=DATA),
     ] = D.max_tokens,
     num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes.", rich_help_panel=DATA)] = D.num_workers,
-    mapping: Annotated[str, typer.Option("--mapping", help="Mapper: mlp or transformer.", rich_help_panel=MODEL)] = D.mapping,
+    mapping: Annotated[str, typer.Option("--mapping", help="Mapper: mlp or transformer.", rich_help_panel=MODEL)] = M.mapping,
     only_prefix: Annotated[
         bool, typer.Option("--only-prefix", help="Freeze GPT-2 and train only the mapper (the released transformer model's recipe).", rich_help_panel=MODEL)
-    ] = D.only_prefix,
-    prefix_length: Annotated[int, typer.Option("--prefix-length", help="K: GPT-2 input embeddings made from each image.", rich_help_panel=MODEL)] = D.prefix_length,
-    clip_length: Annotated[int, typer.Option("--clip-length", help="Transformer mapper: tokens the CLIP embedding is projected to.", rich_help_panel=MODEL)] = D.clip_length,
-    num_layers: Annotated[int, typer.Option("--num-layers", help="Transformer mapper: number of layers.", rich_help_panel=MODEL)] = D.num_layers,
+    ] = M.only_prefix,
+    prefix_length: Annotated[int, typer.Option("--prefix-length", help="K: GPT-2 input embeddings made from each image.", rich_help_panel=MODEL)] = M.prefix_length,
+    clip_length: Annotated[int, typer.Option("--clip-length", help="Transformer mapper: tokens the CLIP embedding is projected to.", rich_help_panel=MODEL)] = M.clip_length,
+    num_layers: Annotated[int, typer.Option("--num-layers", help="Transformer mapper: number of layers.", rich_help_panel=MODEL)] = M.num_layers,
     normalize_prefix: Annotated[
         bool, typer.Option("--normalize-prefix", help="L2-normalise CLIP embeddings before the mapper (stored in the checkpoint).", rich_help_panel=MODEL)
-    ] = D.normalize_prefix,
-    gpt2: Annotated[str, typer.Option("--gpt2", help="GPT-2 to start from: hub name or local folder (weights and tokenizer).", rich_help_panel=MODEL)] = D.gpt2,
+    ] = M.normalize_prefix,
+    gpt2: Annotated[str, typer.Option("--gpt2", help="GPT-2 to start from: hub name or local folder (weights and tokenizer).", rich_help_panel=MODEL)] = M.gpt2,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Passes over the training captions.", rich_help_panel=OPTIM)] = D.epochs,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Captions per batch, per process.", rich_help_panel=OPTIM)] = D.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=OPTIM)] = D.lr,
@@ -102,7 +103,7 @@ def command(
         else:
             if data is None:
                 raise UsageError("--data is required (the features folder from `clipcap extract`)")
-            opts = TrainOptions(**values)
+            opts = TrainOptions.create(**values)
 
         from clipcap_cli import distributed
 

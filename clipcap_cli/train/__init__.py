@@ -1,0 +1,39 @@
+"""Training a ClipCap model on a features store (``clipcap train``), as a small package:
+
+- ``options``: ``TrainOptions`` (the model to train is a ``ModelConfig`` inside it);
+- ``data``: the captions as cached GPT-2 tokens, one sample per caption, each epoch's batches;
+- ``state``: the run folder: config, epoch checkpoints, and the exact resume state;
+- ``callbacks``: the hooks the loop reports through, and the ``metrics.jsonl`` writer;
+- ``loop``: ``train()``, which sets a run up, and ``fit()``, the training loop itself.
+
+``from clipcap_cli.train import TrainOptions`` imports no torch (``clipcap --help`` stays fast);
+the torch-side names below load their module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from clipcap_cli.train.callbacks import METRICS_FILE, Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
+from clipcap_cli.train.options import PRECISIONS, RESUMABLE_CHANGES, TrainOptions, model_config, resume_conflicts
+
+_LAZY = {
+    "loop": ("train", "fit", "prepare", "train_step", "validate", "Trainer", "TrainingInterrupted", "lr_factor",
+             "ADAM_BETAS", "ADAM_EPS", "LOSS_EMA"),
+    "data": ("TokenizedCaptions", "tokenize_captions", "captions_key", "Batch", "CaptionDataset", "split_ids",
+             "TrainData", "load_data"),
+    "state": ("Position", "read_run", "RESUME_FILE", "CONFIG_FILE"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = [
+    "METRICS_FILE", "Callbacks", "MetricsLog", "StartInfo", "StepInfo", "TrainCallback", "TrainResult",
+    "PRECISIONS", "RESUMABLE_CHANGES", "TrainOptions", "model_config", "resume_conflicts", *_WHERE,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

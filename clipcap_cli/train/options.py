@@ -1,0 +1,118 @@
+"""What decides a training run: ``TrainOptions``, with the model to train as a ``ModelConfig``.
+
+Imports nothing heavy: ``clipcap train --help`` reads its defaults from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipcap_cli import backbones
+from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
+from clipcap_cli.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
+# the features store's, and stop_token is decoding's.
+MODEL_FIELDS = ("mapping", "only_prefix", "prefix_length", "clip_length", "num_layers", "normalize_prefix", "gpt2")
+# Options that may change when a run is resumed: they do not touch the trajectory of the weights.
+RESUMABLE_CHANGES = frozenset({"device", "num_workers", "save_every", "checkpoint_every", "log_every", "precision"})
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that decides a training run. Defaults are the original train.py's.
+
+    ``replace`` and ``create`` also take the ModelConfig fields of ``MODEL_FIELDS`` by name
+    (``TrainOptions.create(mapping="transformer", epochs=5)``), as the command line gives them.
+    """
+
+    # model: mapper and LM (MODEL_FIELDS); the CLIP side comes from the features store
+    model: ModelConfig = ModelConfig()
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 40  # per process and per micro-batch; global = batch_size * grad_accum * processes
+    lr: float = 2e-5  # peak learning rate
+    warmup: int = 5000  # optimizer steps of linear warm-up, then linear decay to 0 at the last step
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (the original: none)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # mapper init, data order, dropout, validation split
+    # data
+    val_fraction: float = 0.0  # share of the images (with all their captions) held out for validation
+    val_data: str | None = None  # a separate features store for validation (instead of val_fraction)
+    max_tokens: int | None = None  # longest caption in tokens; None = GPT-2's window minus the prefix
+    num_workers: int = 0  # DataLoader worker processes (batches are cheap to build: 0 is usually best)
+    # run
+    save_every: int = 1  # write epoch-NNN.safetensors every this many epochs (and after the last)
+    checkpoint_every: int = 1000  # write the resume state every this many optimizer steps (and each epoch)
+    log_every: int = 10  # one metrics.jsonl line every this many optimizer steps
+    device: str | None = None  # None = best available; under torchrun each process uses cuda:LOCAL_RANK
+    precision: str = "auto"  # auto = bf16 autocast on CUDA (fp16 + loss scaling without bf16), fp32 elsewhere
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "save_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be positive, got {self.lr}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.num_workers < 0:
+            raise UsageError("warmup, weight-decay and num-workers cannot be negative")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction > 0 and self.val_data:
+            raise UsageError("give either --val-fraction or --val-data, not both")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError(f"max-tokens must be at least 1, got {self.max_tokens}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+    @classmethod
+    def create(cls, **values: Any) -> TrainOptions:
+        """Options from flat values: TrainOptions fields and the ModelConfig fields of MODEL_FIELDS."""
+        return cls().replace(**values)
+
+    def replace(self, **changes: Any) -> TrainOptions:
+        model = {k: changes.pop(k) for k in MODEL_FIELDS if k in changes}
+        if model:
+            changes["model"] = dataclasses.replace(self.model, **model)
+        return dataclasses.replace(self, **changes)
+
+    def flat(self) -> dict[str, Any]:
+        """The options as one flat dict: MODEL_FIELDS beside the others (how runs are compared)."""
+        out = {k: getattr(self.model, k) for k in MODEL_FIELDS}
+        out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "model")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainOptions:
+        """Read ``to_dict``'s output back (and the flat dicts of runs saved before ``model`` existed)."""
+        known = {f.name for f in dataclasses.fields(cls)} | set(MODEL_FIELDS)
+        values = {k: v for k, v in data.items() if k in known and k != "model"}
+        base = cls(model=ModelConfig.from_dict(data["model"])) if isinstance(data.get("model"), dict) else cls()
+        return base.replace(**values)
+
+
+def resume_conflicts(saved: TrainOptions, new: TrainOptions) -> list[str]:
+    """Options that differ between a run and its resumption and would change its trajectory."""
+    old, now = saved.flat(), new.flat()
+    return [name for name in old if name not in RESUMABLE_CHANGES and old[name] != now[name]]
+
+
+def model_config(opts: TrainOptions, meta: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a run: the mapper and LM from ``opts``, the CLIP side from the features' meta."""
+    gpt2 = opts.model.gpt2
+    if backbones.is_local(gpt2):  # checkpoints must find a local LM from any working directory
+        gpt2 = str(Path(gpt2).expanduser().resolve())
+    return dataclasses.replace(
+        opts.model,
+        prefix_size=int(meta["embed_dim"]),
+        clip_model=str(meta.get("clip_model") or DEFAULT_CLIP_MODEL),
+        clip_pretrained=meta.get("clip_pretrained"),
+        gpt2=gpt2,
+    )
