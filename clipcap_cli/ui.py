@@ -15,6 +15,7 @@ import traceback
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -51,7 +52,7 @@ def say(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ def cli_errors() -> Iterator[None]:
     except errors.ClipCapError as exc:
         if debug_enabled():
             traceback.print_exc()
-        stderr.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[red]interrupted[/]")
@@ -76,7 +77,7 @@ def cli_errors() -> Iterator[None]:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         stderr.print(
-            f"[red]error:[/] {type(exc).__name__}: {first} (run with --verbose or CLIPCAP_DEBUG=1 for the traceback)",
+            f"[red]error:[/] {type(exc).__name__}: {escape(first)} (run with --verbose or CLIPCAP_DEBUG=1 for the traceback)",
             highlight=False,
             markup=True,
         )

@@ -89,3 +89,20 @@ def test_mistakes_get_suggestions_and_one_line(tmp_path):
     result = runner.invoke(app, ["download", "conceptul"])
     assert result.exit_code == 2 and "did you mean conceptual?" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_error_text_with_brackets_is_printed_as_it_is(capsys):
+    """An error message is text, not rich markup: gloo's '[/__w/.../pair.cc:561]' once crashed the
+    error printer itself (a MarkupError instead of the one line)."""
+    import typer
+
+    from clipcap_cli import ui
+    from clipcap_cli.errors import ClipCapError
+
+    message = "Connection closed by peer [/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:561]"
+    try:
+        with ui.cli_errors():
+            raise ClipCapError(message)
+    except typer.Exit as exc:
+        assert exc.exit_code == 1
+    assert message in capsys.readouterr().err
