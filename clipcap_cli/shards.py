@@ -150,6 +150,8 @@ def _tar_samples(shard: str, path: str) -> tuple[list[Sample], str | None]:
                     problem = f"unreadable after {len(groups)} samples ({exc or 'a damaged tar header'})"
                     break
                 if member is None:
+                    if not _ends_cleanly(path, tar.offset):
+                        problem = f"the tar ends without its end-of-archive blocks after {len(groups)} samples (a truncated file?)"
                     break
                 name = member.name
                 if not member.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")):
@@ -169,6 +171,14 @@ def _tar_samples(shard: str, path: str) -> tuple[list[Sample], str | None]:
         error = None if has_image else f"no image in this sample (has: {', '.join(sorted(e for e, _, _ in members))})"
         samples.append(Sample(shard, key, position, tar=path, members=tuple(members), error=error))
     return samples, problem
+
+
+def _ends_cleanly(path: str, offset: int) -> bool:
+    """A tar ends with a zero block where the next header would be; a truncated one does not."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(512)
+    return len(block) == 512 and block.count(0) == 512
 
 
 # --------------------------------------------------------------------------- finding the shards

@@ -92,7 +92,7 @@ def command(
     ] = None,
     workers: Annotated[
         Optional[int],
-        typer.Option("--workers", "-j", help=f"Worker processes that read and decode images (0 = in this process) \\[default: {D.workers}].",
+        typer.Option("--workers", "-j", help="Worker processes that read and decode images (0 = in this process) \\[default: as clipcap caption].",
                      show_default=False, rich_help_panel=MODEL),
     ] = None,
     device: Annotated[
@@ -168,7 +168,7 @@ def command(
             workers=workers if workers is not None else D.workers,
             device=device,
         )
-        if options.batch_size < 1 or options.workers < 0:
+        if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
             raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
         _check_scoring(options)
         decoding = _decoding(beam, max_length)  # checked before reading anything
