@@ -1,0 +1,134 @@
+"""Sharded captioning (`clipcap caption SHARDS --output-dir DIR`) against plain captioning
+(`clipcap caption FOLDER > out.jsonl`) on the same images, and the effect of --workers.
+
+Both paths run the same loaded model (full-size architecture with random weights, built as in
+bench_caption.py: open_clip ViT-B-32 + GPT-2 124M + MLP mapper), so model loading is not timed:
+    plain    Captioner.stream over the image files + the JSON Lines writer, as `clipcap caption` does;
+    sharded  sharded.run over webdataset tar shards holding the same JPEGs (headers indexed, members
+             read by offset, records and stats written through .part files, a writer thread).
+The two paths alternate; each keeps its best time. The records are compared caption for caption.
+
+    python benchmarks/bench_sharded.py                       # CPU, 32 images, workers 0 1 2
+    python benchmarks/bench_sharded.py --device cuda --images 512 --workers 0 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CLIPCAP_OFFLINE", "1")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_caption import build, make_images  # noqa: E402  (the same model and images as the caption benchmark)
+
+from clipcap_cli import output, shards  # noqa: E402
+from clipcap_cli import sharded as runner  # noqa: E402
+from clipcap_cli.decoding import DecodingOptions  # noqa: E402
+from clipcap_cli.inputs import Source  # noqa: E402
+
+
+def write_shards(paths: list[Path], folder: Path, per_shard: int) -> list[Path]:
+    """img2dataset-style shards: key.jpg + key.txt + key.json per sample."""
+    tars = []
+    for s, start in enumerate(range(0, len(paths), per_shard)):
+        tars.append(folder / f"{s:05d}.tar")
+        with tarfile.open(tars[-1], "w") as tar:
+            for k, path in enumerate(paths[start : start + per_shard]):
+                key = f"{s:05d}{k:04d}"
+                for name, data in ((f"{key}.jpg", path.read_bytes()), (f"{key}.txt", b"a caption"),
+                                   (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return tars
+
+
+def plain(captioner, paths: list[Path], options: DecodingOptions, workers: int, batch_size: int, out: Path) -> list[str]:
+    sources = [Source(str(p), str(p)) for p in paths]
+    captions = []
+    with open(out, "w", encoding="utf-8") as stream:
+        writer = output.get_writer("jsonl", stream)
+        for c in captioner.stream(sources, options, batch_size=batch_size, workers=workers):
+            writer.write([output.make_record(sources[c.index].name, c.result, c.error)])
+            captions.append(c.result.text)
+        writer.close()
+    return captions
+
+
+def sharded(captioner, tars: list[Path], options: DecodingOptions, workers: int, batch_size: int, out: Path) -> list[str]:
+    job = shards.discover([str(t) for t in tars])
+    opts = runner.ShardedOptions(output_dir=out, batch_size=batch_size, workers=workers)
+    runner.run(job, lambda: captioner, options, {"benchmark": True}, opts)
+    return [json.loads(line)["caption"] for t in tars for line in (out / f"{t.stem}.jsonl").read_text().splitlines()]
+
+
+def timed(fn, *args):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--per-shard", type=int, default=16, help="images per tar shard")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--workers values to time")
+    parser.add_argument("--repeat", type=int, default=2, help="time each path this many times, keep the best")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    options = DecodingOptions(max_length=args.max_length)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        captioner = build(device, tmp)
+        (tmp / "images").mkdir()
+        paths = make_images(tmp / "images", args.images)
+        tars = write_shards(paths, tmp, args.per_shard)
+        print(f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        plain(captioner, paths[:2], options, 0, args.batch_size, tmp / "warm.jsonl")  # warm-up, not timed
+        rows = []
+        for workers in args.workers:
+            best = {"plain": float("inf"), "sharded": float("inf")}
+            for r in range(args.repeat):  # alternate the two paths
+                texts_plain, seconds = timed(plain, captioner, paths, options, workers, args.batch_size, tmp / "plain.jsonl")
+                best["plain"] = min(best["plain"], seconds)
+                out = tmp / f"out-{workers}-{r}"
+                texts_sharded, seconds = timed(sharded, captioner, tars, options, workers, args.batch_size, out)
+                best["sharded"] = min(best["sharded"], seconds)
+            same = sum(a == b for a, b in zip(texts_plain, texts_sharded))
+            rows.append((workers, best["plain"], best["sharded"], same))
+            print(f"workers {workers}: plain {best['plain']:.2f} s, sharded {best['sharded']:.2f} s, "
+                  f"identical captions {same}/{len(paths)}", file=sys.stderr)
+
+    n = args.images
+    print(f"\n{n} images (640x480 JPEG) in {len(tars)} tar shards, {device}, {torch.get_num_threads()} threads, "
+          f"batch size {args.batch_size}, greedy, max_length {args.max_length}, best of {args.repeat}; random weights "
+          f"(ViT-B-32 + GPT-2 124M + MLP K=10); load average {os.getloadavg()[0]:.2f} at the end.\n")
+    print("| --workers | plain (images/s) | sharded (images/s) | sharded / plain | identical captions |")
+    print("|---:|---:|---:|---:|---:|")
+    for workers, p, s, same in rows:
+        print(f"| {workers} | {n / p:.2f} | {n / s:.2f} | {p / s:.2f} | {same}/{n} |")
+
+
+if __name__ == "__main__":
+    main()
