@@ -185,7 +185,7 @@ def _load_one(item: Any, transform: Callable[[Any], torch.Tensor]) -> tuple[Any,
     if isinstance(item, torch.Tensor):
         return None, item, None, None
     info = None
-    if hasattr(item, "info"):
+    if callable(getattr(item, "info", None)):  # a shard sample (a PIL image's .info is a dict)
         try:
             info = item.info()
         except Exception:  # extra fields are a courtesy: never a reason to fail the image
