@@ -8,7 +8,7 @@ bench_caption.py: open_clip ViT-B-32 + GPT-2 124M + MLP mapper), so model loadin
              read by offset, records and stats written through .part files, a writer thread).
 The two paths alternate; each keeps its best time. The records are compared caption for caption.
 
-    python benchmarks/bench_sharded.py                       # CPU, 32 images, workers 0 1 2
+    python benchmarks/bench_sharded.py                       # CPU, 32 images, workers 0 1 2, best of 2
     python benchmarks/bench_sharded.py --device cuda --images 512 --workers 0 8 16
 """
 
@@ -105,7 +105,9 @@ def main() -> None:
         tars = write_shards(paths, tmp, args.per_shard)
         print(f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
               f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
-        plain(captioner, paths[:2], options, 0, args.batch_size, tmp / "warm.jsonl")  # warm-up, not timed
+        # Warm-up, not timed: one full batch through each path (allocator, kernels, page cache).
+        plain(captioner, paths[: args.batch_size], options, 0, args.batch_size, tmp / "warm.jsonl")
+        sharded(captioner, tars[:1], options, 0, args.batch_size, tmp / "warm")
         rows = []
         for workers in args.workers:
             best = {"plain": float("inf"), "sharded": float("inf")}

@@ -155,11 +155,11 @@ class Captioner:
         from clipcap_cli.inputs import load_batches
 
         options = options or DecodingOptions()
+        items = _as_list(images) if _is_single(images) else images
         workers = default_workers(self.device) if workers is None else workers
-        if isinstance(images, Sized):  # no idle worker processes for a short list
-            workers = min(workers, -(-len(images) // batch_size))
-        batches = load_batches(_as_list(images) if _is_single(images) else images, self.preprocess_image,
-                               batch_size, workers, seed_id=seed_id, group_of=group_of,
+        if isinstance(items, Sized):  # no idle worker processes for a short list
+            workers = min(workers, -(-len(items) // batch_size))
+        batches = load_batches(items, self.preprocess_image, batch_size, workers, seed_id=seed_id, group_of=group_of,
                                pin_memory=self.device.type == "cuda")
         for batch in batches:
             positions = batch.pixel_positions + batch.embedding_positions

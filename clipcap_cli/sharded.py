@@ -68,7 +68,7 @@ class ShardedOptions:
             import importlib.util
 
             if importlib.util.find_spec("pyarrow") is None:
-                raise UsageError("--output-format parquet needs pyarrow: pip install 'clipcap-cli[parquet]'")
+                raise UsageError("--output-format parquet needs pyarrow: pip install pyarrow (the clipcap-cli parquet extra)")
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.batch_size < 1:

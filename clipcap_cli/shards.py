@@ -71,10 +71,15 @@ class Sample:
         return open_rgb(_read(self.tar, *member))
 
     def info(self) -> dict[str, Any]:
-        """``url`` and ``source_caption`` from the sample's ``json`` and ``txt`` members, when there."""
+        """``url`` and ``source_caption`` when known: from a tar sample's ``json`` and ``txt`` members,
+        or a listed URL."""
         import json
 
+        from clipcap_cli.inputs import is_url
+
         out: dict[str, Any] = {}
+        if self.source is not None and self.source.location and is_url(self.source.location):
+            out["url"] = self.source.location
         meta = self._member("json")
         if meta is not None:
             data = json.loads(_read(self.tar, *meta).decode("utf-8"))  # type: ignore[arg-type]

@@ -67,7 +67,7 @@ def command(
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write results to FILE (atomically) instead of stdout.", rich_help_panel=OUTPUT, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.", rich_help_panel=OUTPUT)] = False,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-O", metavar="DIR", help="Sidecar files per input shard in DIR (NAME.jsonl, NAME.stats.json, ...), resumable: e.g. --output-dir captions/.", rich_help_panel=SHARDED, show_default=False)] = None,
-    output_format: Annotated[str, typer.Option("--output-format", help="jsonl, or parquet (needs pyarrow: pip install 'clipcap-cli[parquet]').", rich_help_panel=SHARDED)] = S.output_format,
+    output_format: Annotated[str, typer.Option("--output-format", help="jsonl, or parquet (needs pyarrow: pip install 'clipcap-cli\\[parquet]'), e.g. --output-format parquet.", rich_help_panel=SHARDED)] = S.output_format,
     shard_size: Annotated[int, typer.Option("--shard-size", metavar="N", help="Images per shard when the inputs are files, folders or lists (tar shards stay as they are).", rich_help_panel=SHARDED)] = S.shard_size,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take only shards s with s mod N == I, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (under torchrun each rank splits its share again).", rich_help_panel=SHARDED, show_default=False)] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-caption the samples whose records carry an error, in shards already done.", rich_help_panel=SHARDED)] = S.retry_failed,
@@ -289,8 +289,10 @@ def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
         line += f"; {run['shards_skipped']} shards were already done"
     if run["retried"]:
         line += f"; retried {run['retried']}"
+    from rich.markup import escape
+
     state = "complete" if summary["complete"] else f"{summary['shards_done']} of {summary['shards']} shards done"
-    line += f"; {sharded.output_dir}: {state}, {summary['ok']} ok"
+    line += f"; {escape(str(sharded.output_dir))}: {state}, {summary['ok']} ok"
     problems = summary["failed"] + len(summary["unreadable_shards"])
     if problems:
         logs = ", ".join(summary["error_logs"]) or "the records"
