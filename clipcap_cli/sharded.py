@@ -393,7 +393,6 @@ class Outcome:
 
     summary: dict  # what _summary.json holds
     failed_here: int  # failed samples (and unreadable shards) among this process's shards
-    summary_written: bool  # this process wrote _summary.json
 
 
 def run(
@@ -452,10 +451,9 @@ def run(
                 "shards_skipped": totals[_SKIPPED], "retried": totals[_RETRIED],
                 "seconds": round(time.perf_counter() - start, 3), "processes": slots}
     summary = summarize(shards, opts, settings, this_run)
-    writes = rank == 0  # torchrun: rank 0 once all are done; --shard i/n: each process (the last sees all)
-    if writes:
+    if rank == 0:  # torchrun: rank 0 once all are done; --shard i/n: each process (the last one sees all)
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    return Outcome(summary, failed_here, writes)
+    return Outcome(summary, failed_here)
 
 
 def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settings: dict, opts: ShardedOptions,

@@ -283,10 +283,13 @@ def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
 def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
     run = summary["this_run"]
     rate = run["samples"] / max(run["seconds"], 1e-9)
-    line = (f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
-            f"in {run['seconds']:.1f} s ({rate:.2f} images/s)")
+    parts = []
+    if run["samples"] or run["shards_done"]:
+        parts.append(f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
+                     f"in {run['seconds']:.1f} s ({rate:.2f} images/s)")
     if run["shards_skipped"]:
-        line += f"; {run['shards_skipped']} shards were already done"
+        parts.append(f"{run['shards_skipped']} shards were already done")
+    line = "; ".join(parts) or "nothing to do"
     if run["retried"]:
         line += f"; retried {run['retried']}"
     from rich.markup import escape
