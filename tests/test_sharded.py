@@ -237,6 +237,8 @@ def test_rerun_skips_finished_shards_and_redoes_partial_ones(tmp_path, baseline,
 def test_settings_mismatch_is_refused(tmp_path, tiny_checkpoint, tar_dir, pictures):
     out = tmp_path / "out"
     assert run(tiny_checkpoint, str(tar_dir / "00000.tar"), "--output-dir", str(out)).exit_code == 0
+    again = run(tiny_checkpoint, str(tar_dir / "00000.tar"), "--output-dir", str(out))
+    assert again.exit_code == 0 and again.stderr.startswith("nothing to do; 1 shards were already done")
     other = run(tiny_checkpoint, str(tar_dir / "00000.tar"), "--output-dir", str(out), "--beam", "2")
     assert other.exit_code == 2
     lines = other.stderr.strip().splitlines()

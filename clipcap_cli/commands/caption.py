@@ -255,6 +255,8 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
     task = progress.add_task("captioning", total=None)
 
     def show(p: runner.Progress) -> None:
+        if not p.shards:
+            return  # nothing to do here: no bar
         if not progress.live.is_started:  # from the first count on: after the model has loaded
             progress.start()
         progress.update(task, completed=p.samples, total=p.expected or None,
@@ -263,7 +265,8 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
     try:
         outcome = runner.run(job, load, options, settings, sharded, dist=dist, on_progress=show)
     finally:
-        progress.stop()
+        if progress.live.is_started:
+            progress.stop()
         if dist is not None:
             dist.close()
     if not quiet:
@@ -283,13 +286,12 @@ def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
 def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
     run = summary["this_run"]
     rate = run["samples"] / max(run["seconds"], 1e-9)
-    parts = []
-    if run["samples"] or run["shards_done"]:
-        parts.append(f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
-                     f"in {run['seconds']:.1f} s ({rate:.2f} images/s)")
+    worked = run["samples"] or run["shards_done"]
+    parts = [f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
+             f"in {run['seconds']:.1f} s ({rate:.2f} images/s)" if worked else "nothing to do"]
     if run["shards_skipped"]:
         parts.append(f"{run['shards_skipped']} shards were already done")
-    line = "; ".join(parts) or "nothing to do"
+    line = "; ".join(parts)
     if run["retried"]:
         line += f"; retried {run['retried']}"
     from rich.markup import escape
