@@ -257,9 +257,12 @@ def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | No
 
     if shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    if "-" in args:  # a list on stdin may name tar shards too: read it here, in its place
+        lines = [line.strip() for line in (stdin.read() if stdin is not None else "").splitlines() if line.strip()]
+        args = [a for arg in args for a in (lines if arg == "-" else [arg])]
     tars = [path for arg in args if is_tar_pattern(arg) for path in _tar_paths(arg)]
     others = [arg for arg in args if not is_tar_pattern(arg)]
-    sources = collect(others, recursive=recursive, stdin=stdin) if others else []
+    sources = collect(others, recursive=recursive) if others else []
     shards: list[Shard] = []
     seen: dict[str, str] = {}
     for path in dict.fromkeys(os.path.abspath(p) for p in tars):  # each file once, first mention wins

@@ -173,6 +173,10 @@ def test_discover_orders_and_names_shards(tmp_path, tar_dir, pictures):
     other = tmp_path / "other"
     other.mkdir()
     (other / "00000.tar").write_bytes((tar_dir / "00000.tar").read_bytes())
+    listed = io.StringIO(f"{tar_dir / '00002.tar'}\n\n{pictures['gray']}\n")  # a list on stdin: tars and images
+    found = shards.discover(["-", str(pictures["rgb"])], stdin=listed)
+    assert [(s.name, s.tar, [x.name for x in s.sources]) for s in found] == [
+        ("00002", str(tar_dir / "00002.tar"), []), ("part-00000", None, [str(pictures["gray"]), str(pictures["rgb"])])]
     with pytest.raises(Exception, match="two shards are named 00000"):
         shards.discover([str(tar_dir / "00000.tar"), str(other / "00000.tar")])
     with pytest.raises(Exception, match="none of the 2 tar shards exists"):
