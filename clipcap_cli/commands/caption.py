@@ -284,6 +284,9 @@ def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
+    """The one line on stderr at the end: this run, then the output folder's state."""
+    from rich.markup import escape
+
     run = summary["this_run"]
     rate = run["samples"] / max(run["seconds"], 1e-9)
     worked = run["samples"] or run["shards_done"]
@@ -294,8 +297,6 @@ def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
     line = "; ".join(parts)
     if run["retried"]:
         line += f"; retried {run['retried']}"
-    from rich.markup import escape
-
     state = "complete" if summary["complete"] else f"{summary['shards_done']} of {summary['shards']} shards done"
     line += f"; {escape(str(sharded.output_dir))}: {state}, {summary['ok']} ok"
     problems = summary["failed"] + len(summary["unreadable_shards"])
