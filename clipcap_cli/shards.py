@@ -260,6 +260,10 @@ def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | No
     if "-" in args:  # a list on stdin may name tar shards too: read it here, in its place
         lines = [line.strip() for line in (stdin.read() if stdin is not None else "").splitlines() if line.strip()]
         args = [a for arg in args for a in (lines if arg == "-" else [arg])]
+    compressed = [arg for arg in args if arg.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"))]
+    if compressed:
+        raise UsageError(f"{compressed[0]}: compressed tar shards cannot be read member by member: decompress them "
+                         "(webdataset and img2dataset write plain .tar)")
     tars = [path for arg in args if is_tar_pattern(arg) for path in _tar_paths(arg)]
     others = [arg for arg in args if not is_tar_pattern(arg)]
     sources = collect(others, recursive=recursive) if others else []

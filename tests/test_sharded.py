@@ -179,6 +179,8 @@ def test_discover_orders_and_names_shards(tmp_path, tar_dir, pictures):
         ("00002", str(tar_dir / "00002.tar"), []), ("part-00000", None, [str(pictures["gray"]), str(pictures["rgb"])])]
     with pytest.raises(Exception, match="two shards are named 00000"):
         shards.discover([str(tar_dir / "00000.tar"), str(other / "00000.tar")])
+    with pytest.raises(Exception, match="compressed tar shards"):
+        shards.discover([str(tmp_path / "x.tar.gz")])
     with pytest.raises(Exception, match="none of the 2 tar shards exists"):
         shards.discover([str(tmp_path / "{0..1}.tar")])
 
