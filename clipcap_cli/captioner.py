@@ -1,17 +1,24 @@
-"""The Python API: a loaded ClipCap model that captions images.
+"""The Python API: a loaded ClipCap model that captions images, and the one captioning pipeline.
 
     import clipcap_cli
     model = clipcap_cli.load_model("coco")                  # or a checkpoint path
     for result in model.caption(["a.jpg", "b.png"], strategy="beam"):
         print(result.text, result.score)
+    for out in model.stream(paths):                          # any number of images, lazily
+        print(out.index, out.result.text if out.error is None else out.error)
 
+``Captioner.stream`` is the pipeline every caller consumes (``caption()``, `clipcap caption`,
+`clipcap eval --model`, the sharded runner): images are decoded in DataLoader workers while the
+model runs, CLIP encodes each batch, and ``Captioner.decode`` turns the embeddings into captions.
 Images go through exactly the extraction path (``images.open_rgb`` then CLIP's preprocess;
 CLIP in fp16 on CUDA, its output cast to float32 before the mapper, as the original).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -27,7 +34,30 @@ if TYPE_CHECKING:
 
 ImageInput = Union[str, Path, bytes, "Image.Image"]
 BATCH_SIZE = 16  # images per CLIP + decoding batch (the CLI's --batch-size default)
-WORKERS = 0  # the CLI's --workers default: read and decode images in the main process
+WORKERS: int | None = None  # image-decoding worker processes; None = default_workers(device)
+CPU_WORKERS = 0  # default_workers off CUDA: the model already uses every core (measured: benchmarks/bench_sharded.py)
+
+
+def default_workers(device: torch.device | str) -> int:
+    """Worker processes that decode images when none are asked for: on CUDA every CPU this process
+    may use (shared among torchrun's processes on the machine), elsewhere ``CPU_WORKERS``."""
+    if not str(device).startswith("cuda"):
+        return CPU_WORKERS
+    from clipcap_cli import distributed
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // distributed.env().local_world_size)
+
+
+@dataclass(frozen=True)
+class Captioned:
+    """One input's outcome in ``Captioner.stream``: a result, or the error that stopped it."""
+
+    index: int  # the input's position in the stream
+    result: DecodingResult | None  # None when ``error`` is set
+    error: str | None = None  # why the input could not be captioned: one line, without its name
+    embedding: torch.Tensor | None = None  # its CLIP embedding, shape = (D,), float32 on the CPU (embeddings=True)
+    info: dict | None = None  # record fields the input carries (a shard sample's url and source caption)
 
 
 class Captioner:
@@ -65,7 +95,7 @@ class Captioner:
 
         dtype = next(self.clip_model.parameters()).dtype  # fp16 on CUDA
         with torch.no_grad():  # not inference_mode: callers may use the embeddings in autograd code
-            return self.clip_model.encode_image(pixels.to(self.device, dtype=dtype)).float()
+            return self.clip_model.encode_image(pixels.to(self.device, dtype=dtype, non_blocking=True)).float()
 
     def encode(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = BATCH_SIZE) -> torch.Tensor:
         """CLIP image embeddings (N, D), float32, for images given as paths, bytes or PIL images."""
@@ -109,15 +139,70 @@ class Captioner:
             self._clip_text = ClipText.load(c.clip_model, c.clip_pretrained, self.device, reuse=self.clip_model)
         return self._clip_text
 
-    def caption_pixels(
+    def stream(
         self,
-        pixels: torch.Tensor,
+        images: Iterable[Any],
         options: DecodingOptions | None = None,
-        image_ids: Sequence[int] | None = None,
-        **overrides: Any,
-    ) -> list[DecodingResult]:
-        """Caption a batch of preprocessed pixels (B, 3, H, W): CLIP, mapper and decoding in one pass."""
-        return self.decode(self.encode_pixels(pixels), options, image_ids, **overrides)
+        *,
+        batch_size: int = BATCH_SIZE,
+        workers: int | None = WORKERS,
+        embeddings: bool = False,
+        seed_id: Callable[[Any], int] | None = None,
+        group_of: Callable[[Any], Hashable] | None = None,
+    ) -> Iterator[Captioned]:
+        """Caption any number of inputs, lazily: one ``Captioned`` per input, in input order.
+
+        Args:
+            images: paths, bytes, PIL images, objects with ``open_image()`` (``inputs.Source``,
+                shard samples), or 1-D tensors (stored CLIP embeddings, captioned without CLIP).
+                May be a generator: it is read as the workers need more.
+            options: decoding options (default ``DecodingOptions()``).
+            batch_size: inputs per CLIP + decoding batch.
+            workers: processes decoding images ahead of the model (0 = in this process;
+                None = ``default_workers(device)``).
+            embeddings: also return each input's CLIP embedding (``Captioned.embedding``).
+            seed_id: sampling only: ``seed_id(input)`` is the id the input draws its seed from
+                (default: its position in the stream, so image i uses ``seed + i``).
+            group_of: inputs with different ``group_of(input)`` never share a batch.
+
+        A bad input yields an error and the stream goes on; errors of the model itself raise.
+        """
+        import torch
+
+        from clipcap_cli.inputs import load_batches
+
+        options = options or DecodingOptions()
+        items = _as_list(images) if _is_single(images) else images
+        workers = default_workers(self.device) if workers is None else workers
+        if isinstance(items, Sized):  # no idle worker processes for a short list
+            workers = min(workers, -(-len(items) // batch_size))
+        batches = load_batches(items, self.preprocess_image, batch_size, workers, seed_id=seed_id, group_of=group_of,
+                               pin_memory=self.device.type == "cuda")
+        for batch in batches:
+            positions = batch.pixel_positions + batch.embedding_positions
+            found = []
+            if batch.pixels is not None:
+                found.append(self.encode_pixels(batch.pixels))  # (P, D)
+            if batch.embeddings is not None:
+                found.append(batch.embeddings.to(self.device).float())  # (E, D), e.g. stored fp16
+            rows: dict[int, int] = {}  # position in the batch -> row of ``emb``
+            results: list[DecodingResult] = []
+            cpu = None
+            if positions:
+                order = sorted(range(len(positions)), key=positions.__getitem__)
+                emb = torch.cat(found)[order]  # (P + E, D) in input order
+                rows = {positions[k]: r for r, k in enumerate(order)}
+                results = self.decode(emb, options, [batch.ids[positions[k]] for k in order])
+                cpu = emb.cpu() if embeddings else None
+            for p, index in enumerate(batch.indices):
+                r = rows.get(p)
+                yield Captioned(
+                    index=index,
+                    result=results[r] if r is not None else None,
+                    error=batch.errors.get(p),
+                    embedding=cpu[r] if r is not None and embeddings else None,
+                    info=batch.info.get(p),
+                )
 
     def caption(
         self,
@@ -125,22 +210,26 @@ class Captioner:
         options: DecodingOptions | None = None,
         *,
         batch_size: int = BATCH_SIZE,
+        workers: int | None = WORKERS,
         **overrides: Any,
     ) -> list[DecodingResult]:
         """Caption images (paths, bytes or PIL images): one ``DecodingResult`` per image, in order.
 
         ``overrides`` are DecodingOptions fields (``strategy="beam"``, ``num_captions=3``, ...).
-        With sampling, image i draws from ``seed + i`` whatever the batch size.
+        With sampling, image i draws from ``seed + i`` whatever the batch size. An unreadable
+        image raises ``images.ImageError`` (``stream`` reports it and goes on instead).
         """
-        import torch
+        from clipcap_cli.images import ImageError
 
         options = (options or DecodingOptions()).replace(**overrides) if overrides else (options or DecodingOptions())
         images = _as_list(images)
         results: list[DecodingResult] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = torch.stack([self.preprocess(im) for im in chunk])
-            results.extend(self.caption_pixels(pixels, options, range(start, start + len(chunk))))
+        for out in self.stream(images, options, batch_size=batch_size, workers=workers):
+            if out.error is not None:
+                image = images[out.index]
+                name = str(image) if isinstance(image, (str, Path)) else f"image {out.index}"
+                raise ImageError(f"{name}: {out.error}")
+            results.append(out.result)
         return results
 
     def __repr__(self) -> str:
@@ -160,9 +249,11 @@ def to_rgb(image: ImageInput) -> Image.Image:
     return open_rgb(image)
 
 
-def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+def _is_single(images: Any) -> bool:
     from PIL import Image
 
-    if isinstance(images, (str, Path, bytes, Image.Image)):
-        return [images]
-    return list(images)
+    return isinstance(images, (str, Path, bytes, Image.Image))
+
+
+def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    return [images] if _is_single(images) else list(images)

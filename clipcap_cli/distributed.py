@@ -21,6 +21,7 @@ class Place(NamedTuple):
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1  # processes torchrun started on this machine
 
     @property
     def launched(self) -> bool:
@@ -29,16 +30,17 @@ class Place(NamedTuple):
 
 
 def env() -> Place:
-    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; (0, 1, 0) outside torchrun."""
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them; (0, 1, 0, 1) outside torchrun."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as exc:
-        raise UsageError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {exc}") from None
+        raise UsageError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE): {exc}") from None
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-    return Place(rank, world, local)
+    return Place(rank, world, local, max(1, local_world))
 
 
 def local_device() -> str | None:
@@ -164,3 +166,66 @@ def _one_line(error: Exception) -> str:
     if isinstance(error, ClipCapError) and text:
         return text[0]
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+class GlobalCounts:
+    """Integer counters summed over every process of the job, for progress bars and summaries.
+
+    Outside torchrun the totals are this process's own values. Under torchrun a thread all-reduces
+    them every ``interval`` seconds on a gloo group of its own (so it never meets the main thread's
+    collectives), and every process keeps taking part until all have called ``close``: ranks that
+    finish early wait there, and the last round's totals are final.
+    """
+
+    def __init__(self, dist: Distributed | None, size: int, on_totals: Any = None, interval: float = 1.0):
+        self.values = [0] * size  # this process's counters; only its main thread changes them
+        self.totals = list(self.values)
+        self.on_totals = on_totals  # called with the totals (on every process) after each round
+        self.interval = interval
+        self._done = False
+        self._dist = dist if dist is not None and dist.enabled else None
+        self._thread = None
+        if self._dist is not None:
+            import threading
+
+            import torch.distributed as dist_
+
+            self._group = dist_.new_group(backend="gloo")  # collective: every rank creates it here
+            self._thread = threading.Thread(target=self._loop, name="clipcap-counts", daemon=True)
+            self._thread.start()
+
+    def add(self, i: int, amount: int = 1) -> None:
+        self.values[i] += amount
+        if self._dist is None:
+            self._publish(list(self.values))
+
+    def _publish(self, totals: list[int]) -> None:
+        self.totals = totals
+        if self.on_totals is not None:
+            self.on_totals(totals)
+
+    def _loop(self) -> None:
+        import time
+
+        import torch
+        import torch.distributed as dist_
+
+        assert self._dist is not None
+        while True:
+            done = self._done  # read before the values: once it is set, they are final
+            t = torch.tensor([*self.values, int(done)], dtype=torch.int64)
+            dist_.all_reduce(t, group=self._group)
+            *totals, finished = t.tolist()
+            self._publish(totals)
+            if finished == self._dist.world_size:
+                return
+            time.sleep(self.interval)
+
+    def close(self) -> list[int]:
+        """Stop counting; returns the job's final totals (waits for every process under torchrun)."""
+        self._done = True
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._publish(list(self.values))
+        return self.totals

@@ -87,7 +87,7 @@ class EvalOptions:
     per_image: bool = False  # per-image scores in the report, for error analysis
     batch_size: int = BATCH_SIZE  # --model: images per CLIP + decoding batch (clipcap caption's default)
     device: str | None = None  # --model: None = the best available device
-    workers: int = WORKERS  # --model: image-decoding worker processes (0 = in this process), as caption
+    workers: int | None = WORKERS  # --model: image-decoding worker processes (0 = in this process; None = as caption)
     worst: int = 10  # per-image rows shown on a terminal
     clip_model: str = DEFAULT_CLIP_MODEL  # CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH (the paper's ViT-B/32)
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # its open_clip tag (None for local-dir: models)
@@ -109,7 +109,7 @@ class EvalOptions:
             if unknown or not self.metrics:
                 raise UsageError(f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
                                  f"choose from BLEU, {', '.join(names)}")
-        if self.batch_size < 1 or self.workers < 0 or self.worst < 0:
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0) or self.worst < 0:
             raise UsageError("--batch-size must be at least 1, and --workers and the worst-images count 0 or more")
 
 
@@ -825,7 +825,7 @@ def caption_references(
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     allow_missing: bool = False,
-    workers: int = EvalOptions.workers,
+    workers: int | None = EvalOptions.workers,
 ) -> Predictions:
     """Caption every reference image with ``model`` (a registry name or a checkpoint path).
 
@@ -864,13 +864,11 @@ def caption_references(
         _check_features_clip(references, captioner.config, model)
     if on_start is not None:
         on_start(len(todo))
-    batches = [todo[i:i + max(1, batch_size)] for i in range(0, len(todo), max(1, batch_size))]
+    outcomes = (_caption_embeddings(captioner, references, todo, decoding, batch_size) if use_features
+                else _caption_files(captioner, todo, decoding, batch_size, workers))
     items: list[Prediction] = []
-    done = 0
-    for batch, results in (_caption_embeddings(captioner, references, batches, decoding) if use_features
-                           else _caption_files(captioner, batches, decoding, workers)):
-        items.extend(Prediction(ref.image, ref.image_id, text, error) for (ref, _), (text, error) in zip(batch, results, strict=True))
-        done += len(batch)
+    for done, ((ref, _), (text, error)) in enumerate(zip(todo, outcomes, strict=True), start=1):
+        items.append(Prediction(ref.image, ref.image_id, text, error))
         if on_progress is not None:
             on_progress(done)
     return Predictions(items, None, "model", None if use_features else root,
@@ -888,42 +886,25 @@ def _check_features_clip(references: References, config: Any, model: str) -> Non
         )
 
 
-Batches = list[list[tuple[RefImage, Any]]]
+Todo = list[tuple[RefImage, Any]]  # (reference image, its features row or its file)
 Outcome = tuple[str | None, str | None]  # (caption, error)
 
 
-def _caption_embeddings(captioner: Any, references: References, batches: Batches,
-                        decoding: DecodingOptions) -> Iterator[tuple[list, list[Outcome]]]:
-    """Decode stored CLIP embeddings, batch by batch (rows of the features store)."""
-    import torch
-
-    embeddings = references.embeddings
-    for batch in batches:
-        rows = torch.tensor([row for _, row in batch], dtype=torch.long)
-        # Stored fp16 on GPU extraction; the captioner hands the mapper float32, as from images.
-        results = captioner.decode(embeddings[rows].float(), decoding)
-        yield batch, [(r.text, None) for r in results]
+def _caption_embeddings(captioner: Any, references: References, todo: Todo, decoding: DecodingOptions,
+                        batch_size: int) -> Iterator[Outcome]:
+    """Decode stored CLIP embeddings (rows of the features store) through the captioning stream."""
+    rows = (references.embeddings[row] for _, row in todo)  # (D,) each; fp16 when extracted on a GPU
+    for out in captioner.stream(rows, decoding, batch_size=max(1, batch_size), workers=0):
+        yield out.result.text, None
 
 
-def _caption_files(captioner: Any, batches: Batches, decoding: DecodingOptions,
-                   workers: int) -> Iterator[tuple[list, list[Outcome]]]:
-    """Caption image files, read and preprocessed by ``clipcap caption``'s loader (``workers``
-    processes). An unreadable image fails alone: the rest of its batch is captioned."""
-    import torch
-
-    from clipcap_cli.inputs import Source, load_batches
-
-    items = [item for batch in batches for item in batch]
-    sources = [Source(str(path), str(path)) for _, path in items]
-    for loaded in load_batches(sources, captioner.preprocess_image, len(batches[0]) if batches else 1, workers):
-        good = [(i, pixels) for i, pixels, error in loaded if error is None]
-        texts: dict[int, str] = {}
-        if good:
-            ids = [i for i, _ in good]
-            results = captioner.caption_pixels(torch.stack([p for _, p in good]), decoding, image_ids=ids)
-            texts = {i: r.text for i, r in zip(ids, results)}
-        yield ([items[i] for i, _, _ in loaded],
-               [(texts[i], None) if error is None else (None, f"{items[i][1]}: {error}") for i, _, error in loaded])
+def _caption_files(captioner: Any, todo: Todo, decoding: DecodingOptions, batch_size: int,
+                   workers: int | None) -> Iterator[Outcome]:
+    """Caption image files through the captioning stream (``workers`` decoding processes). An
+    unreadable image fails alone: the rest of its batch is captioned."""
+    paths = [str(path) for _, path in todo]
+    for out in captioner.stream(paths, decoding, batch_size=max(1, batch_size), workers=workers):
+        yield (out.result.text, None) if out.error is None else (None, f"{paths[out.index]}: {out.error}")
 
 
 def _locate(ref: RefImage, root: Path) -> Path | None:

@@ -1,5 +1,6 @@
 """What `clipcap caption` reads: files, folders, globs, URLs and ``-`` (paths or URLs on stdin),
-turned into an ordered list of sources, then decoded to CLIP pixels in (optionally parallel) batches.
+turned into an ordered list of sources; and the loader that decodes any captioning input to CLIP
+pixels in DataLoader worker processes, in order, batch by batch (``load_batches``).
 
 A bad input never stops the run: it becomes a source with an error, reported in its record.
 """
@@ -8,10 +9,10 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from clipcap_cli import paths
 from clipcap_cli.errors import ClipCapError
@@ -19,6 +20,7 @@ from clipcap_cli.images import is_image_path, open_rgb
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 MAX_URL_BYTES = 50 * 1024 * 1024  # refuse bigger downloads: no photo needs more
 URL_TIMEOUT = (10.0, 30.0)  # seconds: connect, read (between bytes)
@@ -38,6 +40,12 @@ class Source:
     name: str  # the path as found, or the URL
     location: str | None = None  # file path or URL; None when ``error`` is set
     error: str | None = None
+
+    def open_image(self) -> Image.Image:
+        """The decoded image (fetched first for a URL); ``ClipCapError`` when it cannot be had."""
+        if self.error is not None or self.location is None:
+            raise InputError(self.error or "no location")
+        return open_rgb(fetch_url(self.location) if is_url(self.location) else self.location)
 
 
 def is_url(text: str) -> bool:
@@ -137,52 +145,147 @@ def _reason(exc: Exception, name: str) -> str:
     return msg.splitlines()[0]
 
 
-Loaded = tuple[int, "torch.Tensor | None", "str | None"]  # (index into sources, pixels (3, H, W), error)
 
 
-class ImageLoader:
-    """A map-style dataset over sources: item i -> (i, CLIP pixels, None) or (i, None, error).
+# --------------------------------------------------------------------------- the loader
 
-    Holds only the sources and CLIP's preprocess, so it is cheap to send to worker processes.
+
+class LoadedBatch(NamedTuple):
+    """One batch of inputs after decoding: pixels for images, rows for inputs given as embeddings.
+
+    Positions index ``indices`` (0 .. len(batch) - 1); every position is in exactly one of
+    ``pixel_positions``, ``embedding_positions`` or ``errors``.
     """
 
-    def __init__(self, sources: Sequence[Source], transform: Callable[[Any], torch.Tensor] | None):
-        self.sources = list(sources)
+    indices: list[int]  # stream positions of the batch's inputs, in order
+    ids: list[int]  # the id each input draws its sampling seed from
+    pixels: torch.Tensor | None  # (P, 3, H, W): the inputs that decoded to CLIP pixels
+    pixel_positions: list[int]
+    embeddings: torch.Tensor | None  # (E, D): inputs given as CLIP embeddings
+    embedding_positions: list[int]
+    errors: dict[int, str]  # position -> why that input failed (one line, without its name)
+    info: dict[int, dict]  # position -> record fields the input carries (a shard's url, caption, ...)
+
+
+def open_input(item: Any) -> Image.Image:
+    """Any captioning input -> upright 8-bit RGB: a path, bytes, a PIL image, or an object with
+    ``open_image()`` (a ``Source``, a shard sample). Raises ``ClipCapError`` when unreadable."""
+    opener = getattr(item, "open_image", None)
+    if opener is not None:
+        return opener()
+    from clipcap_cli.captioner import to_rgb
+
+    return to_rgb(item)
+
+
+def _load_one(item: Any, transform: Callable[[Any], torch.Tensor]) -> tuple[Any, Any, str | None, dict | None]:
+    """(pixels, embedding, error, info) for one input; exactly one of the first three is set."""
+    import torch
+
+    if isinstance(item, torch.Tensor):
+        return None, item, None, None
+    info = None
+    if callable(getattr(item, "info", None)):  # a shard sample (a PIL image's .info is a dict)
+        try:
+            info = item.info()
+        except Exception:  # extra fields are a courtesy: never a reason to fail the image
+            info = None
+    name = str(item) if isinstance(item, (str, Path)) else str(getattr(item, "location", None) or "")
+    try:
+        return transform(open_input(item)), None, None, info
+    except ClipCapError as exc:
+        return None, None, _reason(exc, name), info
+    except Exception as exc:  # a preprocessing failure on a strange image must not end the batch
+        return None, None, f"{type(exc).__name__}: {_reason(exc, name)}", info
+
+
+class _Decoder:
+    """A DataLoader "dataset" whose indices are the work itself: (stream index, seed id, input).
+
+    The batch sampler hands each worker the inputs (paths, shard member offsets, bytes), so the
+    inputs can be a lazy stream of any length; only CLIP's preprocess is sent to the workers.
+    """
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor]):
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> Loaded:
-        src = self.sources[i]
-        if src.error is not None or src.location is None or self.transform is None:
-            return i, None, src.error or "not loaded"
-        try:
-            data: str | bytes = fetch_url(src.location) if is_url(src.location) else src.location
-            return i, self.transform(open_rgb(data)), None
-        except ClipCapError as exc:
-            return i, None, _reason(exc, src.location)
-        except Exception as exc:  # a preprocessing failure on a strange image must not end the batch
-            return i, None, f"{type(exc).__name__}: {_reason(exc, src.location)}"
+    def __getitem__(self, entry: tuple[int, int, Any]) -> tuple[int, int, Any, Any, str | None, dict | None]:
+        index, seed_id, item = entry
+        return (index, seed_id, *_load_one(item, self.transform))
 
 
-def _keep(batch: list[Loaded]) -> list[Loaded]:
-    return batch  # pixels are stacked later, after the failed items are set aside
+def _collate(loaded: list[tuple[int, int, Any, Any, str | None, dict | None]]) -> LoadedBatch:
+    import torch
 
-
-def load_batches(
-    sources: Sequence[Source], transform: Callable[[Any], torch.Tensor] | None, batch_size: int, workers: int = 0
-) -> Iterable[list[Loaded]]:
-    """Batches of loaded items in input order; ``workers`` > 0 decodes images in worker processes."""
-    if workers <= 0:
-        return _serial(ImageLoader(sources, transform), batch_size)
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        ImageLoader(sources, transform), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep
+    pixels = [(p, x) for p, (_, _, x, _, _, _) in enumerate(loaded) if x is not None]
+    given = [(p, e) for p, (_, _, _, e, _, _) in enumerate(loaded) if e is not None]
+    return LoadedBatch(
+        indices=[entry[0] for entry in loaded],
+        ids=[entry[1] for entry in loaded],
+        pixels=torch.stack([x for _, x in pixels]) if pixels else None,  # stacked in the worker: one transfer
+        pixel_positions=[p for p, _ in pixels],
+        embeddings=torch.stack([e for _, e in given]) if given else None,
+        embedding_positions=[p for p, _ in given],
+        errors={p: entry[4] for p, entry in enumerate(loaded) if entry[4] is not None},
+        info={p: entry[5] for p, entry in enumerate(loaded) if entry[5]},
     )
 
 
-def _serial(loader: ImageLoader, batch_size: int) -> Iterator[list[Loaded]]:
-    for start in range(0, len(loader), batch_size):
-        yield [loader[i] for i in range(start, min(start + batch_size, len(loader)))]
+class _Batches:
+    """Lazily cut (index, id, input) entries into batches; a batch never mixes two groups."""
+
+    def __init__(self, entries: Iterable[tuple[int, int, Any]], batch_size: int, group_of: Callable[[Any], Hashable] | None):
+        self.entries = entries
+        self.batch_size = batch_size
+        self.group_of = group_of
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, Any]]]:
+        batch: list[tuple[int, int, Any]] = []
+        group: Any = None
+        for entry in self.entries:
+            key = self.group_of(entry[2]) if self.group_of is not None else None
+            if batch and (len(batch) == self.batch_size or key != group):
+                yield batch
+                batch = []
+            group = key
+            batch.append(entry)
+        if batch:
+            yield batch
+
+
+def load_batches(
+    items: Iterable[Any],
+    transform: Callable[[Any], torch.Tensor],
+    batch_size: int,
+    workers: int = 0,
+    *,
+    seed_id: Callable[[Any], int] | None = None,
+    group_of: Callable[[Any], Hashable] | None = None,
+    pin_memory: bool = False,
+) -> Iterator[LoadedBatch]:
+    """Decode ``items`` in batches, in input order, ``workers`` processes reading ahead (0: here).
+
+    ``items`` may be lazy and unbounded: it is consumed as the workers need more work. Inputs are
+    paths, bytes, PIL images, objects with ``open_image()``, or 1-D tensors (CLIP embeddings,
+    passed through). ``seed_id(item)`` (default: the position) rides along for sampling seeds;
+    ``group_of(item)`` keeps inputs of different groups (shards) out of the same batch, so a
+    group is batched the same way whatever comes before it.
+    """
+    entries = ((i, seed_id(item) if seed_id is not None else i, item) for i, item in enumerate(items))
+    batches = _Batches(entries, batch_size, group_of)
+    if workers <= 0:
+        decoder = _Decoder(transform)
+        return (_collate([decoder[e] for e in batch]) for batch in batches)
+    from torch.utils.data import DataLoader
+
+    from clipcap_cli.features import _worker_init
+
+    return iter(DataLoader(
+        _Decoder(transform),  # type: ignore[arg-type]  (a "dataset" indexed by the work entries)
+        batch_sampler=batches,  # type: ignore[arg-type]
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init,
+        pin_memory=pin_memory,
+        prefetch_factor=4,  # batches read ahead per worker: the model never waits at a batch boundary
+    ))

@@ -90,3 +90,70 @@ def test_frozen_lm_transformer_checkpoint(tiny_transformer_checkpoint, images):
     assert model.config.mapping == "transformer" and model.config.normalize_prefix
     results = model.caption([images["rgb"], images["gray"]], strategy="beam", beam_size=2, **FAST)
     assert all(r.text and len(r.tokens) <= 6 for r in results)
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+def test_stream_reports_bad_inputs_and_goes_on(captioner, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no")
+    inputs = [images["rgb"], bad, images["gray"].read_bytes(), tmp_path / "missing.png", images["cmyk"]]
+    out = list(captioner.stream(inputs, DecodingOptions(max_length=6), batch_size=2, embeddings=True))
+    assert [o.index for o in out] == [0, 1, 2, 3, 4]
+    assert [o.error is None for o in out] == [True, False, True, False, True]
+    assert "not an image" in out[1].error and str(bad) not in out[1].error  # the name is the caller's to add
+    assert out[1].result is None and out[1].embedding is None
+    good = [images["rgb"], images["gray"], images["cmyk"]]
+    assert [o.result.text for o in out if o.result] == [r.text for r in captioner.caption(good, **FAST)]
+    torch.testing.assert_close(torch.stack([o.embedding for o in out if o.result]), captioner.encode(good))
+
+
+def test_stream_is_lazy(captioner, images):
+    import itertools
+
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield images["rgb"]
+
+    first = list(itertools.islice(captioner.stream(endless(), DecodingOptions(max_length=4), batch_size=3, workers=0), 4))
+    assert [o.index for o in first] == [0, 1, 2, 3] and len(pulled) <= 7  # two batches read, not forever
+
+
+def test_stream_of_embeddings_is_decode(captioner, images):
+    emb = captioner.encode([images["rgb"], images["exif"], images["palette"]])
+    options = DecodingOptions(strategy="beam", beam_size=2, max_length=6)
+    streamed = [o.result for o in captioner.stream(list(emb.half()), options, batch_size=2)]  # stored fp16, as extract on a GPU
+    assert [r.text for r in streamed] == [r.text for r in captioner.decode(emb.half().float(), options)]
+
+
+def test_stream_workers_and_seed_ids(captioner, images):
+    paths = list(images.values())
+    options = DecodingOptions(strategy="sample", seed=3, max_length=6)
+    serial = [o.result.text for o in captioner.stream(paths, options, batch_size=3, workers=0)]
+    parallel = [o.result.text for o in captioner.stream(paths, options, batch_size=3, workers=2)]
+    assert serial == parallel == [r.text for r in captioner.caption(paths, options, batch_size=5)]
+    # seed ids decide the samples: the same image under the same id gives the same caption
+    same = [o.result.text for o in captioner.stream([paths[0]] * 3, options, seed_id=lambda _: 7)]
+    assert len(set(same)) == 1
+
+
+def test_batches_never_mix_groups(images):
+    from clipcap_cli.inputs import load_batches
+
+    class Item:
+        def __init__(self, group):
+            self.group = group
+
+        def open_image(self):
+            from clipcap_cli.images import open_rgb
+
+            return open_rgb(images["rgb"])
+
+    transform = lambda im: torch.zeros(3, 4, 4)  # noqa: E731
+    batches = list(load_batches([Item(g) for g in "aaabbc"], transform, batch_size=2, group_of=lambda it: it.group))
+    assert [b.indices for b in batches] == [[0, 1], [2], [3, 4], [5]]
+    assert all(b.pixels.shape[0] == len(b.indices) for b in batches)

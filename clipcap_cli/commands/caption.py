@@ -5,38 +5,48 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.captioner import BATCH_SIZE, CPU_WORKERS, WORKERS
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.output import available_formats
+from clipcap_cli.sharded import ShardedOptions
 from clipcap_cli.ui import complete_model
 
-HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin.
+HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin;
+with --output-dir, also webdataset tar shards, in sharded, resumable runs over many processes.
 
 Captions go to stdout (a table on a terminal, JSON Lines in a pipe), progress and errors to stderr.
 A bad input never stops the run: it gets a record with its error.
 
-Exit codes: 0 all captioned, 1 fatal error (e.g. the model is missing), 2 usage error (no inputs, bad options), 3 some inputs failed.
+With --output-dir DIR each shard NAME (a tar file, or --shard-size images of a list) gets DIR/NAME.jsonl
+(or .parquet) and, last, DIR/NAME.stats.json: the same command again skips finished shards and redoes the rest.
+Under torchrun the shards are split by rank; --shard i/n splits them for Slurm arrays or plain processes.
+
+Exit codes: 0 all captioned, 1 fatal error (e.g. the model is missing), 2 usage error (no inputs, bad options), 3 some inputs failed
+(under torchrun 0, since torchrun takes any other code for a crash: see DIR/_summary.json).
 
 Example: [bold]clipcap caption photos/ --recursive --beam 5 > captions.jsonl[/]   ·   [bold]find . -name '*.jpg' | clipcap caption - --format csv[/]
 
-Example: [bold]clipcap caption photo.jpg --rerank clip[/] (5 beams, the one CLIP scores highest first)   ·   [bold]clipcap caption photo.jpg --sample -n 8 --rerank clip[/]
+Example: [bold]clipcap caption photo.jpg --rerank clip[/] (5 beams, the one CLIP scores highest first)   ·   [bold]clipcap caption photo.jpg --sample -n 8 --rerank clip[/]   ·   [bold]torchrun --nproc_per_node 8 -m clipcap_cli caption 'shards/{00000..00999}.tar' --output-dir captions/[/]
 """
 
 MODEL = "Model"
 DECODING = "Decoding"
 OUTPUT = "Output"
+SHARDED = "Sharded output (--output-dir)"
 RUN = "Run"
+S = ShardedOptions  # defaults of the sharded options
 
 
 def command(
     inputs: Annotated[
         Optional[List[str]],
-        typer.Argument(help="Image files, folders, globs (quoted ones are expanded too), http(s) URLs, or - for stdin.", show_default=False),
+        typer.Argument(help="Image files, folders, globs (quoted ones are expanded too), http(s) URLs, - for stdin; with --output-dir also tar shards: a path, glob or brace pattern like 'shards/{00000..00099}.tar'.", show_default=False),
     ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.", rich_help_panel=MODEL, autocompletion=complete_model)] = "coco",
     clip: Annotated[Optional[str], typer.Option("--clip", help="CLIP model (open_clip name or local-dir:PATH) instead of the checkpoint's.", rich_help_panel=MODEL, show_default=False)] = None,
@@ -58,10 +68,16 @@ def command(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Same as --format jsonl.", rich_help_panel=OUTPUT)] = False,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write results to FILE (atomically) instead of stdout.", rich_help_panel=OUTPUT, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.", rich_help_panel=OUTPUT)] = False,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-O", metavar="DIR", help="Sidecar files per input shard in DIR (NAME.jsonl, NAME.stats.json, ...), resumable: e.g. --output-dir captions/.", rich_help_panel=SHARDED, show_default=False)] = None,
+    output_format: Annotated[str, typer.Option("--output-format", help="jsonl, or parquet (needs pyarrow: pip install 'clipcap-cli\\[parquet]'), e.g. --output-format parquet.", rich_help_panel=SHARDED)] = S.output_format,
+    shard_size: Annotated[int, typer.Option("--shard-size", metavar="N", help="Images per shard when the inputs are files, folders or lists (tar shards stay as they are).", rich_help_panel=SHARDED)] = S.shard_size,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take only shards s with s mod N == I, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (under torchrun each rank splits its share again).", rich_help_panel=SHARDED, show_default=False)] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-caption the samples whose records carry an error, in shards already done.", rich_help_panel=SHARDED)] = S.retry_failed,
+    save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Also write NAME.emb.safetensors: the CLIP image embeddings, one row per record.", rich_help_panel=SHARDED)] = S.save_embeddings,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for images in subfolders of folder inputs too.", rich_help_panel=RUN)] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per CLIP and decoding batch.", rich_help_panel=RUN)] = BATCH_SIZE,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes that read and decode images (0 = in this process).", rich_help_panel=RUN)] = WORKERS,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available).", rich_help_panel=RUN, show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help=f"Worker processes that read and decode images (0 = in this process). Default: the CPU count on CUDA (shared by torchrun's processes), {CPU_WORKERS} elsewhere.", rich_help_panel=RUN, show_default=False)] = WORKERS,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun cuda:LOCAL_RANK).", rich_help_panel=RUN, show_default=False)] = None,
 ) -> None:
     """Caption images."""
     from clipcap_cli.ui import cli_errors
@@ -73,7 +89,7 @@ def command(
             raise UsageError("--beam and --sample are alternatives: choose one")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-        if workers < 0:
+        if workers is not None and workers < 0:
             raise UsageError(f"--workers must be 0 or more, got {workers}")
         options = DecodingOptions(
             strategy="beam" if beam is not None else "sample" if sample else "greedy",
@@ -87,19 +103,40 @@ def command(
             stop_token=stop_token,
             rerank=rerank,
         )
-        fmt = _pick_format(format_, json_, jsonl, output)
+        # Everything that makes the model: load_model's arguments, and (less the device) what an
+        # --output-dir records and checks on resume. A new model option is one more entry here.
+        model_args: dict[str, Any] = dict(
+            name_or_path=model, clip_model=clip, clip_pretrained=clip_pretrained, gpt2=gpt2, normalize_prefix=normalize_prefix,
+        )
         from clipcap_cli.pretrained import check_model_argument
 
-        check_model_argument(model)  # a typo in --model is a usage error before any input is read
-        failed = _run(
-            inputs or [], options, fmt, output, quiet, recursive, batch_size, workers,
-            dict(name_or_path=model, device=device, clip_model=clip, clip_pretrained=clip_pretrained, gpt2=gpt2,
-                 normalize_prefix=normalize_prefix),
-        )
+        sharded_given = {"--output-format": output_format != S.output_format, "--shard-size": shard_size != S.shard_size,
+                         "--shard": shard is not None, "--retry-failed": retry_failed, "--save-embeddings": save_embeddings}
+        if output_dir is None:
+            if any(sharded_given.values()):
+                raise UsageError(f"{', '.join(k for k, on in sharded_given.items() if on)}: only with --output-dir DIR")
+            fmt = _pick_format(format_, json_, jsonl, output)
+            check_model_argument(model)  # a typo in --model is a usage error before any input is read
+            failed = _run(inputs or [], options, fmt, output, quiet, recursive, batch_size, workers, {**model_args, "device": device})
+        else:
+            stdout_options = [flag for flag, on in (("--output", output), ("--format", format_), ("--json", json_), ("--jsonl", jsonl)) if on]
+            if stdout_options:
+                raise UsageError(f"{', '.join(stdout_options)}: not with --output-dir (records go to DIR/NAME.jsonl)")
+            sharded = ShardedOptions(output_dir=output_dir.expanduser(), output_format=output_format, save_embeddings=save_embeddings,
+                                     retry_failed=retry_failed, shard_size=shard_size, shard=_parse_shard(shard),
+                                     batch_size=batch_size, workers=workers)
+            check_model_argument(model)
+            failed = _run_sharded(inputs or [], options, sharded, quiet, recursive, model_args, device)
         if failed:
             from clipcap_cli.errors import EXIT_PARTIAL
 
             raise typer.Exit(EXIT_PARTIAL)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    from clipcap_cli.features import parse_shard
+
+    return parse_shard(text) if text else (0, 1)
 
 
 def _pick_format(requested: str | None, json_: bool, jsonl: bool, output: str | None) -> str:
@@ -129,59 +166,51 @@ def _run(
     quiet: bool,
     recursive: bool,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     model_args: dict[str, Any],
 ) -> int:
     """Caption everything, streaming records to the writer; returns how many inputs failed."""
     from clipcap_cli import inputs, ui
     from clipcap_cli import output as out
-    from clipcap_cli.ui import say, stderr, warn
     from clipcap_cli.errors import UsageError
+    from clipcap_cli.sharded import OffThread
+    from clipcap_cli.shards import is_tar_pattern
+    from clipcap_cli.ui import stderr, warn
 
+    tars = [a for a in args if is_tar_pattern(a)]
+    if tars:
+        raise UsageError(f"{tars[0]}: tar shards are captioned into sidecar files: add --output-dir DIR")
     sources = inputs.collect(args, recursive=recursive, stdin=sys.stdin if "-" in args else None)
     if not sources:
         raise UsageError("no inputs: give image files, folders, globs, URLs, or - to read paths from stdin")
 
-    import torch
-
-    from clipcap_cli.loading import load_model
-
-    captioner = None
-    if any(s.error is None for s in sources):  # nothing to caption: report the inputs without loading a model
-        with _download_progress(quiet) as progress_cb:
-            captioner = load_model(**model_args, download_progress=progress_cb)
-        say(f"model {model_args['name_or_path']}: {captioner!r}; decoding {options}")
-    transform = captioner.preprocess_image if captioner else None
-
+    # No model is loaded when every input already failed (e.g. missing files).
+    captioner = _load(model_args, options, quiet) if any(s.error is None for s in sources) else None
+    outcomes = ((c.index, c.error, c.result) for c in captioner.stream(sources, options, batch_size=batch_size, workers=workers)) \
+        if captioner is not None else ((i, s.error, None) for i, s in enumerate(sources))
     alternatives = options.num_captions > 1
     failed = done = 0
     start = time.perf_counter()
     target = out.AtomicFile(output) if output else contextlib.nullcontext(sys.stdout)
-    with target as stream, ui.item_progress("images", quiet) as progress:
+    with target as stream, ui.item_progress("images", quiet) as progress, OffThread() as background:
         strategy = "beam" if options.rerank and options.strategy == "greedy" else options.strategy  # see candidate_options
         decoding = strategy + (f" {options.beam_size}" if strategy == "beam" else "")
         decoding += f", reranked by {options.rerank}" if options.rerank else ""
         writer = out.get_writer(fmt, stream, settings=f"model {model_args['name_or_path']}, {decoding}")
         task = progress.add_task("captioning", total=len(sources))
-        for batch in inputs.load_batches(sources, transform, batch_size, workers):
-            good = [(i, pixels) for i, pixels, error in batch if error is None]
-            results = {}
-            if good and captioner is not None:
-                ids = [i for i, _ in good]
-                decoded = captioner.caption_pixels(torch.stack([p for _, p in good]), options, image_ids=ids)
-                results = dict(zip(ids, decoded))
-            records = []
-            for i, _, error in batch:
-                name = sources[i].name
-                if error is not None:
-                    failed += 1
-                    if not quiet:
-                        warn(f"{name}: {error}")
-                records.append(out.make_record(name, results.get(i), error, alternatives, clip=options.rerank is not None))
-            writer.write(records)
-            done += len(batch)
-            progress.advance(task, len(batch))
-        writer.close()
+        pending: list[dict] = []
+        for i, error, result in outcomes:
+            if error is not None:
+                failed += 1
+                if not quiet:
+                    warn(f"{sources[i].name}: {error}")
+            pending.append(out.make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None))
+            done += 1
+            progress.advance(task)
+            if len(pending) >= batch_size or done == len(sources):
+                background.submit(writer.write, pending)  # formatting and writing, off the model's path
+                pending = []
+        background.submit(writer.close)
     if not quiet:
         seconds = time.perf_counter() - start
         summary = f"captioned {done - failed} of {done} images in {seconds:.1f} s ({(done - failed) / max(seconds, 1e-9):.2f} images/s)"
@@ -189,6 +218,100 @@ def _run(
             summary += f"; wrote {output}"
         stderr.print(summary + (f"; [red]{failed} failed[/]" if failed else ""), highlight=False)
     return failed
+
+
+def _load(model_args: dict[str, Any], options: DecodingOptions, quiet: bool) -> Any:
+    from clipcap_cli.loading import load_model
+    from clipcap_cli.ui import say
+
+    with _download_progress(quiet) as progress_cb:
+        captioner = load_model(**model_args, download_progress=progress_cb)
+    say(f"model {model_args['name_or_path']}: {captioner!r}; decoding {options}")
+    return captioner
+
+
+def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOptions, quiet: bool, recursive: bool,
+                 model_args: dict[str, Any], device: str | None) -> int:
+    """Caption shards into sidecar files (see ``clipcap_cli.sharded``); returns how many of this
+    process's samples failed (0 under torchrun, where another exit code reads as a crash)."""
+    import dataclasses
+
+    from clipcap_cli import distributed, shards, ui
+    from clipcap_cli import sharded as runner
+    from clipcap_cli.ui import stderr
+
+    job = shards.discover(args, recursive=recursive, stdin=sys.stdin if "-" in args else None, shard_size=sharded.shard_size)
+    settings = {
+        "model": _model_identity(model_args),
+        "decoding": dataclasses.asdict(options),
+        "output_format": sharded.output_format,
+        "save_embeddings": sharded.save_embeddings,
+        "shard_size": sharded.shard_size,
+    }
+    place = distributed.env()
+    dist = distributed.Distributed.setup(device or distributed.local_device()) if place.launched else None
+    main = place.rank == 0
+    quiet = quiet or not main  # one progress bar and one summary: rank 0's
+
+    def load() -> Any:
+        return _load({**model_args, "device": str(dist.device) if dist else device}, options, quiet)
+
+    progress = ui.item_progress("images", quiet)
+    task = progress.add_task("captioning", total=None)
+
+    def show(p: runner.Progress) -> None:
+        if not p.shards:
+            return  # nothing to do here: no bar
+        if not progress.live.is_started:  # from the first count on: after the model has loaded
+            progress.start()
+        progress.update(task, completed=p.samples, total=p.expected or None,
+                        description=f"shard {p.shards_done}/{p.shards}" + (f", {p.failed} failed" if p.failed else ""))
+
+    try:
+        outcome = runner.run(job, load, options, settings, sharded, dist=dist, on_progress=show)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+        if dist is not None:
+            dist.close()
+    if not quiet:
+        stderr.print(_summary_line(outcome.summary, sharded), highlight=False)
+    return 0 if dist is not None else outcome.failed_here
+
+
+def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
+    """The model settings an output folder records: ``model_args`` with a checkpoint file's full path."""
+    identity = dict(model_args)
+    path = Path(str(identity["name_or_path"])).expanduser()
+    if path.is_file():
+        identity["name_or_path"] = str(path.resolve())
+    return identity
+
+
+def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
+    """The one line on stderr at the end: this run, then the output folder's state."""
+    from rich.markup import escape
+
+    run = summary["this_run"]
+    rate = run["samples"] / max(run["seconds"], 1e-9)
+    worked = run["samples"] or run["shards_done"]
+    parts = [f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
+             f"in {run['seconds']:.1f} s ({rate:.2f} images/s)" if worked else "nothing to do"]
+    if run["shards_skipped"]:
+        parts.append(f"{run['shards_skipped']} shards were already done")
+    line = "; ".join(parts)
+    if run["retried"]:
+        line += f"; retried {run['retried']}"
+    state = "complete" if summary["complete"] else f"{summary['shards_done']} of {summary['shards']} shards done"
+    line += f"; {escape(str(sharded.output_dir))}: {state}, {summary['ok']} ok"
+    problems = summary["failed"] + len(summary["unreadable_shards"])
+    if problems:
+        logs = ", ".join(summary["error_logs"]) or "the records"
+        line += f", [red]{summary['failed']} failed[/]"
+        if summary["unreadable_shards"]:
+            line += f", [red]{len(summary['unreadable_shards'])} unreadable shards[/]"
+        line += f" (see {logs}; --retry-failed tries them again)"
+    return line
 
 
 @contextlib.contextmanager

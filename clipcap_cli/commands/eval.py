@@ -97,7 +97,7 @@ def command(
     ] = None,
     workers: Annotated[
         Optional[int],
-        typer.Option("--workers", "-j", help=f"Worker processes that read and decode images (0 = in this process) \\[default: {D.workers}].",
+        typer.Option("--workers", "-j", help="Worker processes that read and decode images (0 = in this process) \\[default: as clipcap caption].",
                      show_default=False, rich_help_panel=MODEL),
     ] = None,
     device: Annotated[
