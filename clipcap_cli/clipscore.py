@@ -264,21 +264,19 @@ def encode_image_files(
     ``on_progress(done, total)`` after each batch."""
     import torch
 
-    from clipcap_cli.inputs import Source, load_batches
+    from clipcap_cli.inputs import load_batches
 
-    sources = [Source(str(f), str(f)) for f in files]
     dtype = next(model.parameters()).dtype  # fp16 on CUDA
     rows: dict[int, torch.Tensor] = {}
     failed: list[tuple[str, str]] = []
     done = 0
     with torch.no_grad():
-        for batch in load_batches(sources, preprocess, batch_size, workers):
-            good = [(i, pixels) for i, pixels, error in batch if error is None]
-            failed += [(str(files[i]), str(error)) for i, _, error in batch if error is not None]
-            if good:
-                pixels = torch.stack([p for _, p in good]).to(device, dtype=dtype)
-                rows.update(zip([i for i, _ in good], model.encode_image(pixels).float().cpu()))
-            done += len(batch)
+        for batch in load_batches([str(f) for f in files], preprocess, batch_size, workers):
+            failed += [(str(files[batch.indices[p]]), error) for p, error in batch.errors.items()]
+            if batch.pixels is not None:
+                embedded = model.encode_image(batch.pixels.to(device, dtype=dtype)).float().cpu()
+                rows.update(zip([batch.indices[p] for p in batch.pixel_positions], embedded))
+            done += len(batch.indices)
             if on_progress is not None:
                 on_progress(done, len(files))
     if not rows:

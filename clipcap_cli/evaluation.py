@@ -780,10 +780,16 @@ def _clip_inputs(references: References, predictions: Predictions, infos: Sequen
 
         return references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float(), text, True
     features, failed = clipscore.encode_image_files(model, preprocess, [str(f) for f in files], device,
-                                                    options.batch_size, options.workers, on_progress)
+                                                    options.batch_size, _workers(options.workers, device), on_progress)
     if failed:
         raise _ClipUnavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
     return features, text, False
+
+
+def _workers(requested: int | None, device: Any) -> int:
+    from clipcap_cli.captioner import default_workers
+
+    return default_workers(device) if requested is None else requested
 
 
 def _clip_image_files(root: Path | None, infos: Sequence[RefImage]) -> list[Path]:

@@ -70,25 +70,24 @@ def _is_terminal() -> bool:
 
 def _inspect(sources: list[Any], model: str, device: str | None, top: int) -> list[dict[str, Any]]:
     """One record per source, in order (failed inputs get an error and no prefix)."""
-    import torch
 
     from clipcap_cli import inputs
     from clipcap_cli.interpret import read_prefix
     from clipcap_cli.loading import load_model
 
-    captioner = load_model(model, device=device) if any(s.error is None for s in sources) else None
-    transform = captioner.preprocess_image if captioner else None
+    if not any(s.error is None for s in sources):  # nothing readable: no model to load
+        return [{"path": s.name, "caption": None, "prefix": None, "error": s.error} for s in sources]
+    captioner = load_model(model, device=device)
     records: list[dict[str, Any]] = []
-    for batch in inputs.load_batches(sources, transform, BATCH_SIZE, 0):
-        good = [(i, pixels) for i, pixels, error in batch if error is None]
+    for batch in inputs.load_batches(sources, captioner.preprocess_image, BATCH_SIZE, 0):
         readings = {}
-        if good and captioner is not None:
-            embeddings = captioner.encode_pixels(torch.stack([p for _, p in good]))
-            readings = dict(zip([i for i, _ in good], read_prefix(captioner, embeddings, top)))
-        for i, _, error in batch:
-            reading = readings.get(i)
+        if batch.pixels is not None:
+            embeddings = captioner.encode_pixels(batch.pixels)
+            readings = dict(zip(batch.pixel_positions, read_prefix(captioner, embeddings, top)))
+        for position, i in enumerate(batch.indices):
+            reading = readings.get(position)
             record = {"path": sources[i].name, **(reading.to_dict() if reading else {"caption": None, "prefix": None})}
-            records.append({**record, "error": error})
+            records.append({**record, "error": batch.errors.get(position)})
     return records
 
 
