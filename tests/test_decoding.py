@@ -18,7 +18,6 @@ from clipcap_cli import backbones
 from clipcap_cli.decoding import (
     DecodingOptions,
     DecodingResult,
-    _forward_kwargs,
     beam_search,
     clean_up_tokenization,
     decode,
@@ -29,6 +28,7 @@ from clipcap_cli.decoding import (
     tokens_to_text,
 )
 from clipcap_cli.errors import UsageError
+from clipcap_cli.inference import forward_kwargs as _forward_kwargs
 from original_clipcap import last_logits as _last_logits
 from original_clipcap import ref_beam, ref_greedy
 
