@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.errors import ClipCapError
@@ -35,12 +36,25 @@ def open_inference(gpt: Any, rows: int, positions: int, cuda_graphs: bool | None
     """The stepper for ``gpt``: at most ``rows`` rows at once, at most ``positions`` positions per row.
 
     ``cuda_graphs``: capture the step in CUDA graphs; None = on CUDA devices only. (True on the CPU
-    runs the same fixed-shape step eagerly, which is how the tests check it.)
+    runs the same fixed-shape step eagerly, which is how the tests check it.) A graphed stepper is
+    kept with its cache and graphs for the next batch of the same shape: capturing costs more than
+    a batch's decoding, and the graphs replay into that very cache.
     """
-    if is_stock_gpt2(gpt):
-        device = gpt.transformer.wte.weight.device
-        return StaticGPT2(gpt, rows, positions, device.type == "cuda" if cuda_graphs is None else cuda_graphs)
-    return ForwardStepper(gpt)
+    if not is_stock_gpt2(gpt):
+        return ForwardStepper(gpt)
+    if cuda_graphs is None:
+        cuda_graphs = gpt.transformer.wte.weight.device.type == "cuda"
+    if not cuda_graphs:
+        return StaticGPT2(gpt, rows, positions)
+    key = (_bucket(rows), positions, gpt.transformer.wte.weight.dtype, gpt.transformer.wte.weight.device)
+    kept = _GRAPHED.setdefault(gpt, {})
+    if key not in kept:
+        kept.clear()  # one shape at a time: each holds a cache as large as the batch's
+        kept[key] = StaticGPT2(gpt, rows, positions, cuda_graphs=True)
+    return kept[key]
+
+
+_GRAPHED: weakref.WeakKeyDictionary[Any, dict[tuple, StaticGPT2]] = weakref.WeakKeyDictionary()
 
 
 def is_stock_gpt2(gpt: Any) -> bool:
@@ -115,8 +129,10 @@ class StaticGPT2:
         if rows > self.capacity or k > self.positions:
             raise ValueError(f"prefill of {rows} rows x {k} positions exceeds the cache ({self.capacity} x {self.positions})")
         held = self.positions if self.graphed else min(self.positions, k + FIRST_POSITIONS)
-        self.kv = torch.zeros(len(self.blocks), 2, self.capacity, self.n_head, held, self.head_dim,
-                              dtype=self.dtype, device=self.device)
+        if self.kv is None or not self.graphed:  # a graphed stepper keeps its cache: the graphs write into it
+            # zeros, not empty: the fixed-shape step multiplies unused positions by a zero weight.
+            self.kv = torch.zeros(len(self.blocks), 2, self.capacity, self.n_head, held, self.head_dim,
+                                  dtype=self.dtype, device=self.device)
         x = prefix.to(self.dtype) + self.gpt.transformer.wpe.weight[:k]  # (R, K, E)
         for i, block in enumerate(self.blocks):
             q, key, value = (t.view(rows, k, self.n_head, self.head_dim).transpose(1, 2)
@@ -204,7 +220,7 @@ class StaticGPT2:
 
         assert self.kv is not None
         b, e = x.shape
-        visible = torch.arange(self.kv.shape[4], device=x.device) <= at  # (P,) positions 0..at
+        visible = (torch.arange(self.kv.shape[4], device=x.device) <= at)[None]  # (1, P): positions 0..at
         for i, block in enumerate(self.blocks):
             q, key, value = block.attn.c_attn(block.ln_1(x)).split(e, dim=-1)  # 3 x (b, E)
             self.kv[i, 0, :b].index_copy_(2, at, key.view(b, self.n_head, 1, self.head_dim))
@@ -315,8 +331,12 @@ class StaticGPT2:
 
 
 def _bucket(rows: int) -> int:
-    """Rows padded for a graphed step: the next power of two, at least 8 (few graphs to capture)."""
-    return max(8, 1 << (max(rows, 1) - 1).bit_length())
+    """Rows padded for a graphed step: the next of 8, 12, 16, 24, 32, 48, ... (powers of two and
+    1.5x them), so at most a third of a step is padding and few graphs are captured."""
+    if rows <= 8:
+        return 8
+    power = 1 << (rows - 1).bit_length()
+    return 3 * power // 4 if rows <= 3 * power // 4 else power
 
 
 def _half_dtypes() -> tuple[torch.dtype, ...]:
