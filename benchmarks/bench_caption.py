@@ -8,8 +8,8 @@ architecture with random weights: open_clip ViT-B-32 (pretrained=None) + GPT-2 1
   write twenty lines would call, at --generate-batch-size;
 - clipcap fp32 (exact) at that same batch size, and at its default batch size
   (``decoding.default_batch_size``), so both the same-batch and the default-batch ratios show;
-- clipcap bf16 (``precision.apply_precision``) at the default batch size, and how many of its
-  captions are identical to clipcap fp32's.
+- clipcap bf16 (``precision.apply_precision``: GPT-2 in bf16) at the default batch size, and on
+  the CPU also with CLIP in bf16, and how many of their captions are identical to clipcap fp32's.
 
 Every path starts from the same JPEG files, so reading, CLIP preprocessing and CLIP encoding are
 timed too, as a user sees them. The paths alternate within each repeat, and each keeps its best time.
@@ -114,11 +114,15 @@ def build(device: torch.device, tmp: Path) -> Captioner:
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(tok_dir)), device)
 
 
-def with_precision(captioner: Captioner, precision: str) -> Captioner:
-    """The same captioner (CLIP, tokenizer shared) with a copy of the model in ``precision``."""
+def with_precision(captioner: Captioner, precision: str, clip_too: bool = False) -> Captioner:
+    """The same captioner (tokenizer shared) with a copy of the model in ``precision``, and with
+    ``clip_too`` a copy of CLIP in that dtype as well (apply_precision leaves CLIP alone)."""
     model = copy.deepcopy(captioner.model)
     apply_precision(model, precision)
-    return Captioner(model, captioner.clip_model, captioner.preprocess_image, captioner.tokenizer, captioner.device)
+    clip = captioner.clip_model
+    if clip_too:
+        clip = copy.deepcopy(clip).to(next(model.gpt.parameters()).dtype)
+    return Captioner(model, clip, captioner.preprocess_image, captioner.tokenizer, captioner.device)
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -148,7 +152,7 @@ def timed(fn: Callable[[], list[str]]) -> tuple[list[str], float]:
 # --------------------------------------------------------------------------- the run
 
 
-def run_strategy(captioner: Captioner, bf16: Captioner | None, paths: list[Path], options: DecodingOptions,
+def run_strategy(captioner: Captioner, bf16: dict[str, Captioner], paths: list[Path], options: DecodingOptions,
                  args: argparse.Namespace, batch: int) -> list[tuple[str, int, int, float, str]]:
     """Time every path for one decoding strategy; rows (path, batch, images, seconds, identical)."""
     few = paths[: args.original_images]
@@ -160,12 +164,12 @@ def run_strategy(captioner: Captioner, bf16: Captioner | None, paths: list[Path]
     paths_to_time["clipcap fp32 (same batch)"] = (lambda: clipcap(captioner, paths, options, g), g, len(paths))
     if batch != g:
         paths_to_time["clipcap fp32"] = (lambda: clipcap(captioner, paths, options, batch), batch, len(paths))
-    if bf16 is not None:
-        paths_to_time["clipcap bf16"] = (lambda: clipcap(bf16, paths, options, batch), batch, len(paths))
+    for name, other in bf16.items():
+        paths_to_time[name] = (lambda other=other: clipcap(other, paths, options, batch), batch, len(paths))
     clipcap(captioner, paths[:2], options, 2)  # warm-up, not timed (first-call allocations, lazy imports)
     transformers_generate(captioner, paths[:2], options, 2)
-    if bf16 is not None:
-        clipcap(bf16, paths[:2], options, 2)
+    for other in bf16.values():
+        clipcap(other, paths[:2], options, 2)
     best: dict[str, float] = {name: float("inf") for name in paths_to_time}
     texts: dict[str, list[str]] = {}
     for _ in range(args.repeat):  # alternate the paths; keep each one's best time
@@ -215,7 +219,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         captioner = build(device, tmp)
-        bf16 = None if args.no_bf16 else with_precision(captioner, "bf16" if device.type != "mps" else "fp16")
+        bf16 = {}
+        if not args.no_bf16:
+            bf16["clipcap bf16"] = with_precision(captioner, "bf16")
+            if device.type == "cpu":  # on CUDA, CLIP already runs in fp16
+                bf16["clipcap bf16, CLIP bf16"] = with_precision(captioner, "bf16", clip_too=True)
         paths = make_images(tmp, args.images)
         print(f"device {where}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
               f"{platform.processor() or platform.machine()}, load average {load_start:.2f}", file=sys.stderr)

@@ -446,7 +446,10 @@ def sample(
 # --------------------------------------------------------------------------- entry points
 
 
-CPU_BATCH_SIZE = {"greedy": 64, "beam": 32, "sample": 64}  # images per batch on the CPU (measured, see below)
+# Images per batch on the CPU. Measured (benchmarks/bench_batch.py, decoding only, 1 thread, images/s at
+# batch 8/16/32/64/128): greedy 3.1/6.5/8.9/12.9/14.0, beam 5 2.4/3.3/3.5/3.7 (to 64). 64 and 32 are
+# within 10% of the best for half its memory and its wait for the first caption.
+CPU_BATCH_SIZE = {"greedy": 64, "beam": 32, "sample": 64}
 CUDA_MAX_BATCH_SIZE = 1024  # CUDA: a batch large enough to fill an H200; more only costs memory
 
 
@@ -454,8 +457,8 @@ def default_batch_size(device: torch.device | str, options: DecodingOptions | No
                        model: ClipCaptionModel | None = None) -> int:
     """Images per CLIP + decoding batch that keep ``device`` busy, for the CLI's --batch-size default.
 
-    CPU: the batch that decoded fastest per image on a 2-core Xeon (benchmarks/bench_batch.py):
-    GEMMs over fewer than ~128 rows leave the cores waiting on weights. CUDA: the largest power
+    CPU: the batch sizes measured on a 2-core Xeon (CPU_BATCH_SIZE): GEMMs over fewer than ~64
+    rows leave the cores waiting on GPT-2's weights. CUDA: the largest power
     of two whose KV cache and logits take at most half the free memory (``model`` gives GPT-2's
     sizes; GPT-2 124M is assumed without it), capped at CUDA_MAX_BATCH_SIZE.
     """

@@ -130,9 +130,11 @@ class StaticGPT2:
             raise ValueError(f"prefill of {rows} rows x {k} positions exceeds the cache ({self.capacity} x {self.positions})")
         held = self.positions if self.graphed else min(self.positions, k + FIRST_POSITIONS)
         if self.kv is None or not self.graphed:  # a graphed stepper keeps its cache: the graphs write into it
-            # zeros, not empty: the fixed-shape step multiplies unused positions by a zero weight.
-            self.kv = torch.zeros(len(self.blocks), 2, self.capacity, self.n_head, held, self.head_dim,
-                                  dtype=self.dtype, device=self.device)
+            # The eager step reads only written positions; the fixed-shape step gives the others a
+            # zero weight, and 0 x (uninitialised NaN) would still be NaN, hence zeros there.
+            new = torch.zeros if self.graphed else torch.empty
+            self.kv = new(len(self.blocks), 2, self.capacity, self.n_head, held, self.head_dim,
+                          dtype=self.dtype, device=self.device)
         x = prefix.to(self.dtype) + self.gpt.transformer.wpe.weight[:k]  # (R, K, E)
         for i, block in enumerate(self.blocks):
             q, key, value = (t.view(rows, k, self.n_head, self.head_dim).transpose(1, 2)
