@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -127,8 +128,9 @@ def caption_speed(captioner: Captioner, bf16: Captioner, paths: list[Path], s: d
         for batch in s["batches"]:
             row: dict[str, float] = {}
             for precision, cap in (("fp32", captioner), ("bf16", bf16)):
-                ours = lambda: [cap.caption_pixels(p, options) for p in pixel_batches(cap, paths, batch, s["workers"])]  # noqa: E731
-                theirs = lambda: [hf_generate(cap, p, options) for p in pixel_batches(cap, paths, batch, s["workers"])]  # noqa: E731
+                ours = functools.partial(run_batches, cap, paths, batch, s["workers"], cap.caption_pixels, options)
+                theirs = functools.partial(run_batches, cap, paths, batch, s["workers"],
+                                           functools.partial(hf_generate, cap), options)
                 ours()  # warm-up: CUDA graph capture, cuBLAS autotuning
                 theirs()
                 row[precision] = round(len(paths) / seconds(ours, cap.device), 1)
@@ -137,6 +139,12 @@ def caption_speed(captioner: Captioner, bf16: Captioner, paths: list[Path], s: d
                 log(f"caption {name} batch {batch} {precision}: {row}")
             out.setdefault(name, {})[str(batch)] = row
     return out
+
+
+def run_batches(captioner: Captioner, paths: list[Path], batch: int, workers: int,
+                caption: Callable[[torch.Tensor, DecodingOptions], Any], options: DecodingOptions) -> None:
+    for pixels in pixel_batches(captioner, paths, batch, workers):
+        caption(pixels, options)
 
 
 def hf_generate(captioner: Captioner, pixels: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
@@ -151,7 +159,11 @@ def hf_generate(captioner: Captioner, pixels: torch.Tensor, options: DecodingOpt
 
 def clip_speed(captioner: Captioner, paths: list[Path], s: dict) -> float:
     batch = s["batches"][-1]
-    run = lambda: [captioner.encode_pixels(p) for p in pixel_batches(captioner, paths, batch, s["workers"])]  # noqa: E731
+
+    def run() -> None:
+        for pixels in pixel_batches(captioner, paths, batch, s["workers"]):
+            captioner.encode_pixels(pixels)
+
     run()
     return round(len(paths) / seconds(run, captioner.device), 1)
 

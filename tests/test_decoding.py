@@ -15,6 +15,8 @@ import dataclasses
 import pytest
 import torch
 from conftest import build_tiny_model
+from original_clipcap import last_logits as _last_logits
+from original_clipcap import ref_beam, ref_greedy
 
 from clipcap_cli import backbones, decoding, inference
 from clipcap_cli.decoding import (
@@ -31,8 +33,6 @@ from clipcap_cli.decoding import (
 )
 from clipcap_cli.errors import UsageError
 from clipcap_cli.inference import forward_kwargs as _forward_kwargs
-from original_clipcap import last_logits as _last_logits
-from original_clipcap import ref_beam, ref_greedy
 
 STOP = 13  # GPT-2's "."
 MAX = 20
