@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import make_images  # noqa: E402  (the same 640x480 JPEGs)
 
 FULL = {"batches": (64, 256), "images": 512, "max_length": 20, "train_batch": 64, "train_steps": 30,
-        "agreement_images": 32, "workers": min(8, os.cpu_count() or 1)}
+        "agreement_images": 32, "workers": max(1, min(12, (os.cpu_count() or 1) - 2))}
 DRY = {"batches": (4, 8), "images": 8, "max_length": 6, "train_batch": 4, "train_steps": 2,
        "agreement_images": 4, "workers": 0}
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},

@@ -446,9 +446,11 @@ def sample(
 # --------------------------------------------------------------------------- entry points
 
 
-# Images per batch on the CPU. Measured (benchmarks/bench_batch.py, decoding only, 1 thread, images/s at
-# batch 8/16/32/64/128): greedy 3.1/6.5/8.9/12.9/14.0, beam 5 2.4/3.3/3.5/3.7 (to 64). 64 and 32 are
-# within 10% of the best for half its memory and its wait for the first caption.
+# Images per batch on the CPU, measured with benchmarks/bench_batch.py (decoding only, images/s):
+#   1 thread,  batch 8/16/32/64/128: greedy 3.1/6.5/8.9/12.9/14.0; beam 5 2.4/3.3/3.5/3.7 (8..64)
+#   2 threads, batch 16/32/64/128/256: greedy 12.1/15.9/20.4/24.4/24.8; beam 5 4.6/5.5/5.5 (16..64)
+# Beam 5 levels off at 32. Greedy gains 20% more at 128 with 2 threads (under 10% with CLIP included),
+# for twice the memory and the wait for the first caption; 64 keeps those down.
 CPU_BATCH_SIZE = {"greedy": 64, "beam": 32, "sample": 64}
 CUDA_MAX_BATCH_SIZE = 1024  # CUDA: a batch large enough to fill an H200; more only costs memory
 
