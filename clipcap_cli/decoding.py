@@ -1,22 +1,22 @@
 """Caption decoding: greedy, the original ClipCap beam search, and top-k/top-p sampling.
 
-All three run a batch of images at once on GPT-2's KV cache (one new position per step instead
-of the original's full re-forward), and drop images from the batch as they finish. Greedy and
-beam search give the same tokens as the original's ``generate2`` / ``generate_beam`` run one
-image at a time. torch is imported inside functions, so the CLI can read ``DecodingOptions``
-defaults without paying for it.
+One stepping loop (``_run``) feeds GPT-2 one token per row over a KV cache (``inference.py``),
+and a strategy (``_Beams``, or ``_Rows`` for greedy and sampling) reads the logits and says which
+rows go on with which token, as whisper splits its Inference from its TokenDecoder. A batch of
+images runs at once, and finished rows leave it. Greedy and beam search give the same tokens as
+the original's ``generate2`` / ``generate_beam`` run one image at a time. torch is imported inside
+functions, so the CLI can read ``DecodingOptions`` defaults without paying for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from clipcap_cli.errors import UsageError
+from clipcap_cli.inference import open_inference
 
 if TYPE_CHECKING:
     import torch
@@ -129,65 +129,70 @@ def stop_token_id(tokenizer: Any, stop_token: str) -> int:
     return int(ids[0])
 
 
-# --------------------------------------------------------------------------- GPT-2 stepping
+# --------------------------------------------------------------------------- the stepping loop
 
 
-@functools.cache
-def _forward_kwargs(forward_cls: type) -> tuple[str, bool]:
-    """(name of the cache argument, whether ``logits_to_keep`` exists) for a GPT-2 class.
+def _run(model: ClipCaptionModel, prefix: torch.Tensor, strategy: _Strategy, max_length: int, rows: int) -> Any:
+    """Drive GPT-2 over a KV cache until ``strategy`` has ``max_length`` tokens per row or all rows stopped.
 
-    transformers 5.x renamed ``past_key_values`` to ``cache``; older versions swallow an unknown
-    ``cache=`` in ``**kwargs`` and silently recompute without it, so the name is read from the
-    signature instead of guessed.
+    ``prefix`` (R, K, E) is fed once; then each step the strategy reads the logits, records its
+    choices and says which rows go on with which token, and the cache follows (``select``).
+    ``rows`` is the most rows the cache must hold at once (R, or R x beams).
     """
-    params = inspect.signature(forward_cls.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+    inference = open_inference(model.gpt, rows, prefix.shape[1] + max_length - 1)
+    logits = inference.prefill(prefix)  # (R, V)
+    for i in range(max_length):
+        keep, tokens = strategy.update(logits)  # keep: (n',) rows that go on (None: all, in order); tokens: (n',)
+        if i == max_length - 1 or tokens.numel() == 0:
+            break
+        if keep is not None:
+            inference.select(keep)
+        logits = inference.step(model.embed_tokens(tokens))  # (n', V)
+    return strategy.finish()
 
 
-def _new_cache(config: Any) -> Any:
-    from transformers import DynamicCache
+class _Strategy(Protocol):
+    def update(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # versions whose DynamicCache takes no config
-        return DynamicCache()
+    def finish(self) -> Any: ...
 
 
-class _Stepper:
-    """GPT-2 over a growing sequence: each call feeds only the new positions, the rest is cached.
+def _score_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Log-probs and scores in at least float32, whatever the model's precision (bf16 logits included)."""
+    import torch
 
-    Every row of the batch has the same length (the prefix has a fixed K and each step adds one
-    token to every row), so no attention mask or padding is needed; positions are passed
-    explicitly so GPT-2 sees K, K+1, ... for generated tokens as in a full forward.
-    """
-
-    def __init__(self, gpt: Any):
-        self.gpt = gpt
-        self.cache_kw, self.has_keep = _forward_kwargs(type(gpt))
-        self.cache = _new_cache(gpt.config)
-        self.length = 0
-
-    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Logits (R, V) at the last position after feeding ``embeds`` (R, T, E)."""
-        import torch
-
-        rows, new = embeds.shape[:2]
-        positions = torch.arange(self.length, self.length + new, device=embeds.device).expand(rows, new)
-        kwargs: dict[str, Any] = {self.cache_kw: self.cache, "use_cache": True, "position_ids": positions}
-        if self.has_keep:
-            kwargs["logits_to_keep"] = 1  # only the last position's logits: saves K-1 LM-head products
-        logits = self.gpt(inputs_embeds=embeds, **kwargs).logits
-        self.length += new
-        return logits[:, -1]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (and reorder, or repeat) the cached rows ``rows`` (R',) for the next step."""
-        self.cache.batch_select_indices(rows)
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    # The original's exact arithmetic: softmax then log (not log_softmax), so near-ties break alike.
-    return (logits / (temperature if temperature > 0 else 1.0)).softmax(-1).log()
+    """log_softmax(logits / temperature) over the vocabulary (n, V), in at least float32."""
+    import torch
+
+    if temperature == 1.0:  # one fused pass, the cast included
+        return torch.log_softmax(logits, -1, dtype=_score_dtype(logits))
+    return (logits.to(_score_dtype(logits)) / temperature).log_softmax(-1)
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)`` for (n, V) rows with a small k, 4x faster on the CPU over GPT-2's vocabulary.
+
+    The maxima of 64-wide chunks find the k best chunks, which hold the k best values; topk then
+    runs over k x 64 values instead of V (measured at 80 rows: 1.7 ms instead of 7.8 ms). Only
+    which of exactly equal values wins may differ from ``topk``'s own choice.
+    """
+    import torch
+
+    n, v = x.shape
+    chunk = 64
+    if x.device.type != "cpu" or v < 64 * chunk * k:
+        return x.topk(k, dim=-1)
+    whole = v - v % chunk
+    best_chunks = x[:, :whole].reshape(n, whole // chunk, chunk).amax(-1).topk(k, dim=-1).indices  # (n, k)
+    columns = (best_chunks.unsqueeze(-1) * chunk + torch.arange(chunk, device=x.device)).view(n, k * chunk)
+    if whole < v:  # the last, partial chunk is always a candidate
+        columns = torch.cat((columns, torch.arange(whole, v, device=x.device).expand(n, -1)), dim=1)
+    values, where = x.gather(1, columns).topk(k, dim=-1)
+    return values, columns.gather(1, where)
 
 
 # --------------------------------------------------------------------------- beam search
@@ -214,75 +219,144 @@ def beam_search(
     stops growing; candidates are ranked by (summed log-prob) / (length of the source beam after
     this step), globally over beam x vocabulary; an image stops when all its beams have stopped.
     """
-    import torch
+    beams = _Beams(prefix.shape[0], beam_size, stop_id, temperature)
+    return _run(model, prefix, beams, max_length, prefix.shape[0] * beam_size)
 
-    step = _Stepper(model.gpt)
-    embed = model.embed_tokens
-    n_images, w = prefix.shape[0], beam_size
-    device = prefix.device
-    logp = _log_probs(step(prefix), temperature)  # (B, V)
-    vocab = logp.shape[-1]
-    scores, next_tokens = logp.topk(w, dim=-1)  # (B, W): summed log-probs and first tokens
-    step.select(torch.arange(n_images, device=device).repeat_interleave(w))  # each image's cache -> its W beams
-    tokens = next_tokens.unsqueeze(-1)  # (B, W, T)
-    seq_lengths = torch.ones(n_images, w, device=device, dtype=logp.dtype)  # tokens that count (fillers don't)
-    stopped = next_tokens == stop_id  # (B, W)
-    images = torch.arange(n_images, device=device)  # which input image each row block belongs to
-    out: list[list[Hypothesis]] = [[] for _ in range(n_images)]
-    beam_offsets = torch.arange(w, device=device)
 
-    for _ in range(1, max_length):
-        done = stopped.all(-1)  # (A,)
+class _Beams:
+    """The beam search strategy. State per active image a and beam b: tokens (A, W, T), summed
+    log-probs ``scores`` (A, W), lengths (A, W) and ``stopped`` (A, W).
+
+    Only beams that have not stopped are cache rows (a stopped beam's next token is always the
+    free filler, so GPT-2 need not run for it), in row-major (image, beam) order.
+    """
+
+    def __init__(self, n_images: int, beam_size: int, stop_id: int, temperature: float):
+        self.w, self.stop_id, self.temperature = beam_size, stop_id, temperature
+        self.out: list[list[Hypothesis]] = [[] for _ in range(n_images)]
+        self.images: torch.Tensor | None = None  # (A,) input image of each active image; None before step 1
+
+    def update(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        w = self.w
+        logp = _log_probs(logits, self.temperature)  # (n, V), one row per live beam
+        top_logp, top_tokens = _topk(logp, w)  # (n, W): a beam's W best tokens are all it can contribute
+        # The original takes softmax() then log(): a probability that underflows is log(0) = -inf.
+        top_logp = torch.where(top_logp.exp() > 0, top_logp, -float("inf"))
+        if self.images is None:  # step 1: the W best first tokens of each image's single distribution
+            self.images = torch.arange(logp.shape[0], device=logp.device)
+            self.scores, next_tokens = top_logp, top_tokens  # (B, W)
+            self.tokens = next_tokens.unsqueeze(-1)  # (B, W, 1)
+            self.lengths = torch.ones_like(self.scores)
+            self.stopped = next_tokens == self.stop_id
+            source_rows = self.images[:, None].expand(-1, w)  # every beam continues its image's row
+        else:
+            source_rows, next_tokens = self._extend(top_logp, top_tokens)
+        return self._next_rows(source_rows, next_tokens)
+
+    def _extend(self, top_logp: torch.Tensor, top_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the original's global top-W over (beam x vocabulary) for every image."""
+        import torch
+
+        n_active, w = self.scores.shape
+        live = ~self.stopped  # (A, W); logits row r is the r-th live beam in row-major order
+        rows = live.flatten().cumsum(0).view(n_active, w) - 1  # cache row of each live beam
+        lengths = self.lengths + live.to(self.lengths.dtype)  # a stopped beam's filler does not count
+        average = torch.full((n_active, w, w), -float("inf"), dtype=self.scores.dtype, device=self.scores.device)
+        tokens = torch.zeros((n_active, w, w), dtype=top_tokens.dtype, device=top_tokens.device)
+        average[live] = (self.scores[live].unsqueeze(-1) + top_logp) / lengths[live].unsqueeze(-1)
+        tokens[live] = top_tokens
+        # A stopped beam competes with its final average, extended by token 0 at no cost.
+        average[..., 0][self.stopped] = self.scores[self.stopped] / lengths[self.stopped]
+        average, flat = average.view(n_active, w * w).topk(w, dim=-1)  # (A, W), ranked by mean log-prob
+        source = flat // w  # which beam each winner extends
+        next_tokens = tokens.view(n_active, w * w).gather(1, flat)
+        self.lengths = lengths.gather(1, source)
+        self.tokens = torch.cat(
+            (self.tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1])), next_tokens.unsqueeze(-1)),
+            dim=-1,
+        )  # (A, W, T+1)
+        self.stopped = self.stopped.gather(1, source) | (next_tokens == self.stop_id)
+        self.scores = average * self.lengths  # back to summed log-probs, via the same float ops as the original
+        return rows.gather(1, source), next_tokens
+
+    def _next_rows(self, source_rows: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Finish the images whose beams all stopped; the live beams' (source rows, tokens)."""
+        assert self.images is not None
+        done = self.stopped.all(-1)  # (A,)
         if bool(done.any()):
             # Finished images leave the batch: the others decode exactly as if they were alone.
             for a in done.nonzero().flatten().tolist():
-                out[int(images[a])] = _finish_beams(tokens[a], scores[a], seq_lengths[a])
+                self._finish_image(a)
             keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
-                return out
-            tokens, scores, seq_lengths, stopped, images = (
-                t[keep] for t in (tokens, scores, seq_lengths, stopped, images)
+            self.images, self.tokens, self.scores, self.lengths, self.stopped, source_rows, next_tokens = (
+                t[keep] for t in (self.images, self.tokens, self.scores, self.lengths, self.stopped, source_rows,
+                                  next_tokens)
             )
-            step.select((keep[:, None] * w + beam_offsets).flatten())
-        n_active = tokens.shape[0]
+        live = ~self.stopped
+        return source_rows[live], next_tokens[live]
 
-        logits = step(embed(tokens[:, :, -1]).view(n_active * w, 1, -1))  # (A*W, V)
-        logp = _log_probs(logits, temperature).view(n_active, w, vocab)  # (A, W, V)
-        # A stopped beam can only be extended by token 0 at no cost: it keeps its score and
-        # competes with its final average; its filler token is not counted in its length.
-        logp[stopped] = -float("inf")
-        logp[..., 0][stopped] = 0.0
-        scores_sum = scores.unsqueeze(-1) + logp  # (A, W, V)
-        seq_lengths = seq_lengths + (~stopped).to(seq_lengths.dtype)
-        average = scores_sum / seq_lengths.unsqueeze(-1)  # ranked by mean log-prob
-        average, flat = average.view(n_active, w * vocab).topk(w, dim=-1)  # (A, W)
-        source = flat // vocab  # which beam each winner extends
-        next_tokens = flat % vocab
-        seq_lengths = seq_lengths.gather(1, source)
-        tokens = torch.cat(
-            (tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])), next_tokens.unsqueeze(-1)),
-            dim=-1,
-        )  # (A, W, T+1)
-        stopped = stopped.gather(1, source) | (next_tokens == stop_id)
-        scores = average * seq_lengths  # back to summed log-probs, via the same float ops as the original
-        step.select((torch.arange(n_active, device=device)[:, None] * w + source).flatten())
+    def _finish_image(self, a: int) -> None:
+        """Image a's beams (W, T) -> (tokens truncated to their length, score / length), best first."""
+        assert self.images is not None
+        final = self.scores[a] / self.lengths[a]
+        order = final.argsort(descending=True).tolist()
+        lengths = self.lengths[a].long().tolist()
+        rows = self.tokens[a].tolist()
+        values = final.tolist()
+        self.out[int(self.images[a])] = [(rows[j][: lengths[j]], float(values[j])) for j in order]
 
-    for a in range(tokens.shape[0]):
-        out[int(images[a])] = _finish_beams(tokens[a], scores[a], seq_lengths[a])
-    return out
-
-
-def _finish_beams(tokens: torch.Tensor, scores: torch.Tensor, seq_lengths: torch.Tensor) -> list[Hypothesis]:
-    """One image's beams (W, T) -> (tokens truncated to their length, score / length), best first."""
-    final = scores / seq_lengths
-    order = final.argsort(descending=True).tolist()
-    lengths = seq_lengths.long().tolist()
-    rows = tokens.tolist()
-    values = final.tolist()
-    return [(rows[j][: lengths[j]], float(values[j])) for j in order]
+    def finish(self) -> list[list[Hypothesis]]:
+        if self.images is not None:
+            for a in range(self.images.shape[0]):
+                self._finish_image(a)
+        return self.out
 
 
 # --------------------------------------------------------------------------- greedy and sampling
+
+
+class _Rows:
+    """Greedy and sampling: one token per row per step until the row emits the stop token (kept)
+    or has max_length tokens. ``choose(logits (A, V), ids (A,))`` picks the next token of each
+    active row; ``ids`` are the rows' indices in the batch. Scores are mean log-probs at ``temperature``.
+    """
+
+    def __init__(self, n_rows: int, max_length: int, stop_id: int,
+                 choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float, device: torch.device):
+        import torch
+
+        self.stop_id, self.choose, self.temperature = stop_id, choose, temperature
+        self.ids = torch.arange(n_rows, device=device)  # (A,) batch row of each active row
+        self.tokens = torch.zeros(n_rows, max_length, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
+        self.logps: torch.Tensor | None = None  # (R, max_length), in the scores' dtype
+        self.t = 0
+
+    def update(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        import torch
+
+        next_tokens = self.choose(logits, self.ids)  # (A,)
+        token_logp = _log_probs(logits, self.temperature).gather(1, next_tokens[:, None])[:, 0]
+        if self.logps is None:
+            self.logps = torch.zeros(self.tokens.shape, dtype=token_logp.dtype, device=token_logp.device)
+        self.tokens[self.ids, self.t] = next_tokens
+        self.logps[self.ids, self.t] = token_logp
+        self.t += 1
+        self.lengths[self.ids] = self.t
+        finished = next_tokens == self.stop_id
+        if not bool(finished.any()):
+            return None, next_tokens
+        keep = (~finished).nonzero().flatten()
+        self.ids = self.ids[keep]
+        return keep, next_tokens[keep]
+
+    def finish(self) -> list[Hypothesis]:
+        assert self.logps is not None
+        scores = (self.logps.sum(-1) / self.lengths).tolist()  # unwritten positions hold 0
+        lengths = self.lengths.tolist()
+        return [(row[:n], score) for row, n, score in zip(self.tokens.tolist(), lengths, scores)]
 
 
 def _decode_rows(
@@ -293,41 +367,16 @@ def _decode_rows(
     choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     temperature: float,
 ) -> list[Hypothesis]:
-    """One token per row per step until the row emits the stop token (kept) or max_length.
-
-    ``choose(logits (A, V), rows (A,))`` picks the next token of each active row; ``rows`` are
-    indices into ``prefix`` (R, K, E). Scores are mean log-probs at ``temperature``.
-    """
-    import torch
-
-    step = _Stepper(model.gpt)
-    n_rows = prefix.shape[0]
-    rows = torch.arange(n_rows, device=prefix.device)
-    tokens: list[list[int]] = [[] for _ in range(n_rows)]
-    logps: list[list[float]] = [[] for _ in range(n_rows)]
-    logits = step(prefix)  # (R, V)
-    for i in range(max_length):
-        if i:
-            logits = step(model.embed_tokens(next_tokens).unsqueeze(1))  # (A, V)  # noqa: F821 (set below)
-        next_tokens = choose(logits, rows)  # (A,)
-        token_logp = torch.log_softmax(logits.float() / temperature, -1).gather(1, next_tokens[:, None])[:, 0]
-        for r, t, lp in zip(rows.tolist(), next_tokens.tolist(), token_logp.tolist()):
-            tokens[r].append(t)
-            logps[r].append(lp)
-        finished = next_tokens == stop_id
-        if bool(finished.any()):
-            keep = (~finished).nonzero().flatten()
-            if keep.numel() == 0:
-                break
-            rows, next_tokens = rows[keep], next_tokens[keep]
-            step.select(keep)
-    return [(t, sum(lp) / len(lp)) for t, lp in zip(tokens, logps)]
+    """One (tokens, mean log-prob) per row of ``prefix`` (R, K, E), picking tokens with ``choose``."""
+    rows = _Rows(prefix.shape[0], max_length, stop_id, choose, temperature, prefix.device)
+    return _run(model, prefix, rows, max_length, prefix.shape[0])
 
 
 def greedy(model: ClipCaptionModel, prefix: torch.Tensor, max_length: int, stop_id: int) -> list[Hypothesis]:
     """The original ``generate2``: argmax each step (its top-p filter never changes the argmax),
     stop after the stop token (kept). One (tokens, mean log-prob) per row of ``prefix`` (B, K, E)."""
-    return _decode_rows(model, prefix, max_length, stop_id, lambda logits, rows: logits.argmax(-1), 1.0)
+    # max(), not argmax(): the same first maximum, and 2x faster over GPT-2's vocabulary on the CPU.
+    return _decode_rows(model, prefix, max_length, stop_id, lambda logits, rows: logits.max(-1).indices, 1.0)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -392,7 +441,7 @@ def sample(
             generators.append(g)
 
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)  # (A, V)
+        probs = filter_logits(logits.to(_score_dtype(logits)) / temperature, top_k, top_p).softmax(-1)  # (A, V)
         # Exponential race: argmax(p / E), E ~ Exp(1) per token, is an exact draw from p.
         race = torch.stack([torch.empty(probs.shape[-1], device=device).exponential_(generator=generators[r])
                             for r in rows.tolist()])
@@ -403,6 +452,45 @@ def sample(
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+# Images per batch on the CPU, measured with benchmarks/bench_batch.py (decoding only, images/s):
+#   1 thread,  batch 8/16/32/64/128: greedy 3.1/6.5/8.9/12.9/14.0; beam 5 2.4/3.3/3.5/3.7 (8..64)
+#   2 threads, batch 16/32/64/128/256: greedy 12.1/15.9/20.4/24.4/24.8; beam 5 4.6/5.5/5.5 (16..64)
+# Beam 5 levels off at 32. Greedy gains 20% more at 128 with 2 threads (under 10% with CLIP included),
+# for twice the memory and the wait for the first caption; 64 keeps those down.
+CPU_BATCH_SIZE = {"greedy": 64, "beam": 32, "sample": 64}
+CUDA_MAX_BATCH_SIZE = 1024  # CUDA: a batch large enough to fill an H200; more only costs memory
+
+
+def default_batch_size(device: torch.device | str, options: DecodingOptions | None = None,
+                       model: ClipCaptionModel | None = None) -> int:
+    """Images per CLIP + decoding batch that keep ``device`` busy, for the CLI's --batch-size default.
+
+    CPU: the batch sizes measured on a 2-core Xeon (CPU_BATCH_SIZE): GEMMs over fewer than ~64
+    rows leave the cores waiting on GPT-2's weights. CUDA: the largest power
+    of two whose KV cache and logits take at most half the free memory (``model`` gives GPT-2's
+    sizes; GPT-2 124M is assumed without it), capped at CUDA_MAX_BATCH_SIZE.
+    """
+    import torch
+
+    options = options or DecodingOptions()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE[options.strategy]
+    rows = options.beam_size if options.strategy == "beam" else options.num_captions  # rows per image
+    config = model.gpt.config if model is not None else None
+    layers, width, vocab = (config.n_layer, config.n_embd, config.vocab_size) if config else (12, 768, 50257)
+    prefix = model.prefix_length if model is not None else 10
+    element = next(model.gpt.parameters()).element_size() if model is not None else 4
+    cache = layers * 2 * width * (prefix + options.max_length) * element  # one row's keys and values
+    logits = vocab * 4 * 4  # fp32 logits, log-probs and two temporaries
+    per_image = rows * (cache + logits + 16 * width * 4 * element)  # + activations of one step
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = max(1, int(free // 2 // per_image))
+    return min(CUDA_MAX_BATCH_SIZE, 1 << (fits.bit_length() - 1))
+
+
 
 
 def generate(

@@ -3,7 +3,9 @@ original ClipCap algorithms (no cache, one image at a time), sampling, options a
 
 The exactness tests run the tiny model in float64: the algorithms are compared, not float32
 rounding (a KV cache and a full re-forward agree only to ~1e-6 in float32, which can flip a
-near-tie in a random model's flat distribution).
+near-tie in a random model's flat distribution). They run on each GPT-2 stepper: the static
+cache (the default), its fixed-shape step (what CUDA graphs replay), and the generic path
+through the model's own forward; the reference results are computed once and shared.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import dataclasses
 import pytest
 import torch
 from conftest import build_tiny_model
+from original_clipcap import last_logits as _last_logits
+from original_clipcap import ref_beam, ref_greedy
 
-from clipcap_cli import backbones
+from clipcap_cli import backbones, decoding, inference
 from clipcap_cli.decoding import (
     DecodingOptions,
     DecodingResult,
-    _forward_kwargs,
     beam_search,
     clean_up_tokenization,
     decode,
@@ -29,8 +32,7 @@ from clipcap_cli.decoding import (
     tokens_to_text,
 )
 from clipcap_cli.errors import UsageError
-from original_clipcap import last_logits as _last_logits
-from original_clipcap import ref_beam, ref_greedy
+from clipcap_cli.inference import forward_kwargs as _forward_kwargs
 
 STOP = 13  # GPT-2's "."
 MAX = 20
@@ -95,19 +97,69 @@ def _prefix(model, clips):
         return model.embed_prefix(clips)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tiny float64 models gain nothing from a second thread, and on a busy 2-core machine
+    every parallel region can stall on it (a 10x slower module was measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    """The reference decoders, memoised: ``refs(name, model, prefix, i, "beam", beam, max, stop[, T])``."""
+    memo = {}
+
+    def get(name, model, prefix, i, kind, *args):
+        key = (name, prefix[i].numpy().tobytes(), kind, args)
+        if key not in memo:
+            with torch.no_grad():
+                fn = ref_beam if kind == "beam" else ref_greedy
+                memo[key] = fn(model, prefix[i : i + 1], *args)
+        return memo[key]
+
+    return get
+
+
+STEPPERS = {
+    "static": None,  # the default: StaticGPT2 for transformers' GPT-2
+    "fixed-shape": lambda gpt, rows, positions: inference.open_inference(gpt, rows, positions, cuda_graphs=True),
+    "forward": lambda gpt, rows, positions: inference.ForwardStepper(gpt),
+}
+
+
+@pytest.fixture(params=list(STEPPERS))
+def stepper(request, monkeypatch):
+    """Run decoding on one of the GPT-2 steppers (see the module docstring)."""
+    if STEPPERS[request.param] is not None:
+        monkeypatch.setattr(decoding, "open_inference", STEPPERS[request.param])
+    return request.param
+
+
+def test_stock_gpt2_takes_the_static_cache(plain_model):
+    assert isinstance(inference.open_inference(plain_model.gpt, 4, 30), inference.StaticGPT2)
+
+
 # --------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("beam_size", [5, 3])
-@pytest.mark.parametrize("which", ["stop_model", "plain_model"])
-def test_beam_matches_original_algorithm(request, clips, beam_size, which):
+@pytest.mark.parametrize(
+    "beam_size, which, path",
+    [(5, "stop_model", "static"), (5, "stop_model", "fixed-shape"), (5, "stop_model", "forward"),
+     (3, "stop_model", "static"), (5, "plain_model", "static"), (3, "plain_model", "static"),
+     (3, "plain_model", "forward")],
+)
+def test_beam_matches_original_algorithm(request, monkeypatch, refs, clips, beam_size, which, path):
     model = request.getfixturevalue(which)
+    if STEPPERS[path] is not None:
+        monkeypatch.setattr(decoding, "open_inference", STEPPERS[path])
     prefix = _prefix(model, clips)
     ours = beam_search(model, prefix, beam_size, MAX, STOP)  # all 24 images in one batch
     lengths = []
     for i in range(len(clips)):
-        with torch.no_grad():
-            ref = ref_beam(model, prefix[i : i + 1], beam_size, MAX, STOP)
+        ref = refs(which, model, prefix, i, "beam", beam_size, MAX, STOP)
         assert [t for t, _ in ours[i]] == [t for t, _ in ref], f"image {i}"
         assert [s for _, s in ours[i]] == pytest.approx([s for _, s in ref], rel=1e-9, abs=1e-12)
         lengths += [len(t) for t, _ in ref]
@@ -120,42 +172,41 @@ def test_beam_matches_original_algorithm(request, clips, beam_size, which):
         assert set(lengths) == {MAX}
 
 
-def test_real_vocab_beam_and_greedy_match(real_vocab_model, clips):
+def test_real_vocab_beam_and_greedy_match(real_vocab_model, refs, clips, stepper):
     prefix = _prefix(real_vocab_model, clips[:6])
     beams = beam_search(real_vocab_model, prefix, 5, MAX, STOP)
     greedies = greedy(real_vocab_model, prefix, MAX, STOP)
     for i in range(6):
-        with torch.no_grad():
-            ref = ref_beam(real_vocab_model, prefix[i : i + 1], 5, MAX, STOP)
-            assert greedies[i][0] == ref_greedy(real_vocab_model, prefix[i : i + 1], MAX, STOP)
+        ref = refs("real", real_vocab_model, prefix, i, "beam", 5, MAX, STOP)
+        assert greedies[i][0] == refs("real", real_vocab_model, prefix, i, "greedy", MAX, STOP)
         assert [t for t, _ in beams[i]] == [t for t, _ in ref]
     assert len({len(t) for h in beams for t, _ in h}) >= 2
 
 
-def test_beam_with_temperature_matches(stop_model, clips):
+def test_beam_with_temperature_matches(stop_model, refs, clips):
     prefix = _prefix(stop_model, clips[:8])
     ours = beam_search(stop_model, prefix, 4, MAX, STOP, temperature=0.5)
     for i in range(8):
-        with torch.no_grad():
-            ref = ref_beam(stop_model, prefix[i : i + 1], 4, MAX, STOP, temperature=0.5)
+        ref = refs("stop_model/8", stop_model, prefix, i, "beam", 4, MAX, STOP, 0.5)
         assert [t for t, _ in ours[i]] == [t for t, _ in ref]
 
 
 @pytest.mark.parametrize("which", ["stop_model", "plain_model"])
-def test_greedy_matches_original_algorithm(request, clips, which):
+def test_greedy_matches_original_algorithm(request, refs, clips, which, stepper):
     model = request.getfixturevalue(which)
     prefix = _prefix(model, clips)
     ours = greedy(model, prefix, MAX, STOP)
-    refs = [ref_greedy(model, prefix[i : i + 1], MAX, STOP) for i in range(len(clips))]
-    assert [t for t, _ in ours] == refs
-    lengths = {len(t) for t in refs}
+    expected = [refs(which, model, prefix, i, "greedy", MAX, STOP) for i in range(len(clips))]
+    assert [t for t, _ in ours] == expected
+    lengths = {len(t) for t in expected}
     assert lengths == {MAX} if which == "plain_model" else (1 in lengths and len(lengths) >= 4)
 
 
-def test_default_max_length_67(plain_model, clips):
+def test_default_max_length_67(plain_model, refs, clips, stepper):
+    # 67 tokens also makes the static cache grow past its first FIRST_POSITIONS positions.
     prefix = _prefix(plain_model, clips[:2])
     ours = greedy(plain_model, prefix, DecodingOptions.max_length, STOP)
-    assert [t for t, _ in ours] == [ref_greedy(plain_model, prefix[i : i + 1], 67, STOP) for i in range(2)]
+    assert [t for t, _ in ours] == [refs("plain_model", plain_model, prefix, i, "greedy", 67, STOP) for i in range(2)]
     assert all(len(t) == 67 for t, _ in ours)
 
 
@@ -248,11 +299,11 @@ def test_filter_logits():
 # --------------------------------------------------------------------------- results, num_captions, text
 
 
-def test_num_captions_beam(stop_model, tokenizer, clips):
+def test_num_captions_beam(stop_model, refs, tokenizer, clips):
     res = decode(stop_model, tokenizer, clips[:6], strategy="beam", beam_size=5, num_captions=3, max_length=MAX)
     prefix = _prefix(stop_model, clips[:6])
     for i, r in enumerate(res):
-        ref = ref_beam(stop_model, prefix[i : i + 1], 5, MAX, STOP)[:3]
+        ref = refs("stop_model", stop_model, prefix, i, "beam", 5, MAX, STOP)[:3]
         assert isinstance(r, DecodingResult)
         assert len(r.texts) == len(r.scores) == 3 and len(set(r.texts)) == 3
         assert list(r.scores) == sorted(r.scores, reverse=True)
