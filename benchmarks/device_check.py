@@ -48,7 +48,7 @@ from clipcap_cli import backbones, inputs
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.decoding import DecodingOptions, generate, stop_token_id
-from clipcap_cli.model import ClipCaptionModel, caption_loss
+from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.precision import apply_precision, to_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,9 +102,8 @@ def with_precision(captioner: Captioner, precision: str) -> Captioner:
 
 def pixel_batches(captioner: Captioner, paths: list[Path], batch: int, workers: int):
     """JPEG decoding and CLIP preprocessing as `clipcap caption` does them, pixels moved through pinned memory."""
-    sources = [inputs.Source(name=str(p), location=str(p)) for p in paths]
-    for loaded in inputs.load_batches(sources, captioner.preprocess_image, batch, workers):
-        yield to_device(torch.stack([pixels for _, pixels, _ in loaded]), captioner.device)
+    for loaded in inputs.load_batches([str(p) for p in paths], captioner.preprocess_image, batch, workers):
+        yield to_device(loaded.pixels, captioner.device)
 
 
 def seconds(fn: Callable[[], Any], device: torch.device) -> float:
@@ -128,7 +127,7 @@ def caption_speed(captioner: Captioner, bf16: Captioner, paths: list[Path], s: d
         for batch in s["batches"]:
             row: dict[str, float] = {}
             for precision, cap in (("fp32", captioner), ("bf16", bf16)):
-                ours = functools.partial(run_batches, cap, paths, batch, s["workers"], cap.caption_pixels, options)
+                ours = functools.partial(stream_all, cap, paths, batch, s["workers"], options)
                 theirs = functools.partial(run_batches, cap, paths, batch, s["workers"],
                                            functools.partial(hf_generate, cap), options)
                 ours()  # warm-up: CUDA graph capture, cuBLAS autotuning
@@ -139,6 +138,12 @@ def caption_speed(captioner: Captioner, bf16: Captioner, paths: list[Path], s: d
                 log(f"caption {name} batch {batch} {precision}: {row}")
             out.setdefault(name, {})[str(batch)] = row
     return out
+
+
+def stream_all(captioner: Captioner, paths: list[Path], batch: int, workers: int, options: DecodingOptions) -> None:
+    """clipcap's own pipeline, as `clipcap caption` runs it (JPEG decoding in workers, pinned copies)."""
+    for out in captioner.stream(paths, options, batch_size=batch, workers=workers):
+        assert out.error is None, out.error
 
 
 def run_batches(captioner: Captioner, paths: list[Path], batch: int, workers: int,
@@ -182,7 +187,7 @@ def train_speed(captioner: Captioner, s: dict) -> dict:
 
     def step() -> None:
         with amp:
-            loss = caption_loss(model(tokens, clip), tokens, mask, config.prefix_length)
+            _, loss = model(tokens, clip, mask, targets=tokens)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -320,9 +320,15 @@ def build_clip(spec: ClipSpec, *, meta: bool = True) -> tuple[Any, Any]:
 
 
 def load_clip(
-    model_name: str, pretrained: str | None, device: torch.device | str = "cpu", *, text: bool = False
+    model_name: str,
+    pretrained: str | None,
+    device: torch.device | str = "cpu",
+    *,
+    text: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any]:
-    """(model, preprocess), in eval mode on ``device``; fp16 on CUDA, as the original.
+    """(model, preprocess), in eval mode on ``device``, in ``dtype`` (default ``clip_dtype``: fp16 on
+    CUDA, as the original, fp32 elsewhere).
 
     Without ``text`` the model is the image tower alone (``encode_image``); with it, the whole
     open_clip model (``encode_text`` too). Weights are assigned from the (memory-mapped) file
@@ -340,7 +346,7 @@ def load_clip(
 
         model = ClipImageEncoder(model.visual)
     model.eval()
-    return model.to(device=device, dtype=clip_dtype(device)), preprocess
+    return model.to(device=device, dtype=dtype or clip_dtype(device)), preprocess
 
 
 def _assign_clip_weights(model: Any, weights: Path, text: bool) -> None:

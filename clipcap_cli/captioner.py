@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from clipcap_cli.decoding import DecodingOptions, DecodingResult, decode
+from clipcap_cli.decoding import DecodingOptions, DecodingResult, decode, default_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from clipcap_cli.model import ClipCaptionModel
 
 ImageInput = Union[str, Path, bytes, "Image.Image"]
-BATCH_SIZE = 16  # images per CLIP + decoding batch (the CLI's --batch-size default)
+BATCH_SIZE = 16  # images per CLIP batch in ``encode``, and eval's --batch-size default
 WORKERS: int | None = None  # image-decoding worker processes; None = default_workers(device)
 CPU_WORKERS = 0  # default_workers off CUDA: the model already uses every core (measured: benchmarks/bench_sharded.py)
 
@@ -144,7 +144,7 @@ class Captioner:
         images: Iterable[Any],
         options: DecodingOptions | None = None,
         *,
-        batch_size: int = BATCH_SIZE,
+        batch_size: int | None = None,
         workers: int | None = WORKERS,
         embeddings: bool = False,
         seed_id: Callable[[Any], int] | None = None,
@@ -157,7 +157,8 @@ class Captioner:
                 shard samples), or 1-D tensors (stored CLIP embeddings, captioned without CLIP).
                 May be a generator: it is read as the workers need more.
             options: decoding options (default ``DecodingOptions()``).
-            batch_size: inputs per CLIP + decoding batch.
+            batch_size: inputs per CLIP + decoding batch (None = ``decoding.default_batch_size``:
+                what keeps this device busy for these options).
             workers: processes decoding images ahead of the model (0 = in this process;
                 None = ``default_workers(device)``).
             embeddings: also return each input's CLIP embedding (``Captioned.embedding``).
@@ -173,6 +174,7 @@ class Captioner:
 
         options = options or DecodingOptions()
         items = _as_list(images) if _is_single(images) else images
+        batch_size = batch_size or default_batch_size(self.device, options, self.model)
         workers = default_workers(self.device) if workers is None else workers
         if isinstance(items, Sized):  # no idle worker processes for a short list
             workers = min(workers, -(-len(items) // batch_size))
@@ -209,7 +211,7 @@ class Captioner:
         images: Sequence[ImageInput] | ImageInput,
         options: DecodingOptions | None = None,
         *,
-        batch_size: int = BATCH_SIZE,
+        batch_size: int | None = None,
         workers: int | None = WORKERS,
         **overrides: Any,
     ) -> list[DecodingResult]:
@@ -234,7 +236,8 @@ class Captioner:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"Captioner({c.mapping}, K={c.prefix_length}, clip={c.clip_model}, device={self.device})"
+        gpt = str(next(self.model.gpt.parameters()).dtype).removeprefix("torch.")
+        return f"Captioner({c.mapping}, K={c.prefix_length}, clip={c.clip_model}, gpt2={gpt}, device={self.device})"
 
 
 def to_rgb(image: ImageInput) -> Image.Image:

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.precision import DEFAULT_PRECISION
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
@@ -85,7 +86,8 @@ class EvalOptions:
     backend: str = "auto"  # metrics.BACKENDS
     allow_missing: bool = False  # score the common images instead of failing on a key mismatch
     per_image: bool = False  # per-image scores in the report, for error analysis
-    batch_size: int = BATCH_SIZE  # --model: images per CLIP + decoding batch (clipcap caption's default)
+    batch_size: int | None = None  # --model: images per CLIP + decoding batch (None: as clipcap caption, for the device)
+    precision: str = DEFAULT_PRECISION  # --model: GPT-2's precision (auto = fp32, exact)
     device: str | None = None  # --model: None = the best available device
     workers: int | None = WORKERS  # --model: image-decoding worker processes (0 = in this process; None = as caption)
     worst: int = 10  # per-image rows shown on a terminal
@@ -96,7 +98,10 @@ class EvalOptions:
         # Messages name the `clipcap eval` flags: each field is the option of the same name.
         from clipcap_cli import metrics
 
+        from clipcap_cli.precision import PRECISIONS
+
         for flag, value, choices in (("--refs-format", self.refs_format, REFS_FORMATS),
+                                     ("--precision", self.precision, PRECISIONS),
                                      ("--tokenizer", self.tokenizer, metrics.TOKENIZERS),
                                      ("--backend", self.backend, metrics.BACKENDS)):
             if value not in choices:
@@ -109,7 +114,8 @@ class EvalOptions:
             if unknown or not self.metrics:
                 raise UsageError(f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
                                  f"choose from BLEU, {', '.join(names)}")
-        if self.batch_size < 1 or (self.workers is not None and self.workers < 0) or self.worst < 0:
+        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 0) \
+                or self.worst < 0:
             raise UsageError("--batch-size must be at least 1, and --workers and the worst-images count 0 or more")
 
 
@@ -627,6 +633,7 @@ def _settings(references: References, predictions: Predictions, options: EvalOpt
         "decoding": None,  # --model: DecodingOptions as a dict
         "batch_size": None,  # --model
         "device": None,  # --model: as requested (None = best available)
+        "precision": None,  # --model: GPT-2's precision
         "save_predictions": None,  # --model --save-predictions FILE
         "captioned_from": predictions.captioned_from,  # --model: "images" or "features"
         "metrics": requested_metrics(options.metrics),
@@ -780,7 +787,8 @@ def _clip_inputs(references: References, predictions: Predictions, infos: Sequen
 
         return references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float(), text, True
     features, failed = clipscore.encode_image_files(model, preprocess, [str(f) for f in files], device,
-                                                    options.batch_size, _workers(options.workers, device), on_progress)
+                                                    options.batch_size or BATCH_SIZE, _workers(options.workers, device),
+                                                    on_progress)
     if failed:
         raise _ClipUnavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
     return features, text, False
@@ -826,8 +834,9 @@ def caption_references(
     *,
     images_root: Path | None,
     decoding: DecodingOptions,
-    batch_size: int = EvalOptions.batch_size,
+    batch_size: int | None = EvalOptions.batch_size,
     device: str | None = None,
+    precision: str = EvalOptions.precision,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     allow_missing: bool = False,
@@ -865,7 +874,7 @@ def caption_references(
 
     from clipcap_cli.loading import load_model
 
-    captioner = load_model(model, device=device)
+    captioner = load_model(model, device=device, precision=precision)
     if use_features:
         _check_features_clip(references, captioner.config, model)
     if on_start is not None:
@@ -897,19 +906,19 @@ Outcome = tuple[str | None, str | None]  # (caption, error)
 
 
 def _caption_embeddings(captioner: Any, references: References, todo: Todo, decoding: DecodingOptions,
-                        batch_size: int) -> Iterator[Outcome]:
+                        batch_size: int | None) -> Iterator[Outcome]:
     """Decode stored CLIP embeddings (rows of the features store) through the captioning stream."""
     rows = (references.embeddings[row] for _, row in todo)  # (D,) each; fp16 when extracted on a GPU
-    for out in captioner.stream(rows, decoding, batch_size=max(1, batch_size), workers=0):
+    for out in captioner.stream(rows, decoding, batch_size=batch_size, workers=0):
         yield out.result.text, None
 
 
-def _caption_files(captioner: Any, todo: Todo, decoding: DecodingOptions, batch_size: int,
+def _caption_files(captioner: Any, todo: Todo, decoding: DecodingOptions, batch_size: int | None,
                    workers: int | None) -> Iterator[Outcome]:
     """Caption image files through the captioning stream (``workers`` decoding processes). An
     unreadable image fails alone: the rest of its batch is captioned."""
     paths = [str(path) for _, path in todo]
-    for out in captioner.stream(paths, decoding, batch_size=max(1, batch_size), workers=workers):
+    for out in captioner.stream(paths, decoding, batch_size=batch_size, workers=workers):
         yield (out.result.text, None) if out.error is None else (None, f"{paths[out.index]}: {out.error}")
 
 

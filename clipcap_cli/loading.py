@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from clipcap_cli import backbones, checkpoint, pretrained
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.errors import CheckpointError
+from clipcap_cli.precision import DEFAULT_PRECISION, apply_precision, dtype_of, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +40,7 @@ def load_model(
     clip_pretrained: str | None = None,
     gpt2: str | None = None,
     normalize_prefix: bool | None = None,
+    precision: str = DEFAULT_PRECISION,
     *,
     download_progress: Progress | None = None,
 ) -> Captioner:
@@ -49,15 +51,20 @@ def load_model(
         device: "cpu", "cuda", "cuda:1", "mps"; None picks the best available.
         clip_model, clip_pretrained, gpt2, normalize_prefix: override what the checkpoint
             (or the registry entry) implies; None keeps it.
+        precision: "auto" (fp32: exact), "fp32", "bf16" or "fp16" (CUDA) for GPT-2 (``precision.py``);
+            with bf16 on the CPU, CLIP runs in bf16 too (most of its speed-up comes from there).
         download_progress: ``progress(done_bytes, total_bytes)`` while a registry model downloads.
     """
     from clipcap_cli.device import pick_device
 
     dev = pick_device(str(device) if device is not None else None)
+    resolved = resolve_precision(precision, dev)  # a precision the device lacks fails before any loading
     user = {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "gpt2": gpt2, "normalize_prefix": normalize_prefix}
     model = load_network(name_or_path, dev, download_progress=download_progress, **user)
+    apply_precision(model, resolved)
     config = model.config
-    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev)  # 5.
+    clip_dtype = dtype_of(resolved) if resolved == "bf16" and dev.type == "cpu" else None  # None: fp16 on CUDA, else fp32
+    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev, dtype=clip_dtype)  # 5.
     tokenizer = backbones.load_tokenizer(config.gpt2)
     return Captioner(model, clip, preprocess, tokenizer, dev)
 

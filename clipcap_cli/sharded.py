@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.captioner import WORKERS
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
 from clipcap_cli.shards import SHARD_SIZE, Sample, Shard, keys_sha256, mine, seed_id, shard_samples
@@ -58,7 +58,7 @@ class ShardedOptions:
     retry_failed: bool = False  # re-caption the failed samples of finished shards
     shard_size: int = SHARD_SIZE  # images per shard cut from a list of images
     shard: tuple[int, int] = (0, 1)  # (i, n): this process takes shards s with s % n == i
-    batch_size: int = BATCH_SIZE  # images per CLIP + decoding batch
+    batch_size: int | None = None  # images per CLIP + decoding batch; None = decoding.default_batch_size
     workers: int | None = WORKERS  # image-decoding processes; None = captioner.default_workers
 
     def __post_init__(self) -> None:
@@ -71,7 +71,7 @@ class ShardedOptions:
                 raise UsageError("--output-format parquet needs pyarrow: pip install pyarrow (the clipcap-cli parquet extra)")
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers must be 0 or more, got {self.workers}")

@@ -264,3 +264,11 @@ def test_only_failed_inputs_need_no_model(tmp_path):
     # every input already failed: the records are written without loading (here: lacking) a model
     result = runner.invoke(app, ["caption", "--model", "coco", str(tmp_path / "missing.jpg")])
     assert result.exit_code == 3 and jsonl(result)[0]["error"] == "no such file or directory"
+
+
+def test_precision_option(tiny_checkpoint, photo_dir):
+    result = caption(tiny_checkpoint, str(photo_dir / "rgb.jpg"), "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    assert jsonl(result)[0]["caption"]
+    result = caption(tiny_checkpoint, str(photo_dir / "rgb.jpg"), "--precision", "fp16", "--device", "cpu")
+    assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.stderr

@@ -29,7 +29,7 @@ FAST_METRICS = [*metrics.BLEU_NAMES, "ROUGE-L", "CIDEr"]
 ALL_METRICS = (*metrics.METRIC_NAMES, *clipscore.METRIC_NAMES)  # the default --metrics
 SETTINGS_KEYS = {"refs", "refs_format", "split", "images", "predictions", "predictions_format", "model", "decoding",
                  "batch_size", "device", "save_predictions", "captioned_from", "metrics", "tokenizer", "backend",
-                 "allow_missing", "clip_model", "clip_pretrained"}
+                 "allow_missing", "clip_model", "clip_pretrained", "precision"}
 COUNT_KEYS = {"images", "reference_captions", "reference_images", "references_without_captions", "predictions",
               "failed_predictions", "missing_predictions", "unmatched_predictions"}
 

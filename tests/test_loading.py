@@ -157,3 +157,62 @@ def test_a_read_only_models_folder_still_loads(narrow_heads, tmp_path: Path, mon
     raw = loading.read_checkpoint(pt, converted=True)
     assert raw.has_lm and not pt.with_suffix(".safetensors").exists()
     assert "could not convert model.pt to safetensors (Permission denied)" in caplog.text
+
+
+# --------------------------------------------------------------------------- precision and batch size
+
+
+def test_bf16_precision_puts_gpt2_and_clip_in_bf16_on_the_cpu(tiny_checkpoint: Path, tmp_path: Path):
+    """--precision bf16: GPT-2 and CLIP (on the CPU) in bf16, the mapper in fp32, captions still come."""
+    from PIL import Image
+
+    photo = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), "red").save(photo)
+    fast = loading.load_model(str(tiny_checkpoint), device="cpu", precision="bf16")
+    assert next(fast.model.gpt.parameters()).dtype == torch.bfloat16
+    assert next(fast.clip_model.parameters()).dtype == torch.bfloat16
+    assert next(fast.model.clip_project.parameters()).dtype == torch.float32
+    [result] = fast.caption(photo, max_length=6)
+    assert result.text and result.tokens
+    exact = loading.load_model(str(tiny_checkpoint), device="cpu")  # auto: fp32 everywhere
+    assert {next(m.parameters()).dtype for m in (exact.model.gpt, exact.clip_model)} == {torch.float32}
+    assert "gpt2=bfloat16" in repr(fast) and "gpt2=float32" in repr(exact)
+
+
+def test_a_precision_the_device_lacks_fails_before_loading(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    from clipcap_cli.errors import UsageError
+
+    read = []
+    monkeypatch.setattr(checkpoint, "read", lambda *a, **k: read.append(a))
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        loading.load_model(str(tiny_checkpoint), device="cpu", precision="fp16")
+    with pytest.raises(UsageError, match="unknown precision"):
+        loading.load_model(str(tiny_checkpoint), device="cpu", precision="fp8")
+    assert read == []
+
+
+def test_stream_picks_the_batch_size_for_the_device(tiny_checkpoint: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    """No batch size given: the one decoding.default_batch_size measured for the strategy."""
+    from PIL import Image
+
+    import clipcap_cli.inputs as inputs_module
+    from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
+
+    photos = []
+    for i in range(3):
+        photos.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 20), (i * 80, 0, 0)).save(photos[-1])
+    cap = loading.load_model(str(tiny_checkpoint), device="cpu")
+    seen = []
+    original = inputs_module.load_batches
+
+    def spy(items, transform, batch_size, *args, **kwargs):
+        seen.append(batch_size)
+        return original(items, transform, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(inputs_module, "load_batches", spy)
+    list(cap.stream(photos, DecodingOptions(max_length=4)))
+    list(cap.stream(photos, DecodingOptions(strategy="beam", beam_size=2, max_length=4)))
+    list(cap.stream(photos, DecodingOptions(max_length=4), batch_size=2))
+    assert seen == [CPU_BATCH_SIZE["greedy"], CPU_BATCH_SIZE["beam"], 2]

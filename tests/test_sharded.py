@@ -249,6 +249,8 @@ def test_settings_mismatch_is_refused(tmp_path, tiny_checkpoint, tar_dir, pictur
     assert other.exit_code == 2
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "other settings" in lines[0] and "decoding.strategy 'greedy' then, 'beam' now" in lines[0]
+    faster = run(tiny_checkpoint, str(tar_dir / "00000.tar"), "--output-dir", str(out), "--precision", "bf16")
+    assert faster.exit_code == 2 and "model.precision 'auto' then, 'bf16' now" in faster.stderr  # bf16 changes captions
     # List shards: the same shard name holding other images is refused too.
     folder = pictures["rgb"].parent
     listed = tmp_path / "listed"

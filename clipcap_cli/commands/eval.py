@@ -13,6 +13,7 @@ from typing_extensions import Annotated
 from clipcap_cli.clipscore import METRIC_NAMES as CLIP_METRICS
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.evaluation import EvalOptions
+from clipcap_cli.precision import PRECISIONS
 from clipcap_cli.ui import complete_model
 
 HELP = """Score captions with the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE), computed as pycocoevalcap does, and with CLIPScore and RefCLIPScore.
@@ -92,7 +93,13 @@ def command(
     ] = None,
     batch_size: Annotated[
         Optional[int],
-        typer.Option("--batch-size", "-b", help=f"Images per captioning batch \\[default: {D.batch_size}].", show_default=False,
+        typer.Option("--batch-size", "-b", help="Images per captioning batch \\[default: as clipcap caption, for the device].",
+                     show_default=False, rich_help_panel=MODEL),
+    ] = None,
+    precision: Annotated[
+        Optional[str],
+        typer.Option("--precision", help=f"GPT-2's precision for --model: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact]; "
+                     "e.g. --precision bf16 (faster on CPUs with AVX512-BF16, some captions differ).", show_default=False,
                      rich_help_panel=MODEL),
     ] = None,
     workers: Annotated[
@@ -162,7 +169,7 @@ def command(
         if (predictions is None) == (model is None):
             raise UsageError("give one of --predictions FILE or --model NAME|PATH")
         model_only = {"--beam": beam, "--max-length": max_length, "--batch-size": batch_size, "--workers": workers,
-                      "--save-predictions": save_predictions}
+                      "--precision": precision, "--save-predictions": save_predictions}
         given = [flag for flag, value in model_only.items() if value is not None]
         if predictions is not None and given:
             raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --model (it sets how the references are captioned)")
@@ -180,6 +187,7 @@ def command(
             allow_missing=allow_missing,
             per_image=per_image,
             batch_size=batch_size if batch_size is not None else D.batch_size,
+            precision=precision or D.precision,
             workers=workers if workers is not None else D.workers,
             device=device,
             **_clip_options(clip, clip_pretrained),
@@ -196,7 +204,7 @@ def command(
         if model is not None:
             preds = _caption(references, model, images, decoding, options, quiet)
             settings = {"model": model, "decoding": evaluation.decoding_settings(decoding),
-                        "batch_size": options.batch_size, "device": options.device}
+                        "batch_size": options.batch_size, "device": options.device, "precision": options.precision}
             if save_predictions is not None:
                 from clipcap_cli.ui import stderr
 
@@ -281,7 +289,7 @@ def _caption(references: Any, model: str, images: Path | None, decoding: Decodin
     try:
         preds = evaluation.caption_references(
             references, model, images_root=images, decoding=decoding, batch_size=options.batch_size,
-            device=options.device, allow_missing=options.allow_missing, workers=options.workers,
+            device=options.device, precision=options.precision, allow_missing=options.allow_missing, workers=options.workers,
             on_start=lambda total: progress.update(task, description="captioning", total=total),
             on_progress=lambda done: progress.update(task, completed=done),
         )
