@@ -240,12 +240,14 @@ class _Beams:
         import torch
 
         w = self.w
-        logp = _log_probs(logits, self.temperature)  # (n, V), one row per live beam
-        top_logp, top_tokens = _topk(logp, w)  # (n, W): a beam's W best tokens are all it can contribute
-        # The original takes softmax() then log(): a probability that underflows is log(0) = -inf.
-        top_logp = torch.where(top_logp.exp() > 0, top_logp, -float("inf"))
+        # The original's arithmetic exactly: softmax over the vocabulary, then log, so that its near-ties
+        # break alike (log_softmax rounds differently) and an underflowed probability is log(0) = -inf.
+        # Only the W kept values are logged: the log is monotone, so the W best are the same.
+        probs = (logits.to(_score_dtype(logits)) / self.temperature).softmax(-1)  # (n, V), one row per live beam
+        top_p, top_tokens = _topk(probs, w)  # (n, W): a beam's W best tokens are all it can contribute
+        top_logp = top_p.log()
         if self.images is None:  # step 1: the W best first tokens of each image's single distribution
-            self.images = torch.arange(logp.shape[0], device=logp.device)
+            self.images = torch.arange(probs.shape[0], device=probs.device)
             self.scores, next_tokens = top_logp, top_tokens  # (B, W)
             self.tokens = next_tokens.unsqueeze(-1)  # (B, W, 1)
             self.lengths = torch.ones_like(self.scores)

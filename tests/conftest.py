@@ -29,6 +29,26 @@ OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 DATA = Path(__file__).parent / "data"
 
 
+REQUIRE_TOOLS = "CLIPCAP_REQUIRE_TOOLS"  # set by .ci/run: a missing system tool fails its tests instead of skipping
+
+
+def need_tool(*names: str, why: str) -> str:
+    """The path of the first of ``names`` on PATH. Missing: skip (a developer's machine), or fail when
+    REQUIRE_TOOLS is set (CI, which installs them: a silent skip there would hide the tests)."""
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    message = f"{' / '.join(names)} is not installed: {why}"
+    if os.environ.get(REQUIRE_TOOLS):
+        pytest.fail(f"{message} ({REQUIRE_TOOLS} is set: CI must provide it)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def java() -> str:
+    return need_tool("java", why="the Java PTBTokenizer and METEOR cannot run (Debian's default-jre-headless)")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("clipcap_home")

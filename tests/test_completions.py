@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPLETIONS = ROOT / "completions"
@@ -54,9 +55,7 @@ def test_bash_completes_commands_and_model_names():
 
 
 def test_fish_completes_commands_and_model_names():
-    fish = shutil.which("fish")
-    if fish is None:
-        pytest.skip("fish is not installed (Debian package `fish`; .ci/run installs it)")
+    fish = need_tool("fish", why="Debian package `fish`; .ci/run installs it")
     script = f"source {COMPLETIONS / 'clipcap.fish'}; complete -C 'clipcap ca'; echo ---; complete -C 'clipcap caption --model c'"
     out = subprocess.run([fish, "-c", script], capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode == 0, out.stderr
@@ -66,9 +65,7 @@ def test_fish_completes_commands_and_model_names():
 
 
 def test_zsh_completes_commands_and_model_names():
-    zsh = shutil.which("zsh")
-    if zsh is None:
-        pytest.skip("zsh is not installed (Debian package `zsh`; .ci/run installs it)")
+    zsh = need_tool("zsh", why="Debian package `zsh`; .ci/run installs it")
     # compinit loads the completion system; _arguments is replaced by a printer so the candidates
     # the script hands to zsh can be read back.
     script = (

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import need_tool
 from PIL import Image
 
 from clipcap_cli import html
@@ -15,10 +14,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
 
 
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("headless Chromium is not installed (Debian package `chromium`; .ci/run installs it)")
+    return need_tool("chromium", "chromium-browser", "google-chrome", why="Debian package `chromium`; .ci/run installs it")
 
 
 def _run_chromium(args: list[str], page: Path, tmp_path: Path) -> subprocess.CompletedProcess:
