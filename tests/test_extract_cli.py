@@ -222,7 +222,9 @@ def _start(manifest: Path, out: Path, tiny_clip_dir: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "clipcap_cli", "extract", str(manifest), "--out", str(out), "--clip", f"local-dir:{tiny_clip_dir}",
            "--workers", "0", "--batch-size", "1", "--chunk-size", "2", "-q", "--json"]
     env = dict(os.environ, PYTHONPATH=str(MAIN))
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=MAIN)
+    # SIGINT at its default in the child even when the suite runs as a background job (which ignores it).
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=MAIN,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:

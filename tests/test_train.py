@@ -339,8 +339,18 @@ def uninterrupted(tmp_path_factory, store, tiny_gpt2_dir):
     return rec, out
 
 
+@pytest.fixture
+def default_signals():
+    """SIGINT and SIGTERM at Python's defaults, as in a foreground terminal, even when the suite runs
+    as a background job (which starts with SIGINT ignored); the inherited handlers come back after."""
+    saved = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny_gpt2_dir, uninterrupted, signum):
+def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny_gpt2_dir, uninterrupted, signum, default_signals):
     reference, ref_out = uninterrupted
     out = tmp_path / "run"
     opts = tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25)
@@ -356,6 +366,7 @@ def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny
     assert exc.value.exit_code == 130 and exc.value.step == 3 and "resume" in str(exc.value)
     assert list(first.losses) == [1, 2, 3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
     second = Recorder()
     train.train(opts, store, out, resume=True, callback=second)
@@ -368,6 +379,21 @@ def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     ref_steps = [json.loads(x)["step"] for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
     assert steps == ref_steps
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, store, tiny_gpt2_dir, default_signals):
+    """A background job (``clipcap train ... &`` in a script) starts with SIGINT ignored: training must
+    not take it over, so a SIGINT sent to the job leaves the run going, and the handler is left as it was."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def interrupt_during_step_2(info):
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    rec = Recorder(interrupt_during_step_2)
+    train.train(tiny_opts(tiny_gpt2_dir, epochs=1, val_fraction=0.25), store, tmp_path / "run", callback=rec)
+    assert list(rec.losses) == [1, 2, 3, 4]  # the whole epoch ran
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_resume_after_a_crash_continues_from_the_last_periodic_save(tmp_path, store, tiny_gpt2_dir, uninterrupted):

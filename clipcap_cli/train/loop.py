@@ -367,7 +367,9 @@ class _StopFlag:
                 raise KeyboardInterrupt
             self.signal = signum
 
-        saved = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A signal the caller ignores (a background job's SIGINT) stays ignored.
+        wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        saved = {s: signal.signal(s, handle) for s in wanted}
         try:
             yield self
         finally:
