@@ -388,69 +388,78 @@ def _request_once(
         raise _Retry(_describe(exc, timeouts)) from None
 
     with resp:
-        status = resp.status_code
-        if status == 416 and offset:
-            # Range not satisfiable: either the .part is already complete, or it is
-            # longer than the file (stale); then start from zero right away.
-            total = _parse_content_range(resp.headers.get("Content-Range", ""))[1]
-            if total == offset:
-                _report(progress, offset, total)
-                return
-            part.unlink(missing_ok=True)
-            raise _Retry("server rejected the resume offset; restarting", delay=0.0)
-        if status in (408, 429) or status >= 500:
-            raise _Retry(f"HTTP {status} {resp.reason or ''}".strip(), _retry_after(resp))
-        if status not in (200, 206):
-            raise HTTPStatusError(
-                f"{_host(url)}: HTTP {status} {resp.reason or ''}".strip(), status
-            )
-
+        if _check_status(resp, url, part, offset, progress):
+            return  # the .part was already whole
         chunks = resp.iter_content(CHUNK)
         first = _next_chunk(chunks, timeouts)
-        if _looks_like_html(resp, first if offset == 0 or status == 200 else b""):
+        if _looks_like_html(resp, first if offset == 0 or resp.status_code == 200 else b""):
             _handle_html(sess, resp, url, first)  # raises _Follow or BadContentError
-
-        if status == 206:
-            start, total = _parse_content_range(resp.headers.get("Content-Range", ""))
-            if start != offset:  # not the bytes we asked for: start over cleanly
-                part.unlink(missing_ok=True)
-                raise _Retry(f"bad Content-Range from {_host(url)}; restarting", delay=0.0)
-        else:
-            # A 200 to a Range request is the whole file: restart from zero.
-            offset = 0
-            total = _int_or_none(resp.headers.get("Content-Length"))
-
+        offset, total = _body_range(resp, url, part, offset)
         if size is not None and total is not None and total != size:
             raise ChecksumError(f"{dest.name}: {_host(url)} serves {total} bytes, expected {size}")
         if size is None and total is not None:
             _check_space(dest, total - offset)
-
-        done = offset
-        _report(progress, done, total)
-        try:
-            with open(part, "ab" if offset else "wb") as f:
-                chunk = first
-                while chunk:
-                    f.write(chunk)
-                    done += len(chunk)
-                    if size is not None and done > size:
-                        f.close()
-                        part.unlink(missing_ok=True)
-                        raise ChecksumError(
-                            f"{dest.name}: {_host(url)} sent more than the expected {size} bytes"
-                        )
-                    _report(progress, done, total)
-                    chunk = _next_chunk(chunks, timeouts)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise NotEnoughSpaceError(
-                    f"disk full while writing {part} ({done} bytes written)"
-                ) from None
-            raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
+        done = _append_body(first, chunks, part, offset, total, url, dest, size, timeouts, progress)
 
     expected = total if total is not None else size
     if expected is not None and done < expected:
         raise _Retry(f"connection closed after {done} of {expected} bytes")
+
+
+def _check_status(resp: requests.Response, url: str, part: Path, offset: int, progress: ProgressCallback | None) -> bool:
+    """True when a 416 says the .part is already complete; raises _Retry or HTTPStatusError for
+    statuses that bring no body to append."""
+    status = resp.status_code
+    if status == 416 and offset:
+        # Range not satisfiable: either the .part is already complete, or it is
+        # longer than the file (stale); then start from zero right away.
+        total = _parse_content_range(resp.headers.get("Content-Range", ""))[1]
+        if total == offset:
+            _report(progress, offset, total)
+            return True
+        part.unlink(missing_ok=True)
+        raise _Retry("server rejected the resume offset; restarting", delay=0.0)
+    if status in (408, 429) or status >= 500:
+        raise _Retry(f"HTTP {status} {resp.reason or ''}".strip(), _retry_after(resp))
+    if status not in (200, 206):
+        raise HTTPStatusError(f"{_host(url)}: HTTP {status} {resp.reason or ''}".strip(), status)
+    return False
+
+
+def _body_range(resp: requests.Response, url: str, part: Path, offset: int) -> tuple[int, int | None]:
+    """(where the body starts in the file, the file's total size if the server says)."""
+    if resp.status_code == 206:
+        start, total = _parse_content_range(resp.headers.get("Content-Range", ""))
+        if start != offset:  # not the bytes we asked for: start over cleanly
+            part.unlink(missing_ok=True)
+            raise _Retry(f"bad Content-Range from {_host(url)}; restarting", delay=0.0)
+        return offset, total
+    # A 200 to a Range request is the whole file: restart from zero.
+    return 0, _int_or_none(resp.headers.get("Content-Length"))
+
+
+def _append_body(first: bytes, chunks: Any, part: Path, offset: int, total: int | None, url: str, dest: Path,
+                 size: int | None, timeouts: tuple[float, float], progress: ProgressCallback | None) -> int:
+    """Write the body (``first``, then the rest of ``chunks``) to ``part`` from ``offset``; the bytes the file then holds."""
+    done = offset
+    _report(progress, done, total)
+    try:
+        with open(part, "ab" if offset else "wb") as f:
+            chunk = first
+            while chunk:
+                f.write(chunk)
+                done += len(chunk)
+                if size is not None and done > size:
+                    f.close()
+                    part.unlink(missing_ok=True)
+                    raise ChecksumError(f"{dest.name}: {_host(url)} sent more than the expected {size} bytes")
+                _report(progress, done, total)
+                chunk = _next_chunk(chunks, timeouts)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NotEnoughSpaceError(f"disk full while writing {part} ({done} bytes written)") from None
+        raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
+    return done
 
 
 def _next_chunk(chunks, timeouts: tuple[float, float]) -> bytes:

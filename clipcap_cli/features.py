@@ -486,117 +486,158 @@ def extract(
         on_progress: called with (records done, records total) for this process's share.
         merge: write the final store when all chunks are done (default: unsharded runs).
     """
-    import torch
-
-    from clipcap_cli.device import pick_device
-
     out = Path(out).expanduser()
     images_root = Path(images_root).expanduser().resolve()
     records = list(records)
     shard_i, shard_n = options.shard
     merge = shard_n == 1 if merge is None else merge
-    if clip is not None:
-        device = next(clip[0].parameters()).device
-        dtype = str(next(clip[0].parameters()).dtype).removeprefix("torch.")
-    else:
-        device = pick_device(options.device)
-        from clipcap_cli.backbones import clip_dtype
-
-        dtype = str(clip_dtype(device)).removeprefix("torch.")
+    device, dtype = _device_and_dtype(options, clip)
     settings = run_settings(records, images_root, options, dtype, source or {})
     settings_sha = _settings_sha(settings)
-
     if store_is_complete(out):
-        meta = _read_json(out / META_FILE)
-        if _settings_sha(with_activation(meta.get("run_settings", {}))) != settings_sha:
-            why = _settings_mismatch(meta.get("run_settings", {}), settings) or "it was not made by this command"
-            raise UsageError(f"{out} already holds a features store made differently ({why}): use --overwrite or another --out")
-        skipped = read_skipped(out)
-        return ExtractResult(out, complete=True, noop=True, records=len(records), skipped=skipped, chunks_total=meta.get("extraction", {}).get("chunks", 0))
+        return _already_complete(out, settings, settings_sha, len(records))
     if not records:
         raise UsageError("the dataset has no images")
 
     parts = _prepare_parts(out, records, settings)
-    n_chunks = -(-len(records) // options.chunk_size)
-    mine = [c for c in range(n_chunks) if c % shard_n == shard_i]
+    chunks = _Chunks(len(records), options.chunk_size)
+    mine = [c for c in range(chunks.count) if c % shard_n == shard_i]
     done = _done_chunks(parts, settings_sha, mine)
     pending = [c for c in mine if c not in done]
-    span = lambda c: range(c * options.chunk_size, min((c + 1) * options.chunk_size, len(records)))  # noqa: E731
-    total = sum(len(span(c)) for c in mine)
-    reused = sum(len(span(c)) for c in done)
-    result = ExtractResult(out, complete=False, records=len(records), shard_records=total, reused=reused, chunks_total=n_chunks)
+    total = sum(len(chunks.span(c)) for c in mine)
+    reused = sum(len(chunks.span(c)) for c in done)
+    result = ExtractResult(out, complete=False, records=len(records), shard_records=total, reused=reused, chunks_total=chunks.count)
     if on_progress:
         on_progress(reused, total)
 
     if pending:
         model, preprocess = clip if clip is not None else _load_clip(options, device)
-        embed_dim = int(getattr(model.visual, "output_dim", 0) or 0)
         header = {
             "settings_sha256": settings_sha,
             "run_id": uuid.uuid4().hex[:12],
             "preprocess": describe_preprocess(preprocess),
             "device": str(device),
             "dtype": dtype,
-            "embed_dim": embed_dim,
+            "embed_dim": int(getattr(model.visual, "output_dim", 0) or 0),
         }
-        items = [(i, str(images_root / records[i]["image"])) for c in pending for i in span(c)]
-        # Batches never straddle chunks: a chunk is then encoded in the same batches whether the run
-        # is sharded, resumed or neither, so the stores come out bit-identical.
-        batches, start = [], 0
-        for c in pending:
-            size = len(span(c))
-            batches += [list(range(b, min(b + options.batch_size, start + size))) for b in range(start, start + size, options.batch_size)]
-            start += size
-        workers = default_workers() if options.workers is None else options.workers
-        workers = min(workers, len(batches))  # no idle worker processes
-        loader = torch.utils.data.DataLoader(
-            _ImageFiles(items, preprocess),
-            batch_sampler=batches,
-            num_workers=workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if workers else None,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        # Per-chunk buffers; DataLoader keeps order, so chunks complete one after another.
-        remaining = {c: len(span(c)) for c in pending}
-        rows: dict[int, list] = {c: [] for c in pending}
-        ok_idx: dict[int, list[int]] = {c: [] for c in pending}
-        bad: dict[int, list[dict]] = {c: [] for c in pending}
         progress = reused
-        for indices, pixels, failed in loader:
-            finished: list[int] = []
-            if pixels is not None:
-                emb = encode_batch(model, pixels)
-                embed_dim = emb.shape[1]
-                for i, row in zip(indices, emb):
-                    c = i // options.chunk_size
-                    rows[c].append(row.clone())
-                    ok_idx[c].append(i)
-                    remaining[c] -= 1
-                    finished.append(c)
-            for i, reason in failed:
-                c = i // options.chunk_size
-                bad[c].append({"index": i, "image": records[i]["image"], "reason": reason})
-                remaining[c] -= 1
-                finished.append(c)
-            for c in sorted(set(finished)):
-                if remaining[c] == 0:
-                    _write_chunk(parts, c, rows.pop(c), ok_idx.pop(c), bad.pop(c), header, embed_dim)
-                    remaining[c] = -1
-            result.encoded += len(indices)
-            progress += len(indices) + len(failed)
+
+        def step(n: int) -> None:
+            nonlocal progress
+            progress += n
             if on_progress:
                 on_progress(progress, total)
 
+        items = [(i, str(images_root / records[i]["image"])) for c in pending for i in chunks.span(c)]
+        loader = _loader(items, preprocess, chunks, pending, options, device)
+        result.encoded = _encode_chunks(loader, model, records, chunks, pending, parts, header, step)
+
     result.skipped = [s for c in mine for s in (_chunk_header(_chunk_path(parts, c)) or {}).get("skipped", [])]
-    missing = [c for c in range(n_chunks) if c not in set(mine) and not _chunk_path(parts, c).is_file()]
+    missing = [c for c in range(chunks.count) if c not in set(mine) and not _chunk_path(parts, c).is_file()]
     result.chunks_missing = len(missing)
     if merge and not missing:
         merged = merge_parts(out)
         result.complete = True
         result.skipped = merged.skipped
     return result
+
+
+def _device_and_dtype(options: ExtractOptions, clip: tuple[Any, Any] | None) -> tuple[Any, str]:
+    """The device CLIP runs on and its dtype's name: the given model's, or what ``options`` will load."""
+    if clip is not None:
+        param = next(clip[0].parameters())
+        return param.device, str(param.dtype).removeprefix("torch.")
+    from clipcap_cli.backbones import clip_dtype
+    from clipcap_cli.device import pick_device
+
+    device = pick_device(options.device)
+    return device, str(clip_dtype(device)).removeprefix("torch.")
+
+
+def _already_complete(out: Path, settings: dict, settings_sha: str, n_records: int) -> ExtractResult:
+    """The no-op result for a finished store made with these settings; a clear error for other settings."""
+    meta = _read_json(out / META_FILE)
+    if _settings_sha(with_activation(meta.get("run_settings", {}))) != settings_sha:
+        why = _settings_mismatch(meta.get("run_settings", {}), settings) or "it was not made by this command"
+        raise UsageError(f"{out} already holds a features store made differently ({why}): use --overwrite or another --out")
+    return ExtractResult(out, complete=True, noop=True, records=n_records, skipped=read_skipped(out),
+                         chunks_total=meta.get("extraction", {}).get("chunks", 0))
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """Records cut into chunks of ``size``: chunk c covers records ``span(c)``."""
+
+    records: int
+    size: int
+
+    @property
+    def count(self) -> int:
+        return -(-self.records // self.size)
+
+    def span(self, c: int) -> range:
+        return range(c * self.size, min((c + 1) * self.size, self.records))
+
+
+def _loader(items: list[tuple[int, str]], preprocess: Any, chunks: _Chunks, pending: list[int],
+            options: ExtractOptions, device: Any) -> Any:
+    """A DataLoader decoding ``items`` (the pending chunks' records, in order) in worker processes.
+
+    Batches never straddle chunks: a chunk is then encoded in the same batches whether the run is
+    sharded, resumed or neither, so the stores come out bit-identical.
+    """
+    import torch
+
+    batches, start = [], 0
+    for c in pending:
+        size = len(chunks.span(c))
+        batches += [list(range(b, min(b + options.batch_size, start + size))) for b in range(start, start + size, options.batch_size)]
+        start += size
+    workers = default_workers() if options.workers is None else options.workers
+    workers = min(workers, len(batches))  # no idle worker processes
+    return torch.utils.data.DataLoader(
+        _ImageFiles(items, preprocess),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def _encode_chunks(loader: Any, model: Any, records: list[dict], chunks: _Chunks, pending: list[int],
+                   parts: Path, header: dict, step: Callable[[int], None]) -> int:
+    """Encode what ``loader`` yields and write each pending chunk as soon as all its records are in
+    (the loader keeps order, so chunks complete one after another). Returns the images read."""
+    remaining = {c: len(chunks.span(c)) for c in pending}
+    rows: dict[int, list] = {c: [] for c in pending}
+    ok_idx: dict[int, list[int]] = {c: [] for c in pending}
+    bad: dict[int, list[dict]] = {c: [] for c in pending}
+    embed_dim, encoded = header["embed_dim"], 0
+    for indices, pixels, failed in loader:
+        finished: list[int] = []
+        if pixels is not None:
+            emb = encode_batch(model, pixels)
+            embed_dim = emb.shape[1]
+            for i, row in zip(indices, emb):
+                c = i // chunks.size
+                rows[c].append(row.clone())
+                ok_idx[c].append(i)
+                remaining[c] -= 1
+                finished.append(c)
+        for i, reason in failed:
+            c = i // chunks.size
+            bad[c].append({"index": i, "image": records[i]["image"], "reason": reason})
+            remaining[c] -= 1
+            finished.append(c)
+        for c in sorted(set(finished)):
+            if remaining[c] == 0:
+                _write_chunk(parts, c, rows.pop(c), ok_idx.pop(c), bad.pop(c), header, embed_dim)
+                remaining[c] = -1
+        encoded += len(indices)
+        step(len(indices) + len(failed))
+    return encoded
 
 
 def _load_clip(options: ExtractOptions, device: Any) -> tuple[Any, Any]:
