@@ -107,8 +107,18 @@ def complete_model(incomplete: str) -> list[str]:
     return [n for n in names() if n.startswith(incomplete)]
 
 
+def run_rate(task: Task) -> float | None:
+    """Items per second in this run: the items done since the task's clock started, beyond its
+    ``base`` field (items already done then: a resumed job's), over the time since. None before
+    the first item. Unlike rich's own speed, which spans only the updates it sampled, it is right
+    when items arrive in bursts (a batch of captions at once)."""
+    done = task.completed - task.fields.get("base", 0)
+    elapsed = task.elapsed
+    return done / elapsed if elapsed and done > 0 else None
+
+
 class RateColumn(ProgressColumn):
-    """Items per second (rich only has a byte-rate column)."""
+    """Items per second in this run (rich only has a byte-rate column)."""
 
     def __init__(self, unit: str):
         super().__init__()
@@ -117,12 +127,34 @@ class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Any:
         from rich.text import Text
 
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+        rate = run_rate(task)
+        return Text(f"{rate:.2f} {self.unit}/s" if rate else f"- {self.unit}/s", style="progress.data.speed")
+
+
+class EtaColumn(ProgressColumn):
+    """Time left at this run's rate (``run_rate``)."""
+
+    def render(self, task: Task) -> Any:
+        from datetime import timedelta
+
+        from rich.text import Text
+
+        rate = run_rate(task)
+        if task.finished:
+            left: float | None = 0.0
+        elif rate and task.total is not None:
+            left = max(task.total - task.completed, 0) / rate
+        else:
+            left = None
+        return Text("-:--:--" if left is None else str(timedelta(seconds=int(left))), style="progress.remaining")
 
 
 def item_progress(unit: str = "images", quiet: bool = False, *extra_columns: Any) -> Progress:
-    """A progress bar for counted work: ``done/total``, rate in ``unit``/s and ETA, on stderr."""
+    """A progress bar for counted work: ``done/total``, rate in ``unit``/s and ETA, on stderr.
+
+    The rate and ETA count from the task's start (``progress.reset`` restarts it, e.g. once a model
+    has loaded) and leave out its ``base`` field, the items a resumed job had already done.
+    """
     return Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
@@ -133,7 +165,7 @@ def item_progress(unit: str = "images", quiet: bool = False, *extra_columns: Any
         *extra_columns,
         TimeElapsedColumn(),
         TextColumn("ETA"),
-        TimeRemainingColumn(),
+        EtaColumn(),
         console=stderr,
         disable=quiet,
         transient=False,

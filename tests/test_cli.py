@@ -106,3 +106,40 @@ def test_error_text_with_brackets_is_printed_as_it_is(capsys):
     except typer.Exit as exc:
         assert exc.exit_code == 1
     assert message in capsys.readouterr().err
+
+
+def _rendered(column, task) -> str:
+    return column.render(task).plain
+
+
+def test_rate_and_eta_follow_this_runs_items_when_they_arrive_in_bursts():
+    """Captions come a batch at a time: 4 images after 20 s, then nothing. rich's own speed spans
+    only the updates it sampled (4 advances a microsecond apart: thousands of images/s); the bar
+    must show 4 / 20 s. A resumed job's already-done items (``base``) are not this run's work."""
+    from clipcap_cli import ui
+
+    now = [100.0]
+    progress = ui.item_progress("images", quiet=True)
+    progress.get_time = lambda: now[0]
+    rate, eta = ui.RateColumn("images"), ui.EtaColumn()
+
+    burst = progress.add_task("captioning", total=8)
+    now[0] += 20.0
+    for _ in range(4):  # one batch: an advance per caption, as `clipcap caption` does
+        progress.advance(burst)
+        now[0] += 1e-6
+    task = progress.tasks[burst]
+    assert task.speed is not None and task.speed > 1000  # rich's windowed figure is the burst's
+    assert _rendered(rate, task) == "0.20 images/s"
+    assert _rendered(eta, task) == "0:00:20"  # 4 left at 0.2/s
+
+    resumed = progress.add_task("extracting", total=100)
+    now[0] += 5.0
+    progress.reset(resumed, total=100, completed=90, base=90)  # 90 done by an earlier run
+    assert _rendered(rate, progress.tasks[resumed]) == "- images/s"
+    now[0] += 10.0
+    progress.update(resumed, completed=95)
+    assert _rendered(rate, progress.tasks[resumed]) == "0.50 images/s"
+    assert _rendered(eta, progress.tasks[resumed]) == "0:00:10"
+    progress.update(resumed, completed=100)
+    assert _rendered(eta, progress.tasks[resumed]) == "0:00:00"

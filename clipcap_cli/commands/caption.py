@@ -267,6 +267,7 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
             return  # nothing to do here: no bar
         if not progress.live.is_started:  # from the first count on: after the model has loaded
             progress.start()
+            progress.reset(task)  # the rate's clock starts now, not before the model was loaded
         progress.update(task, completed=p.samples, total=p.expected or None,
                         description=f"shard {p.shards_done}/{p.shards}" + (f", {p.failed} failed" if p.failed else ""))
 

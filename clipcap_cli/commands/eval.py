@@ -290,7 +290,7 @@ def _caption(references: Any, model: str, images: Path | None, decoding: Decodin
         preds = evaluation.caption_references(
             references, model, images_root=images, decoding=decoding, batch_size=options.batch_size,
             device=options.device, precision=options.precision, allow_missing=options.allow_missing, workers=options.workers,
-            on_start=lambda total: progress.update(task, description="captioning", total=total),
+            on_start=lambda total: progress.reset(task, description="captioning", total=total),  # clock from here
             on_progress=lambda done: progress.update(task, completed=done),
         )
     except KeyboardInterrupt:

@@ -167,6 +167,7 @@ def _extract(
             if done:
                 stderr.print(f"resuming: {done} of {total} images already done in {out / features.PARTS_DIR}", highlight=False)
             progress.start()
+            progress.reset(task, total=total, completed=done, base=done)  # the rate counts this run's images only
             started = True
         progress.update(task, completed=done, total=total)
 
