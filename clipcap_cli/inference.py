@@ -91,10 +91,15 @@ class StaticGPT2:
     to logical order before the LM head.
 
     Math is transformers' GPT-2 (its own LayerNorm, Conv1D and activation modules, SDPA with its
-    scale); in bf16/fp16 the tanh GELU is PyTorch's fused one, and see ``_logits``.
+    scale). In bf16/fp16 the matrix products, attention and the cache are in that dtype, but the
+    residual stream and the LayerNorms stay in fp32, as mixed-precision inference does: rounding
+    the running sum to 8 bits after every block is what flips near-ties most. The tanh GELU is
+    then PyTorch's fused one, and see ``_logits``.
     """
 
     def __init__(self, gpt: Any, rows: int, positions: int, cuda_graphs: bool = False):
+        import torch
+
         self.gpt = gpt
         self.blocks = list(gpt.transformer.h)
         config = gpt.config
@@ -104,6 +109,9 @@ class StaticGPT2:
         weight = gpt.transformer.wte.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.half = self.dtype in _half_dtypes()
+        # The residual stream's dtype: fp32 under a bf16/fp16 model (see the class docstring).
+        self.stream = torch.float32 if self.half else self.dtype
+        self._norms = _float_norms(gpt) if self.half else {}
         self.fused_gelu = self.half and getattr(config, "activation_function", "") in TANH_GELUS
         # Rows and positions the cache is sized for. A graphed step has fixed shapes: rows are
         # padded up to a bucket, and attention covers every position under a mask.
@@ -135,17 +143,17 @@ class StaticGPT2:
             new = torch.zeros if self.graphed else torch.empty
             self.kv = new(len(self.blocks), 2, self.capacity, self.n_head, held, self.head_dim,
                           dtype=self.dtype, device=self.device)
-        x = prefix.to(self.dtype) + self.gpt.transformer.wpe.weight[:k]  # (R, K, E)
+        x = prefix.to(self.stream) + self.gpt.transformer.wpe.weight[:k].to(self.stream)  # (R, K, E)
         for i, block in enumerate(self.blocks):
             q, key, value = (t.view(rows, k, self.n_head, self.head_dim).transpose(1, 2)
-                             for t in block.attn.c_attn(block.ln_1(x)).split(e, dim=-1))  # 3 x (R, H, K, D)
+                             for t in block.attn.c_attn(self._norm(block.ln_1, x)).split(e, dim=-1))  # 3 x (R, H, K, D)
             self.kv[i, 0, :rows, :, :k] = key
             self.kv[i, 1, :rows, :, :k] = value
             att = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=self.scales[i])  # (R, H, K, D)
-            x = x + block.attn.c_proj(att.transpose(1, 2).reshape(rows, k, e))
+            x = x + block.attn.c_proj(att.transpose(1, 2).reshape(rows, k, e)).to(self.stream)
             x = x + self._mlp(block, x)
         self.n, self.length, self.slot = rows, k, None
-        return self._logits(self.gpt.transformer.ln_f(x[:, -1]))
+        return self._logits(self._final_norm(x[:, -1]))
 
     def select(self, rows: torch.Tensor) -> None:
         """Next row j continues current row ``rows[j]`` (repeats fork a row, absent rows are dropped)."""
@@ -184,7 +192,7 @@ class StaticGPT2:
             raise ValueError(f"the cache holds {self.positions} positions")
         if at >= self.kv.shape[4]:
             self._grow()
-        x = embeds.to(self.dtype) + self.gpt.transformer.wpe.weight[at]  # (n, E)
+        x = embeds.to(self.stream) + self.gpt.transformer.wpe.weight[at].to(self.stream)  # (n, E)
         if self.slot is not None:  # to physical order: x_phys[slot[j]] = x[j]
             x = x[torch.argsort(self.slot)]
         x = self._graphed_blocks(x, at) if self.graphed else self._blocks(x, at)
@@ -201,7 +209,7 @@ class StaticGPT2:
 
         n, e = x.shape
         for i, block in enumerate(self.blocks):
-            q, key, value = block.attn.c_attn(block.ln_1(x)).split(e, dim=-1)  # 3 x (n, E)
+            q, key, value = block.attn.c_attn(self._norm(block.ln_1, x)).split(e, dim=-1)  # 3 x (n, E)
             self.kv[i, 0, :n, :, at] = key.view(n, self.n_head, self.head_dim)
             self.kv[i, 1, :n, :, at] = value.view(n, self.n_head, self.head_dim)
             att = F.scaled_dot_product_attention(
@@ -209,9 +217,9 @@ class StaticGPT2:
                 self.kv[i, 0, :n, :, : at + 1], self.kv[i, 1, :n, :, : at + 1],  # (n, H, at+1, D) views
                 scale=self.scales[i],
             )  # (n, H, 1, D)
-            x = x + block.attn.c_proj(att.view(n, e))
+            x = x + block.attn.c_proj(att.view(n, e)).to(self.stream)
             x = x + self._mlp(block, x)
-        return self.gpt.transformer.ln_f(x)
+        return self._final_norm(x)
 
     def _fixed_blocks(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """``_blocks`` with fixed shapes, so that a CUDA graph can replay it at any position: the
@@ -224,16 +232,16 @@ class StaticGPT2:
         b, e = x.shape
         visible = (torch.arange(self.kv.shape[4], device=x.device) <= at)[None]  # (1, P): positions 0..at
         for i, block in enumerate(self.blocks):
-            q, key, value = block.attn.c_attn(block.ln_1(x)).split(e, dim=-1)  # 3 x (b, E)
+            q, key, value = block.attn.c_attn(self._norm(block.ln_1, x)).split(e, dim=-1)  # 3 x (b, E)
             self.kv[i, 0, :b].index_copy_(2, at, key.view(b, self.n_head, 1, self.head_dim))
             self.kv[i, 1, :b].index_copy_(2, at, value.view(b, self.n_head, 1, self.head_dim))
             att = F.scaled_dot_product_attention(
                 q.view(b, self.n_head, 1, self.head_dim), self.kv[i, 0, :b], self.kv[i, 1, :b],
                 attn_mask=visible, scale=self.scales[i],
             )  # (b, H, 1, D)
-            x = x + block.attn.c_proj(att.view(b, e))
+            x = x + block.attn.c_proj(att.view(b, e)).to(self.stream)
             x = x + self._mlp(block, x)
-        return self.gpt.transformer.ln_f(x)
+        return self._final_norm(x)
 
     def _graphed_blocks(self, x: torch.Tensor, at: int) -> torch.Tensor:
         """``_fixed_blocks`` for n rows padded to a bucket; on CUDA replayed from a captured graph.
@@ -264,7 +272,7 @@ class StaticGPT2:
         import torch
 
         assert self._at is not None
-        static_in = torch.zeros(b, self.n_head * self.head_dim, dtype=self.dtype, device=self.device)
+        static_in = torch.zeros(b, self.n_head * self.head_dim, dtype=self.stream, device=self.device)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -283,11 +291,30 @@ class StaticGPT2:
         import torch.nn.functional as F
 
         mlp = block.mlp
-        h = mlp.c_fc(block.ln_2(x))
+        h = mlp.c_fc(self._norm(block.ln_2, x))
         # bf16/fp16: PyTorch's fused tanh GELU is the same formula as GPT-2's gelu_new in one
         # kernel (2x faster in bf16 on the CPU); fp32 keeps transformers' own module.
         h = F.gelu(h, approximate="tanh") if self.fused_gelu else mlp.act(h)
-        return mlp.c_proj(h)
+        return mlp.c_proj(h).to(self.stream)
+
+    def _norm(self, ln: Any, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm ``ln`` of the residual stream, as the input of a block's matrix products (GPT-2's dtype)."""
+        if not self.half:
+            return ln(x)
+        import torch.nn.functional as F
+
+        weight, bias = self._norms[id(ln)]
+        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps).to(self.dtype)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_f, kept in the stream's dtype: ``_logits`` refines the top logits from it in fp32."""
+        ln = self.gpt.transformer.ln_f
+        if not self.half:
+            return ln(x)
+        import torch.nn.functional as F
+
+        weight, bias = self._norms[id(ln)]
+        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on (n, E) -> logits (n, V) in at least float32.
@@ -300,7 +327,7 @@ class StaticGPT2:
         import torch
 
         head = self.gpt.lm_head
-        logits = head(h)
+        logits = head(h.to(self.dtype))
         if not self.half:
             return logits
         top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # (n, k)
@@ -339,6 +366,12 @@ def _bucket(rows: int) -> int:
         return 8
     power = 1 << (rows - 1).bit_length()
     return 3 * power // 4 if rows <= 3 * power // 4 else power
+
+
+def _float_norms(gpt: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """fp32 copies of every LayerNorm's weight and bias, by module id (a few KB; made once per stepper)."""
+    norms = [m for b in gpt.transformer.h for m in (b.ln_1, b.ln_2)] + [gpt.transformer.ln_f]
+    return {id(m): (m.weight.float(), None if m.bias is None else m.bias.float()) for m in norms}
 
 
 def _half_dtypes() -> tuple[torch.dtype, ...]:
