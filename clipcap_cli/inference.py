@@ -297,24 +297,19 @@ class StaticGPT2:
         h = F.gelu(h, approximate="tanh") if self.fused_gelu else mlp.act(h)
         return mlp.c_proj(h).to(self.stream)
 
-    def _norm(self, ln: Any, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm ``ln`` of the residual stream, as the input of a block's matrix products (GPT-2's dtype)."""
+    def _norm(self, ln: Any, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """LayerNorm ``ln`` of the residual stream, computed in the stream's dtype and given in
+        ``dtype`` (default GPT-2's: the input of a block's matrix products)."""
         if not self.half:
             return ln(x)
         import torch.nn.functional as F
 
         weight, bias = self._norms[id(ln)]
-        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps).to(self.dtype)
+        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps).to(dtype or self.dtype)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """ln_f, kept in the stream's dtype: ``_logits`` refines the top logits from it in fp32."""
-        ln = self.gpt.transformer.ln_f
-        if not self.half:
-            return ln(x)
-        import torch.nn.functional as F
-
-        weight, bias = self._norms[id(ln)]
-        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
+        return self._norm(self.gpt.transformer.ln_f, x, self.stream)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on (n, E) -> logits (n, V) in at least float32.
