@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from clipcap_cli.errors import UsageError
+from clipcap_cli.errors import UsageError, check_number
 from clipcap_cli.inference import open_inference
 
 if TYPE_CHECKING:
@@ -61,10 +61,8 @@ def _verify(o: DecodingOptions) -> None:
         raise UsageError(f"num_captions must be at least 1, got {o.num_captions}")
     if o.max_length < 1:
         raise UsageError(f"max_length must be at least 1, got {o.max_length}")
-    if not o.temperature > 0:
-        raise UsageError(f"temperature must be positive, got {o.temperature}")
-    if not 0 < o.top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], got {o.top_p}")
+    check_number("temperature", o.temperature, low=0, low_open=True)
+    check_number("top_p", o.top_p, low=0, high=1, low_open=True)
     if o.top_k < 0:
         raise UsageError(f"top_k must be 0 (no limit) or positive, got {o.top_k}")
     if o.stop_token is not None and o.stop_token == "":

@@ -31,3 +31,31 @@ class CheckpointError(ClipCapError):
 
 class ModelNotAvailableError(ClipCapError):
     """A model (weights, tokenizer, CLIP) is not cached and cannot be downloaded now."""
+
+
+def check_number(name: str, value: float, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``UsageError`` unless ``value`` is a finite number within the bounds.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``. The message names ``name``
+    (the option's field) and the accepted range, e.g. "lr must be a finite number > 0, got inf".
+    """
+    import math
+
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    ok = math.isfinite(number)
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        where = f" {' and '.join(bounds)}" if bounds else ""
+        raise UsageError(f"{name} must be a finite number{where}, got {value}")

@@ -356,7 +356,7 @@ def test_text_is_the_originals_decode(tokenizer):
         ({"strategy": "sample", "top_p": 0.0}, "top_p"),
         ({"strategy": "sample", "top_p": 1.5}, "top_p"),
         ({"strategy": "sample", "top_k": -1}, "top_k"),
-        ({"strategy": "sample", "temperature": 0.0}, "temperature must be positive"),
+        ({"strategy": "sample", "temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"temperature": 0.7}, "no effect on greedy"),
         ({"max_length": 0}, "max_length"),
         ({"stop_token": ""}, "stop_token"),

@@ -334,7 +334,7 @@ def uninterrupted(tmp_path_factory, store, tiny_gpt2_dir):
     """A full fine-tuning run (GPT-2 dropout on: the RNG state matters) to compare resumes against."""
     out = tmp_path_factory.mktemp("full") / "run"
     rec = Recorder()
-    train.train(tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25), store, out, callback=rec)
+    train.train(tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25, log_every=2), store, out, callback=rec)
     assert len(rec.losses) == 8
     return rec, out
 
@@ -353,7 +353,7 @@ def default_signals():
 def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny_gpt2_dir, uninterrupted, signum, default_signals):
     reference, ref_out = uninterrupted
     out = tmp_path / "run"
-    opts = tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25)
+    opts = tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25, log_every=2)
 
     def kill_during_step_2(info):
         if info.step == 2:
@@ -376,9 +376,14 @@ def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny
     ours = checkpoint.read(out / "epoch-002.safetensors").state
     theirs = checkpoint.read(ref_out / "epoch-002.safetensors").state
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    ref_steps = [json.loads(x)["step"] for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == ref_steps
+    assert _metrics(out) == _metrics(ref_out)  # the same lines, loss means included (log windows span the stop)
+
+
+def _metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: (round(v, 9) if isinstance(v, float) else v) for k, v in x.items() if k not in ("time", "samples_per_s")}
+            for x in lines]
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path, store, tiny_gpt2_dir, default_signals):
@@ -401,7 +406,7 @@ def test_resume_after_a_crash_continues_from_the_last_periodic_save(tmp_path, st
     the steps since the last save, and --resume continues the same curve and the same log."""
     reference, ref_out = uninterrupted
     out = tmp_path / "run"
-    opts = tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25, checkpoint_every=3)
+    opts = tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25, checkpoint_every=3, log_every=2)
 
     def crash_at_step_7(info):
         if info.step == 7:
@@ -420,6 +425,7 @@ def test_resume_after_a_crash_continues_from_the_last_periodic_save(tmp_path, st
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(x) for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
     assert [(x["type"], x["step"]) for x in lines] == [(x["type"], x["step"]) for x in expected]
+    assert _metrics(out) == _metrics(ref_out)
 
 
 def test_resume_refuses_what_would_change_the_run(tmp_path, store, tiny_gpt2_dir):

@@ -19,7 +19,7 @@ from clipcap_cli.train.callbacks import METRICS_FILE, Callbacks, MetricsLog, Sta
 from clipcap_cli.train.options import PRECISIONS, RESUMABLE_CHANGES, TrainOptions, model_config, resume_conflicts
 
 _LAZY = {
-    "loop": ("train", "fit", "prepare", "train_step", "validate", "Trainer", "TrainingInterrupted", "lr_factor",
+    "loop": ("train", "fit", "prepare", "train_step", "validate", "Trainer", "TrainingInterrupted", "NonFiniteError", "lr_factor",
              "ADAM_BETAS", "ADAM_EPS", "LOSS_EMA"),
     "data": ("TokenizedCaptions", "tokenize_captions", "captions_key", "Batch", "CaptionDataset", "split_ids",
              "TrainData", "load_data"),

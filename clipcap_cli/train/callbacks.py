@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Sequence
 
@@ -39,6 +39,9 @@ class StartInfo:
     trainable_params: int
     truncated: int  # captions cut to max_tokens
     max_tokens: int
+    # The metrics log's open window (losses and seconds since its last line), kept in the resume
+    # state so that a resumed run writes the same lines as an uninterrupted one. Mutable: shared.
+    log_window: dict[str, Any] = field(default_factory=lambda: {"losses": [], "seconds": 0.0})
 
 
 @dataclass
@@ -114,11 +117,11 @@ class MetricsLog(TrainCallback):
         self.global_batch = global_batch
         self.file: IO[str] | None = None
         self.steps_per_epoch = 1
-        self.losses: list[float] = []  # since the last line
-        self.seconds = 0.0
+        self.window: dict[str, Any] = {"losses": [], "seconds": 0.0}  # since the last line (StartInfo's)
 
     def on_start(self, info: StartInfo) -> None:
         self.steps_per_epoch = info.steps_per_epoch
+        self.window = info.log_window
         if info.start_step:
             self._truncate(info.start_step)
         else:
@@ -143,16 +146,18 @@ class MetricsLog(TrainCallback):
         write_text_atomic(self.path, "".join(keep))
 
     def on_step(self, info: StepInfo) -> None:
-        self.losses.append(info.loss)
-        self.seconds += info.seconds
+        losses = self.window["losses"]
+        losses.append(info.loss)
+        self.window["seconds"] += info.seconds
         if info.step % self.log_every and info.step % self.steps_per_epoch:
             return
         self._write({
             "type": "train", "step": info.step, "epoch": round(info.step / self.steps_per_epoch, 4),
-            "loss": sum(self.losses) / len(self.losses), "loss_ema": info.loss_ema, "lr": info.lr,
-            "samples_per_s": self.global_batch * len(self.losses) / max(self.seconds, 1e-9), "time": time.time(),
+            "loss": sum(losses) / len(losses), "loss_ema": info.loss_ema, "lr": info.lr,
+            "samples_per_s": self.global_batch * len(losses) / max(self.window["seconds"], 1e-9), "time": time.time(),
         })
-        self.losses, self.seconds = [], 0.0
+        losses.clear()
+        self.window["seconds"] = 0.0
 
     def on_validation(self, epoch: int, step: int, loss: float) -> None:
         self._write({"type": "val", "step": step, "epoch": epoch, "val_loss": loss, "time": time.time()})

@@ -11,6 +11,7 @@ Nothing here prints: progress goes to ``TrainCallback`` hooks (``commands/train.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import threading
@@ -35,6 +36,10 @@ from clipcap_cli.train.state import RESUME_FILE, Position
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
 ADAM_EPS = 1e-6
 LOSS_EMA = 0.95  # smoothing of the loss shown while training
+
+
+class NonFiniteError(ClipCapError):
+    """The loss or the weights stopped being finite numbers: training stops, nothing broken is saved."""
 
 
 class TrainingInterrupted(ClipCapError):
@@ -213,6 +218,9 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
                 # One small all-reduce: the mean loss, and whether any process was asked to stop
                 # (all must stop after the same step, or the next collective would hang).
                 loss_value, stopping = _mean_loss_and_stop(dist, loss, stop.requested)
+                if not math.isfinite(loss_value):
+                    raise NonFiniteError(f"loss is {loss_value} at step {pos.step} (epoch {pos.epoch + 1}): training stopped; "
+                                         f"{_last_good(t)}; lower --lr (now {opts.lr:g}) or check the data")
                 dt = time.perf_counter() - t0
                 pos.elapsed += dt
                 pos.loss_ema = loss_value if pos.loss_ema is None else LOSS_EMA * pos.loss_ema + (1 - LOSS_EMA) * loss_value
@@ -255,6 +263,7 @@ def _start(t: Trainer, cb: TrainCallback) -> None:
             world_size=t.dist.world_size, global_batch=t.global_batch, device=str(t.dist.device),
             precision=str(t.amp_dtype).removeprefix("torch.") if t.amp_dtype else "fp32",
             trainable_params=sum(p.numel() for p in t.params), truncated=t.data.truncated, max_tokens=t.data.max_tokens,
+            log_window=t.pos.log_window,
         ))
 
 
@@ -316,6 +325,7 @@ def _end_epoch(t: Trainer, cb: TrainCallback) -> list[Path]:
     pos = t.pos
     pos.epoch += 1
     pos.batch = 0
+    _check_weights(t)
     pos.val_loss = validate(t)
     if pos.val_loss is not None:
         with t.dist.fail_together():
@@ -334,6 +344,7 @@ def _end_epoch(t: Trainer, cb: TrainCallback) -> list[Path]:
 
 def save_resume(t: Trainer, cb: TrainCallback) -> None:
     """Save ``resume.pt`` (rank 0 writes it, holding every rank's RNG streams)."""
+    _check_weights(t)
     rngs = t.dist.all_gather(state.rng_state())  # every rank's own dropout stream
     with t.dist.fail_together():
         if t.dist.main:
@@ -341,6 +352,21 @@ def save_resume(t: Trainer, cb: TrainCallback) -> None:
             state.save_resume_state(path, opts=t.opts, data_key=t.data.key, world_size=t.dist.world_size, pos=t.pos,
                                     model=t.model, optimizer=t.optimizer, scaler=t.scaler, rngs=rngs)
             cb.on_checkpoint(path, "resume")
+
+
+def _last_good(t: Trainer) -> str:
+    resume = t.out / RESUME_FILE
+    if resume.is_file():
+        return f"the last good state, {resume}, stays the one --resume continues from"
+    return "nothing was saved"
+
+
+def _check_weights(t: Trainer) -> None:
+    """Refuse to save weights that are not all finite (the last good files on disk stay as they are)."""
+    if all(bool(torch.isfinite(p).all()) for p in t.params):
+        return
+    raise NonFiniteError(f"the weights are no longer finite at step {t.pos.step} (epoch {t.pos.epoch}): training stopped; "
+                         f"{_last_good(t)}; lower --lr (now {t.opts.lr:g})")
 
 
 class _StopFlag:

@@ -12,7 +12,7 @@ from typing import Any
 
 from clipcap_cli import backbones
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
-from clipcap_cli.errors import UsageError
+from clipcap_cli.errors import UsageError, check_number
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
@@ -56,12 +56,11 @@ class TrainOptions:
         for name in ("epochs", "batch_size", "grad_accum", "save_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be positive, got {self.lr}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.num_workers < 0:
-            raise UsageError("warmup, weight-decay and num-workers cannot be negative")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UsageError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("weight-decay", self.weight_decay, low=0)
+        check_number("val-fraction", self.val_fraction, low=0, high=1, high_open=True)
+        if self.warmup < 0 or self.num_workers < 0:
+            raise UsageError("warmup and num-workers cannot be negative")
         if self.val_fraction > 0 and self.val_data:
             raise UsageError("give either --val-fraction or --val-data, not both")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,8 @@ class Position:
     loss_ema: float | None = None  # smoothed training loss
     val_loss: float | None = None  # last validation loss
     elapsed: float = 0.0  # seconds of training, across resumes
+    # metrics.jsonl's open window: losses and seconds since its last line (see StartInfo.log_window)
+    log_window: dict[str, Any] = field(default_factory=lambda: {"losses": [], "seconds": 0.0})
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -94,6 +96,7 @@ def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, world_si
         "loss_ema": pos.loss_ema,
         "val_loss": pos.val_loss,
         "elapsed": pos.elapsed,
+        "log_window": {"losses": [float(x) for x in pos.log_window["losses"]], "seconds": float(pos.log_window["seconds"])},
         "model": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -136,7 +139,9 @@ def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, data_pat
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank])
-    return Position(state["step"], state["epoch"], state["batch"], state["loss_ema"], state["val_loss"], state["elapsed"])
+    window = state.get("log_window") or {"losses": [], "seconds": 0.0}  # states saved before 0.3 have none
+    return Position(state["step"], state["epoch"], state["batch"], state["loss_ema"], state["val_loss"], state["elapsed"],
+                    {"losses": list(window["losses"]), "seconds": float(window["seconds"])})
 
 
 def trainable_state(model: ClipCaptionModel) -> dict[str, torch.Tensor]:
