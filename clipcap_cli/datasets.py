@@ -152,7 +152,7 @@ def _detect(source: Path) -> tuple[str, Any]:
     if suffix != ".json":
         raise UsageError(f"cannot tell the format of {source.name}: pass --format ({', '.join(FORMATS[1:])})")
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
+        data = json.loads(read_text(source))
     except ValueError as exc:
         if _looks_like_jsonl(source):
             return "jsonl", None
@@ -171,8 +171,7 @@ def _detect(source: Path) -> tuple[str, Any]:
 
 
 def _looks_like_jsonl(source: Path) -> bool:
-    with open(source, encoding="utf-8") as f:
-        first = f.readline()
+    first = read_text(source).split("\n", 1)[0]
     try:
         return isinstance(json.loads(first), dict)
     except ValueError:
@@ -181,9 +180,33 @@ def _looks_like_jsonl(source: Path) -> bool:
 
 def _load_json(source: Path) -> Any:
     try:
-        return json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{source.name}: invalid JSON ({exc})") from exc
+        return json.loads(read_text(source))
+    except ValueError as exc:
+        raise DatasetError(f"{source.name}: invalid JSON ({exc}): fix the file, or pass --format") from exc
+
+
+def read_text(source: Path) -> str:
+    """A UTF-8 text file's contents; ``DatasetError`` naming the file (and the line) when it cannot be read."""
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(not_utf8(source)) from None
+
+
+def not_utf8(source: Path) -> str:
+    """The message for a file that is not UTF-8: its first bad line and byte, and what to do."""
+    with open(source, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"{source.name} line {n} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
+                        "save the file as UTF-8")
+    return f"{source.name} is not UTF-8: save the file as UTF-8"
 
 
 def _need(source: Path, where: str, entry: Any, key: str) -> Any:
@@ -232,10 +255,25 @@ def _coco(source: Path, data: Any, resolver: ImageResolver) -> Iterator[dict]:
         image_id = _need(source, f"annotation {i}", ann, "image_id")
         text = _caption_text(source, f"annotation {i}", _need(source, f"annotation {i}", ann, "caption"))
         captions.setdefault(image_id, []).append(text)
+    # One record per image file. An id naming two files is an error (whose captions would they be?);
+    # an image listed twice, under one id or several, is one record with every caption of its ids.
+    file_of: dict[Any, str] = {}
+    records: OrderedDict[str, dict] = OrderedDict()
     for i, img in enumerate(images):
         image_id = _need(source, f"image {i}", img, "id")
-        name = _need(source, f"image {i}", img, "file_name")
-        yield {"image": resolver.find(str(name), COCO_SUBDIRS), "image_id": image_id, "captions": captions.get(image_id, [])}
+        name = str(_need(source, f"image {i}", img, "file_name"))
+        if image_id in file_of:
+            if file_of[image_id] != name:
+                raise DatasetError(f"{source.name}: image id {image_id!r} names two files, {file_of[image_id]} and {name}: "
+                                   "give each image its own id")
+            continue
+        file_of[image_id] = name
+        if name in records:
+            records[name]["captions"] += captions.get(image_id, [])
+        else:
+            records[name] = {"image": resolver.find(name, COCO_SUBDIRS), "image_id": image_id,
+                             "captions": list(captions.get(image_id, []))}
+    yield from records.values()
 
 
 def _karpathy(source: Path, data: Any, resolver: ImageResolver, split: str | None) -> Iterator[dict]:
@@ -284,10 +322,15 @@ def group_caption_entries(source: Path, entries: Any, resolver: ImageResolver | 
             if image_id is None:
                 raise DatasetError(f"{source.name}: entry {i} has an empty image_id")
         text = _caption_text(source, f"entry {i}", _need(source, f"entry {i}", entry, "caption"))
+        explicit = next((entry[k] for k in ("image", "file_name", "filename") if k in entry), None)
         group = groups.get(image_id)
         if group is None:
-            explicit = next((entry[k] for k in ("image", "file_name", "filename") if k in entry), None)
             group = groups[image_id] = {"image_id": image_id, "captions": [], "caption_ids": [], "_explicit": explicit}
+        elif explicit is not None and group["_explicit"] is not None and str(explicit) != str(group["_explicit"]):
+            raise DatasetError(f"{source.name}: entry {i}: image id {image_id!r} names two files, {group['_explicit']} and "
+                               f"{explicit}: give each image its own id")
+        elif group["_explicit"] is None:
+            group["_explicit"] = explicit
         group["captions"].append(text)
         group["caption_ids"].append(entry.get("id"))
     for image_id, group in groups.items():
@@ -314,12 +357,19 @@ def _caption_list(source: Path, data: Any, resolver: ImageResolver) -> Iterator[
 class _Grouper:
     """Collects manifest rows into one record per image, in first-seen order."""
 
-    def __init__(self, resolver: ImageResolver):
+    def __init__(self, resolver: ImageResolver, source: Path):
         self.resolver = resolver
+        self.source = source
         self.groups: OrderedDict[str, dict] = OrderedDict()
+        self.image_of: dict[Any, str] = {}  # image id -> the image it names
 
-    def add(self, image: str, captions: list[str], image_id: Any) -> None:
+    def add(self, image: str, captions: list[str], image_id: Any, where: str) -> None:
         key = self.resolver.relative(image)
+        if image_id is not None:
+            other = self.image_of.setdefault(normalize_id(image_id), key)
+            if other != key:
+                raise DatasetError(f"{self.source.name} {where}: image id {image_id!r} names two files, {other} and {key}: "
+                                   "give each image its own id")
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = {"image": key, "image_id": image_id, "captions": []}
@@ -334,29 +384,35 @@ def _pick(keys: Any, choices: tuple[str, ...]) -> str | None:
 
 
 def _table(source: Path, resolver: ImageResolver, delimiter: str) -> Iterator[dict]:
-    grouper = _Grouper(resolver)
-    with open(source, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DatasetError(f"{source.name}: empty file (expected a header with an 'image' or 'path' column)")
-        image_col = _pick(reader.fieldnames, IMAGE_COLUMNS)
-        if image_col is None:
-            raise DatasetError(f"{source.name}: no 'image' or 'path' column in the header ({', '.join(reader.fieldnames)})")
-        caption_col = _pick(reader.fieldnames, CAPTION_COLUMNS)
-        id_col = _pick(reader.fieldnames, ("image_id", "id"))
-        try:
-            for row in reader:
-                if None in row:
-                    raise DatasetError(f"{source.name} line {reader.line_num}: more fields than the header has")
-                image = (row.get(image_col) or "").strip()
-                if not image:
-                    raise DatasetError(f"{source.name} line {reader.line_num}: empty '{image_col}'")
-                caption = (row.get(caption_col) or "").strip() if caption_col else ""
-                image_id = normalize_id(row[id_col]) if id_col else None
-                grouper.add(image, [caption], image_id)
-        except csv.Error as exc:
-            raise DatasetError(f"{source.name} line {reader.line_num}: {exc}") from exc
+    grouper = _Grouper(resolver, source)
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            _table_rows(source, csv.DictReader(f, delimiter=delimiter), grouper)
+    except UnicodeDecodeError:
+        raise DatasetError(not_utf8(source)) from None
     yield from grouper.groups.values()
+
+
+def _table_rows(source: Path, reader: csv.DictReader, grouper: _Grouper) -> None:
+    if not reader.fieldnames:
+        raise DatasetError(f"{source.name}: empty file (expected a header with an 'image' or 'path' column)")
+    image_col = _pick(reader.fieldnames, IMAGE_COLUMNS)
+    if image_col is None:
+        raise DatasetError(f"{source.name}: no 'image' or 'path' column in the header ({', '.join(reader.fieldnames)})")
+    caption_col = _pick(reader.fieldnames, CAPTION_COLUMNS)
+    id_col = _pick(reader.fieldnames, ("image_id", "id"))
+    try:
+        for row in reader:
+            if None in row:
+                raise DatasetError(f"{source.name} line {reader.line_num}: more fields than the header has")
+            image = (row.get(image_col) or "").strip()
+            if not image:
+                raise DatasetError(f"{source.name} line {reader.line_num}: empty '{image_col}'")
+            caption = (row.get(caption_col) or "").strip() if caption_col else ""
+            image_id = normalize_id(row[id_col]) if id_col else None
+            grouper.add(image, [caption], image_id, f"line {reader.line_num}")
+    except csv.Error as exc:
+        raise DatasetError(f"{source.name} line {reader.line_num}: {exc}") from exc
 
 
 def iter_jsonl(source: Path) -> Iterator[tuple[int, dict]]:
@@ -366,7 +422,11 @@ def iter_jsonl(source: Path) -> Iterator[tuple[int, dict]]:
     except OSError as exc:
         raise DatasetError(f"{source}: cannot read ({exc.strerror or exc})") from exc
     with handle:
-        for n, line in enumerate(handle, start=1):
+        try:
+            lines = list(enumerate(handle, start=1))
+        except UnicodeDecodeError:
+            raise DatasetError(not_utf8(source)) from None
+        for n, line in lines:
             if not line.strip():
                 continue
             try:
@@ -379,7 +439,7 @@ def iter_jsonl(source: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
-    grouper = _Grouper(resolver)
+    grouper = _Grouper(resolver, source)
     for n, row in iter_jsonl(source):
         image_key = _pick(row.keys(), IMAGE_COLUMNS)
         if image_key is None:
@@ -390,7 +450,7 @@ def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
         if not all(isinstance(c, str) for c in captions):
             raise DatasetError(f"{source.name} line {n}: caption is not a string")
         id_key = _pick(row.keys(), ("image_id", "id"))
-        grouper.add(str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None)
+        grouper.add(str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None, f"line {n}")
     yield from grouper.groups.values()
 
 
