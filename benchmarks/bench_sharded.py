@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import build, make_images  # noqa: E402  (the same model and images as the caption benchmark)
 
-from clipcap_cli import output, shards  # noqa: E402
+from clipcap_cli import output, records, shards  # noqa: E402
 from clipcap_cli import sharded as runner  # noqa: E402
 from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.inputs import Source  # noqa: E402
@@ -84,7 +84,7 @@ def plain(captioner, paths: list[Path], options: DecodingOptions, workers: int, 
     with open(out, "w", encoding="utf-8") as stream:
         writer = output.get_writer("jsonl", stream)
         for c in captioner.stream(sources, options, batch_size=batch_size, workers=workers):
-            writer.write([output.make_record(sources[c.index].name, c.result, c.error)])
+            writer.write([records.make_record(sources[c.index].name, c.result, c.error)])
             captions.append(c.result.text)
         writer.close()
     return captions

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.fsutil import atomic_write as _atomic_write
-from clipcap_cli.fsutil import create_exclusive, write_text_atomic
+from clipcap_cli.fsutil import check_folder, create_exclusive, remove_stale_temps, write_text_atomic
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.version import __version__
 
@@ -486,7 +486,9 @@ def extract(
         on_progress: called with (records done, records total) for this process's share.
         merge: write the final store when all chunks are done (default: unsharded runs).
     """
-    out = Path(out).expanduser()
+    out = check_folder(out)
+    for folder in (out, out / PARTS_DIR):  # what an interrupted write of this host left
+        remove_stale_temps(folder)
     images_root = Path(images_root).expanduser().resolve()
     records = list(records)
     shard_i, shard_n = options.shard

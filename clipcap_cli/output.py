@@ -1,8 +1,6 @@
-"""Caption records and the writers that print them, keyed by format name (like whisper's get_writer).
+"""The writers that print caption records, keyed by format name (like whisper's get_writer).
 
-A record is a plain dict: ``path``, ``caption``, ``score``, ``error`` (None when fine), plus
-``captions`` and ``scores`` when several captions per image were asked for, and ``clip_score``
-(``clip_scores``) when the captions were reranked by CLIP. Writers receive
+Records come from ``records.make_record`` (their fields are described there). Writers receive
 records batch by batch, so streaming formats (jsonl, csv, text) print as batches finish.
 
 Adding a format: subclass ``Writer`` and decorate it with ``@register_writer("name")``
@@ -13,40 +11,15 @@ from __future__ import annotations
 
 import abc
 import csv
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from clipcap_cli.fsutil import atomic_open
-
-if TYPE_CHECKING:
-    from clipcap_cli.decoding import DecodingResult
-
-Record = dict[str, Any]
+from clipcap_cli.records import Record, dumps
 
 # ``--output FILE``: written under a temporary name, fsynced, renamed into place on success only.
 AtomicFile = atomic_open
-
-
-def make_record(path: str, result: DecodingResult | None = None, error: str | None = None, alternatives: bool = False,
-                clip: bool = False) -> Record:
-    """The record of one input; ``alternatives`` adds the ``captions``/``scores`` lists, ``clip``
-    (reranked by CLIP) adds ``clip_score`` (and ``clip_scores`` with ``alternatives``)."""
-    record: Record = {
-        "path": path,
-        "caption": result.text if result else None,
-        "score": result.score if result else None,
-        "error": error,
-    }
-    if clip:
-        record["clip_score"] = result.clip_score if result else None
-    if alternatives:
-        record["captions"] = list(result.texts) if result else []
-        record["scores"] = list(result.scores) if result else []
-        if clip:
-            record["clip_scores"] = list(result.clip_scores or ()) if result else []
-    return record
 
 
 class Writer(abc.ABC):
@@ -111,7 +84,7 @@ def format_for_path(path: str | Path) -> str | None:
 class JsonLinesWriter(Writer):
     def write(self, records: list[Record]) -> None:
         for record in records:
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.write(dumps(record) + "\n")
         self.stream.flush()
 
 
@@ -120,7 +93,7 @@ class JsonWriter(CollectingWriter):
     """One JSON array, written at the end."""
 
     def close(self) -> None:
-        json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
+        self.stream.write(dumps(self.records, indent=2))
         self.stream.write("\n")
         super().close()
 
@@ -146,7 +119,7 @@ class CsvWriter(Writer):
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, list) else value
+    return dumps(value) if isinstance(value, list) else value
 
 
 @register_writer("text", suffixes=(".txt",))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from clipcap_cli.captioner import WORKERS
 from clipcap_cli.errors import UsageError
-from clipcap_cli.fsutil import write_text_atomic
+from clipcap_cli.fsutil import publish, write_text_atomic
+from clipcap_cli.records import caption_fields, dumps
 from clipcap_cli.shards import SHARD_SIZE, Sample, Shard, keys_sha256, mine, seed_id, shard_samples
 from clipcap_cli.version import __version__
 
@@ -165,7 +165,7 @@ def check_settings(out: Path, settings: dict) -> bool:
 
 def write_settings(out: Path, settings: dict) -> None:
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "clipcap_version": __version__, "settings": settings}
-    write_text_atomic(out / SETTINGS_FILE, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / SETTINGS_FILE, dumps(doc, indent=2) + "\n")
 
 
 def read_stats(opts: ShardedOptions, name: str) -> dict | None:
@@ -179,26 +179,29 @@ def read_stats(opts: ShardedOptions, name: str) -> dict | None:
 # --------------------------------------------------------------------------- records on disk
 
 
-def make_record(sample: Sample, out: Captioned, alternatives: bool) -> dict[str, Any]:
-    """A sample's record: key, shard, caption, score, error (+ url, source_caption; captions, scores)."""
-    r = out.result
-    record: dict[str, Any] = {"key": sample.key, "shard": sample.shard, "caption": r.text if r else None,
-                              "score": r.score if r else None, "error": out.error}
+def make_record(sample: Sample, out: Captioned, alternatives: bool, clip: bool) -> dict[str, Any]:
+    """A sample's record: key, shard, the caption fields of every record (``records.caption_fields``),
+    then what the shard carries (url, source_caption)."""
+    record: dict[str, Any] = {"key": sample.key, "shard": sample.shard,
+                              **caption_fields(out.result, out.error, alternatives=alternatives, clip=clip)}
     record.update(out.info or {})
-    if alternatives:
-        record["captions"] = list(r.texts) if r else []
-        record["scores"] = list(r.scores) if r else []
     return record
 
 
-def _parquet_table(records: list[dict], alternatives: bool) -> Any:
+def _parquet_table(records: list[dict], alternatives: bool, clip: bool) -> Any:
+    """One Parquet schema for every shard of a run: the record's fields, typed."""
     import pyarrow as pa
 
     columns = [("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
-               ("error", pa.string()), ("url", pa.string()), ("source_caption", pa.string())]
+               ("error", pa.string())]
+    if clip:
+        columns.append(("clip_score", pa.float64()))
     if alternatives:
         columns += [("captions", pa.list_(pa.string())), ("scores", pa.list_(pa.float64()))]
-    return pa.Table.from_pylist(records, schema=pa.schema(columns))  # one schema for every shard
+        if clip:
+            columns.append(("clip_scores", pa.list_(pa.float64())))
+    columns += [("url", pa.string()), ("source_caption", pa.string())]
+    return pa.Table.from_pylist(records, schema=pa.schema(columns))
 
 
 def read_records(opts: ShardedOptions, name: str) -> list[dict]:
@@ -211,12 +214,6 @@ def read_records(opts: ShardedOptions, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _fsync_rename(part: Path, final: Path) -> None:
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, final)
-
-
 def _save_embeddings(path: Path, rows: list[Any], dim: int, dtype: Any) -> None:
     """``rows`` (D,) tensors or None (failed: a NaN row) -> ``path``, through ``path.part``."""
     import torch
@@ -226,7 +223,7 @@ def _save_embeddings(path: Path, rows: list[Any], dim: int, dtype: Any) -> None:
     emb = torch.stack([r if r is not None else nan for r in rows]) if rows else torch.empty(0, dim)
     part = path.with_name(path.name + PART)
     save_file({EMBEDDINGS_KEY: emb.to(dtype).contiguous()}, str(part), metadata={"format": FORMAT, "rows": str(len(rows))})
-    _fsync_rename(part, path)
+    publish(part, path)
 
 
 def load_embeddings(path: str | Path) -> Any:
@@ -274,7 +271,7 @@ class _Job:
             if record["error"] is not None:
                 self.context["log"](record)
             if self.lines is not None and self.retry is None:
-                self.lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.lines.write(dumps(record) + "\n")
             else:
                 self.records.append(record)
             self.rows.append(embedding)
@@ -289,8 +286,8 @@ class _Job:
         else:
             import pyarrow.parquet as pq
 
-            pq.write_table(_parquet_table(self.records, self.context["alternatives"]), str(part))
-        _fsync_rename(part, records_file)
+            pq.write_table(_parquet_table(self.records, self.context["alternatives"], self.context["clip"]), str(part))
+        publish(part, records_file)
         if self.opts.save_embeddings:
             _save_embeddings(self.opts.embeddings_file(self.name), self.rows, self.context["dim"], self.context["dtype"])
         self._write_stats(read_records(self.opts, self.name), time.perf_counter() - self.started)
@@ -305,14 +302,14 @@ class _Job:
             lines = records_file.read_text(encoding="utf-8").splitlines(keepends=True)
             keys = [json.loads(line)["key"] for line in lines]
             # untouched records keep their exact bytes
-            part.write_text("".join(json.dumps(new[k][0], ensure_ascii=False) + "\n" if k in new else line
+            part.write_text("".join(dumps(new[k][0]) + "\n" if k in new else line
                                     for k, line in zip(keys, lines)), encoding="utf-8")
         else:
             import pyarrow.parquet as pq
 
             records = [new[r["key"]][0] if r["key"] in new else r for r in read_records(self.opts, self.name)]
             keys = [r["key"] for r in records]
-            pq.write_table(_parquet_table(records, self.context["alternatives"]), str(part))
+            pq.write_table(_parquet_table(records, self.context["alternatives"], self.context["clip"]), str(part))
         emb_part = None
         if self.opts.save_embeddings:
             emb_file = self.opts.embeddings_file(self.name)
@@ -322,9 +319,9 @@ class _Job:
             _save_embeddings(emb_part, rows, self.context["dim"], self.context["dtype"])
         # Without stats the shard counts as unfinished: a crash from here on redoes it whole.
         self.opts.stats_file(self.name).unlink(missing_ok=True)
-        _fsync_rename(part, records_file)
+        publish(part, records_file)
         if emb_part is not None:
-            os.replace(emb_part, self.opts.embeddings_file(self.name))
+            publish(emb_part, self.opts.embeddings_file(self.name))
         seconds = float(old_stats.get("seconds") or 0.0) + time.perf_counter() - self.started
         self._write_stats(read_records(self.opts, self.name), seconds, retried=len(new))
 
@@ -349,8 +346,8 @@ class _Job:
             "clipcap_version": __version__,
         }
         part = self.opts.stats_file(self.name).with_name(self.opts.stats_file(self.name).name + PART)
-        part.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync_rename(part, self.opts.stats_file(self.name))
+        part.write_text(dumps(stats, indent=2) + "\n", encoding="utf-8")
+        publish(part, self.opts.stats_file(self.name))
 
 
 # --------------------------------------------------------------------------- the run
@@ -452,7 +449,7 @@ def run(
                 "seconds": round(time.perf_counter() - start, 3), "processes": slots}
     summary = summarize(shards, opts, settings, this_run)
     if rank == 0:  # torchrun: rank 0 once all are done; --shard i/n: each process (the last one sees all)
-        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(out / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
     return Outcome(summary, failed_here)
 
 
@@ -470,7 +467,7 @@ def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settin
         log_file[0].write(f"{record['shard']}\t{record['key']}\t{record['error']}\n")
         log_file[0].flush()
 
-    context = {"settings": settings, "alternatives": decoding.num_captions > 1, "dim": captioner.config.prefix_size,
+    context = {"settings": settings, "alternatives": decoding.num_captions > 1, "clip": decoding.rerank is not None, "dim": captioner.config.prefix_size,
                "dtype": clip_dtype(captioner.device), "device": str(captioner.device), "log": log,
                "process": {"slot": int(slot), "shard": f"{opts.shard[0]}/{opts.shard[1]}"}}
     jobs: dict[str, _Job] = {}
@@ -498,7 +495,7 @@ def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settin
                                           group_of=lambda s: s.shard):
             sample = order.popleft()
             job = jobs[sample.shard]
-            job.buffer.append((make_record(sample, captioned, context["alternatives"]), captioned.embedding))
+            job.buffer.append((make_record(sample, captioned, context["alternatives"], context["clip"]), captioned.embedding))
             job.received += 1
             counts.add(_SAMPLES)
             if job.retry is not None:

@@ -304,7 +304,7 @@ def test_parquet_and_embeddings_round_trip(tmp_path, tiny_checkpoint, tar_dir, p
     assert result.exit_code == 3, result.output
     assert not list(as_parquet.glob("*.jsonl"))
     table = pq.read_table(as_parquet / "00001.parquet")
-    assert table.column_names == ["key", "shard", "caption", "score", "error", "url", "source_caption", "captions", "scores"]
+    assert table.column_names == ["key", "shard", "caption", "score", "error", "captions", "scores", "url", "source_caption"]
     assert table.to_pylist() == records(as_jsonl, "00001")
     emb = load_embeddings(as_parquet / "00001.emb.safetensors")
     rows = table.to_pylist()

@@ -176,6 +176,7 @@ def _run(
     from clipcap_cli import inputs, ui
     from clipcap_cli import output as out
     from clipcap_cli.errors import UsageError
+    from clipcap_cli.records import make_record
     from clipcap_cli.sharded import OffThread
     from clipcap_cli.shards import is_tar_pattern
     from clipcap_cli.ui import stderr, warn
@@ -186,6 +187,9 @@ def _run(
     sources = inputs.collect(args, recursive=recursive, stdin=sys.stdin if "-" in args else None)
     if not sources:
         raise UsageError("no inputs: give image files, folders, globs, URLs, or - to read paths from stdin")
+    from clipcap_cli.fsutil import refuse_inputs
+
+    refuse_inputs(output, (s.location for s in sources if s.location and not inputs.is_url(s.location)), "--output")
 
     # No model is loaded when every input already failed (e.g. missing files).
     captioner = _load(model_args, options, quiet) if any(s.error is None for s in sources) else None
@@ -207,7 +211,7 @@ def _run(
                 failed += 1
                 if not quiet:
                     warn(f"{sources[i].name}: {error}")
-            pending.append(out.make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None))
+            pending.append(make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None))
             done += 1
             progress.advance(task)
             if len(pending) >= (batch_size or 64) or done == len(sources):

@@ -173,9 +173,15 @@ def command(
         given = [flag for flag, value in model_only.items() if value is not None]
         if predictions is not None and given:
             raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --model (it sets how the references are captioned)")
+        from clipcap_cli.fsutil import refuse_inputs
+
+        read = [p for p in (refs, predictions) if p is not None]
         for flag, path in (("--save-predictions", save_predictions), ("--output", output)):
             if path is not None and path.is_dir():
                 raise UsageError(f"{flag} {path} is a folder: give a file name")
+            refuse_inputs(path, read, flag)
+        if save_predictions is not None and output is not None:
+            refuse_inputs(output, [save_predictions], "--output")
         if compare is not None and compare.strip().lower() != "paper":
             raise UsageError(f"--compare {compare}: the only comparison is 'paper'")
         options = EvalOptions(

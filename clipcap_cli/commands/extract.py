@@ -95,6 +95,10 @@ def command(
             return
         if out is None:
             raise UsageError("--out DIR is required")
+        from clipcap_cli.fsutil import check_folder, refuse_inputs
+
+        check_folder(out)
+        refuse_inputs(export_pickle, [dataset], "--export-pickle")
         clip = clip or D.clip_model
         pretrained = D.clip_pretrained if pretrained is None else _tag(pretrained)
         options = ExtractOptions(

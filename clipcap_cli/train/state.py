@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipcap_cli.errors import UsageError
-from clipcap_cli.fsutil import atomic_write, write_text_atomic
+from clipcap_cli.fsutil import atomic_write, check_folder, remove_stale_temps, write_text_atomic
 from clipcap_cli.train.options import TrainOptions, resume_conflicts
 from clipcap_cli.version import __version__
 
@@ -43,7 +43,12 @@ class Position:
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
-    """A new run needs a folder without one; ``--resume`` needs its resume state."""
+    """A new run needs a folder without one; ``--resume`` needs its resume state.
+
+    Temporary files that an interrupted save left in ``out`` are removed here (``fsutil.remove_stale_temps``).
+    """
+    check_folder(out)
+    remove_stale_temps(out)
     if resume:
         if not (out / RESUME_FILE).is_file():
             raise UsageError(f"nothing to resume in {out}: no {RESUME_FILE}")
