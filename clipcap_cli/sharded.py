@@ -495,12 +495,13 @@ def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settin
                                           group_of=lambda s: s.shard):
             sample = order.popleft()
             job = jobs[sample.shard]
-            job.buffer.append((make_record(sample, captioned, context["alternatives"], context["clip"]), captioned.embedding))
+            record = make_record(sample, captioned, context["alternatives"], context["clip"])
+            job.buffer.append((record, captioned.embedding))
             job.received += 1
             counts.add(_SAMPLES)
             if job.retry is not None:
                 counts.add(_RETRIED)
-            if captioned.error is not None:
+            if record["error"] is not None:
                 counts.add(_FAILED)
                 failed += 1
             if job.received == job.expected:

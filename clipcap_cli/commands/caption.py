@@ -207,11 +207,12 @@ def _run(
         task = progress.add_task("captioning", total=len(sources))
         pending: list[dict] = []
         for i, error, result in outcomes:
-            if error is not None:
+            record = make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None)
+            if record["error"] is not None:
                 failed += 1
                 if not quiet:
-                    warn(f"{sources[i].name}: {error}")
-            pending.append(make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None))
+                    warn(f"{sources[i].name}: {record['error']}")
+            pending.append(record)
             done += 1
             progress.advance(task)
             if len(pending) >= (batch_size or 64) or done == len(sources):
