@@ -22,7 +22,9 @@ RENDER_ENV = ("COLUMNS", "LINES", "TERMINAL_WIDTH", "NO_COLOR", "FORCE_COLOR", "
 
 
 def help_cache_file() -> Path | None:
+    """Where the rendered help is kept; None when it cannot be (the cache is best effort)."""
     from clipcap_cli import paths
+    from clipcap_cli.errors import ClipCapError
     from clipcap_cli.version import __version__
 
     package = Path(__file__).resolve().parent
@@ -34,7 +36,10 @@ def help_cache_file() -> Path | None:
         return None
     env = "|".join(os.environ.get(k, "") for k in RENDER_ENV)
     key = hashlib.sha256(f"{__version__}|{stamp}|{tty}|{width}|{env}".encode()).hexdigest()[:20]
-    return paths.home() / "cache" / f"help-{key}.txt"
+    try:
+        return paths.home() / "cache" / f"help-{key}.txt"
+    except (ClipCapError, OSError):
+        return None
 
 
 class _Tee:
@@ -55,9 +60,14 @@ class _Tee:
 def main() -> None:
     cache = help_cache_file() if sys.argv[1:] in HELP_ARGS else None
     if cache is not None and cache.is_file():
-        sys.stdout.write(cache.read_text(encoding="utf-8"))
-        sys.stdout.flush()
-        return
+        try:
+            text = cache.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None  # unreadable: render the help again
+        if text is not None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
     import clipcap_cli.commands
 
     if "_CLIPCAP_COMPLETE" not in os.environ:  # shell completion needs every command
@@ -73,11 +83,12 @@ def main() -> None:
         run()
     except SystemExit as exc:
         if exc.code in (0, None) and tee.parts:
+            from clipcap_cli.errors import ClipCapError
             from clipcap_cli.fsutil import write_text_atomic
 
             try:
                 write_text_atomic(cache, "".join(tee.parts))
-            except OSError:
+            except (OSError, ClipCapError):
                 pass  # a read-only data directory only costs speed
         raise
     finally:

@@ -11,12 +11,18 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
+from clipcap_cli.errors import ClipCapError
+
 APP_NAME = "clipcap"
 TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
+class DataDirError(ClipCapError):
+    """The data directory (or a folder in it) cannot be created or written."""
+
+
 def home() -> Path:
-    """The root data directory (created on first use)."""
+    """The root data directory (created on first use); ``DataDirError`` when it cannot be."""
     env = os.environ.get("CLIPCAP_HOME")
     if env:
         root = Path(env).expanduser()
@@ -24,8 +30,16 @@ def home() -> Path:
         import platformdirs
 
         root = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return _folder(root)
+
+
+def _folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (exc.strerror or str(exc))
+        raise DataDirError(f"data directory {path} is not usable ({why}): set CLIPCAP_HOME to a folder you can write") from None
+    return path
 
 
 def models_dir() -> Path:
@@ -44,9 +58,7 @@ def clip_cache_dir() -> Path:
 
 
 def _sub(name: str) -> Path:
-    path = home() / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder(home() / name)
 
 
 def env_flag(name: str) -> bool:
