@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from clipcap_cli import paths
-from clipcap_cli.errors import ClipCapError
+from clipcap_cli.errors import ClipCapError, check_number
 from clipcap_cli.images import is_image_path, open_rgb
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 MAX_URL_BYTES = 50 * 1024 * 1024  # refuse bigger downloads: no photo needs more
 URL_TIMEOUT = (10.0, 30.0)  # seconds: connect, read (between bytes)
+URL_DEADLINE = 60.0  # seconds for a whole URL, however slowly its server sends (clipcap caption --url-timeout)
 URL_SCHEMES = ("http://", "https://")
 GLOB_CHARS = set("*?[")
 ACCEPTED_NON_IMAGE_TYPES = {"application/octet-stream", "binary/octet-stream"}
@@ -40,31 +42,37 @@ class Source:
     name: str  # the path as found, or the URL
     location: str | None = None  # file path or URL; None when ``error`` is set
     error: str | None = None
+    url_deadline: float = URL_DEADLINE  # a URL: seconds its whole download may take
 
     def open_image(self) -> Image.Image:
         """The decoded image (fetched first for a URL); ``ClipCapError`` when it cannot be had."""
         if self.error is not None or self.location is None:
             raise InputError(self.error or "no location")
-        return open_rgb(fetch_url(self.location) if is_url(self.location) else self.location)
+        if is_url(self.location):
+            return open_rgb(fetch_url(self.location, deadline=self.url_deadline))
+        return open_rgb(self.location)
 
 
 def is_url(text: str) -> bool:
     return text.lower().startswith(URL_SCHEMES)
 
 
-def collect(args: Sequence[str], recursive: bool = False, stdin: TextIO | None = None) -> list[Source]:
+def collect(args: Sequence[str], recursive: bool = False, stdin: TextIO | None = None,
+            url_deadline: float = URL_DEADLINE) -> list[Source]:
     """Expand command-line inputs into sources, in order, each file once.
 
     ``-`` reads one path or URL per line from ``stdin``; folders give the images inside (all
-    levels with ``recursive``); quoted globs are expanded here (``**`` included).
+    levels with ``recursive``); quoted globs are expanded here (``**`` included). A URL may take
+    ``url_deadline`` seconds in all to download.
     """
+    check_number("url deadline", url_deadline, low=0, low_open=True)
     found: list[Source] = []
     for arg in args:
         if arg == "-":
             lines = (stdin.read() if stdin is not None else "").splitlines()
-            found.extend(s for line in lines if line.strip() for s in _expand(line.strip(), recursive))
+            found.extend(s for line in lines if line.strip() for s in _expand(line.strip(), recursive, url_deadline))
         else:
-            found.extend(_expand(arg, recursive))
+            found.extend(_expand(arg, recursive, url_deadline))
     seen: set[str] = set()
     unique = []
     for src in found:
@@ -75,9 +83,9 @@ def collect(args: Sequence[str], recursive: bool = False, stdin: TextIO | None =
     return unique
 
 
-def _expand(arg: str, recursive: bool) -> list[Source]:
+def _expand(arg: str, recursive: bool, url_deadline: float = URL_DEADLINE) -> list[Source]:
     if is_url(arg):
-        return [Source(arg, arg)]
+        return [Source(arg, arg, url_deadline=url_deadline)]
     path = Path(arg).expanduser()
     if path.is_dir():
         files = _images_in(path, recursive)
@@ -107,34 +115,62 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
     )
 
 
-def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, float] = URL_TIMEOUT) -> bytes:
+def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, float] = URL_TIMEOUT,
+              deadline: float = URL_DEADLINE) -> bytes:
     """The body of an http(s) image URL; ``InputError`` for offline mode, HTTP errors, a
-    non-image Content-Type or more than ``max_bytes``."""
+    non-image Content-Type, more than ``max_bytes``, or a download that takes over ``deadline``
+    seconds in all (a server that trickles bytes is cut off, not waited for)."""
     if paths.offline_requested():
         raise InputError("offline mode is on: URLs are not fetched")
     import requests
 
     from clipcap_cli.version import __version__
 
+    end = time.monotonic() + deadline
+    # No single wait past the deadline: the read timeout bounds each gap between bytes.
+    waits = (min(timeout[0], deadline), min(timeout[1], deadline))
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": f"clipcap/{__version__}"}) as r:
-            if r.status_code >= 400:
-                raise InputError(f"HTTP {r.status_code} {r.reason}".strip())
-            ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if ctype and not ctype.startswith("image/") and ctype not in ACCEPTED_NON_IMAGE_TYPES:
-                raise InputError(f"not an image (Content-Type {ctype})")
-            declared = r.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise InputError(f"larger than {max_bytes // (1024 * 1024)} MB")
+        with requests.get(url, stream=True, timeout=waits, headers={"User-Agent": f"clipcap/{__version__}"}) as r:
+            _check_response(r, max_bytes)
             body = bytearray()
-            for chunk in r.iter_content(1 << 16):
+            while chunk := _read_some(r.raw, 1 << 16):
                 body += chunk
                 if len(body) > max_bytes:
                     raise InputError(f"larger than {max_bytes // (1024 * 1024)} MB")
+                if time.monotonic() > end:
+                    raise InputError(f"download took longer than {deadline:g} s ({len(body)} bytes so far): "
+                                     "the server is too slow (--url-timeout sets the limit)")
             return bytes(body)
     except requests.RequestException as exc:
+        if time.monotonic() > end:
+            raise InputError(f"download took longer than {deadline:g} s: the server is too slow (--url-timeout sets the limit)") from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"download failed: {reason}") from exc
+
+
+def _check_response(r: Any, max_bytes: int) -> None:
+    if r.status_code >= 400:
+        raise InputError(f"HTTP {r.status_code} {r.reason}".strip())
+    ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype and not ctype.startswith("image/") and ctype not in ACCEPTED_NON_IMAGE_TYPES:
+        raise InputError(f"not an image (Content-Type {ctype})")
+    declared = r.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise InputError(f"larger than {max_bytes // (1024 * 1024)} MB")
+
+
+def _read_some(raw: Any, n: int) -> bytes:
+    """Whatever has arrived, up to ``n`` bytes (b"" at the end), without waiting for all ``n``."""
+    import requests
+    import urllib3.exceptions
+
+    try:
+        read1 = getattr(raw, "read1", None)  # urllib3 >= 2: returns as soon as some bytes are there
+        return read1(n, decode_content=True) if read1 else raw.read(min(n, 1024), decode_content=True)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(str(exc)) from exc
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as exc:
+        raise requests.exceptions.ConnectionError(str(exc)) from exc
 
 
 def _reason(exc: Exception, name: str) -> str:

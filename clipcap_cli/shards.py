@@ -249,7 +249,8 @@ def _tar_paths(arg: str) -> list[str]:
     return found
 
 
-def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | None = None, shard_size: int = SHARD_SIZE) -> list[Shard]:
+def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | None = None, shard_size: int = SHARD_SIZE,
+             url_deadline: float | None = None) -> list[Shard]:
     """The job's shards, in a fixed order every process computes alike: the tar shards named by
     ``args`` (paths, globs, brace patterns), then the other inputs (files, folders, globs, URLs,
     ``-``) cut into list shards of ``shard_size`` images named ``part-00000``, ..."""
@@ -266,7 +267,8 @@ def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | No
                          "(webdataset and img2dataset write plain .tar)")
     tars = [path for arg in args if is_tar_pattern(arg) for path in _tar_paths(arg)]
     others = [arg for arg in args if not is_tar_pattern(arg)]
-    sources = collect(others, recursive=recursive) if others else []
+    reading = {} if url_deadline is None else {"url_deadline": url_deadline}
+    sources = collect(others, recursive=recursive, **reading) if others else []
     shards: list[Shard] = []
     seen: dict[str, str] = {}
     for path in dict.fromkeys(os.path.abspath(p) for p in tars):  # each file once, first mention wins

@@ -13,6 +13,7 @@ from typing_extensions import Annotated
 
 from clipcap_cli.captioner import CPU_WORKERS, WORKERS
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
+from clipcap_cli.inputs import URL_DEADLINE
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.output import available_formats
 from clipcap_cli.sharded import ShardedOptions
@@ -76,6 +77,7 @@ def command(
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take only shards s with s mod N == I, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (under torchrun each rank splits its share again).", rich_help_panel=SHARDED, show_default=False)] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-caption the samples whose records carry an error, in shards already done.", rich_help_panel=SHARDED)] = S.retry_failed,
     save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Also write NAME.emb.safetensors: the CLIP image embeddings, one row per record.", rich_help_panel=SHARDED)] = S.save_embeddings,
+    url_timeout: Annotated[float, typer.Option("--url-timeout", metavar="SECONDS", help="Most seconds one http(s) URL may take to download, however slowly its server sends; a slower one gets an error record.", rich_help_panel=RUN)] = URL_DEADLINE,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for images in subfolders of folder inputs too.", rich_help_panel=RUN)] = False,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Images per CLIP and decoding batch. Default: what keeps the device busy (on the CPU {CPU_BATCH_SIZE['greedy']} greedy, {CPU_BATCH_SIZE['beam']} beam; on CUDA from free memory), e.g. -b 16.", rich_help_panel=RUN, show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help=f"Worker processes that read and decode images (0 = in this process). Default: the CPU count on CUDA (shared by torchrun's processes), {CPU_WORKERS} elsewhere.", rich_help_panel=RUN, show_default=False)] = WORKERS,
@@ -120,7 +122,8 @@ def command(
                 raise UsageError(f"{', '.join(k for k, on in sharded_given.items() if on)}: only with --output-dir DIR")
             fmt = _pick_format(format_, json_, jsonl, output)
             check_model_argument(model)  # a typo in --model is a usage error before any input is read
-            failed = _run(inputs or [], options, fmt, output, quiet, recursive, batch_size, workers, {**model_args, "device": device})
+            failed = _run(inputs or [], options, fmt, output, quiet, (recursive, url_timeout), batch_size, workers,
+                          {**model_args, "device": device})
         else:
             stdout_options = [flag for flag, on in (("--output", output), ("--format", format_), ("--json", json_), ("--jsonl", jsonl)) if on]
             if stdout_options:
@@ -129,7 +132,7 @@ def command(
                                      retry_failed=retry_failed, shard_size=shard_size, shard=_parse_shard(shard),
                                      batch_size=batch_size, workers=workers)
             check_model_argument(model)
-            failed = _run_sharded(inputs or [], options, sharded, quiet, recursive, model_args, device)
+            failed = _run_sharded(inputs or [], options, sharded, quiet, (recursive, url_timeout), model_args, device)
         if failed:
             from clipcap_cli.errors import EXIT_PARTIAL
 
@@ -167,7 +170,7 @@ def _run(
     fmt: str,
     output: str | None,
     quiet: bool,
-    recursive: bool,
+    reading: tuple[bool, float],
     batch_size: int | None,
     workers: int | None,
     model_args: dict[str, Any],
@@ -184,7 +187,8 @@ def _run(
     tars = [a for a in args if is_tar_pattern(a)]
     if tars:
         raise UsageError(f"{tars[0]}: tar shards are captioned into sidecar files: add --output-dir DIR")
-    sources = inputs.collect(args, recursive=recursive, stdin=sys.stdin if "-" in args else None)
+    recursive, url_timeout = reading  # --recursive, --url-timeout
+    sources = inputs.collect(args, recursive=recursive, stdin=sys.stdin if "-" in args else None, url_deadline=url_timeout)
     if not sources:
         raise UsageError("no inputs: give image files, folders, globs, URLs, or - to read paths from stdin")
     from clipcap_cli.fsutil import refuse_inputs
@@ -238,7 +242,7 @@ def _load(model_args: dict[str, Any], options: DecodingOptions, quiet: bool) -> 
     return captioner
 
 
-def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOptions, quiet: bool, recursive: bool,
+def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOptions, quiet: bool, reading: tuple[bool, float],
                  model_args: dict[str, Any], device: str | None) -> int:
     """Caption shards into sidecar files (see ``clipcap_cli.sharded``); returns how many of this
     process's samples failed (0 under torchrun, where another exit code reads as a crash)."""
@@ -248,7 +252,9 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
     from clipcap_cli import sharded as runner
     from clipcap_cli.ui import stderr
 
-    job = shards.discover(args, recursive=recursive, stdin=sys.stdin if "-" in args else None, shard_size=sharded.shard_size)
+    recursive, url_timeout = reading  # --recursive, --url-timeout
+    job = shards.discover(args, recursive=recursive, stdin=sys.stdin if "-" in args else None, shard_size=sharded.shard_size,
+                          url_deadline=url_timeout)
     settings = {
         "model": _model_identity(model_args),
         "decoding": dataclasses.asdict(options),
