@@ -10,6 +10,7 @@ to an optional callback and every failure is a ``DownloadError`` with a one-line
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import os
@@ -41,6 +42,8 @@ __all__ = [
     "NotEnoughSpaceError",
     "OfflineError",
     "TransferError",
+    "TooSlowError",
+    "Limits",
     "ProgressCallback",
     "Fetched",
     "check_network",
@@ -60,6 +63,10 @@ MAX_BACKOFF = 30.0  # seconds; cap for backoff * 2**n and for Retry-After
 MAX_CONFIRM_HOPS = 3  # consecutive HTML confirmation pages followed before giving up
 SPACE_MARGIN = 16 << 20  # bytes kept free on top of what the download needs
 HTML_PEEK = 256 << 10  # how much of an HTML page is read to look for a confirmation
+# A transfer slower than MIN_RATE bytes/s over any RATE_WINDOW seconds is given up (a 636 MB
+# checkpoint would take 11 hours at 16 KB/s): the .part is kept and the next run resumes it.
+MIN_RATE = 16 << 10
+RATE_WINDOW = 60.0
 # Hosts whose HTML answers may be a "file too large to scan" confirmation page.
 DRIVE_HOSTS: frozenset[str] = frozenset(
     {"drive.google.com", "docs.google.com", "drive.usercontent.google.com"}
@@ -84,6 +91,19 @@ class NotEnoughSpaceError(DownloadError):
 
 class LockTimeoutError(DownloadError):
     """Another process kept downloading the same file for longer than we would wait."""
+
+
+class TooSlowError(DownloadError):
+    """The server sends, but too slowly to finish in any reasonable time (``MIN_RATE``)."""
+
+
+class Limits(NamedTuple):
+    """How long a transfer may wait, and how slowly it may go."""
+
+    connect: float  # seconds to connect
+    read: float  # seconds without a byte
+    min_rate: float = MIN_RATE  # bytes/s, measured over ``window``
+    window: float = RATE_WINDOW  # seconds
 
 
 class HTTPStatusError(DownloadError):
@@ -175,6 +195,8 @@ def fetch_verified(
     force: bool = False,
     offline: bool = False,
     lock_timeout: float = 3600.0,
+    min_rate: float = MIN_RATE,
+    rate_window: float = RATE_WINDOW,
 ) -> Fetched:
     """Download the first working URL of ``urls`` to ``dest``.
 
@@ -185,7 +207,8 @@ def fetch_verified(
     caller's ``sha256`` is given too, a mirror publishing another one is refused. A hash
     published by one mirror also binds the fallbacks tried after it.
     ``timeout`` is seconds for connect and for each read, or a ``(connect, read)``
-    pair. Each URL gets ``retries`` retries after transient failures, waiting
+    pair; a transfer slower than ``min_rate`` bytes/s over ``rate_window`` seconds stops
+    (``TooSlowError``, the partial file kept for the next run). Each URL gets ``retries`` retries after transient failures, waiting
     ``backoff * 2**n`` seconds (capped); a retry that made progress resets the count, so
     a flaky link still finishes a large file.
 
@@ -219,6 +242,7 @@ def fetch_verified(
         sess = session or requests.Session()
         errors: list[tuple[str, DownloadError]] = []
         timeouts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        limits = Limits(*timeouts[:2], min_rate, rate_window)
         vouched: str | None = None  # a mirror that published the hash: later sources must match it too
         try:
             for url in url_list:
@@ -227,7 +251,7 @@ def fetch_verified(
                     if publisher is not None:
                         want_sha, vouched = url_sha, publisher
                     _fetch_one(
-                        sess, url, part, dest, url_sha, url_size, timeout, retries, backoff, progress
+                        sess, url, part, dest, url_sha, url_size, limits, retries, backoff, progress
                     )
                     return Fetched(dest, url_sha, publisher or vouched, url)
                 except _FATAL:
@@ -324,7 +348,7 @@ def _download_to_part(
     progress: ProgressCallback | None,
 ) -> None:
     """Retry loop: return once ``part`` holds the complete body of ``url``."""
-    timeouts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    timeouts = timeout if isinstance(timeout, Limits) else Limits(*(timeout if isinstance(timeout, tuple) else (timeout, timeout)))
     failures = 0  # consecutive attempts without progress
     hops = 0  # consecutive confirmation pages
     attempts = 0
@@ -367,7 +391,7 @@ def _request_once(
     part: Path,
     dest: Path,
     size: int | None,
-    timeouts: tuple[float, float],
+    timeouts: Limits,
     progress: ProgressCallback | None,
 ) -> None:
     """One GET, appended to ``part``. Raises _Retry, _Follow or a DownloadError."""
@@ -383,14 +407,14 @@ def _request_once(
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        resp = sess.get(url, headers=headers, stream=True, timeout=timeouts)
+        resp = sess.get(url, headers=headers, stream=True, timeout=(timeouts.connect, timeouts.read))
     except requests.RequestException as exc:
         raise _Retry(_describe(exc, timeouts)) from None
 
     with resp:
         if _check_status(resp, url, part, offset, progress):
             return  # the .part was already whole
-        chunks = resp.iter_content(CHUNK)
+        chunks = _body_chunks(resp)
         first = _next_chunk(chunks, timeouts)
         if _looks_like_html(resp, first if offset == 0 or resp.status_code == 200 else b""):
             _handle_html(sess, resp, url, first)  # raises _Follow or BadContentError
@@ -439,10 +463,11 @@ def _body_range(resp: requests.Response, url: str, part: Path, offset: int) -> t
 
 
 def _append_body(first: bytes, chunks: Any, part: Path, offset: int, total: int | None, url: str, dest: Path,
-                 size: int | None, timeouts: tuple[float, float], progress: ProgressCallback | None) -> int:
+                 size: int | None, timeouts: Limits, progress: ProgressCallback | None) -> int:
     """Write the body (``first``, then the rest of ``chunks``) to ``part`` from ``offset``; the bytes the file then holds."""
     done = offset
     _report(progress, done, total)
+    pace = _Pace(timeouts.min_rate, timeouts.window, offset)
     try:
         with open(part, "ab" if offset else "wb") as f:
             chunk = first
@@ -454,12 +479,58 @@ def _append_body(first: bytes, chunks: Any, part: Path, offset: int, total: int 
                     part.unlink(missing_ok=True)
                     raise ChecksumError(f"{dest.name}: {_host(url)} sent more than the expected {size} bytes")
                 _report(progress, done, total)
+                rate = pace.too_slow(done)
+                if rate is not None:
+                    raise TooSlowError(
+                        f"{_host(url)}: transfer too slow ({rate / 1024:.1f} KB/s over the last {pace.window:g} s, "
+                        f"at least {pace.min_rate / 1024:g} KB/s needed); {done / 1e6:.1f} MB of {dest.name} kept in "
+                        f"{part.name}: run the same command again to resume")
                 chunk = _next_chunk(chunks, timeouts)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise NotEnoughSpaceError(f"disk full while writing {part} ({done} bytes written)") from None
         raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
     return done
+
+
+class _Pace:
+    """Bytes over time: whether the last ``window`` seconds brought ``min_rate`` bytes/s."""
+
+    def __init__(self, min_rate: float, window: float, done: int):
+        self.min_rate, self.window = min_rate, window
+        self.start = time.monotonic()
+        self.samples: collections.deque[tuple[float, int]] = collections.deque([(self.start, done)])
+
+    def too_slow(self, done: int) -> float | None:
+        """The rate (bytes/s) when it is below the minimum over a whole window, else None."""
+        now = time.monotonic()
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - self.window:
+            self.samples.popleft()  # keep one sample at or before the window's start
+        t0, d0 = self.samples[0]
+        if now - t0 < self.window:
+            return None
+        rate = (done - d0) / (now - t0)
+        return rate if rate < self.min_rate else None
+
+
+def read_available(raw: Any, n: int) -> bytes:
+    """What has arrived on ``raw`` (a urllib3 response), up to ``n`` bytes, without waiting for all
+    ``n`` (b"" at the end): a slow server is measured as it sends. urllib3 errors become requests'."""
+    import urllib3.exceptions
+
+    try:
+        read1 = getattr(raw, "read1", None)  # urllib3 >= 2
+        return read1(n, decode_content=True) if read1 else raw.read(min(n, 1 << 14), decode_content=True)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(str(exc)) from exc
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
+        raise requests.exceptions.ConnectionError(str(exc)) from exc
+
+
+def _body_chunks(resp: requests.Response) -> Any:
+    while chunk := read_available(resp.raw, CHUNK):
+        yield chunk
 
 
 def _next_chunk(chunks, timeouts: tuple[float, float]) -> bytes:

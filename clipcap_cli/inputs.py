@@ -124,6 +124,7 @@ def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, fl
         raise InputError("offline mode is on: URLs are not fetched")
     import requests
 
+    from clipcap_cli.download import read_available
     from clipcap_cli.version import __version__
 
     end = time.monotonic() + deadline
@@ -133,7 +134,7 @@ def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, fl
         with requests.get(url, stream=True, timeout=waits, headers={"User-Agent": f"clipcap/{__version__}"}) as r:
             _check_response(r, max_bytes)
             body = bytearray()
-            while chunk := _read_some(r.raw, 1 << 16):
+            while chunk := read_available(r.raw, 1 << 16):
                 body += chunk
                 if len(body) > max_bytes:
                     raise InputError(f"larger than {max_bytes // (1024 * 1024)} MB")
@@ -157,20 +158,6 @@ def _check_response(r: Any, max_bytes: int) -> None:
     declared = r.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise InputError(f"larger than {max_bytes // (1024 * 1024)} MB")
-
-
-def _read_some(raw: Any, n: int) -> bytes:
-    """Whatever has arrived, up to ``n`` bytes (b"" at the end), without waiting for all ``n``."""
-    import requests
-    import urllib3.exceptions
-
-    try:
-        read1 = getattr(raw, "read1", None)  # urllib3 >= 2: returns as soon as some bytes are there
-        return read1(n, decode_content=True) if read1 else raw.read(min(n, 1024), decode_content=True)
-    except urllib3.exceptions.ReadTimeoutError as exc:
-        raise requests.exceptions.ReadTimeout(str(exc)) from exc
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as exc:
-        raise requests.exceptions.ConnectionError(str(exc)) from exc
 
 
 def _reason(exc: Exception, name: str) -> str:

@@ -94,3 +94,60 @@ def test_caption_gives_the_slow_url_an_error_record_and_goes_on(hostile, online,
 def test_url_timeout_must_be_a_finite_positive_number(tiny_checkpoint, value, tmp_path):
     result = runner.invoke(app, ["caption", "--model", str(tiny_checkpoint), "--url-timeout", value, str(tmp_path)])
     assert result.exit_code == 2 and "url deadline must be a finite number > 0" in result.stderr
+
+
+# --------------------------------------------------------------------------- checkpoint downloads
+
+from clipcap_cli import download as dl  # noqa: E402
+from test_download import PAYLOAD, SHA, dest, server  # noqa: E402,F401  (fixtures)
+
+
+def _trickle(handler, query) -> None:
+    """The payload from the requested offset, a few bytes every 50 ms: never a gap, never done."""
+    rng = handler.headers.get("Range")
+    start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+    body = PAYLOAD[start:]
+    handler.send_response(206 if start else 200)
+    if start:
+        handler.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+    handler.send_header("Content-Type", "application/octet-stream")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    try:
+        for i in range(0, len(body), 64):
+            handler.wfile.write(body[i : i + 64])
+            handler.wfile.flush()
+            time.sleep(0.05)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def test_a_trickling_download_stops_in_bounded_time_and_says_how_to_resume(server, dest):
+    server.routes["/slow"] = _trickle
+    start = time.monotonic()
+    with pytest.raises(dl.TooSlowError) as exc:
+        dl.fetch([server.url("/slow")], dest, timeout=5.0, retries=3, backoff=0.01, min_rate=100_000, rate_window=1.0)
+    assert time.monotonic() - start < 10  # the whole file would take 20 minutes at this pace
+    message = str(exc.value)
+    assert "transfer too slow" in message and "run the same command again to resume" in message
+    part = dest.with_name(dest.name + ".part")
+    kept = part.stat().st_size
+    assert 0 < kept < len(PAYLOAD) and not dest.exists()
+    assert part.read_bytes() == PAYLOAD[:kept]
+    # The next run resumes from what was kept (here from a server that is fast again).
+    assert dl.fetch([server.url()], dest, sha256=SHA, timeout=5.0, retries=1, backoff=0.01) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert server.hits()[-1]["range"] == f"bytes={kept}-"
+
+
+def test_a_stall_mid_body_fails_within_the_retries(server, dest):
+    server.faults.extend(["drop:1000", "sleep:3", "sleep:3"])
+    start = time.monotonic()
+    with pytest.raises(dl.TransferError, match="giving up"):
+        dl.fetch([server.url()], dest, timeout=0.5, retries=1, backoff=0.01)
+    assert time.monotonic() - start < 10
+
+
+def test_a_fast_download_is_not_slowed_by_the_rule(server, dest):
+    assert dl.fetch([server.url()], dest, sha256=SHA, timeout=5.0, min_rate=1024, rate_window=0.05) == dest
+    assert dest.read_bytes() == PAYLOAD
