@@ -8,7 +8,6 @@ import http.server
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
