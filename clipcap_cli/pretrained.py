@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from clipcap_cli import paths
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
+from clipcap_cli.errors import CheckpointError, ClipCapError, ModelNotAvailableError, UsageError
 from clipcap_cli.fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -176,9 +176,38 @@ def fetch(
         source = urlsplit(got.url).hostname if got.url else "the file in place"
         log.warning("model '%s': %s publishes no checksum, so the download could not be verified; "
                     "recorded its sha256 %s", model.name, source, digest)
-    write_text_atomic(_hash_file(model), json.dumps(
-        {"sha256": digest, "size": got.path.stat().st_size, "verified_by": verified_by}) + "\n")
+    _write_record(model, digest, verified_by)
     return got.path
+
+
+def _write_record(model: PretrainedModel, digest: str, verified_by: str | None) -> None:
+    st = model.path.stat()
+    write_text_atomic(_hash_file(model), json.dumps(
+        {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "verified_by": verified_by}) + "\n")
+
+
+def check_cached(model: PretrainedModel) -> None:
+    """Refuse a cached checkpoint whose bytes no longer match the hash recorded when it was downloaded.
+
+    Cheap when nothing changed (size and modification time as recorded); otherwise the file is
+    hashed again, and a match renews the record (best effort: a read-only folder only costs time).
+    """
+    rec = record(model)
+    if not rec:
+        return
+    st = model.path.stat()
+    if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+        return
+    from clipcap_cli.download import sha256_file
+
+    if rec.get("size") != st.st_size or sha256_file(model.path) != rec["sha256"]:
+        raise ModelNotAvailableError(
+            f"model '{model.name}': {model.path} no longer matches the sha256 recorded when it was downloaded "
+            f"({rec['sha256'][:12]}...): run `clipcap download --force {model.name}`")
+    try:
+        _write_record(model, rec["sha256"], rec.get("verified_by"))
+    except (OSError, ClipCapError):
+        pass
 
 
 def check_model_argument(name_or_path: str) -> None:
@@ -203,6 +232,9 @@ def resolve(
         return candidate, {}
     if name_or_path in REGISTRY:
         model = REGISTRY[name_or_path]
+        if model.path.is_file() and record(model):
+            check_cached(model)  # the bytes the record vouches for, or one line saying what to do
+            return model.path, dict(model.settings)
         path = model.path if is_cached(model) else fetch(model, progress=progress)
         return path, dict(model.settings)
     if candidate.suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in name_or_path:

@@ -204,7 +204,7 @@ def test_hub_published_sha256_is_checked_and_recorded(hub):
     result = runner.invoke(app, ["download", "tinyhub", "-q", "--no-backbones"])
     assert result.exit_code == 0, result.output
     assert pretrained.record(entry) == {"sha256": state["published"], "size": len(state["hub_bytes"]),
-                                        "verified_by": "127.0.0.1"}
+                                        "mtime_ns": entry.path.stat().st_mtime_ns, "verified_by": "127.0.0.1"}
     assert "no checksum" not in result.stderr
     listing = json.loads(runner.invoke(app, ["download", "--list", "--json"]).stdout)
     row = next(r for r in listing if r["name"] == "tinyhub")
@@ -260,4 +260,5 @@ def test_force_never_replaces_a_verified_hash_with_an_unverified_one(hub):
     state["drive_bytes"] = original
     result = runner.invoke(app, ["download", "tinyhub", "--force", "--no-backbones"])
     assert result.exit_code == 0, result.output
-    assert pretrained.record(entry) == verified
+    renewed = pretrained.record(entry)  # a new file (a new mtime), the same verified bytes
+    assert {**renewed, "mtime_ns": None} == {**verified, "mtime_ns": None}

@@ -83,6 +83,7 @@ def _fetch_with_progress(model, *, force: bool, quiet: bool):
     from clipcap_cli import loading, paths, pretrained, ui
 
     if pretrained.is_cached(model) and not force:
+        pretrained.check_cached(model)  # the bytes it was verified with, or say to use --force
         return model.path
     if not paths.can_download():
         path = pretrained.fetch(model, force=force)  # fails at once with what to download and where

@@ -150,3 +150,47 @@ def test_a_stall_mid_body_fails_within_the_retries(server, dest):
 def test_a_fast_download_is_not_slowed_by_the_rule(server, dest):
     assert dl.fetch([server.url()], dest, sha256=SHA, timeout=5.0, min_rate=1024, rate_window=0.05) == dest
     assert dest.read_bytes() == PAYLOAD
+
+
+# --------------------------------------------------------------------------- the cached registry files
+
+
+def _planted_model(tmp_path, monkeypatch):
+    """A registry model 'coco' whose checkpoint is a cached file with a verified record."""
+    import hashlib
+
+    from clipcap_cli import pretrained
+
+    model = pretrained.REGISTRY["coco"]
+    model.path.parent.mkdir(parents=True, exist_ok=True)
+    model.path.write_bytes(b"released weights" * 1000)
+    digest = hashlib.sha256(model.path.read_bytes()).hexdigest()
+    pretrained._write_record(model, digest, "huggingface.co")
+    return pretrained, model
+
+
+def test_a_cached_model_whose_bytes_changed_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    pretrained, model = _planted_model(tmp_path, monkeypatch)
+    assert pretrained.resolve("coco")[0] == model.path  # unchanged: used
+    data = bytearray(model.path.read_bytes())
+    data[10] ^= 0xFF  # same size, other bytes (bit rot, a partial overwrite)
+    model.path.write_bytes(bytes(data))
+    with pytest.raises(pretrained.ModelNotAvailableError, match="no longer matches the sha256 .*clipcap download --force coco"):
+        pretrained.resolve("coco")
+    result = runner.invoke(app, ["download", "coco", "--no-backbones"])
+    assert result.exit_code == 1 and "clipcap download --force coco" in result.stderr
+
+
+def test_a_touched_but_unchanged_model_is_rehashed_once_and_used(tmp_path, monkeypatch):
+    import os
+
+    from clipcap_cli import download as downloads
+
+    pretrained, model = _planted_model(tmp_path, monkeypatch)
+    os.utime(model.path, ns=(1, 1))
+    calls = []
+    real = downloads.sha256_file
+    monkeypatch.setattr(downloads, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    assert pretrained.resolve("coco")[0] == model.path
+    assert pretrained.resolve("coco")[0] == model.path
+    assert len(calls) == 1  # the renewed record makes the second check cheap
