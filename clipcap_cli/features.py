@@ -154,7 +154,8 @@ def load_features(path: str | Path) -> FeatureSet:
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise FeaturesError(f"{meta_file}: unreadable ({exc})") from exc
+        raise FeaturesError(f"{meta_file}: unreadable ({exc}): the store is damaged; extract it again "
+                            "(clipcap extract ... --overwrite)") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FeaturesError(f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -302,7 +303,13 @@ def _sha256_json(obj: Any) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file of a store or of its parts; one line naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{path} is unreadable ({reason}): the store is damaged; run the same command with "
+                         "--overwrite to extract it again") from None
 
 
 def store_is_complete(out: Path) -> bool:
@@ -326,6 +333,7 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
         "clip_model": options.clip_model,
         "clip_pretrained": options.clip_pretrained,
         "clip_activation": clip_activation(options.clip_model, options.clip_pretrained),
+        "clip_weights_sha256": clip_weights_sha256(options.clip_model, options.clip_pretrained),
         "dtype": dtype,
         "chunk_size": options.chunk_size,
         "records": len(records),
@@ -335,9 +343,26 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
     }
 
 
+def clip_weights_sha256(model: str, pretrained: str | None) -> str | None:
+    """The fingerprint of the CLIP weights a run encodes with (None: random weights, as in tests)."""
+    from clipcap_cli.backbones import clip_spec, clip_weights_file
+    from clipcap_cli.fingerprint import file_sha256
+
+    path = clip_weights_file(clip_spec(model, pretrained))
+    return file_sha256(path) if path is not None else None
+
+
+def _comparable(old: dict, new: dict) -> dict:
+    """``new`` as a store made before CLIP weights were fingerprinted would have recorded it."""
+    return new if "clip_weights_sha256" in old else {k: v for k, v in new.items() if k != "clip_weights_sha256"}
+
+
 def _settings_mismatch(old: dict, new: dict) -> str:
     diffs = []
     old = with_activation(old)
+    if "clip_weights_sha256" in old and old["clip_weights_sha256"] != new.get("clip_weights_sha256"):
+        diffs.append(f"the CLIP weights changed (sha256 {str(old['clip_weights_sha256'])[:12]}... then, "
+                     f"{str(new.get('clip_weights_sha256'))[:12]}... now): features from the two cannot be mixed")
     if old.get("clip_activation") != new.get("clip_activation"):
         diffs.append(f"CLIP activation {old.get('clip_activation')} then, {new.get('clip_activation')} now: "
                      "features from the two cannot be mixed")
@@ -559,7 +584,8 @@ def _device_and_dtype(options: ExtractOptions, clip: tuple[Any, Any] | None) -> 
 def _already_complete(out: Path, settings: dict, settings_sha: str, n_records: int) -> ExtractResult:
     """The no-op result for a finished store made with these settings; a clear error for other settings."""
     meta = _read_json(out / META_FILE)
-    if _settings_sha(with_activation(meta.get("run_settings", {}))) != settings_sha:
+    old = meta.get("run_settings", {})
+    if _settings_sha(with_activation(old)) != _settings_sha(_comparable(old, settings)):
         why = _settings_mismatch(meta.get("run_settings", {}), settings) or "it was not made by this command"
         raise UsageError(f"{out} already holds a features store made differently ({why}): use --overwrite or another --out")
     return ExtractResult(out, complete=True, noop=True, records=n_records, skipped=read_skipped(out),

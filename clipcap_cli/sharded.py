@@ -9,8 +9,9 @@ For each input shard NAME (``shards.py``) the output folder gets::
                            for failed samples), CLIP's own dtype (fp16 on CUDA, as extract)
     NAME.stats.json        written last: counts, seconds, settings; its presence means "done"
 
-and ``_settings.json`` (what every shard must share), ``_summary.json`` (written at the end) and
-``errors-rank{R}.log`` (one line per failed sample, per process). Files are written as
+and ``NAME.errors.log`` (key and error of each failed sample, derived from the records, so that an
+interrupted and resumed run leaves the same file), ``_settings.json`` (what every shard must share,
+the weights' sha256 included) and ``_summary.json`` (written at the end). Files are written as
 ``FILE.part`` and renamed, so a killed run leaves finished shards whole; the same command then
 skips them and redoes the rest. Shard i goes to process i mod P, where P counts torchrun's
 processes times ``--shard``'s n; torch.distributed only sums progress counts and waits at the end.
@@ -88,6 +89,9 @@ class ShardedOptions:
     def stats_file(self, name: str) -> Path:
         return self.output_dir / f"{name}.stats.json"
 
+    def errors_file(self, name: str) -> Path:
+        return self.output_dir / f"{name}.errors.log"
+
 
 class Progress(NamedTuple):
     """Counts of the whole job (every process) for this run, for a progress bar."""
@@ -156,7 +160,16 @@ def check_settings(out: Path, settings: dict) -> bool:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{file} is unreadable ({exc}): remove it only if {out} holds nothing you want to keep") from None
     before, now = _flat(old), _flat(json.loads(json.dumps(settings)))
-    diffs = [f"{k} {before.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if "weights" not in old:  # a folder started before weights were fingerprinted: names only, as then
+        now = {k: v for k, v in now.items() if not k.startswith("weights.")}
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    weights = [k for k in changed if k.startswith("weights.")]
+    if weights:
+        what = ", ".join(f"the {k.removeprefix('weights.')} ({str(before.get(k))[:12]}... then, {str(now.get(k))[:12]}... now)"
+                         for k in weights)
+        raise UsageError(f"the weights changed since {out} was started: {what} (sha256): caption with the weights "
+                         "it was started with, or use another --output-dir")
+    diffs = [f"{k} {before.get(k)!r} then, {now.get(k)!r} now" for k in changed]
     if diffs:
         raise UsageError(f"{out} holds captions made with other settings ({'; '.join(diffs)}): "
                          "rerun with the same options, or use another --output-dir")
@@ -259,7 +272,7 @@ class _Job:
 
     def open(self) -> None:
         """Start the shard afresh: whatever an interrupted run left of it goes."""
-        for path in (self.opts.records_file(self.name), self.opts.embeddings_file(self.name)):
+        for path in (self.opts.records_file(self.name), self.opts.embeddings_file(self.name), self.opts.errors_file(self.name)):
             path.unlink(missing_ok=True)
             path.with_name(path.name + PART).unlink(missing_ok=True)
         if self.opts.output_format == "jsonl":
@@ -268,8 +281,6 @@ class _Job:
 
     def add(self, batch: list[tuple[dict, Any]]) -> None:
         for record, embedding in batch:
-            if record["error"] is not None:
-                self.context["log"](record)
             if self.lines is not None and self.retry is None:
                 self.lines.write(dumps(record) + "\n")
             else:
@@ -326,7 +337,9 @@ class _Job:
         self._write_stats(read_records(self.opts, self.name), seconds, retried=len(new))
 
     def _write_stats(self, records: list[dict], seconds: float, retried: int = 0) -> None:
+        """NAME.errors.log (the shard's failed samples, from its records), then NAME.stats.json: done."""
         failed = sum(r["error"] is not None for r in records)
+        self._write_errors(records)
         stats = {
             "shard": self.name,
             "source": self.shard.tar,
@@ -348,6 +361,20 @@ class _Job:
         part = self.opts.stats_file(self.name).with_name(self.opts.stats_file(self.name).name + PART)
         part.write_text(dumps(stats, indent=2) + "\n", encoding="utf-8")
         publish(part, self.opts.stats_file(self.name))
+
+    def _write_errors(self, records: list[dict]) -> None:
+        """One line per failed sample (key, error), or no file when none failed: derived from the
+        shard's final records, so an interrupted and resumed run leaves the same file as one that was not."""
+        path = self.opts.errors_file(self.name)
+        lines = [f"{r['key']}\t{' '.join(str(r['error']).split())}\n" for r in records if r["error"] is not None]
+        if self.problem:
+            lines.append(f"(shard)\t{' '.join(self.problem.split())}\n")
+        if not lines:
+            path.unlink(missing_ok=True)
+            return
+        part = path.with_name(path.name + PART)
+        part.write_text("".join(lines), encoding="utf-8")
+        publish(part, path)
 
 
 # --------------------------------------------------------------------------- the run
@@ -458,17 +485,8 @@ def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settin
     """Stream every pending sample through the captioner; returns the failures among them."""
     from clipcap_cli.backbones import clip_dtype
 
-    log_path = opts.output_dir / f"errors-rank{slot}.log"
-    log_file: list[Any] = []
-
-    def log(record: dict) -> None:  # writer thread only
-        if not log_file:
-            log_file.append(open(log_path, "a", encoding="utf-8"))
-        log_file[0].write(f"{record['shard']}\t{record['key']}\t{record['error']}\n")
-        log_file[0].flush()
-
     context = {"settings": settings, "alternatives": decoding.num_captions > 1, "clip": decoding.rerank is not None, "dim": captioner.config.prefix_size,
-               "dtype": clip_dtype(captioner.device), "device": str(captioner.device), "log": log,
+               "dtype": clip_dtype(captioner.device), "device": str(captioner.device),
                "process": {"slot": int(slot), "shard": f"{opts.shard[0]}/{opts.shard[1]}"}}
     jobs: dict[str, _Job] = {}
     order: collections.deque[Sample] = collections.deque()  # samples in stream order
@@ -509,8 +527,6 @@ def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settin
             elif len(job.buffer) >= FLUSH_EVERY:
                 writer.submit(job.add, job.buffer)
                 job.buffer = []
-    for f in log_file:
-        f.close()
     return failed + sum(job.problem is not None for job in jobs.values())
 
 
@@ -549,7 +565,7 @@ def summarize(shards: Sequence[Shard], opts: ShardedOptions, settings: dict, thi
         "this_run": this_run,
         "output_format": opts.output_format,
         "embeddings": opts.save_embeddings,
-        "error_logs": sorted(p.name for p in opts.output_dir.glob("errors-rank*.log")),
+        "error_logs": sorted(p.name for p in opts.output_dir.glob("*.errors.log")),
         "settings": settings,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "clipcap_version": __version__,

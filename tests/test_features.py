@@ -224,8 +224,8 @@ def test_concurrent_shard_with_other_settings_is_refused(tmp_path: Path, monkeyp
     size). Whatever the interleaving, one of them is refused, and the part files on disk are the
     other's alone: its settings with its records."""
     out = tmp_path / "f"
-    ours = features.run_settings(_records(6), tmp_path, features.ExtractOptions(chunk_size=2), "float32", {})
-    theirs = features.run_settings(_records(5), tmp_path, features.ExtractOptions(chunk_size=3), "float32", {})
+    ours = features.run_settings(_records(6), tmp_path, features.ExtractOptions(chunk_size=2, clip_pretrained=None), "float32", {})
+    theirs = features.run_settings(_records(5), tmp_path, features.ExtractOptions(chunk_size=3, clip_pretrained=None), "float32", {})
     outcome: dict[str, str] = {}
     fired: list[Path] = []  # every part file written, by either shard
 

@@ -191,7 +191,7 @@ def test_discover_orders_and_names_shards(tmp_path, tar_dir, pictures):
 def test_every_key_gets_one_record_and_errors_exit_3(baseline, tar_dir):
     out = baseline
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"0000{s}.{ext}" for s in range(3) for ext in ("jsonl", "stats.json")] + ["_settings.json", "_summary.json", "errors-rank0.log"])
+        [f"0000{s}.{ext}" for s in range(3) for ext in ("jsonl", "stats.json")] + ["_settings.json", "_summary.json", "00001.errors.log"])
     got = all_records(out)
     expected = {s.key for path in sorted(tar_dir.glob("*.tar")) for s in shards.Shard(path.stem, 0, tar=str(path)).samples()[0]}
     assert set(got) == expected and len(got) == 16
@@ -206,8 +206,8 @@ def test_every_key_gets_one_record_and_errors_exit_3(baseline, tar_dir):
     stats = json.loads((out / "00001.stats.json").read_text())
     assert (stats["samples"], stats["ok"], stats["failed"], stats["error"]) == (6, 4, 2, None)
     assert stats["settings"]["decoding"]["max_length"] == 6 and stats["source"] == str(tar_dir / "00001.tar")
-    log = (out / "errors-rank0.log").read_text().splitlines()
-    assert sorted(line.split("\t")[1] for line in log) == [CORRUPT_KEY, NO_IMAGE_KEY]
+    log = (out / "00001.errors.log").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in log) == [CORRUPT_KEY, NO_IMAGE_KEY]
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["complete"] and (summary["samples"], summary["ok"], summary["failed"]) == (16, 14, 2)
     assert summary["this_run"]["samples"] == 16 and summary["this_run"]["shards_done"] == 3
@@ -424,6 +424,6 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_checkpoint, tar_dir, ba
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["complete"] and summary["this_run"]["samples"] == 16 and summary["this_run"]["shards_done"] == 3
     assert summary["this_run"]["processes"] == 2
-    assert not (out / "errors-rank0.log").exists()  # shards 0 and 2 have no failures
-    assert sorted(line.split("\t")[1] for line in (out / "errors-rank1.log").read_text().splitlines()) == [CORRUPT_KEY, NO_IMAGE_KEY]
+    assert sorted(p.name for p in out.glob("*.errors.log")) == ["00001.errors.log"]  # shards 0 and 2 have no failures
+    assert sorted(line.split("\t")[0] for line in (out / "00001.errors.log").read_text().splitlines()) == [CORRUPT_KEY, NO_IMAGE_KEY]
     assert proc.stderr.count("captioned 14 of 16 samples") == 1  # one summary: rank 0's, with global counts

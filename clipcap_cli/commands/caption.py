@@ -257,6 +257,7 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
                           url_deadline=url_timeout)
     settings = {
         "model": _model_identity(model_args),
+        "weights": _weights(model_args),  # contents, not names: other weights at the same path are refused
         "decoding": dataclasses.asdict(options),
         "output_format": sharded.output_format,
         "save_embeddings": sharded.save_embeddings,
@@ -301,6 +302,20 @@ def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
     if path.is_file():
         identity["name_or_path"] = str(path.resolve())
     return identity
+
+
+def _weights(model_args: dict[str, Any]) -> dict[str, str | None]:
+    """sha256 fingerprints of the weights the model is made of (checkpoint; a local CLIP or GPT-2 folder)."""
+    from clipcap_cli.backbones import LOCAL_DIR
+    from clipcap_cli.fingerprint import weights_fingerprint
+
+    found = {"checkpoint": weights_fingerprint(str(model_args["name_or_path"]))}
+    clip, gpt2 = model_args.get("clip_model"), model_args.get("gpt2")
+    if clip and str(clip).startswith(LOCAL_DIR):
+        found["clip"] = weights_fingerprint(str(clip)[len(LOCAL_DIR):])
+    if gpt2 and Path(str(gpt2)).expanduser().is_dir():
+        found["gpt2"] = weights_fingerprint(str(gpt2))
+    return found
 
 
 def _summary_line(summary: dict, sharded: ShardedOptions) -> str:

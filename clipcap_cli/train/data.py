@@ -242,6 +242,7 @@ class TrainData:
     truncated: int  # how many were
     sampler: torch.utils.data.DistributedSampler  # this process's share of the shuffled training captions
     steps_per_epoch: int  # optimizer steps
+    embeddings_sha256: str | None = None  # the store's embeddings: a resume must see the same ones
 
     def epoch_batches(self, epoch: int, batch_size: int, grad_accum: int) -> list[list[int]]:
         """This process's micro-batches of ``epoch``: a seeded order (seed + epoch), as on any resume."""
@@ -283,8 +284,12 @@ def load_data(opts: TrainOptions, store: Path, tokenizer: Any, gpt_config: Any, 
             f"{len(train_ids)} training captions are too few for one step of {opts.batch_size} x {opts.grad_accum}"
             f" x {dist.world_size} process(es): lower --batch-size or --grad-accum"
         )
+    from clipcap_cli.features import EMBEDDINGS_FILE
+    from clipcap_cli.fingerprint import file_sha256
+
+    emb_file = fs.path / EMBEDDINGS_FILE
     return TrainData(fs.path.resolve(), model_config(opts, fs.meta), train, val, caps.key, max_tokens, truncated,
-                     sampler, steps_per_epoch)
+                     sampler, steps_per_epoch, file_sha256(emb_file) if emb_file.is_file() else None)
 
 
 def _separate_validation(path: str, fs: FeatureSet, tokenizer: Any, max_tokens: int, dist: Distributed) -> CaptionDataset:

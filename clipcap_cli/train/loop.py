@@ -167,7 +167,8 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
         torch.backends.cudnn.allow_tf32 = True
 
     if resume:
-        pos = state.load_resume_state(out / RESUME_FILE, opts=opts, data_key=run_data.key, data_path=run_data.path,
+        pos = state.load_resume_state(out / RESUME_FILE, opts=opts, data_key=run_data.key,
+                                      embeddings_sha256=run_data.embeddings_sha256, data_path=run_data.path,
                                       world_size=dist.world_size, rank=dist.rank, model=model, optimizer=optimizer,
                                       scaler=scaler)
     else:
@@ -349,7 +350,8 @@ def save_resume(t: Trainer, cb: TrainCallback) -> None:
     with t.dist.fail_together():
         if t.dist.main:
             path = t.out / RESUME_FILE
-            state.save_resume_state(path, opts=t.opts, data_key=t.data.key, world_size=t.dist.world_size, pos=t.pos,
+            state.save_resume_state(path, opts=t.opts, data_key=t.data.key, embeddings_sha256=t.data.embeddings_sha256,
+                                    world_size=t.dist.world_size, pos=t.pos,
                                     model=t.model, optimizer=t.optimizer, scaler=t.scaler, rngs=rngs)
             cb.on_checkpoint(path, "resume")
 

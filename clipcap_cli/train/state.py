@@ -84,7 +84,7 @@ def save_epoch_checkpoint(model: ClipCaptionModel, path: Path, epoch: int, step:
 # --------------------------------------------------------------------------- resume.pt
 
 
-def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, world_size: int, pos: Position,
+def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddings_sha256: str | None, world_size: int, pos: Position,
                       model: ClipCaptionModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                       rngs: list[dict[str, Any]]) -> None:
     """Write everything a resume needs; ``rngs`` holds every process's RNG state, by rank."""
@@ -94,6 +94,7 @@ def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, world_si
         "clipcap_version": __version__,
         "options": opts.to_dict(),
         "data_key": data_key,
+        "embeddings_sha256": embeddings_sha256,
         "world_size": world_size,
         "step": pos.step,
         "epoch": pos.epoch,
@@ -110,7 +111,8 @@ def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, world_si
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, data_path: Path, world_size: int, rank: int,
+def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddings_sha256: str | None, data_path: Path,
+                      world_size: int, rank: int,
                       model: ClipCaptionModel, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler) -> Position:
     """Restore weights, optimizer, loss scaler and this process's RNG streams; return the position.
@@ -136,6 +138,11 @@ def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, data_pat
         )
     if state["data_key"] != data_key:
         raise UsageError(f"the captions of {data_path} changed since this run started: cannot resume it")
+    saved_sha = state.get("embeddings_sha256")  # states saved before 0.3 have none
+    if saved_sha and embeddings_sha256 and saved_sha != embeddings_sha256:
+        raise UsageError(f"the CLIP embeddings of {data_path} changed since this run started (sha256 {saved_sha[:12]}... then, "
+                         f"{embeddings_sha256[:12]}... now; re-extracted?): resume with the store it started with, "
+                         "or start a new run")
     if model.config.only_prefix:  # the state holds the mapper alone; GPT-2 comes from --gpt2
         model.clip_project.load_state_dict({k.removeprefix("clip_project."): v for k, v in state["model"].items()})
     else:

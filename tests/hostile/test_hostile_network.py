@@ -12,9 +12,11 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from clipcap_cli import download as dl
 from clipcap_cli.cli import app
 from clipcap_cli.inputs import InputError, fetch_url
 from conftest import make_images
+from test_download import PAYLOAD, SHA, dest, server  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 
@@ -53,11 +55,11 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
 def hostile(tmp_path_factory):
     pics = make_images(tmp_path_factory.mktemp("web"))
     _Hostile.body = pics["rgb"].read_bytes()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
 
 
 @pytest.fixture
@@ -96,9 +98,6 @@ def test_url_timeout_must_be_a_finite_positive_number(tiny_checkpoint, value, tm
 
 
 # --------------------------------------------------------------------------- checkpoint downloads
-
-from clipcap_cli import download as dl  # noqa: E402
-from test_download import PAYLOAD, SHA, dest, server  # noqa: E402,F401  (fixtures)
 
 
 def _trickle(handler, query) -> None:
