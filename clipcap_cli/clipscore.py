@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 METRIC_NAMES: tuple[str, ...] = ("CLIPScore", "RefCLIPScore")  # as `clipcap eval` reports them
 CANDIDATE_PREFIX = "A photo depicts "  # the reference's text prompt, put before every caption and reference
 WEIGHT = 2.5  # the reference's w: stretches CLIP-S over about 0-1 for real captions
-RERANK_SAMPLES = 5  # rerank="clip" with sampling and num_captions 1: samples drawn to choose from
 TEXT_BATCH = 256  # captions per text-tower batch (the reference's batch size)
 
 
@@ -193,56 +192,43 @@ def score(
 # --------------------------------------------------------------------------- reranking
 
 
-def candidate_options(options: DecodingOptions) -> DecodingOptions:
-    """The decoding that yields the candidates ``options.rerank`` chooses among: all
-    ``beam_size`` beams for greedy and beam search, ``num_captions`` samples (RERANK_SAMPLES
-    when that is 1) for sampling."""
-    if options.strategy == "sample":
-        n = options.num_captions if options.num_captions > 1 else RERANK_SAMPLES
-        return options.replace(rerank=None, num_captions=n)
-    return options.replace(rerank=None, strategy="beam", num_captions=options.beam_size)
-
-
 def rerank_decode(
     captioner: Captioner,
     clip_embedding: torch.Tensor,
     options: DecodingOptions,
     image_ids: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
-    """Decode candidates for CLIP image embeddings (B, D) and keep the ``num_captions`` with the
-    highest CLIP-S on the captioner's own CLIP, best first (ties keep the decoder's order).
-
-    ``score``/``scores`` stay the decoder's scores of the chosen captions; ``clip_score`` and
-    ``clip_scores`` are their CLIP-S.
+    """Decode candidates (``options.candidates()``) for CLIP image embeddings (B, D) and keep the
+    ``num_captions`` with the highest CLIP-S on the captioner's own CLIP, best first (ties keep the
+    decoder's order). ``score``/``scores`` stay the decoder's; ``clip_score``/``clip_scores`` are CLIP-S.
     """
+    import dataclasses
+
     import torch
 
-    from clipcap_cli import decoding
+    from clipcap_cli.decoding import decode_prefix
 
-    model, tokenizer = captioner.model, captioner.tokenizer
+    model = captioner.model
     with torch.inference_mode():
         prefix = model.embed_prefix(clip_embedding)  # (B, K, E)
-    stop = options.stop_token or getattr(model.config, "stop_token", None) or "."
-    found = decoding.generate(model, prefix, candidate_options(options), decoding.stop_token_id(tokenizer, stop),
-                              image_ids)
-    texts = [[decoding.tokens_to_text(tokenizer, tokens) for tokens, _ in hyps] for hyps in found]
-    flat = [t for candidates in texts for t in candidates]
+    found = decode_prefix(model, captioner.tokenizer, prefix, options.candidates(), image_ids)
+    flat = [t for result in found for t in result.texts]
     if not flat:
         return []
-    counts = [len(candidates) for candidates in texts]
-    images = clip_embedding.repeat_interleave(torch.tensor(counts, device=clip_embedding.device), dim=0)
+    counts = torch.tensor([len(result.texts) for result in found], device=clip_embedding.device)
     text_features = captioner.clip_text().encode(flat)
-    clip = clip_s(images.to(text_features.device), text_features).tolist()
+    clip = clip_s(clip_embedding.repeat_interleave(counts, dim=0).to(text_features.device), text_features).tolist()
     results, at = [], 0
-    for hyps, candidates in zip(found, texts):
-        values = clip[at : at + len(hyps)]
-        at += len(hyps)
-        order = sorted(range(len(hyps)), key=lambda j: -values[j])[: options.num_captions]
+    for result in found:
+        values = clip[at : at + len(result.texts)]
+        at += len(result.texts)
+        order = sorted(range(len(values)), key=lambda j: -values[j])[: options.num_captions]
         best = order[0]
-        results.append(decoding.DecodingResult(
-            text=candidates[best], tokens=tuple(hyps[best][0]), score=hyps[best][1],
-            texts=tuple(candidates[j] for j in order), scores=tuple(hyps[j][1] for j in order),
+        results.append(dataclasses.replace(
+            result, text=result.texts[best], tokens=result.all_tokens[best], score=result.scores[best],
+            texts=tuple(result.texts[j] for j in order), scores=tuple(result.scores[j] for j in order),
             clip_score=values[best], clip_scores=tuple(values[j] for j in order),
+            all_tokens=tuple(result.all_tokens[j] for j in order),
         ))
     return results
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
 RERANKERS: tuple[str, ...] = ("clip",)  # DecodingOptions.rerank values (see clipscore.py)
+RERANK_SAMPLES = 5  # rerank with sampling and num_captions 1: samples drawn to choose from
 Hypothesis = tuple[list[int], float]  # (token ids, score)
 
 
@@ -41,7 +42,7 @@ class DecodingOptions:
     seed: int | None = None  # sample only: image i of a call draws from seed + i; None = random
     max_length: int = 67  # most tokens per caption, the stop token included (the original's 67)
     stop_token: str | None = None  # decoding stops after this token; None = the model config's (".")
-    rerank: str | None = None  # "clip": order candidates by CLIP-S (which ones: clipscore.candidate_options)
+    rerank: str | None = None  # "clip": order candidates by CLIP-S (which ones: ``candidates()``)
 
     def __post_init__(self) -> None:
         _verify(self)
@@ -49,6 +50,19 @@ class DecodingOptions:
     def replace(self, **changes: Any) -> DecodingOptions:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def search(self) -> str:
+        """The strategy that runs: reranking greedy output would rank one caption, so greedy with
+        ``rerank`` searches ``beam_size`` beams instead (the one home of that rule)."""
+        return "beam" if self.strategy == "greedy" and self.rerank is not None else self.strategy
+
+    def candidates(self) -> DecodingOptions:
+        """The decoding that yields the candidates ``rerank`` chooses among: all ``beam_size`` beams
+        (beam search, and greedy with ``rerank``), or ``num_captions`` samples (RERANK_SAMPLES when 1)."""
+        if self.search == "sample":
+            return self.replace(rerank=None, num_captions=self.num_captions if self.num_captions > 1 else RERANK_SAMPLES)
+        return self.replace(rerank=None, strategy="beam", num_captions=self.beam_size)
 
 
 def _verify(o: DecodingOptions) -> None:
@@ -68,21 +82,19 @@ def _verify(o: DecodingOptions) -> None:
     if o.stop_token is not None and o.stop_token == "":
         raise UsageError("stop_token must not be empty")
     if o.strategy != "sample":
-        ignored = [name for name, on in (("top_p (--top-p)", o.top_p != 1.0), ("top_k (--top-k)", o.top_k != 0),
-                                         ("seed (--seed)", o.seed is not None)) if on]
+        ignored = [name for name, on in (("top_p", o.top_p != 1.0), ("top_k", o.top_k != 0), ("seed", o.seed is not None)) if on]
         if ignored:
-            raise UsageError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for sampling only: add --sample")
+            raise UsageError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for sampling only: "
+                             "set strategy to 'sample'")
     if o.rerank is not None and o.rerank not in RERANKERS:
         raise UsageError(f"unknown reranker {o.rerank!r}: choose {', '.join(RERANKERS)}")
-    # Reranking greedy output would rank one caption: it searches beam_size beams instead.
-    beams = o.strategy == "beam" or (o.strategy == "greedy" and o.rerank is not None)
-    if o.strategy == "greedy" and not beams:
+    if o.search == "greedy":
         if o.num_captions > 1:
-            raise UsageError("greedy decoding gives one caption: use --beam N or --sample for --num-captions > 1")
+            raise UsageError("greedy decoding gives one caption: num_captions > 1 needs strategy 'beam' or 'sample'")
         if o.temperature != 1.0:
-            raise UsageError("temperature has no effect on greedy decoding: use --sample or --beam")
-    if beams and o.num_captions > o.beam_size:
-        raise UsageError(f"num_captions ({o.num_captions}) cannot exceed the beam size ({o.beam_size})")
+            raise UsageError("temperature has no effect on greedy decoding: use strategy 'sample' or 'beam'")
+    if o.search == "beam" and o.num_captions > o.beam_size:
+        raise UsageError(f"num_captions ({o.num_captions}) cannot exceed beam_size ({o.beam_size})")
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class DecodingResult:
     scores: tuple[float, ...]  # their scores
     clip_score: float | None = None  # rerank="clip": CLIP-S of ``text`` (0-2.5); None = not reranked
     clip_scores: tuple[float, ...] | None = None  # rerank="clip": CLIP-S of each of ``texts``
+    all_tokens: tuple[tuple[int, ...], ...] = ()  # the token ids of each of ``texts``
 
 
 # --------------------------------------------------------------------------- text
@@ -558,5 +571,5 @@ def decode_prefix(
     for hyps in found:
         texts = tuple(tokens_to_text(tokenizer, t) for t, _ in hyps)
         results.append(DecodingResult(text=texts[0], tokens=tuple(hyps[0][0]), score=hyps[0][1], texts=texts,
-                                      scores=tuple(s for _, s in hyps)))
+                                      scores=tuple(s for _, s in hyps), all_tokens=tuple(tuple(t) for t, _ in hyps)))
     return results

@@ -51,6 +51,26 @@ def say(message: str) -> None:
         stderr.print(message, style="dim", highlight=False)
 
 
+# The core's errors name fields; on the command line they read as the flags that set them.
+FLAG_WORDING = (
+    ("set strategy to 'sample'", "add --sample"),
+    ("needs strategy 'beam' or 'sample'", "needs --beam N or --sample"),
+    ("use strategy 'sample' or 'beam'", "use --sample or --beam"),
+    ("num_captions", "--num-captions"), ("beam_size", "--beam"), ("top_p", "--top-p"), ("top_k", "--top-k"),
+    ("max_length", "--max-length"), ("temperature", "--temperature"), ("stop_token", "--stop-token"), ("url deadline", "--url-timeout"),
+)
+
+
+def as_flags(exc: errors.UsageError) -> errors.UsageError:
+    """``exc`` with the core's field names replaced by the command line's flags."""
+    import re
+
+    text = str(exc)
+    for field, flag in FLAG_WORDING:
+        text = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag, text)
+    return errors.UsageError(text)
+
+
 def warn(message: str) -> None:
     stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 

@@ -168,7 +168,7 @@ def test_missing_registry_model_offline_is_fatal_one_line(photo_dir):
         (["--beam", "3", "--sample"], "alternatives"),
         (["--top-p", "0.5"], "for sampling only: add --sample"),
         (["--num-captions", "2"], "greedy decoding gives one caption"),
-        (["--beam", "2", "--num-captions", "3"], "cannot exceed the beam size"),
+        (["--beam", "2", "--num-captions", "3"], "cannot exceed --beam"),
         (["--batch-size", "0"], "--batch-size"),
         (["--format", "yaml"], "unknown output format"),
     ],

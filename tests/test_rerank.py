@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from clipcap_cli import clipscore
 from clipcap_cli.cli import app
-from clipcap_cli.decoding import DecodingOptions, tokens_to_text
+from clipcap_cli.decoding import RERANK_SAMPLES, DecodingOptions, tokens_to_text
 from clipcap_cli.errors import UsageError
 from clipcap_cli.loading import load_model
 
@@ -75,7 +75,7 @@ def test_rerank_of_samples_reorders_the_same_samples(captioner, photo: Path):
     assert list(ranked.clip_scores) == pytest.approx([want[t] for t in ranked.texts], abs=1e-6)
     assert list(ranked.clip_scores) == sorted(ranked.clip_scores, reverse=True)
     # one caption asked for: it is chosen among RERANK_SAMPLES samples
-    five = captioner.caption(photo, strategy="sample", num_captions=clipscore.RERANK_SAMPLES, seed=3, **FAST)[0]
+    five = captioner.caption(photo, strategy="sample", num_captions=RERANK_SAMPLES, seed=3, **FAST)[0]
     one = captioner.caption(photo, strategy="sample", seed=3, rerank="clip", **FAST)[0]
     scores = open_clip_scores(captioner.config.clip_model, photo, list(five.texts))
     assert one.text == five.texts[max(range(len(scores)), key=lambda j: scores[j])]
@@ -138,13 +138,13 @@ def test_rerank_options_are_checked():
     with pytest.raises(UsageError, match="unknown reranker"):
         DecodingOptions(rerank="blip")
     assert DecodingOptions(rerank="clip", num_captions=3).num_captions == 3  # greedy + rerank searches 5 beams
-    with pytest.raises(UsageError, match="cannot exceed the beam size"):
+    with pytest.raises(UsageError, match="cannot exceed beam_size"):
         DecodingOptions(rerank="clip", num_captions=6)
-    opts = clipscore.candidate_options(DecodingOptions(rerank="clip", num_captions=2))
+    opts = DecodingOptions(rerank="clip", num_captions=2).candidates()
     assert (opts.strategy, opts.num_captions, opts.rerank) == ("beam", 5, None)
-    opts = clipscore.candidate_options(DecodingOptions(strategy="beam", beam_size=3, rerank="clip"))
+    opts = DecodingOptions(strategy="beam", beam_size=3, rerank="clip").candidates()
     assert (opts.strategy, opts.num_captions) == ("beam", 3)
-    opts = clipscore.candidate_options(DecodingOptions(strategy="sample", num_captions=7, rerank="clip"))
+    opts = DecodingOptions(strategy="sample", num_captions=7, rerank="clip").candidates()
     assert (opts.strategy, opts.num_captions) == ("sample", 7)
 
 
@@ -185,4 +185,4 @@ def test_cli_rerank_formats_and_errors(tiny_checkpoint: Path, photo: Path, tmp_p
     code, _, output = caption_cli(tiny_checkpoint, str(photo), "--rerank", "blip")
     assert code == 2 and "unknown reranker" in output
     code, _, output = caption_cli(tiny_checkpoint, str(photo), "--rerank", "clip", "--beam", "2", "-n", "3")
-    assert code == 2 and "cannot exceed the beam size" in output
+    assert code == 2 and "cannot exceed --beam" in output

@@ -95,18 +95,25 @@ def command(
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
         if workers is not None and workers < 0:
             raise UsageError(f"--workers must be 0 or more, got {workers}")
-        options = DecodingOptions(
-            strategy="beam" if beam is not None else "sample" if sample else "greedy",
-            beam_size=beam if beam is not None else DecodingOptions.beam_size,
-            num_captions=num_captions,
-            top_p=top_p,
-            top_k=top_k,
-            temperature=temperature,
-            seed=seed,
-            max_length=max_length,
-            stop_token=stop_token,
-            rerank=rerank,
-        )
+        from clipcap_cli.errors import check_number
+        from clipcap_cli.ui import as_flags
+
+        try:
+            options = DecodingOptions(
+                strategy="beam" if beam is not None else "sample" if sample else "greedy",
+                beam_size=beam if beam is not None else DecodingOptions.beam_size,
+                num_captions=num_captions,
+                top_p=top_p,
+                top_k=top_k,
+                temperature=temperature,
+                seed=seed,
+                max_length=max_length,
+                stop_token=stop_token,
+                rerank=rerank,
+            )
+            check_number("url deadline", url_timeout, low=0, low_open=True)
+        except UsageError as exc:
+            raise as_flags(exc) from None
         # Everything that makes the model: load_model's arguments, and (less the device) what an
         # --output-dir records and checks on resume. A new model option is one more entry here.
         model_args: dict[str, Any] = dict(
@@ -204,7 +211,7 @@ def _run(
     start = time.perf_counter()
     target = out.AtomicFile(output) if output else contextlib.nullcontext(sys.stdout)
     with target as stream, ui.item_progress("images", quiet) as progress, OffThread() as background:
-        strategy = "beam" if options.rerank and options.strategy == "greedy" else options.strategy  # see candidate_options
+        strategy = options.search
         decoding = strategy + (f" {options.beam_size}" if strategy == "beam" else "")
         decoding += f", reranked by {options.rerank}" if options.rerank else ""
         writer = out.get_writer(fmt, stream, settings=f"model {model_args['name_or_path']}, {decoding}")

@@ -267,11 +267,17 @@ def _clip_progress(quiet: bool) -> Any:
 
 
 def _decoding(beam: int | None, max_length: int | None) -> DecodingOptions:
-    options = DecodingOptions()
-    if beam is not None:
-        options = options.replace(strategy="beam", beam_size=beam)
-    if max_length is not None:
-        options = options.replace(max_length=max_length)
+    from clipcap_cli.errors import UsageError
+    from clipcap_cli.ui import as_flags
+
+    try:
+        options = DecodingOptions()
+        if beam is not None:
+            options = options.replace(strategy="beam", beam_size=beam)
+        if max_length is not None:
+            options = options.replace(max_length=max_length)
+    except UsageError as exc:
+        raise as_flags(exc) from None
     return options
 
 

@@ -94,7 +94,7 @@ def test_caption_gives_the_slow_url_an_error_record_and_goes_on(hostile, online,
 @pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
 def test_url_timeout_must_be_a_finite_positive_number(tiny_checkpoint, value, tmp_path):
     result = runner.invoke(app, ["caption", "--model", str(tiny_checkpoint), "--url-timeout", value, str(tmp_path)])
-    assert result.exit_code == 2 and "url deadline must be a finite number > 0" in result.stderr
+    assert result.exit_code == 2 and "--url-timeout must be a finite number > 0" in result.stderr
 
 
 # --------------------------------------------------------------------------- checkpoint downloads

@@ -45,11 +45,11 @@ def test_train_float_options_must_be_finite_and_in_range(tmp_path, store, tiny_g
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--beam", "3", "--temperature", "inf"], "temperature must be a finite number > 0, got inf"),
-    (["--sample", "--temperature", "nan"], "temperature must be a finite number > 0, got nan"),
-    (["--sample", "--temperature", "0"], "temperature must be a finite number > 0"),
-    (["--sample", "--top-p", "2"], "top_p must be a finite number > 0 and <= 1, got 2.0"),
-    (["--sample", "--top-p", "inf"], "top_p must be a finite number"),
+    (["--beam", "3", "--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--sample", "--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--sample", "--top-p", "2"], "--top-p must be a finite number > 0 and <= 1, got 2.0"),
+    (["--sample", "--top-p", "inf"], "--top-p must be a finite number"),
 ])
 def test_caption_float_options_must_be_finite(tmp_path, tiny_checkpoint, images, args, message):
     result = runner.invoke(app, ["caption", str(images["rgb"]), "--model", str(tiny_checkpoint), *args])
