@@ -47,7 +47,7 @@ from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.decoding import DecodingOptions, generate, stop_token_id
 from clipcap_cli.model import ClipCaptionModel
-from clipcap_cli.precision import apply_precision, to_device
+from clipcap_cli.precision import apply_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import make_images  # noqa: E402  (the same 640x480 JPEGs)
@@ -98,7 +98,7 @@ def with_precision(captioner: Captioner, precision: str) -> Captioner:
 def pixel_batches(captioner: Captioner, paths: list[Path], batch: int, workers: int):
     """JPEG decoding and CLIP preprocessing as `clipcap caption` does them, pixels moved through pinned memory."""
     for loaded in inputs.load_batches([str(p) for p in paths], captioner.preprocess_image, batch, workers):
-        yield to_device(loaded.pixels, captioner.device)
+        yield loaded.pixels.to(captioner.device, non_blocking=True)  # pinned by the loader on CUDA
 
 
 def seconds(fn: Callable[[], Any], device: torch.device) -> float:

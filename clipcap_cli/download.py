@@ -16,7 +16,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from html.parser import HTMLParser
@@ -46,7 +45,6 @@ __all__ = [
     "Limits",
     "ProgressCallback",
     "Fetched",
-    "check_network",
     "fetch",
     "fetch_verified",
     "published_checksum",
@@ -152,19 +150,6 @@ def sha256_file(path: Path, chunk: int = CHUNK) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def check_network(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to ``host:port`` opens within ``timeout`` seconds.
-
-    A cheap probe so an offline machine fails in seconds instead of after minutes of
-    retries. (Name resolution itself is not bounded by ``timeout``.)
-    """
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 class Fetched(NamedTuple):

@@ -9,7 +9,6 @@ model, and the prefix it learns is not made of word-like embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,9 +94,3 @@ def read_prefix(
         )
         readings.append(PrefixReading(result.text, positions))
     return readings
-
-
-def read_images(captioner: Captioner, images: Sequence[Any], top: int = TOP,
-                options: DecodingOptions | None = None) -> list[PrefixReading]:
-    """:func:`read_prefix` for images given as paths, bytes or PIL images."""
-    return read_prefix(captioner, captioner.encode(images), top, options)

@@ -62,7 +62,6 @@ __all__ = [
     "ptb_tokenize_python",
     "java_path",
     "pycocoevalcap_dir",
-    "spice_unavailable_reason",
 ]
 
 BLEU_NAMES: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
@@ -206,15 +205,6 @@ def pycocoevalcap_dir() -> Path | None:
         if (Path(location) / "bleu").is_dir():
             return Path(location)
     return None
-
-
-def spice_unavailable_reason() -> str | None:
-    """Why SPICE cannot run here (one line), or None when everything it needs is present.
-
-    pycocoevalcap's ``Spice()`` downloads the full Stanford CoreNLP 3.6.0 zip on first use, with no
-    timeout, so we check for the jars ourselves and never let it try.
-    """
-    return _spice_unavailable_reason(pycocoevalcap_dir(), java_path())
 
 
 def _package_and_java_reason(metric: str, package_dir: Path | None, java: str | None) -> str | None:

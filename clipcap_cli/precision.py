@@ -64,17 +64,3 @@ def apply_precision(model: ClipCaptionModel, precision: str = DEFAULT_PRECISION)
     resolved = resolve_precision(precision, device)
     model.gpt.to(dtype_of(resolved))
     return resolved
-
-
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Copy a CPU tensor to ``device``; to CUDA through pinned memory without blocking the host.
-
-    The copy is ordered on the current CUDA stream, so kernels queued after it see the data; the
-    host goes on preparing the next batch meanwhile. Elsewhere it is ``tensor.to(device)``.
-    """
-    import torch
-
-    target = torch.device(device)
-    if target.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(target)
-    return tensor.pin_memory().to(target, non_blocking=True)

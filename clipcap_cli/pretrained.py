@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from clipcap_cli import paths
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-from clipcap_cli.errors import CheckpointError, ClipCapError, ModelNotAvailableError, UsageError
+from clipcap_cli.errors import ClipCapError, ModelNotAvailableError, UsageError
 from clipcap_cli.fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,5 @@ def resolve(
             return model.path, dict(model.settings)
         path = model.path if is_cached(model) else fetch(model, progress=progress)
         return path, dict(model.settings)
-    if candidate.suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in name_or_path:
-        raise CheckpointError(f"checkpoint not found: {candidate}")
-    get(name_or_path)  # raises the unknown-name error with a suggestion
+    check_model_argument(name_or_path)  # raises: a missing file, or an unknown name with a suggestion
     raise AssertionError("unreachable")

@@ -193,13 +193,16 @@ def test_sha256_file(tmp_path: Path) -> None:
     assert sha256_file(p, chunk=4096) == SHA
 
 
-def test_check_network(server: Server) -> None:
+def test_network_probe(server: Server) -> None:
+    from clipcap_cli.paths import network_reachable
+
+    probe = network_reachable.__wrapped__  # uncached
     port = int(server.base.rsplit(":", 1)[1])
-    assert dl.check_network("127.0.0.1", port, timeout=1.0)
+    assert probe("127.0.0.1", port, timeout=1.0)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         free_port = s.getsockname()[1]
-    assert not dl.check_network("127.0.0.1", free_port, timeout=1.0)
+    assert not probe("127.0.0.1", free_port, timeout=1.0)
 
 
 # --------------------------------------------------------------------------- resume / retry

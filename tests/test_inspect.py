@@ -89,7 +89,7 @@ def test_cli_jsonl_records_and_exit_codes(tiny_checkpoint: Path, photos, tmp_pat
             assert all(isinstance(t["id"], int) and isinstance(t["token"], str) for t in position["tokens"])
     # the same reading through the Python API
     captioner = load_model(str(tiny_checkpoint), device="cpu")
-    api = interpret.read_images(captioner, [photos["rgb"]], top=3)[0].to_dict()
+    api = interpret.read_prefix(captioner, captioner.encode([photos["rgb"]]), top=3)[0].to_dict()
     assert api["caption"] == records[0]["caption"]
     assert [[t["id"] for t in p["tokens"]] for p in api["prefix"]] == [[t["id"] for t in p["tokens"]]
                                                                        for p in records[0]["prefix"]]

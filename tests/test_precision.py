@@ -8,7 +8,7 @@ import torch
 from conftest import build_tiny_model
 
 from clipcap_cli.errors import UsageError
-from clipcap_cli.precision import PRECISIONS, apply_precision, dtype_of, resolve_precision, to_device
+from clipcap_cli.precision import PRECISIONS, apply_precision, dtype_of, resolve_precision
 
 
 def test_auto_is_fp32_everywhere(monkeypatch):
@@ -52,8 +52,3 @@ def test_apply_precision_changes_gpt2_only(tiny_config):
     assert model.gpt.lm_head.weight is model.gpt.transformer.wte.weight  # still tied
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
         apply_precision(model, "fp16")
-
-
-def test_to_device_on_cpu():
-    x = torch.arange(6.0)
-    assert torch.equal(to_device(x, "cpu"), x)

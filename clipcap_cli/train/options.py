@@ -13,8 +13,8 @@ from typing import Any
 from clipcap_cli import backbones
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
 from clipcap_cli.errors import UsageError, check_number
+from clipcap_cli.precision import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
 # the features store's, and stop_token is decoding's.
 MODEL_FIELDS = ("mapping", "only_prefix", "prefix_length", "clip_length", "num_layers", "normalize_prefix", "gpt2")
