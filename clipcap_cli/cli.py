@@ -2,31 +2,25 @@
 
 Results go to stdout, everything else (progress, warnings, errors) to stderr. Heavy imports
 (torch, transformers, open_clip) happen inside commands, so ``clipcap --help`` stays fast.
+``make_app(only=NAME)`` registers one command (the console entry point passes the one on the
+command line, so a caption run imports no training or evaluation code); ``app`` has them all.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from clipcap_cli.ui import State, show_core_warnings, stdout
+from clipcap_cli.ui import RunSettings, show_core_warnings, stdout
 from clipcap_cli.version import __version__
 
-app = typer.Typer(
-    name="clipcap",
-    help=(
-        "Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval, inspect.\n\n"
-        "Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.\n\n"
-        "Example: [bold]clipcap caption photos/*.jpg --beam 5 | jq .caption[/]"
-    ),
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    add_completion=True,
+HELP = (
+    "Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval, inspect.\n\n"
+    "Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.\n\n"
+    "Example: [bold]clipcap caption photos/*.jpg --beam 5 | jq .caption[/]"
 )
 
 
@@ -36,8 +30,8 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
+    ctx: typer.Context,
     version: Optional[bool] = typer.Option(
         None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
     ),
@@ -47,20 +41,42 @@ def root(
     ),
 ) -> None:
     """Global options (before the command name)."""
-    State.verbose = verbose
+    ctx.obj = RunSettings(verbose=verbose, offline=offline)
     show_core_warnings()
     if offline:
+        # The libraries below read these (huggingface_hub: HF_HUB_OFFLINE); clipcap's own checks
+        # (paths.offline_requested) read CLIPCAP_OFFLINE, the variable --offline stands for.
         os.environ["CLIPCAP_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-from clipcap_cli.commands import register  # noqa: E402  (commands need `app` above)
+def make_app(only: str | None = None) -> typer.Typer:
+    """The Typer app with every command, or only the command ``only``."""
+    from clipcap_cli.commands import register
 
-register(app)
+    app = typer.Typer(
+        name="clipcap",
+        help=HELP,
+        no_args_is_help=True,
+        rich_markup_mode="rich",
+        pretty_exceptions_show_locals=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        add_completion=True,
+    )
+    app.callback()(root)
+    register(app, only=only)
+    return app
 
 
-def main() -> None:
-    app(prog_name="clipcap")
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the whole app, built on first use (tests, completions, python -m)
+        globals()["app"] = built = make_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(only: str | None = None) -> None:
+    make_app(only)(prog_name="clipcap")
 
 
 if __name__ == "__main__":  # pragma: no cover

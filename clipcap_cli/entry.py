@@ -68,11 +68,14 @@ def main() -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
             return
-    import clipcap_cli.commands
+    from clipcap_cli.commands import invoked
 
-    if "_CLIPCAP_COMPLETE" not in os.environ:  # shell completion needs every command
-        clipcap_cli.commands.only = clipcap_cli.commands.invoked(sys.argv[1:])
-    from clipcap_cli.cli import main as run
+    # Only the command on the line is registered (shell completion needs every command).
+    only = None if "_CLIPCAP_COMPLETE" in os.environ else invoked(sys.argv[1:])
+    from clipcap_cli.cli import main as cli_main
+
+    def run() -> None:
+        cli_main(only)
 
     if cache is None:
         run()

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -37,12 +38,27 @@ stdout = Console(soft_wrap=True)  # results
 stderr = Console(stderr=True, soft_wrap=True)  # progress, warnings, errors
 
 
-class State:
-    verbose = False
+@dataclass(frozen=True)
+class RunSettings:
+    """The global options of one ``clipcap`` invocation, kept in its click context (``ctx.obj``)."""
+
+    verbose: bool = False  # --verbose: diagnostics and tracebacks on stderr
+    offline: bool = False  # --offline
+
+
+def run_settings() -> RunSettings:
+    """This invocation's global options (defaults outside a command, e.g. in library use)."""
+    try:  # typer 0.2x carries its own copy of click; older releases use click itself
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, RunSettings) else RunSettings()
 
 
 def debug_enabled() -> bool:
-    return State.verbose or os.environ.get("CLIPCAP_DEBUG", "").lower() in {"1", "true", "yes"}
+    return run_settings().verbose or os.environ.get("CLIPCAP_DEBUG", "").lower() in {"1", "true", "yes"}
 
 
 def say(message: str) -> None:

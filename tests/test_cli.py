@@ -143,3 +143,17 @@ def test_rate_and_eta_follow_this_runs_items_when_they_arrive_in_bursts():
     assert _rendered(eta, progress.tasks[resumed]) == "0:00:10"
     progress.update(resumed, completed=100)
     assert _rendered(eta, progress.tasks[resumed]) == "0:00:00"
+
+
+def test_verbose_belongs_to_one_invocation(tmp_path):
+    """--verbose lives in the invocation's context: a later run in the same process is not verbose."""
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+
+    runner = CliRunner()
+    args = ["caption", "--model", str(tmp_path / "missing.pt"), "x.jpg"]
+    loud = runner.invoke(app, ["-v", *args])
+    quiet = runner.invoke(app, args)
+    assert loud.exit_code == quiet.exit_code == 2
+    assert "Traceback" in loud.stderr and "Traceback" not in quiet.stderr

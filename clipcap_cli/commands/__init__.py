@@ -18,11 +18,6 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
-# Set by the console entry point to the command on the command line: only its module is imported
-# then (a caption run need not import the training and evaluation code). None registers all.
-only: str | None = None
-
-
 def invoked(argv: list[str]) -> str | None:
     """The command ``argv`` (without the program name) runs, when it names one; global options
     (--verbose, --offline) may come first. None for help, completion or anything unusual."""
@@ -33,7 +28,8 @@ def invoked(argv: list[str]) -> str | None:
     return None
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, only: str | None = None) -> None:
+    """Add the commands to ``app``; with ``only``, just that one (its module alone is imported)."""
     for module, name in COMMANDS:
         if only is not None and name != only:
             continue

@@ -93,10 +93,23 @@ def train(
     metrics = MetricsLog(out, opts.log_every, opts.batch_size * opts.grad_accum * dist.world_size)
     callbacks = Callbacks([*given, metrics], main=dist.main)
     try:
-        return fit(prepare(opts, Path(data), out, resume, dist, callbacks), callbacks)
+        with _tf32(dist.device):
+            return fit(prepare(opts, Path(data), out, resume, dist, callbacks), callbacks)
     finally:
         metrics.close()
         dist.close()
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device) -> Iterator[None]:
+    """TF32 matrix products on CUDA while this run trains; the process's settings come back after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass
@@ -162,9 +175,6 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
                                   fused=device.type in ("cpu", "cuda"))
     amp_dtype, use_scaler = _mixed_precision(device, opts.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     if resume:
         pos = state.load_resume_state(out / RESUME_FILE, opts=opts, data_key=run_data.key,
