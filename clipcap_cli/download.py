@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import requests
 
 from clipcap_cli.errors import ClipCapError
+from clipcap_cli.fsutil import sha256_file
 
 try:  # flock is the clean way on POSIX; elsewhere fall back to an O_EXCL lock file.
     import fcntl
@@ -141,15 +141,6 @@ class _Follow(Exception):
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def sha256_file(path: Path, chunk: int = CHUNK) -> str:
-    """Hex sha256 of a file, read in ``chunk``-byte blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Fetched(NamedTuple):

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 from clipcap_cli.errors import ClipCapError
+from clipcap_cli.fsutil import sha256_file
 
 CACHE_FILE = "sha256.json"
-CHUNK = 1 << 20
 
 
 def file_sha256(path: str | Path) -> str:
@@ -28,11 +28,7 @@ def file_sha256(path: str | Path) -> str:
     known = _read_cache(cache)
     if key in known:
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if cache is not None:
         known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")}  # older versions of the file
         known[key] = digest

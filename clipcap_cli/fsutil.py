@@ -14,6 +14,7 @@ that a later run can remove those an interrupted one left (``remove_stale_temps`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -24,6 +25,15 @@ from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
 from clipcap_cli.errors import UsageError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _default_mode() -> int:

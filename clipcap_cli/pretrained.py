@@ -198,7 +198,7 @@ def check_cached(model: PretrainedModel) -> None:
     st = model.path.stat()
     if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
         return
-    from clipcap_cli.download import sha256_file
+    from clipcap_cli.fsutil import sha256_file  # not download's module: a cached run imports no network code
 
     if rec.get("size") != st.st_size or sha256_file(model.path) != rec["sha256"]:
         raise ModelNotAvailableError(

@@ -183,13 +183,13 @@ def test_a_cached_model_whose_bytes_changed_is_refused_with_what_to_do(tmp_path,
 def test_a_touched_but_unchanged_model_is_rehashed_once_and_used(tmp_path, monkeypatch):
     import os
 
-    from clipcap_cli import download as downloads
+    from clipcap_cli import fsutil
 
     pretrained, model = _planted_model(tmp_path, monkeypatch)
     os.utime(model.path, ns=(1, 1))
     calls = []
-    real = downloads.sha256_file
-    monkeypatch.setattr(downloads, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    real = fsutil.sha256_file
+    monkeypatch.setattr(fsutil, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
     assert pretrained.resolve("coco")[0] == model.path
     assert pretrained.resolve("coco")[0] == model.path
     assert len(calls) == 1  # the renewed record makes the second check cheap
