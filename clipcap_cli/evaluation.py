@@ -21,11 +21,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE, WORKERS
-from clipcap_cli.precision import DEFAULT_PRECISION
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
+from clipcap_cli.precision import DEFAULT_PRECISION
 
 if TYPE_CHECKING:
     from clipcap_cli.decoding import DecodingOptions
@@ -97,7 +97,6 @@ class EvalOptions:
     def __post_init__(self) -> None:
         # Messages name the `clipcap eval` flags: each field is the option of the same name.
         from clipcap_cli import metrics
-
         from clipcap_cli.precision import PRECISIONS
 
         for flag, value, choices in (("--refs-format", self.refs_format, REFS_FORMATS),

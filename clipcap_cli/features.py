@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.fsutil import atomic_write as _atomic_write
 from clipcap_cli.fsutil import check_folder, create_exclusive, remove_stale_temps, write_text_atomic
-from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from clipcap_cli.config import DEFAULT_CLIP_PRETRAINED
-from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.errors import ClipCapError, UsageError
+from clipcap_cli.fsutil import atomic_write
 
 if TYPE_CHECKING:
     import torch

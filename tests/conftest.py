@@ -17,6 +17,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CLIPCAP_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the machine's cores: one intra-op thread each (and for the
+    # subprocesses they start) instead of every process using every core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from released import write_gpt2_tokenizer  # noqa: E402  (after the environment above)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from clipcap_cli import checkpoint
-from clipcap_cli.loading import load_network
-from clipcap_cli.errors import CheckpointError
 from conftest import build_tiny_model
 from released import released_mlp_state, released_transformer_state
+
+from clipcap_cli import checkpoint
+from clipcap_cli.errors import CheckpointError
+from clipcap_cli.loading import load_network
 
 
 def _assert_loaded_exactly(model, sd):

@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-import time
 
 from typer.testing import CliRunner
 
@@ -60,12 +59,9 @@ def test_top_level_help_is_cached_and_identical(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     assert " typer" in first.stderr and "Commands" in first.stdout
     assert len(list((tmp_path / "cache").glob("help-*.txt"))) == 1
-    start = time.monotonic()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    elapsed = time.monotonic() - start
     assert second.stdout == first.stdout
     assert " typer" not in second.stderr and " rich" not in second.stderr
-    assert elapsed < 5  # generous for a loaded CI box; measured 0.08 s here
     # A different width is a different rendering, so it is not served from the same copy.
     narrow = subprocess.run(cmd, capture_output=True, text=True, env={**env, "COLUMNS": "60"}, check=True)
     assert narrow.stdout != first.stdout and " typer" in narrow.stderr

@@ -21,7 +21,6 @@ from clipcap_cli import download as dl
 from clipcap_cli.download import (
     BadContentError,
     ChecksumError,
-    DownloadError,
     HTTPStatusError,
     LockTimeoutError,
     NotEnoughSpaceError,
@@ -479,16 +478,3 @@ def test_offline_with_valid_cache_returns_it(server: Server, dest: Path) -> None
     dest.parent.mkdir(parents=True)
     dest.write_bytes(PAYLOAD)
     assert fetch([server.url()], dest, sha256=SHA, offline=True) == dest
-
-
-def test_errors_share_a_base_class() -> None:
-    for cls in (
-        ChecksumError,
-        OfflineError,
-        NotEnoughSpaceError,
-        LockTimeoutError,
-        HTTPStatusError,
-        BadContentError,
-        TransferError,
-    ):
-        assert issubclass(cls, DownloadError)

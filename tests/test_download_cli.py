@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from typer.testing import CliRunner
 
 from clipcap_cli import pretrained
 from clipcap_cli.cli import app
-from conftest import build_tiny_model
 
 runner = CliRunner()
 

@@ -6,10 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from clipcap_cli import clipscore, evaluation, metrics
-from clipcap_cli.cli import app
 from paper_table import PAPER_TABLE1
 from test_evaluation import (
     CAPTIONS,
@@ -22,6 +18,10 @@ from test_evaluation import (
     write_karpathy,
     write_refs,
 )
+from typer.testing import CliRunner
+
+from clipcap_cli import clipscore, evaluation, metrics
+from clipcap_cli.cli import app
 
 runner = CliRunner()
 FAST = ["--metrics", "BLEU,ROUGE-L,CIDEr", "--tokenizer", "ptb-python"]  # no JVM: keeps the tests quick
@@ -223,10 +223,11 @@ def test_json_schema_is_stable(tmp_path: Path):
 
 
 def test_terminal_table_with_paper_and_worst_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from clipcap_cli import ui
     from clipcap_cli.commands import eval as eval_command
 
     monkeypatch.setattr(eval_command, "_is_terminal", lambda: True)
-    monkeypatch.setenv("COLUMNS", "220")
+    monkeypatch.setattr(ui.stdout, "width", 220)  # a wide terminal, whatever the one running the tests
     refs = write_coco(tmp_path / "captions_val2014.json")
     predicted = {**PREDICTED, 397133: "a red bus parked on the street"}  # one clearly wrong caption
     preds = write_coco_results(tmp_path / "r.json", predicted)
@@ -298,8 +299,8 @@ def test_model_missing_images_fail_before_captioning(tmp_path: Path, coco_images
 def test_model_on_a_features_store_captions_the_stored_embeddings(tmp_path: Path, coco_images: Path,
                                                                     tiny_checkpoint: Path):
     """Captions from the store's CLIP embeddings equal captions from the image files."""
-    from clipcap_cli.loading import load_model
     from clipcap_cli.features import save_features
+    from clipcap_cli.loading import load_model
 
     captioner = load_model(str(tiny_checkpoint), device="cpu")
     names = [f"val2014/{coco_name(i)}" for i in CAPTIONS]

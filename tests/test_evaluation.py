@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from paper_table import PAPER_TABLE1
 
 from clipcap_cli import evaluation, metrics
 from clipcap_cli.errors import UsageError
 from clipcap_cli.evaluation import EvalKeyMismatchError, EvalOptions, Prediction
-from paper_table import PAPER_TABLE1
 
 # Six COCO val images (id -> captions) and a model's captions for them: the shared test set.
 CAPTIONS: dict[int, list[str]] = {

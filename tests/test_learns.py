@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap_cli.loading import load_network
 from clipcap_cli import backbones, decoding, features, train
+from clipcap_cli.loading import load_network
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")

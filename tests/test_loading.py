@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from original_clipcap import ref_beam, ref_greedy
 
 from clipcap_cli import checkpoint, loading
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.decoding import beam_search, greedy
 from clipcap_cli.errors import CheckpointError
-from original_clipcap import ref_beam, ref_greedy
 
 STOP = 13
 MAX = 16

@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from paper_table import PAPER_TABLE1
 
 from clipcap_cli import metrics as M
 from clipcap_cli.errors import UsageError
-from paper_table import PAPER_TABLE1
 
 requires_java = pytest.mark.usefixtures("java")  # skipped without Java, failed in CI (conftest.need_tool)
 

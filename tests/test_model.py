@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.errors import UsageError
 from clipcap_cli.model import MLP, TransformerMapper, caption_loss
-from conftest import build_tiny_model
 
 
 def test_mlp_mapper_shapes_and_names():

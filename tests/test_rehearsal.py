@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from released import CLIP_HUB_REPOS, HF_REVISION
 
 pytestmark = pytest.mark.slow
@@ -82,12 +81,21 @@ def test_readme_download_list_and_eval_work_offline(run, tmp_path: Path):
     assert {r["name"]: r["cached"] for r in listing} == {"coco": True, "conceptual": True, "coco-transformer": True}
     assert all(r["verified_by"] == "huggingface.co" for r in listing)
 
+    references = ["a red motorcycle parked on a dirt field.", "a motorbike in the desert."]
     refs = tmp_path / "refs.jsonl"
-    refs.write_text(json.dumps({"image": "photo.jpg", "captions": ["a red motorcycle parked on a dirt field.",
-                                                                  "a motorbike in the desert."]}) + "\n")
+    refs.write_text(json.dumps({"image": "photo.jpg", "captions": references}) + "\n")
+    preds = tmp_path / "preds.jsonl"
     report = json.loads(run("eval", "--refs", str(refs), "--images", str(tmp_path), "--model", "coco",
-                            "--metrics", "BLEU,CIDEr").stdout)
-    assert report["counts"]["images"] == 1 and 0 <= report["metrics"]["CIDEr"] < 10
+                            "--metrics", "BLEU,CIDEr", "--save-predictions", str(preds)).stdout)
+    assert report["counts"]["images"] == 1
+    # The scores are those of the caption the model wrote, recomputed here from the saved prediction.
+    [saved] = [json.loads(line) for line in preds.read_text().splitlines()]
+    from clipcap_cli import metrics
+
+    again = metrics.score({"photo.jpg": references}, {"photo.jpg": saved["caption"]}, metrics=["BLEU", "CIDEr"],
+                          tokenizer=report["tokenizer"])
+    assert again.scores["CIDEr"] == pytest.approx(report["metrics"]["CIDEr"], abs=1e-9)
+    assert again.scores["BLEU-4"] == pytest.approx(report["metrics"]["BLEU-4"], abs=1e-9)
 
 
 def test_default_extract_uses_openai_quickgelu_vit(run, planted: Path, tmp_path: Path):

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from clipcap_cli.loading import load_network
 from ddp_train import weights_hash
 from test_train import make_store
+
+from clipcap_cli.loading import load_network
 
 ENTRY = Path(__file__).with_name("ddp_train.py")
 

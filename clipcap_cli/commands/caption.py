@@ -14,8 +14,8 @@ from typing_extensions import Annotated
 from clipcap_cli.captioner import CPU_WORKERS, WORKERS
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
 from clipcap_cli.inputs import URL_DEADLINE
-from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.output import available_formats
+from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.sharded import ShardedOptions
 from clipcap_cli.ui import complete_model
 

@@ -149,9 +149,8 @@ def _extract(
     quiet: bool,
 ) -> None:
     from clipcap_cli import features
-    from clipcap_cli.ui import say, stderr
     from clipcap_cli.datasets import read_dataset
-    from clipcap_cli.ui import item_progress
+    from clipcap_cli.ui import item_progress, say, stderr
 
     ds = read_dataset(dataset, images, fmt, split, recursive)
     records = list(ds.records())
@@ -219,9 +218,9 @@ def _merge(folder: Path, export_pickle: Path | None, json_: bool) -> None:
 
 
 def _export(out: Path, target: Path) -> None:
-    from clipcap_cli.ui import stderr
     from clipcap_cli.features import load_features
     from clipcap_cli.legacy import export_original_pickle
+    from clipcap_cli.ui import stderr
 
     fs = load_features(out)
     export_original_pickle(fs, target)
@@ -231,9 +230,9 @@ def _export(out: Path, target: Path) -> None:
 def _import(
     pickle_file: Path, out: Path | None, images: Path | None, clip: str | None, pretrained: str | None, export_pickle: Path | None, json_: bool
 ) -> None:
-    from clipcap_cli.ui import stdout, warn
     from clipcap_cli.errors import UsageError
     from clipcap_cli.legacy import import_original_pickle
+    from clipcap_cli.ui import stdout, warn
 
     if out is None:
         raise UsageError("--import-pickle needs --out DIR")
@@ -252,9 +251,9 @@ def _import(
 
 
 def _summary(result: Any, json_: bool, show_skipped: bool) -> None:
-    from clipcap_cli.ui import stderr, stdout
     from clipcap_cli.errors import EXIT_PARTIAL
     from clipcap_cli.features import SKIPPED_FILE
+    from clipcap_cli.ui import stderr, stdout
 
     info = {
         "out": str(result.out),

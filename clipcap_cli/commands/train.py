@@ -139,7 +139,14 @@ class _Display(TrainCallback):
         self.samples_per_s: float | None = None
 
     def __enter__(self) -> _Display:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         from clipcap_cli.ui import stderr
 

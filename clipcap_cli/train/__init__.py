@@ -15,7 +15,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from clipcap_cli.train.callbacks import METRICS_FILE, Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
+from clipcap_cli.train.callbacks import (
+    METRICS_FILE,
+    Callbacks,
+    MetricsLog,
+    StartInfo,
+    StepInfo,
+    TrainCallback,
+    TrainResult,
+)
 from clipcap_cli.train.options import PRECISIONS, RESUMABLE_CHANGES, TrainOptions, model_config, resume_conflicts
 
 _LAZY = {

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_extract_cli import _clip, _coco_dataset
 from typer.testing import CliRunner
 
 from clipcap_cli.cli import app
 from clipcap_cli.datasets import DatasetError, read_dataset
 from clipcap_cli.features import load_features
-from test_extract_cli import _clip, _coco_dataset
 
 runner = CliRunner()
 

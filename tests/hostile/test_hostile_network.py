@@ -10,13 +10,13 @@ import threading
 import time
 
 import pytest
+from conftest import make_images
+from test_download import PAYLOAD, SHA, dest, server  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from clipcap_cli import download as dl
 from clipcap_cli.cli import app
 from clipcap_cli.inputs import InputError, fetch_url
-from conftest import make_images
-from test_download import PAYLOAD, SHA, dest, server  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model, make_images
+from test_sharded import make_shards
 from typer.testing import CliRunner
 
 from clipcap_cli import checkpoint, fsutil
 from clipcap_cli.cli import app
-from conftest import build_tiny_model, make_images
-from test_sharded import make_shards
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]

@@ -9,14 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_model, make_images
+from test_sharded import make_shards
+from test_train import make_store, tiny_opts
 from typer.testing import CliRunner
 
 from clipcap_cli import checkpoint, train
 from clipcap_cli.cli import app
 from clipcap_cli.errors import UsageError
-from conftest import build_tiny_model, make_images
-from test_sharded import make_shards
-from test_train import make_store, tiny_opts
 
 runner = CliRunner()
 FAST = ["--max-length", "5", "--batch-size", "2"]

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import make_store, tiny_opts
 from typer.testing import CliRunner
 
 from clipcap_cli import checkpoint, train
-from clipcap_cli.train import loop
 from clipcap_cli.cli import app
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.errors import UsageError, check_number
-from test_train import make_store, tiny_opts
+from clipcap_cli.train import loop
 
 runner = CliRunner()
 

@@ -1,0 +1,52 @@
+"""The benchmark scripts run and report what they claim (their timings are measured by running them,
+never asserted). Run by `.ci/run` after the test suite, as the benchmark job: `pytest benchmarks/tests`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # the planted real layouts (tests/released.py)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    from released import plant_everything
+
+    return plant_everything(tmp_path_factory.mktemp("planted"))
+
+
+def test_startup_benchmark_quick_run(planted: Path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_startup.py"), "--quick", "--json", "--home", str(planted)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    # The report is consistent with itself: the ratio is the two medians' ratio, the caption is real.
+    assert report["ratio"] == pytest.approx(report["caption_s"] / report["bare_imports_s"], abs=2e-3)
+    assert report["record"]["error"] is None and report["record"]["path"].endswith(".jpg") and report["record"]["caption"]
+    assert set(report["peak_rss_gb"]) == {"bare", "ours"}
+    assert report["peak_rss_gb"]["ours"] > report["peak_rss_gb"]["bare"]  # clipcap maps the weights on top of the imports
+
+
+def test_device_check_dry_run():
+    """benchmarks/device_check.py --dry-run (tiny shapes on the CPU) runs every part and prints one JSON."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["dry_run"] is True and report["errors"] == {} and report["skipped"] == []
+    for strategy in ("greedy", "beam5"):
+        for batch in ("4", "8"):
+            row = report["caption"][strategy][batch]
+            for key in ("fp32", "bf16", "generate_fp32", "generate_bf16", "x_generate_fp32", "x_generate_bf16"):
+                assert row[key] > 0, (strategy, batch, key)
+    agreement = report["gpu_cpu_identical"]
+    assert agreement["images"] == 4 and agreement["greedy"] == agreement["beam5"] == 4  # the CPU against itself
+    assert report["ddp_step"] == {"backend": "gloo", "ok": True, "seconds": report["ddp_step"]["seconds"]}
