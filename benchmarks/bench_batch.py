@@ -45,12 +45,17 @@ def main() -> None:
     n = args.images or max(args.sizes)
     with torch.inference_mode():
         prefix = model.embed_prefix(torch.randn(n, 512, generator=torch.Generator().manual_seed(1)))
-    runs = {"greedy": DecodingOptions(max_length=args.max_length),
-            "beam 5": DecodingOptions(strategy="beam", max_length=args.max_length)}
+    runs = {
+        "greedy": DecodingOptions(max_length=args.max_length),
+        "beam 5": DecodingOptions(strategy="beam", max_length=args.max_length),
+    }
     if args.only:
         runs = {k: v for k, v in runs.items() if k.startswith(args.only)}
-    print(f"{n} images, {torch.get_num_threads()} threads, {args.precision}, max_length {args.max_length}, "
-          f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    print(
+        f"{n} images, {torch.get_num_threads()} threads, {args.precision}, max_length {args.max_length}, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        file=sys.stderr,
+    )
     print("| decoding | " + " | ".join(f"batch {s}" for s in args.sizes) + " |")
     print("|---|" + "---:|" * len(args.sizes))
     for label, options in runs.items():

@@ -73,7 +73,9 @@ def original(captioner: Captioner, paths: list[Path], options: DecodingOptions) 
     return texts
 
 
-def transformers_generate(captioner: Captioner, paths: list[Path], options: DecodingOptions, batch_size: int) -> list[str]:
+def transformers_generate(
+    captioner: Captioner, paths: list[Path], options: DecodingOptions, batch_size: int
+) -> list[str]:
     """CLIP and the mapper as clipcap does, then GPT-2's own ``generate`` on the prefix embeddings."""
     model, tok = captioner.model, captioner.tokenizer
     stop_id = stop_token_id(tok, ".")
@@ -83,8 +85,14 @@ def transformers_generate(captioner: Captioner, paths: list[Path], options: Deco
         for start in range(0, len(paths), batch_size):
             pixels = torch.stack([captioner.preprocess(p) for p in paths[start : start + batch_size]])
             prefix = model.embed_prefix(captioner.encode_pixels(pixels))  # (B, K, E)
-            out = model.gpt.generate(inputs_embeds=prefix.to(model.gpt.dtype), max_new_tokens=options.max_length,
-                                     do_sample=False, eos_token_id=stop_id, pad_token_id=tok.eos_token_id, **beams)
+            out = model.gpt.generate(
+                inputs_embeds=prefix.to(model.gpt.dtype),
+                max_new_tokens=options.max_length,
+                do_sample=False,
+                eos_token_id=stop_id,
+                pad_token_id=tok.eos_token_id,
+                **beams,
+            )
             for row in out.tolist():  # only the new tokens (no input ids were given); cut after the stop token
                 texts.append(tokens_to_text(tok, row[: row.index(stop_id) + 1] if stop_id in row else row))
     return texts
@@ -102,8 +110,9 @@ def build(device: torch.device, tmp: Path) -> Captioner:
     tok_dir = write_gpt2_tokenizer(tmp / "gpt2-tokenizer")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = ModelConfig(mapping="mlp", prefix_length=10, prefix_size=512, clip_model="ViT-B-32",
-                         clip_pretrained=None, gpt2=str(tok_dir))
+    config = ModelConfig(
+        mapping="mlp", prefix_length=10, prefix_size=512, clip_model="ViT-B-32", clip_pretrained=None, gpt2=str(tok_dir)
+    )
     model = ClipCaptionModel(config, GPT2LMHeadModel(GPT2Config())).eval().to(device)
     clip, preprocess = backbones.load_clip("ViT-B-32", None, device)  # random weights, fp16 on CUDA
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(tok_dir)), device)
@@ -147,15 +156,25 @@ def timed(fn: Callable[[], list[str]]) -> tuple[list[str], float]:
 # --------------------------------------------------------------------------- the run
 
 
-def run_strategy(captioner: Captioner, bf16: dict[str, Captioner], paths: list[Path], options: DecodingOptions,
-                 args: argparse.Namespace, batch: int) -> list[tuple[str, int, int, float, str]]:
+def run_strategy(
+    captioner: Captioner,
+    bf16: dict[str, Captioner],
+    paths: list[Path],
+    options: DecodingOptions,
+    args: argparse.Namespace,
+    batch: int,
+) -> list[tuple[str, int, int, float, str]]:
     """Time every path for one decoding strategy; rows (path, batch, images, seconds, identical)."""
     few = paths[: args.original_images]
     g = args.generate_batch_size
     paths_to_time: dict[str, tuple[Callable[[], list[str]], int, int]] = {}
     if few:
         paths_to_time["original algorithm"] = (lambda: original(captioner, few, options), 1, len(few))
-    paths_to_time["transformers generate"] = (lambda: transformers_generate(captioner, paths, options, g), g, len(paths))
+    paths_to_time["transformers generate"] = (
+        lambda: transformers_generate(captioner, paths, options, g),
+        g,
+        len(paths),
+    )
     paths_to_time["clipcap fp32 (same batch)"] = (lambda: clipcap(captioner, paths, options, g), g, len(paths))
     if batch != g:
         paths_to_time["clipcap fp32"] = (lambda: clipcap(captioner, paths, options, batch), batch, len(paths))
@@ -177,8 +196,11 @@ def run_strategy(captioner: Captioner, bf16: dict[str, Captioner], paths: list[P
         if name == "original algorithm":
             same = "-"
         elif name.startswith("clipcap fp32"):  # against the original algorithm, where it ran
-            same = (f"{sum(a == b for a, b in zip(texts[name], texts['original algorithm']))}/{len(few)} vs original"
-                    if few else "-")
+            same = (
+                f"{sum(a == b for a, b in zip(texts[name], texts['original algorithm']))}/{len(few)} vs original"
+                if few
+                else "-"
+            )
         else:
             same = f"{sum(a == b for a, b in zip(texts[name], fp32))}/{len(paths)} vs clipcap fp32"
         rows.append((name, size, n, best[name], same))
@@ -189,7 +211,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--original-images", type=int, default=8, help="images the (slow) original algorithm runs on; 0: skip it")
+    parser.add_argument(
+        "--original-images", type=int, default=8, help="images the (slow) original algorithm runs on; 0: skip it"
+    )
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--generate-batch-size", type=int, default=16, help="transformers generate's batch size")
@@ -203,8 +227,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    runs = {"greedy": DecodingOptions(max_length=args.max_length),
-            "beam": DecodingOptions(strategy="beam", beam_size=args.beam, max_length=args.max_length)}
+    runs = {
+        "greedy": DecodingOptions(max_length=args.max_length),
+        "beam": DecodingOptions(strategy="beam", beam_size=args.beam, max_length=args.max_length),
+    }
     if args.only:
         runs = {args.only: runs[args.only]}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -220,8 +246,11 @@ def main() -> None:
             if device.type == "cpu":  # on CUDA, CLIP already runs in fp16
                 bf16["clipcap bf16, CLIP bf16"] = with_precision(captioner, "bf16", clip_too=True)
         paths = make_images(tmp, args.images)
-        print(f"device {where}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or platform.machine()}, load average {load_start:.2f}", file=sys.stderr)
+        print(
+            f"device {where}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}, load average {load_start:.2f}",
+            file=sys.stderr,
+        )
         for name, options in runs.items():
             batch = args.batch_size or default_batch_size(device, options, captioner.model)
             label = "greedy" if name == "greedy" else f"beam {options.beam_size}"
@@ -233,13 +262,17 @@ def main() -> None:
 
 def print_table(results: list[tuple], args: argparse.Namespace, where: str, load_start: float) -> None:
     best = f", best of {args.repeat}" if args.repeat > 1 else ""
-    print(f"\n{args.images} images (640x480 JPEG), {where}, {torch.get_num_threads()} threads, max_length "
-          f"{args.max_length}{best}; random weights (ViT-B-32 + GPT-2 124M + MLP K=10); the original algorithm on "
-          f"the first {args.original_images}; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} "
-          "at the end.")
+    print(
+        f"\n{args.images} images (640x480 JPEG), {where}, {torch.get_num_threads()} threads, max_length "
+        f"{args.max_length}{best}; random weights (ViT-B-32 + GPT-2 124M + MLP K=10); the original algorithm on "
+        f"the first {args.original_images}; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} "
+        "at the end."
+    )
     print("Times include reading, CLIP preprocessing and CLIP encoding on every path.\n")
-    print("| decoding | path | batch | images/s | x generate (batch "
-          f"{args.generate_batch_size}) | x original | identical captions |")
+    print(
+        "| decoding | path | batch | images/s | x generate (batch "
+        f"{args.generate_batch_size}) | x original | identical captions |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for label in dict.fromkeys(r[0] for r in results):
         rows = [r for r in results if r[0] == label]
@@ -250,8 +283,10 @@ def print_table(results: list[tuple], args: argparse.Namespace, where: str, load
             x_gen = f"{speed[name] / generate:.2f}x"
             x_orig = f"{speed[name] / base:.1f}x" if base else "-"
             print(f"| {label} | {name} | {size} | {n / seconds:.2f} | {x_gen} | {x_orig} | {same} |")
-    print("\nRandom GPT-2 weights rarely emit '.', so most captions run to max_length: no path gains from early "
-          "stopping here (a trained model stops after ~10-15 tokens, and clipcap then skips finished rows and beams).")
+    print(
+        "\nRandom GPT-2 weights rarely emit '.', so most captions run to max_length: no path gains from early "
+        "stopping here (a trained model stops after ~10-15 tokens, and clipcap then skips finished rows and beams)."
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ def make_coco(root: Path, n: int, captions: int, seed: int = 0) -> Path:
         small = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((640, 480), Image.BICUBIC)
         img.save(root / "train2014" / f"COCO_train2014_{i + 1:012d}.jpg", quality=90)
-        entries += [{"image_id": i + 1, "id": i * captions + k, "caption": f"a photo number {i}, caption {k}"} for k in range(captions)]
+        entries += [
+            {"image_id": i + 1, "id": i * captions + k, "caption": f"a photo number {i}, caption {k}"}
+            for k in range(captions)
+        ]
     src = root / "train_caption.json"
     src.write_text(json.dumps(entries))
     return src
@@ -81,8 +84,10 @@ def main() -> None:
     torch.manual_seed(0)
     model, preprocess = backbones.load_clip(args.model, None, "cpu")
     workers = default_workers() if args.workers is None else args.workers
-    print(f"{args.model} (random weights, seed 0), {args.images} images x {args.captions} captions, 640x480 JPEG; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, workers {workers}")
+    print(
+        f"{args.model} (random weights, seed 0), {args.images} images x {args.captions} captions, 640x480 JPEG; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, workers {workers}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -93,20 +98,32 @@ def main() -> None:
 
         ds = read_dataset(src, images=tmp / "coco")
         records = list(ds.records())
-        options = ExtractOptions(clip_model=args.model, clip_pretrained=None, batch_size=args.batch_size, workers=workers)
+        options = ExtractOptions(
+            clip_model=args.model, clip_pretrained=None, batch_size=args.batch_size, workers=workers
+        )
         start = time.perf_counter()
-        result = extract(records, ds.images_root, tmp / "feats", options, source=ds.describe(), clip=(model, preprocess))
+        result = extract(
+            records, ds.images_root, tmp / "feats", options, source=ds.describe(), clip=(model, preprocess)
+        )
         ours_s = time.perf_counter() - start
         assert result.complete and not result.skipped
         fs = load_features(tmp / "feats")
 
-    diffs = torch.stack([(fs.embeddings[i].float() - base_emb[r["image_id"]].float()).abs().max() for i, r in enumerate(fs.records)])
+    diffs = torch.stack(
+        [(fs.embeddings[i].float() - base_emb[r["image_id"]].float()).abs().max() for i, r in enumerate(fs.records)]
+    )
     scale = fs.embeddings.abs().max().item()
     n = args.images
-    print(f"baseline (original algorithm): {len(entries)} encodes at batch 1 in {base_s:.2f} s = {n / base_s:.2f} images/s")
-    print(f"clipcap extract core:          {n} encodes, batch {args.batch_size}, in {ours_s:.2f} s = {n / ours_s:.2f} images/s")
+    print(
+        f"baseline (original algorithm): {len(entries)} encodes at batch 1 in {base_s:.2f} s = {n / base_s:.2f} images/s"
+    )
+    print(
+        f"clipcap extract core:          {n} encodes, batch {args.batch_size}, in {ours_s:.2f} s = {n / ours_s:.2f} images/s"
+    )
     print(f"speed-up: {base_s / ours_s:.2f}x")
-    print(f"embeddings agree: max abs diff per image max {diffs.max():.2e}, median {diffs.median():.2e} (values up to {scale:.2f})")
+    print(
+        f"embeddings agree: max abs diff per image max {diffs.max():.2e}, median {diffs.median():.2e} (values up to {scale:.2f})"
+    )
     if diffs.max() > 1e-3 * max(scale, 1.0):
         sys.exit("embeddings differ more than float rounding allows")
 

@@ -55,8 +55,14 @@ def build_tiny(device: torch.device, tmp: Path):
     from clipcap_cli.model import ClipCaptionModel
 
     clip_dir, gpt2_dir = write_tiny_clip(tmp / "tiny-clip"), write_tiny_gpt2(tmp / "tiny-gpt2")
-    config = ModelConfig(mapping="mlp", prefix_length=4, prefix_size=TINY_CLIP_CFG["embed_dim"],
-                         clip_model=f"local-dir:{clip_dir}", clip_pretrained=None, gpt2=str(gpt2_dir))
+    config = ModelConfig(
+        mapping="mlp",
+        prefix_length=4,
+        prefix_size=TINY_CLIP_CFG["embed_dim"],
+        clip_model=f"local-dir:{clip_dir}",
+        clip_pretrained=None,
+        gpt2=str(gpt2_dir),
+    )
     model = ClipCaptionModel(config, backbones.load_gpt2(str(gpt2_dir))).eval().to(device)
     clip, preprocess = backbones.load_clip(config.clip_model, None, device)
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(gpt2_dir)), device)
@@ -70,15 +76,20 @@ def write_shards(paths: list[Path], folder: Path, per_shard: int) -> list[Path]:
         with tarfile.open(tars[-1], "w") as tar:
             for k, path in enumerate(paths[start : start + per_shard]):
                 key = f"{s:05d}{k:04d}"
-                for name, data in ((f"{key}.jpg", path.read_bytes()), (f"{key}.txt", b"a caption"),
-                                   (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode())):
+                for name, data in (
+                    (f"{key}.jpg", path.read_bytes()),
+                    (f"{key}.txt", b"a caption"),
+                    (f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg"}).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return tars
 
 
-def plain(captioner, paths: list[Path], options: DecodingOptions, workers: int, batch_size: int, out: Path) -> list[str]:
+def plain(
+    captioner, paths: list[Path], options: DecodingOptions, workers: int, batch_size: int, out: Path
+) -> list[str]:
     sources = [Source(str(p), str(p)) for p in paths]
     captions = []
     with open(out, "w", encoding="utf-8") as stream:
@@ -90,7 +101,9 @@ def plain(captioner, paths: list[Path], options: DecodingOptions, workers: int, 
     return captions
 
 
-def sharded(captioner, tars: list[Path], options: DecodingOptions, workers: int, batch_size: int, out: Path) -> list[str]:
+def sharded(
+    captioner, tars: list[Path], options: DecodingOptions, workers: int, batch_size: int, out: Path
+) -> list[str]:
     job = shards.discover([str(t) for t in tars])
     opts = runner.ShardedOptions(output_dir=out, batch_size=batch_size, workers=workers)
     runner.run(job, lambda: captioner, options, {"benchmark": True}, opts)
@@ -113,6 +126,7 @@ class ModelClock:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
+
         return timed_call
 
     def take(self) -> float:
@@ -141,7 +155,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--workers values to time")
     parser.add_argument("--repeat", type=int, default=2, help="time each path this many times, keep the best")
-    parser.add_argument("--tiny", action="store_true", help="the tests' tiny random models instead of the full-size ones")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tests' tiny random models instead of the full-size ones"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -152,8 +168,11 @@ def main() -> None:
         (tmp / "images").mkdir()
         paths = make_images(tmp / "images", args.images)
         tars = write_shards(paths, tmp, args.per_shard)
-        print(f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        print(
+            f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}",
+            file=sys.stderr,
+        )
         # Warm-up, not timed: one full batch through each path (allocator, kernels, page cache).
         plain(captioner, paths[: args.batch_size], options, 0, args.batch_size, tmp / "warm.jsonl")
         sharded(captioner, tars[:1], options, 0, args.batch_size, tmp / "warm")
@@ -165,7 +184,9 @@ def main() -> None:
             cpu: dict[str, list[float]] = {"plain": [], "sharded": []}
             outside: dict[str, list[float]] = {"plain": [], "sharded": []}  # seconds outside the model
             for r in range(args.repeat):  # alternate the two paths
-                texts_plain, seconds, cpu_s = timed(plain, captioner, paths, options, workers, args.batch_size, tmp / "plain.jsonl")
+                texts_plain, seconds, cpu_s = timed(
+                    plain, captioner, paths, options, workers, args.batch_size, tmp / "plain.jsonl"
+                )
                 wall["plain"].append(seconds)
                 cpu["plain"].append(cpu_s)
                 outside["plain"].append(seconds - clock.take())
@@ -175,25 +196,45 @@ def main() -> None:
                 cpu["sharded"].append(cpu_s)
                 outside["sharded"].append(seconds - clock.take())
             same = sum(a == b for a, b in zip(texts_plain, texts_sharded))
-            rows.append((workers, min(wall["plain"]), min(wall["sharded"]), min(cpu["plain"]), min(cpu["sharded"]),
-                         min(outside["plain"]), min(outside["sharded"]), same))
-            print(f"workers {workers}: plain {fmt(wall['plain'])} s (CPU {fmt(cpu['plain'])}, outside the model "
-                  f"{fmt(outside['plain'])}), sharded {fmt(wall['sharded'])} s (CPU {fmt(cpu['sharded'])}, outside the "
-                  f"model {fmt(outside['sharded'])}), identical captions {same}/{len(paths)}", file=sys.stderr)
+            rows.append(
+                (
+                    workers,
+                    min(wall["plain"]),
+                    min(wall["sharded"]),
+                    min(cpu["plain"]),
+                    min(cpu["sharded"]),
+                    min(outside["plain"]),
+                    min(outside["sharded"]),
+                    same,
+                )
+            )
+            print(
+                f"workers {workers}: plain {fmt(wall['plain'])} s (CPU {fmt(cpu['plain'])}, outside the model "
+                f"{fmt(outside['plain'])}), sharded {fmt(wall['sharded'])} s (CPU {fmt(cpu['sharded'])}, outside the "
+                f"model {fmt(outside['sharded'])}), identical captions {same}/{len(paths)}",
+                file=sys.stderr,
+            )
 
     n = args.images
-    print(f"\n{n} images (640x480 JPEG) in {len(tars)} tar shards, {device}, {torch.get_num_threads()} threads, "
-          f"batch size {args.batch_size}, greedy, max_length {args.max_length}, best of {args.repeat}; random weights "
-          f"({'the tests tiny CLIP and GPT-2' if args.tiny else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); load average {os.getloadavg()[0]:.2f} at the end.\n")
-    print("| --workers | plain (images/s) | sharded (images/s) | sharded / plain, wall | sharded / plain, main-process CPU "
-          "| outside the model: plain, sharded (s) | identical captions |")
+    print(
+        f"\n{n} images (640x480 JPEG) in {len(tars)} tar shards, {device}, {torch.get_num_threads()} threads, "
+        f"batch size {args.batch_size}, greedy, max_length {args.max_length}, best of {args.repeat}; random weights "
+        f"({'the tests tiny CLIP and GPT-2' if args.tiny else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); load average {os.getloadavg()[0]:.2f} at the end.\n"
+    )
+    print(
+        "| --workers | plain (images/s) | sharded (images/s) | sharded / plain, wall | sharded / plain, main-process CPU "
+        "| outside the model: plain, sharded (s) | identical captions |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for workers, p, s, pc, sc, po, so, same in rows:
-        print(f"| {workers} | {n / p:.2f} | {n / s:.2f} | {p / s:.2f} | {pc / sc:.2f} | {po:.2f}, {so:.2f} | {same}/{n} |")
+        print(
+            f"| {workers} | {n / p:.2f} | {n / s:.2f} | {p / s:.2f} | {pc / sc:.2f} | {po:.2f}, {so:.2f} | {same}/{n} |"
+        )
 
 
 def fmt(times: list[float]) -> str:
     return "/".join(f"{t:.2f}" for t in times)
+
 
 if __name__ == "__main__":
     main()

@@ -102,7 +102,9 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     print(f"bare imports ({BARE_IMPORTS}): {med['bare']:.2f} s (median of {repeat})")
-    print(f"clipcap caption one.jpg:       {med['ours']:.2f} s -> ratio {result['ratio']:.2f}x (target <= {WALL_TARGET}x)")
+    print(
+        f"clipcap caption one.jpg:       {med['ours']:.2f} s -> ratio {result['ratio']:.2f}x (target <= {WALL_TARGET}x)"
+    )
     if first is not None:
         print(f"first caption (converts the .pt to safetensors): {first:.2f} s")
     print(f"peak RSS: clipcap {rss['ours']:.2f} GB (target <= {RSS_TARGET_GB} GB), bare imports {rss['bare']:.2f} GB")

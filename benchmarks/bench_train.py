@@ -64,8 +64,12 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
         words = "".join(WORDS[(i + j) % len(WORDS)] for j in range(length - 2))
         records.append({"image": f"{i}.jpg", "image_id": i, "captions": [f"A{words}."]})
     g = torch.Generator().manual_seed(0)
-    store = save_features(root / "feats", torch.randn(n, 512, generator=g).half(), records,
-                          {"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "preprocess": "bench"})
+    store = save_features(
+        root / "feats",
+        torch.randn(n, 512, generator=g).half(),
+        records,
+        {"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "preprocess": "bench"},
+    )
     return gpt_dir, store
 
 
@@ -126,7 +130,9 @@ class OriginalStep:
         return loss.detach().item()
 
 
-def bench(mode: str, gpt_dir: Path, store: Path, root: Path, steps: int, warm: int, block: int, batch_size: int) -> dict:
+def bench(
+    mode: str, gpt_dir: Path, store: Path, root: Path, steps: int, warm: int, block: int, batch_size: int
+) -> dict:
     import torch
 
     from clipcap_cli import train
@@ -135,8 +141,16 @@ def bench(mode: str, gpt_dir: Path, store: Path, root: Path, steps: int, warm: i
 
     only_prefix = mode == "only-prefix"
     opts = train.TrainOptions.create(
-        mapping="transformer" if only_prefix else "mlp", only_prefix=only_prefix, prefix_length=K, clip_length=K,
-        gpt2=str(gpt_dir), epochs=1, batch_size=batch_size, warmup=5000, seed=0, device="cpu",
+        mapping="transformer" if only_prefix else "mlp",
+        only_prefix=only_prefix,
+        prefix_length=K,
+        clip_length=K,
+        gpt2=str(gpt_dir),
+        epochs=1,
+        batch_size=batch_size,
+        warmup=5000,
+        seed=0,
+        device="cpu",
     )
     cpu = torch.device("cpu")
     run = train.prepare(opts, store, root / f"run-{mode}", False, Distributed(cpu), train.TrainCallback())
@@ -200,8 +214,11 @@ def main() -> None:
         root = Path(tmp)
         os.environ.setdefault("CLIPCAP_HOME", str(root / "home"))
         gpt_dir, store = make_run_inputs(root, (args.warm + args.steps + 2) * args.batch_size)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-              f"{args.steps} timed steps per path (after {args.warm} warm-up), GPT-2 124M random weights", flush=True)
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+            f"{args.steps} timed steps per path (after {args.warm} warm-up), GPT-2 124M random weights",
+            flush=True,
+        )
         for mode in args.modes.split(","):
             r = bench(mode.strip(), gpt_dir, store, root, args.steps, args.warm, args.block, args.batch_size)
             print(

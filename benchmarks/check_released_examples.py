@@ -44,7 +44,9 @@ def main() -> int:
             hit = want in (g.text, b.text)
             matches += hit
             total += 1
-            print(f"{'OK  ' if hit else 'DIFF'} {photo.name}\n     original: {want}\n     greedy:   {g.text}\n     beam 5:   {b.text}")
+            print(
+                f"{'OK  ' if hit else 'DIFF'} {photo.name}\n     original: {want}\n     greedy:   {g.text}\n     beam 5:   {b.text}"
+            )
     print(f"{matches}/{total} photos match the original README's caption (greedy or beam 5)")
     return 0 if total and matches == total else 1
 

@@ -53,12 +53,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import make_images  # noqa: E402  (the same 640x480 JPEGs)
 from released import write_gpt2_tokenizer  # noqa: E402  (bench_caption put tests/ on the path)
 
-FULL = {"batches": (64, 256), "images": 512, "max_length": 20, "train_batch": 64, "train_steps": 30,
-        "agreement_images": 32, "workers": max(1, min(12, (os.cpu_count() or 1) - 2))}
-DRY = {"batches": (4, 8), "images": 8, "max_length": 6, "train_batch": 4, "train_steps": 2,
-       "agreement_images": 4, "workers": 0}
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+FULL = {
+    "batches": (64, 256),
+    "images": 512,
+    "max_length": 20,
+    "train_batch": 64,
+    "train_steps": 30,
+    "agreement_images": 32,
+    "workers": max(1, min(12, (os.cpu_count() or 1) - 2)),
+}
+DRY = {
+    "batches": (4, 8),
+    "images": 8,
+    "max_length": 6,
+    "train_batch": 4,
+    "train_steps": 2,
+    "agreement_images": 4,
+    "workers": 0,
+}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def log(message: str) -> None:
@@ -82,8 +99,14 @@ def build(device: torch.device, tmp: Path, tiny: bool) -> Captioner:
         clip_name, prefix_size, gpt_config = f"local-dir:{clip_dir}", 32, GPT2Config(n_embd=32, n_layer=2, n_head=2)
     else:
         clip_name, prefix_size, gpt_config = "ViT-B-32", 512, GPT2Config()
-    config = ModelConfig(mapping="mlp", prefix_length=10, prefix_size=prefix_size, clip_model=clip_name,
-                         clip_pretrained=None, gpt2=str(tok_dir))
+    config = ModelConfig(
+        mapping="mlp",
+        prefix_length=10,
+        prefix_size=prefix_size,
+        clip_model=clip_name,
+        clip_pretrained=None,
+        gpt2=str(tok_dir),
+    )
     model = ClipCaptionModel(config, GPT2LMHeadModel(gpt_config)).eval().to(device)
     clip, preprocess = backbones.load_clip(clip_name, None, device)  # fp16 on CUDA
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(tok_dir)), device)
@@ -117,14 +140,17 @@ def seconds(fn: Callable[[], Any], device: torch.device) -> float:
 def caption_speed(captioner: Captioner, bf16: Captioner, paths: list[Path], s: dict) -> dict:
     """images/s of clipcap and of transformers' generate, per strategy, batch and precision."""
     out: dict[str, Any] = {}
-    for name, options in (("greedy", DecodingOptions(max_length=s["max_length"])),
-                          ("beam5", DecodingOptions(strategy="beam", max_length=s["max_length"]))):
+    for name, options in (
+        ("greedy", DecodingOptions(max_length=s["max_length"])),
+        ("beam5", DecodingOptions(strategy="beam", max_length=s["max_length"])),
+    ):
         for batch in s["batches"]:
             row: dict[str, float] = {}
             for precision, cap in (("fp32", captioner), ("bf16", bf16)):
                 ours = functools.partial(stream_all, cap, paths, batch, s["workers"], options)
-                theirs = functools.partial(run_batches, cap, paths, batch, s["workers"],
-                                           functools.partial(hf_generate, cap), options)
+                theirs = functools.partial(
+                    run_batches, cap, paths, batch, s["workers"], functools.partial(hf_generate, cap), options
+                )
                 ours()  # warm-up: CUDA graph capture, cuBLAS autotuning
                 theirs()
                 row[precision] = round(len(paths) / seconds(ours, cap.device), 1)
@@ -141,8 +167,14 @@ def stream_all(captioner: Captioner, paths: list[Path], batch: int, workers: int
         assert out.error is None, out.error
 
 
-def run_batches(captioner: Captioner, paths: list[Path], batch: int, workers: int,
-                caption: Callable[[torch.Tensor, DecodingOptions], Any], options: DecodingOptions) -> None:
+def run_batches(
+    captioner: Captioner,
+    paths: list[Path],
+    batch: int,
+    workers: int,
+    caption: Callable[[torch.Tensor, DecodingOptions], Any],
+    options: DecodingOptions,
+) -> None:
     for pixels in pixel_batches(captioner, paths, batch, workers):
         caption(pixels, options)
 
@@ -152,9 +184,14 @@ def hf_generate(captioner: Captioner, pixels: torch.Tensor, options: DecodingOpt
     with torch.inference_mode():
         prefix = model.embed_prefix(captioner.encode_pixels(pixels)).to(model.gpt.dtype)
         beams = {"num_beams": options.beam_size} if options.strategy == "beam" else {}
-        return model.gpt.generate(inputs_embeds=prefix, max_new_tokens=options.max_length, do_sample=False,
-                                  eos_token_id=stop_token_id(captioner.tokenizer, "."),
-                                  pad_token_id=captioner.tokenizer.eos_token_id, **beams)
+        return model.gpt.generate(
+            inputs_embeds=prefix,
+            max_new_tokens=options.max_length,
+            do_sample=False,
+            eos_token_id=stop_token_id(captioner.tokenizer, "."),
+            pad_token_id=captioner.tokenizer.eos_token_id,
+            **beams,
+        )
 
 
 def clip_speed(captioner: Captioner, paths: list[Path], s: dict) -> float:
@@ -191,8 +228,12 @@ def train_speed(captioner: Captioner, s: dict) -> dict:
         step()
     steps = s["train_steps"]
     took = seconds(lambda: [step() for _ in range(steps)], device)
-    return {"batch": b, "tokens": length, "amp": "bf16" if device.type == "cuda" else "off",
-            "steps_per_s": round(steps / took, 2)}
+    return {
+        "batch": b,
+        "tokens": length,
+        "amp": "bf16" if device.type == "cuda" else "off",
+        "steps_per_s": round(steps / took, 2),
+    }
 
 
 def gpu_cpu_agreement(captioner: Captioner, paths: list[Path], s: dict) -> dict:
@@ -202,8 +243,10 @@ def gpu_cpu_agreement(captioner: Captioner, paths: list[Path], s: dict) -> dict:
     cpu_model = copy.deepcopy(captioner.model).cpu()
     stop = stop_token_id(captioner.tokenizer, ".")
     out: dict[str, Any] = {"images": n}
-    for name, options in (("greedy", DecodingOptions(max_length=s["max_length"])),
-                          ("beam5", DecodingOptions(strategy="beam", max_length=s["max_length"]))):
+    for name, options in (
+        ("greedy", DecodingOptions(max_length=s["max_length"])),
+        ("beam5", DecodingOptions(strategy="beam", max_length=s["max_length"])),
+    ):
         with torch.inference_mode():
             here = generate(captioner.model, captioner.model.embed_prefix(embeddings), options, stop)
             there = generate(cpu_model, cpu_model.embed_prefix(embeddings.cpu()), options, stop)
@@ -251,8 +294,12 @@ def main() -> None:
     start = time.perf_counter()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dry_run": args.dry_run, "torch": torch.__version__, "max_length": s["max_length"],
-        "images": s["images"], "errors": {}, "skipped": [],
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "max_length": s["max_length"],
+        "images": s["images"],
+        "errors": {},
+        "skipped": [],
     }
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -262,7 +309,9 @@ def main() -> None:
         paths = make_images(tmp, s["images"])
         parts: dict[str, Callable[[], Any]] = {
             "caption": lambda: caption_speed(captioner, bf16, paths, s),
-            "clip_fp16_images_per_s" if device.type == "cuda" else "clip_images_per_s": lambda: clip_speed(captioner, paths, s),
+            "clip_fp16_images_per_s" if device.type == "cuda" else "clip_images_per_s": lambda: clip_speed(
+                captioner, paths, s
+            ),
             "train_only_prefix": lambda: train_speed(captioner, s),
             "gpu_cpu_identical": lambda: gpu_cpu_agreement(captioner, paths, s),
             "ddp_step": lambda: ddp_step(captioner),

@@ -115,7 +115,9 @@ def gpt2_config(name: str) -> GPT2Config | None:
         return GPT2Config.from_pretrained(str(folder)) if (folder / "config.json").is_file() else None
     try:
         return cached_or_download(
-            lambda local: GPT2Config.from_pretrained(name, **_hub_kwargs(local)), f"GPT-2 config '{name}'", DOWNLOAD_HINT
+            lambda local: GPT2Config.from_pretrained(name, **_hub_kwargs(local)),
+            f"GPT-2 config '{name}'",
+            DOWNLOAD_HINT,
         )
     except ModelNotAvailableError:
         return None
@@ -212,8 +214,14 @@ def clip_spec(model_name: str, pretrained: str | None) -> ClipSpec:
             model_cfg = dict(data["model_cfg"])
         except (OSError, ValueError, KeyError) as exc:
             raise UsageError(f"CLIP folder {folder} has no usable open_clip_config.json ({exc})") from None
-        weights = next((folder / f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-                        if (folder / f).is_file()), None)
+        weights = next(
+            (
+                folder / f
+                for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                if (folder / f).is_file()
+            ),
+            None,
+        )
         return ClipSpec(model_name, None, model_cfg, data.get("preprocess_cfg", {}), None, weights)
     import open_clip
 
@@ -231,12 +239,14 @@ def clip_spec(model_name: str, pretrained: str | None) -> ClipSpec:
         weights = Path(pretrained).expanduser()
     if tag_cfg and tag_cfg.get("quick_gelu"):
         model_cfg["quick_gelu"] = True
-    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg} if tag_cfg else {}
+    preprocess = (
+        {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg} if tag_cfg else {}
+    )
     return ClipSpec(model_name, pretrained, model_cfg, preprocess, tag_cfg or None, weights)
 
 
 def clip_activation(model_name: str, pretrained: str | None) -> str:
-    """"quick_gelu" or "gelu": the activation ``model_name`` with ``pretrained`` weights is built with."""
+    """ "quick_gelu" or "gelu": the activation ``model_name`` with ``pretrained`` weights is built with."""
     return clip_spec(model_name, pretrained).activation
 
 
@@ -306,13 +316,18 @@ def build_clip(spec: ClipSpec, *, meta: bool = True) -> tuple[Any, Any]:
     import torch
 
     device = "meta" if meta else "cpu"
-    with _QuietRootLogger(), (torch.device("meta") if meta else contextlib.nullcontext()):
+    with _QuietRootLogger(), torch.device("meta") if meta else contextlib.nullcontext():
         if spec.name.startswith(LOCAL_DIR):
             model = open_clip.create_model(spec.name, load_weights=False, device=device)
         else:
             quick = bool(spec.model_cfg.get("quick_gelu"))
-            model = open_clip.create_model(spec.name, pretrained=None, device=device, force_quick_gelu=quick,
-                                           force_preprocess_cfg=spec.preprocess_cfg)
+            model = open_clip.create_model(
+                spec.name,
+                pretrained=None,
+                device=device,
+                force_quick_gelu=quick,
+                force_preprocess_cfg=spec.preprocess_cfg,
+            )
     # As open_clip's create_model_and_transforms: the evaluation transform of the final config.
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -368,15 +383,18 @@ def _assign_clip_weights(model: Any, weights: Path, text: bool) -> None:
         )
     for key in wanted:
         if tuple(state[key].shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"CLIP weights {weights.name}: {key} has shape {tuple(state[key].shape)}, "
-                                  f"the model needs {tuple(expected[key].shape)}")
+            raise CheckpointError(
+                f"CLIP weights {weights.name}: {key} has shape {tuple(state[key].shape)}, "
+                f"the model needs {tuple(expected[key].shape)}"
+            )
     target = model if text else model.visual
     sub = {k: v for k, v in state.items() if k in wanted}
     if not text:
         sub = {k.removeprefix("visual."): v for k, v in sub.items()}
     # Weights may be stored in fp16; the model's dtype is set by the caller afterwards.
-    target.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sub.items()},
-                           strict=True, assign=True)
+    target.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in sub.items()}, strict=True, assign=True
+    )
     if text:
         # The causal text mask is a non-persistent buffer: it is not in the file, so build it here.
         n = model.attn_mask.shape[0]

@@ -178,8 +178,15 @@ class Captioner:
         workers = default_workers(self.device) if workers is None else workers
         if isinstance(items, Sized):  # no idle worker processes for a short list
             workers = min(workers, -(-len(items) // batch_size))
-        batches = load_batches(items, self.preprocess_image, batch_size, workers, seed_id=seed_id, group_of=group_of,
-                               pin_memory=self.device.type == "cuda")
+        batches = load_batches(
+            items,
+            self.preprocess_image,
+            batch_size,
+            workers,
+            seed_id=seed_id,
+            group_of=group_of,
+            pin_memory=self.device.type == "cuda",
+        )
         for batch in batches:
             positions = batch.pixel_positions + batch.embedding_positions
             found = []

@@ -33,8 +33,20 @@ FORMAT = "clipcap"
 FORMAT_VERSION = "1"
 CONVERTED_FORMAT = "clipcap-converted"  # a released .pt, converted as it is (no config)
 # The GPT-2 architecture fields a checkpoint records and a model is built from (GPT2Config names).
-GPT2_ARCH_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-                  "layer_norm_epsilon", "tie_word_embeddings", "bos_token_id", "eos_token_id", "scale_attn_weights")
+GPT2_ARCH_KEYS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "activation_function",
+    "layer_norm_epsilon",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "scale_attn_weights",
+)
 # What the tensors fix (n_head and the rest cannot be seen in them).
 GPT2_SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_inner")
 # Causal-mask buffers that transformers <= 4.11 saved in every GPT-2 state dict; newer versions
@@ -268,9 +280,8 @@ def _check_arch(arch: dict[str, Any], seen: dict[str, Any], where: str) -> None:
 def describe_clip_mismatch(expected: int, clip_model: str, got: int | None) -> str:
     want = CLIP_FOR_DIM.get(expected)
     want_txt = f" ({want})" if want else ""
-    return (
-        f"this checkpoint expects {expected}-d CLIP features{want_txt}; "
-        f"you gave {clip_model} ({got}-d)" + (f": use --clip {want}" if want else "")
+    return f"this checkpoint expects {expected}-d CLIP features{want_txt}; you gave {clip_model} ({got}-d)" + (
+        f": use --clip {want}" if want else ""
     )
 
 

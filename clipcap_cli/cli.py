@@ -35,7 +35,9 @@ def root(
     version: Optional[bool] = typer.Option(
         None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Diagnostics (device, files) and tracebacks on stderr."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Diagnostics (device, files) and tracebacks on stderr."
+    ),
     offline: bool = typer.Option(
         False, "--offline", envvar="CLIPCAP_OFFLINE", help="Never use the network; fail at once if a model is missing."
     ),

@@ -83,8 +83,7 @@ class ClipText:
         self.device = device
 
     @classmethod
-    def load(cls, model_name: str, pretrained: str | None, device: torch.device | str,
-             reuse: Any = None) -> ClipText:
+    def load(cls, model_name: str, pretrained: str | None, device: torch.device | str, reuse: Any = None) -> ClipText:
         """The text side of CLIP ``model_name``: ``reuse`` (a loaded CLIP) when it has a text
         tower, else a CLIP built with one."""
         model = reuse if reuse is not None and has_text_tower(reuse) else load_clip(model_name, pretrained, device)[0]
@@ -135,7 +134,9 @@ def harmonic_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     total = a + b
     positive = total > 0
-    return torch.where(positive, 2 * a * b / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(total))
+    return torch.where(
+        positive, 2 * a * b / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(total)
+    )
 
 
 @dataclass(frozen=True)
@@ -224,12 +225,19 @@ def rerank_decode(
         at += len(result.texts)
         order = sorted(range(len(values)), key=lambda j: -values[j])[: options.num_captions]
         best = order[0]
-        results.append(dataclasses.replace(
-            result, text=result.texts[best], tokens=result.all_tokens[best], score=result.scores[best],
-            texts=tuple(result.texts[j] for j in order), scores=tuple(result.scores[j] for j in order),
-            clip_score=values[best], clip_scores=tuple(values[j] for j in order),
-            all_tokens=tuple(result.all_tokens[j] for j in order),
-        ))
+        results.append(
+            dataclasses.replace(
+                result,
+                text=result.texts[best],
+                tokens=result.all_tokens[best],
+                score=result.scores[best],
+                texts=tuple(result.texts[j] for j in order),
+                scores=tuple(result.scores[j] for j in order),
+                clip_score=values[best],
+                clip_scores=tuple(values[j] for j in order),
+                all_tokens=tuple(result.all_tokens[j] for j in order),
+            )
+        )
     return results
 
 

@@ -48,7 +48,12 @@ class Dataset:
         return self._make()
 
     def describe(self) -> dict[str, Any]:
-        return {"source": str(self.source.resolve()), "dataset_format": self.format, "images_root": str(self.images_root), "split": self.split}
+        return {
+            "source": str(self.source.resolve()),
+            "dataset_format": self.format,
+            "images_root": str(self.images_root),
+            "split": self.split,
+        }
 
 
 class ImageResolver:
@@ -71,7 +76,9 @@ class ImageResolver:
     def find(self, name: str, subdirs: tuple[str, ...] = ()) -> str:
         """The first of ``name``, ``<subdir>/name`` that exists; ``name`` itself when none does."""
         candidates = [name]
-        ordered = ([self._last_subdir] if self._last_subdir in subdirs else []) + [s for s in subdirs if s != self._last_subdir]
+        ordered = ([self._last_subdir] if self._last_subdir in subdirs else []) + [
+            s for s in subdirs if s != self._last_subdir
+        ]
         candidates += [f"{s}/{name}" for s in ordered]
         for cand in candidates:
             if (self.root / cand).is_file():
@@ -204,8 +211,10 @@ def not_utf8(source: Path) -> str:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return (f"{source.name} line {n} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
-                        "save the file as UTF-8")
+                return (
+                    f"{source.name} line {n} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
+                    "save the file as UTF-8"
+                )
     return f"{source.name} is not UTF-8: save the file as UTF-8"
 
 
@@ -264,15 +273,20 @@ def _coco(source: Path, data: Any, resolver: ImageResolver) -> Iterator[dict]:
         name = str(_need(source, f"image {i}", img, "file_name"))
         if image_id in file_of:
             if file_of[image_id] != name:
-                raise DatasetError(f"{source.name}: image id {image_id!r} names two files, {file_of[image_id]} and {name}: "
-                                   "give each image its own id")
+                raise DatasetError(
+                    f"{source.name}: image id {image_id!r} names two files, {file_of[image_id]} and {name}: "
+                    "give each image its own id"
+                )
             continue
         file_of[image_id] = name
         if name in records:
             records[name]["captions"] += captions.get(image_id, [])
         else:
-            records[name] = {"image": resolver.find(name, COCO_SUBDIRS), "image_id": image_id,
-                             "captions": list(captions.get(image_id, []))}
+            records[name] = {
+                "image": resolver.find(name, COCO_SUBDIRS),
+                "image_id": image_id,
+                "captions": list(captions.get(image_id, [])),
+            }
     yield from records.values()
 
 
@@ -286,11 +300,21 @@ def _karpathy(source: Path, data: Any, resolver: ImageResolver, split: str | Non
         if wanted is not None and img_split not in wanted:
             continue
         sentences = _need(source, f"image {i}", img, "sentences")
-        texts = [_caption_text(source, f"image {i}", _need(source, f"image {i} sentence {j}", s, "raw")) for j, s in enumerate(sentences)]
+        texts = [
+            _caption_text(source, f"image {i}", _need(source, f"image {i} sentence {j}", s, "raw"))
+            for j, s in enumerate(sentences)
+        ]
         folder = img.get("filepath")
-        candidates = ([f"{folder}/{name}"] if folder else []) + [name] + [f"{s}/{name}" for s in COCO_SUBDIRS if s != folder]
+        candidates = (
+            ([f"{folder}/{name}"] if folder else []) + [name] + [f"{s}/{name}" for s in COCO_SUBDIRS if s != folder]
+        )
         image_id = img.get("cocoid", img.get("imgid"))
-        record = {"image": resolver.first_existing(candidates), "image_id": image_id, "captions": texts, "split": img_split}
+        record = {
+            "image": resolver.first_existing(candidates),
+            "image_id": image_id,
+            "captions": texts,
+            "split": img_split,
+        }
         ids = [s.get("sentid") for s in sentences]
         if any(x is not None for x in ids):
             record["caption_ids"] = ids
@@ -307,7 +331,9 @@ def coco_id_candidates(image_id: int | str) -> list[str]:
     return [text, f"{text}.jpg"] if Path(text).suffix else [f"{text}.jpg", text]
 
 
-def group_caption_entries(source: Path, entries: Any, resolver: ImageResolver | None, normalize_ids: bool = True) -> Iterator[dict]:
+def group_caption_entries(
+    source: Path, entries: Any, resolver: ImageResolver | None, normalize_ids: bool = True
+) -> Iterator[dict]:
     """Group a list of ``{image_id, caption, (id)}`` entries into one record per image, first-seen order.
 
     ``normalize_ids`` applies :func:`normalize_id` (numeric text becomes an int, as the original's ``int(image_id)``).
@@ -327,8 +353,10 @@ def group_caption_entries(source: Path, entries: Any, resolver: ImageResolver | 
         if group is None:
             group = groups[image_id] = {"image_id": image_id, "captions": [], "caption_ids": [], "_explicit": explicit}
         elif explicit is not None and group["_explicit"] is not None and str(explicit) != str(group["_explicit"]):
-            raise DatasetError(f"{source.name}: entry {i}: image id {image_id!r} names two files, {group['_explicit']} and "
-                               f"{explicit}: give each image its own id")
+            raise DatasetError(
+                f"{source.name}: entry {i}: image id {image_id!r} names two files, {group['_explicit']} and "
+                f"{explicit}: give each image its own id"
+            )
         elif group["_explicit"] is None:
             group["_explicit"] = explicit
         group["captions"].append(text)
@@ -368,8 +396,10 @@ class _Grouper:
         if image_id is not None:
             other = self.image_of.setdefault(normalize_id(image_id), key)
             if other != key:
-                raise DatasetError(f"{self.source.name} {where}: image id {image_id!r} names two files, {other} and {key}: "
-                                   "give each image its own id")
+                raise DatasetError(
+                    f"{self.source.name} {where}: image id {image_id!r} names two files, {other} and {key}: "
+                    "give each image its own id"
+                )
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = {"image": key, "image_id": image_id, "captions": []}
@@ -450,14 +480,17 @@ def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
         if not all(isinstance(c, str) for c in captions):
             raise DatasetError(f"{source.name} line {n}: caption is not a string")
         id_key = _pick(row.keys(), ("image_id", "id"))
-        grouper.add(str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None, f"line {n}")
+        grouper.add(
+            str(row[image_key]), [c.strip() for c in captions], row.get(id_key) if id_key else None, f"line {n}"
+        )
     yield from grouper.groups.values()
 
 
 def _folder(folder: Path, root: Path, recursive: bool) -> Iterator[dict]:
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(
-        p for p in pattern
+        p
+        for p in pattern
         if p.is_file() and is_image_path(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     resolver = ImageResolver(root)

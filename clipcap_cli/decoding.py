@@ -61,7 +61,9 @@ class DecodingOptions:
         """The decoding that yields the candidates ``rerank`` chooses among: all ``beam_size`` beams
         (beam search, and greedy with ``rerank``), or ``num_captions`` samples (RERANK_SAMPLES when 1)."""
         if self.search == "sample":
-            return self.replace(rerank=None, num_captions=self.num_captions if self.num_captions > 1 else RERANK_SAMPLES)
+            return self.replace(
+                rerank=None, num_captions=self.num_captions if self.num_captions > 1 else RERANK_SAMPLES
+            )
         return self.replace(rerank=None, strategy="beam", num_captions=self.beam_size)
 
 
@@ -82,10 +84,16 @@ def _verify(o: DecodingOptions) -> None:
     if o.stop_token is not None and o.stop_token == "":
         raise UsageError("stop_token must not be empty")
     if o.strategy != "sample":
-        ignored = [name for name, on in (("top_p", o.top_p != 1.0), ("top_k", o.top_k != 0), ("seed", o.seed is not None)) if on]
+        ignored = [
+            name
+            for name, on in (("top_p", o.top_p != 1.0), ("top_k", o.top_k != 0), ("seed", o.seed is not None))
+            if on
+        ]
         if ignored:
-            raise UsageError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for sampling only: "
-                             "set strategy to 'sample'")
+            raise UsageError(
+                f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for sampling only: "
+                "set strategy to 'sample'"
+            )
     if o.rerank is not None and o.rerank not in RERANKERS:
         raise UsageError(f"unknown reranker {o.rerank!r}: choose {', '.join(RERANKERS)}")
     if o.search == "greedy":
@@ -121,9 +129,16 @@ def clean_up_tokenization(text: str) -> str:
     applied here to give the same strings (e.g. "a dog ." -> "a dog.").
     """
     return (
-        text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
-        .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
-        .replace(" 've", "'ve").replace(" 're", "'re")
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
     )
 
 
@@ -287,7 +302,10 @@ class _Beams:
         next_tokens = tokens.view(n_active, w * w).gather(1, flat)
         self.lengths = lengths.gather(1, source)
         self.tokens = torch.cat(
-            (self.tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1])), next_tokens.unsqueeze(-1)),
+            (
+                self.tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1])),
+                next_tokens.unsqueeze(-1),
+            ),
             dim=-1,
         )  # (A, W, T+1)
         self.stopped = self.stopped.gather(1, source) | (next_tokens == self.stop_id)
@@ -304,8 +322,8 @@ class _Beams:
                 self._finish_image(a)
             keep = (~done).nonzero().flatten()
             self.images, self.tokens, self.scores, self.lengths, self.stopped, source_rows, next_tokens = (
-                t[keep] for t in (self.images, self.tokens, self.scores, self.lengths, self.stopped, source_rows,
-                                  next_tokens)
+                t[keep]
+                for t in (self.images, self.tokens, self.scores, self.lengths, self.stopped, source_rows, next_tokens)
             )
         live = ~self.stopped
         return source_rows[live], next_tokens[live]
@@ -336,8 +354,15 @@ class _Rows:
     active row; ``ids`` are the rows' indices in the batch. Scores are mean log-probs at ``temperature``.
     """
 
-    def __init__(self, n_rows: int, max_length: int, stop_id: int,
-                 choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float, device: torch.device):
+    def __init__(
+        self,
+        n_rows: int,
+        max_length: int,
+        stop_id: int,
+        choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        temperature: float,
+        device: torch.device,
+    ):
         import torch
 
         self.stop_id, self.choose, self.temperature = stop_id, choose, temperature
@@ -456,8 +481,9 @@ def sample(
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         probs = filter_logits(logits.to(_score_dtype(logits)) / temperature, top_k, top_p).softmax(-1)  # (A, V)
         # Exponential race: argmax(p / E), E ~ Exp(1) per token, is an exact draw from p.
-        race = torch.stack([torch.empty(probs.shape[-1], device=device).exponential_(generator=generators[r])
-                            for r in rows.tolist()])
+        race = torch.stack(
+            [torch.empty(probs.shape[-1], device=device).exponential_(generator=generators[r]) for r in rows.tolist()]
+        )
         return (probs / race).argmax(-1)
 
     rows = _decode_rows(model, prefix.repeat_interleave(num_samples, dim=0), max_length, stop_id, choose, temperature)
@@ -476,8 +502,9 @@ CPU_BATCH_SIZE = {"greedy": 64, "beam": 32, "sample": 64}
 CUDA_MAX_BATCH_SIZE = 1024  # CUDA: a batch large enough to fill an H200; more only costs memory
 
 
-def default_batch_size(device: torch.device | str, options: DecodingOptions | None = None,
-                       model: ClipCaptionModel | None = None) -> int:
+def default_batch_size(
+    device: torch.device | str, options: DecodingOptions | None = None, model: ClipCaptionModel | None = None
+) -> int:
     """Images per CLIP + decoding batch that keep ``device`` busy, for the CLI's --batch-size default.
 
     CPU: the batch sizes measured on a 2-core Xeon (CPU_BATCH_SIZE): GEMMs over fewer than ~64
@@ -504,8 +531,6 @@ def default_batch_size(device: torch.device | str, options: DecodingOptions | No
     return min(CUDA_MAX_BATCH_SIZE, 1 << (fits.bit_length() - 1))
 
 
-
-
 def generate(
     model: ClipCaptionModel,
     prefix: torch.Tensor,
@@ -529,8 +554,18 @@ def generate(
         if options.strategy == "beam":
             found = beam_search(model, prefix, options.beam_size, options.max_length, stop_id, options.temperature)
         elif options.strategy == "sample":
-            found = sample(model, prefix, options.num_captions, options.max_length, stop_id, options.temperature,
-                           options.top_k, options.top_p, options.seed, image_ids)
+            found = sample(
+                model,
+                prefix,
+                options.num_captions,
+                options.max_length,
+                stop_id,
+                options.temperature,
+                options.top_k,
+                options.top_p,
+                options.seed,
+                image_ids,
+            )
         else:
             found = [[h] for h in greedy(model, prefix, options.max_length, stop_id)]
     return [hyps[: options.num_captions] for hyps in found]
@@ -570,6 +605,14 @@ def decode_prefix(
     results = []
     for hyps in found:
         texts = tuple(tokens_to_text(tokenizer, t) for t, _ in hyps)
-        results.append(DecodingResult(text=texts[0], tokens=tuple(hyps[0][0]), score=hyps[0][1], texts=texts,
-                                      scores=tuple(s for _, s in hyps), all_tokens=tuple(tuple(t) for t, _ in hyps)))
+        results.append(
+            DecodingResult(
+                text=texts[0],
+                tokens=tuple(hyps[0][0]),
+                score=hyps[0][1],
+                texts=texts,
+                scores=tuple(s for _, s in hyps),
+                all_tokens=tuple(tuple(t) for t, _ in hyps),
+            )
+        )
     return results

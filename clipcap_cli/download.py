@@ -66,9 +66,7 @@ HTML_PEEK = 256 << 10  # how much of an HTML page is read to look for a confirma
 MIN_RATE = 16 << 10
 RATE_WINDOW = 60.0
 # Hosts whose HTML answers may be a "file too large to scan" confirmation page.
-DRIVE_HOSTS: frozenset[str] = frozenset(
-    {"drive.google.com", "docs.google.com", "drive.usercontent.google.com"}
-)
+DRIVE_HOSTS: frozenset[str] = frozenset({"drive.google.com", "docs.google.com", "drive.usercontent.google.com"})
 
 
 class DownloadError(ClipCapError):
@@ -200,10 +198,7 @@ def fetch_verified(
     if not force and _is_cached(dest, want_sha, size):
         return Fetched(dest, want_sha, None)
     if offline:
-        raise OfflineError(
-            f"offline: {dest.name} is not cached; download {url_list[0]} by hand and "
-            f"save it as {dest}"
-        )
+        raise OfflineError(f"offline: {dest.name} is not cached; download {url_list[0]} by hand and save it as {dest}")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -226,9 +221,7 @@ def fetch_verified(
                     url_sha, url_size, publisher = _expected_for(sess, url, dest, want_sha, size, timeouts)
                     if publisher is not None:
                         want_sha, vouched = url_sha, publisher
-                    _fetch_one(
-                        sess, url, part, dest, url_sha, url_size, limits, retries, backoff, progress
-                    )
+                    _fetch_one(sess, url, part, dest, url_sha, url_size, limits, retries, backoff, progress)
                     return Fetched(dest, url_sha, publisher or vouched, url)
                 except _FATAL:
                     raise
@@ -254,9 +247,7 @@ def _expected_for(
     if published_sha is None:
         return sha256, size, None
     if sha256 is not None and published_sha != sha256:
-        raise ChecksumError(
-            f"{_host(url)} publishes sha256 {published_sha} for {dest.name}, not the verified {sha256}"
-        )
+        raise ChecksumError(f"{_host(url)} publishes sha256 {published_sha} for {dest.name}, not the verified {sha256}")
     return published_sha, size if size is not None else published_size, _host(url)
 
 
@@ -272,8 +263,12 @@ def published_checksum(
     if "/resolve/" not in urlsplit(url).path:
         return None, None
     try:
-        resp = sess.head(url, allow_redirects=False, timeout=timeouts,
-                         headers={"User-Agent": _user_agent(), "Accept-Encoding": "identity"})
+        resp = sess.head(
+            url,
+            allow_redirects=False,
+            timeout=timeouts,
+            headers={"User-Agent": _user_agent(), "Accept-Encoding": "identity"},
+        )
     except requests.RequestException:
         return None, None
     with resp:
@@ -324,7 +319,11 @@ def _download_to_part(
     progress: ProgressCallback | None,
 ) -> None:
     """Retry loop: return once ``part`` holds the complete body of ``url``."""
-    timeouts = timeout if isinstance(timeout, Limits) else Limits(*(timeout if isinstance(timeout, tuple) else (timeout, timeout)))
+    timeouts = (
+        timeout
+        if isinstance(timeout, Limits)
+        else Limits(*(timeout if isinstance(timeout, tuple) else (timeout, timeout)))
+    )
     failures = 0  # consecutive attempts without progress
     hops = 0  # consecutive confirmation pages
     attempts = 0
@@ -340,9 +339,7 @@ def _download_to_part(
         except _Follow as follow:
             hops += 1
             if hops > MAX_CONFIRM_HOPS:
-                raise BadContentError(
-                    f"{_host(url)}: too many confirmation pages, no file"
-                ) from None
+                raise BadContentError(f"{_host(url)}: too many confirmation pages, no file") from None
             current = follow.url
             continue
         except _Retry as exc:
@@ -406,7 +403,9 @@ def _request_once(
         raise _Retry(f"connection closed after {done} of {expected} bytes")
 
 
-def _check_status(resp: requests.Response, url: str, part: Path, offset: int, progress: ProgressCallback | None) -> bool:
+def _check_status(
+    resp: requests.Response, url: str, part: Path, offset: int, progress: ProgressCallback | None
+) -> bool:
     """True when a 416 says the .part is already complete; raises _Retry or HTTPStatusError for
     statuses that bring no body to append."""
     status = resp.status_code
@@ -438,8 +437,18 @@ def _body_range(resp: requests.Response, url: str, part: Path, offset: int) -> t
     return 0, _int_or_none(resp.headers.get("Content-Length"))
 
 
-def _append_body(first: bytes, chunks: Any, part: Path, offset: int, total: int | None, url: str, dest: Path,
-                 size: int | None, timeouts: Limits, progress: ProgressCallback | None) -> int:
+def _append_body(
+    first: bytes,
+    chunks: Any,
+    part: Path,
+    offset: int,
+    total: int | None,
+    url: str,
+    dest: Path,
+    size: int | None,
+    timeouts: Limits,
+    progress: ProgressCallback | None,
+) -> int:
     """Write the body (``first``, then the rest of ``chunks``) to ``part`` from ``offset``; the bytes the file then holds."""
     done = offset
     _report(progress, done, total)
@@ -460,7 +469,8 @@ def _append_body(first: bytes, chunks: Any, part: Path, offset: int, total: int 
                     raise TooSlowError(
                         f"{_host(url)}: transfer too slow ({rate / 1024:.1f} KB/s over the last {pace.window:g} s, "
                         f"at least {pace.min_rate / 1024:g} KB/s needed); {done / 1e6:.1f} MB of {dest.name} kept in "
-                        f"{part.name}: run the same command again to resume")
+                        f"{part.name}: run the same command again to resume"
+                    )
                 chunk = _next_chunk(chunks, timeouts)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -593,14 +603,11 @@ def _handle_html(sess: requests.Session, resp: requests.Response, url: str, firs
     title = " ".join(parser.title.split())[:80]
     hint = f" ({title!r})" if title else ""
     raise BadContentError(
-        f"{_host(url)} returned an HTML page instead of the file{hint}; "
-        "the link may be dead or over its download quota"
+        f"{_host(url)} returned an HTML page instead of the file{hint}; the link may be dead or over its download quota"
     )
 
 
-def _drive_confirm_url(
-    text: str, page_url: str, orig_url: str, sess: requests.Session
-) -> str | None:
+def _drive_confirm_url(text: str, page_url: str, orig_url: str, sess: requests.Session) -> str | None:
     """The URL that confirms a Google Drive "can't scan for viruses" page, if any."""
     parser = _PageParser()
     parser.feed(text)

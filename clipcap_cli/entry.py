@@ -17,8 +17,19 @@ from typing import Any
 
 HELP_ARGS = (["--help"], ["-h"])
 # Environment that changes how rich and typer render (width, colour, terminal detection).
-RENDER_ENV = ("COLUMNS", "LINES", "TERMINAL_WIDTH", "NO_COLOR", "FORCE_COLOR", "TERM", "COLORTERM",
-              "TTY_COMPATIBLE", "TTY_INTERACTIVE", "_TYPER_FORCE_DISABLE_TERMINAL", "TYPER_USE_RICH")
+RENDER_ENV = (
+    "COLUMNS",
+    "LINES",
+    "TERMINAL_WIDTH",
+    "NO_COLOR",
+    "FORCE_COLOR",
+    "TERM",
+    "COLORTERM",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+    "_TYPER_FORCE_DISABLE_TERMINAL",
+    "TYPER_USE_RICH",
+)
 
 
 def help_cache_file() -> Path | None:

@@ -33,8 +33,15 @@ class ModelNotAvailableError(ClipCapError):
     """A model (weights, tokenizer, CLIP) is not cached and cannot be downloaded now."""
 
 
-def check_number(name: str, value: float, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def check_number(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Raise ``UsageError`` unless ``value`` is a finite number within the bounds.
 
     ``low``/``high`` are inclusive unless ``low_open``/``high_open``. The message names ``name``

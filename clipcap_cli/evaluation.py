@@ -62,7 +62,15 @@ REFS_FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "fe
 SCALE = "0-1 (CIDEr: pycocoevalcap scale; CLIPScore, RefCLIPScore: 0-2.5, as jmhessel/clipscore)"
 #: Top-level keys of the JSON report, always present (``per_image`` and ``paper`` only on request).
 REPORT_KEYS: tuple[str, ...] = (
-    "metrics", "scale", "counts", "tokenizer", "backends", "unavailable", "notes", "matched_by", "settings",
+    "metrics",
+    "scale",
+    "counts",
+    "tokenizer",
+    "backends",
+    "unavailable",
+    "notes",
+    "matched_by",
+    "settings",
 )
 FAILED_NOTE = "predictions failed (records with an error)"
 KARPATHY_TEST_IMAGES = 5000
@@ -86,12 +94,16 @@ class EvalOptions:
     backend: str = "auto"  # metrics.BACKENDS
     allow_missing: bool = False  # score the common images instead of failing on a key mismatch
     per_image: bool = False  # per-image scores in the report, for error analysis
-    batch_size: int | None = None  # --model: images per CLIP + decoding batch (None: as clipcap caption, for the device)
+    batch_size: int | None = (
+        None  # --model: images per CLIP + decoding batch (None: as clipcap caption, for the device)
+    )
     precision: str = DEFAULT_PRECISION  # --model: GPT-2's precision (auto = fp32, exact)
     device: str | None = None  # --model: None = the best available device
     workers: int | None = WORKERS  # --model: image-decoding worker processes (0 = in this process; None = as caption)
     worst: int = 10  # per-image rows shown on a terminal
-    clip_model: str = DEFAULT_CLIP_MODEL  # CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH (the paper's ViT-B/32)
+    clip_model: str = (
+        DEFAULT_CLIP_MODEL  # CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH (the paper's ViT-B/32)
+    )
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # its open_clip tag (None for local-dir: models)
 
     def __post_init__(self) -> None:
@@ -99,10 +111,12 @@ class EvalOptions:
         from clipcap_cli import metrics
         from clipcap_cli.precision import PRECISIONS
 
-        for flag, value, choices in (("--refs-format", self.refs_format, REFS_FORMATS),
-                                     ("--precision", self.precision, PRECISIONS),
-                                     ("--tokenizer", self.tokenizer, metrics.TOKENIZERS),
-                                     ("--backend", self.backend, metrics.BACKENDS)):
+        for flag, value, choices in (
+            ("--refs-format", self.refs_format, REFS_FORMATS),
+            ("--precision", self.precision, PRECISIONS),
+            ("--tokenizer", self.tokenizer, metrics.TOKENIZERS),
+            ("--backend", self.backend, metrics.BACKENDS),
+        ):
             if value not in choices:
                 raise UsageError(f"{flag} {value}: choose one of {', '.join(choices)}")
         if self.metrics is not None:
@@ -111,10 +125,15 @@ class EvalOptions:
             names = (*metrics.METRIC_NAMES, *CLIP_NAMES)
             unknown = [name for name in self.metrics if name.lower() not in {n.lower() for n in (*names, "BLEU")}]
             if unknown or not self.metrics:
-                raise UsageError(f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
-                                 f"choose from BLEU, {', '.join(names)}")
-        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 0) \
-                or self.worst < 0:
+                raise UsageError(
+                    f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
+                    f"choose from BLEU, {', '.join(names)}"
+                )
+        if (
+            (self.batch_size is not None and self.batch_size < 1)
+            or (self.workers is not None and self.workers < 0)
+            or self.worst < 0
+        ):
             raise UsageError("--batch-size must be at least 1, and --workers and the worst-images count 0 or more")
 
 
@@ -123,8 +142,9 @@ def check_scorers(options: EvalOptions) -> None:
     from clipcap_cli import metrics
 
     if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
-        raise metrics.BackendUnavailableError("--backend pycocoevalcap: the package is not installed "
-                                              "(pip install 'clipcap-cli[eval]')")
+        raise metrics.BackendUnavailableError(
+            "--backend pycocoevalcap: the package is not installed (pip install 'clipcap-cli[eval]')"
+        )
     if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
         raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
 
@@ -200,7 +220,9 @@ class Matching:
 class EvalKeyMismatchError(UsageError):
     """References and predictions do not cover the same images (exit code 2)."""
 
-    def __init__(self, message: str, missing_predictions: Sequence[Any], unreferenced_predictions: Sequence[Any]) -> None:
+    def __init__(
+        self, message: str, missing_predictions: Sequence[Any], unreferenced_predictions: Sequence[Any]
+    ) -> None:
         super().__init__(message)
         self.missing_predictions = tuple(missing_predictions)  # reference keys without a prediction
         self.unreferenced_predictions = tuple(unreferenced_predictions)  # predictions without references
@@ -277,8 +299,14 @@ def read_references(
             empty += 1
             continue
         image = record.get("image")
-        images_out.append(RefImage(None if image in (None, "") else str(image), normalize_id(record.get("image_id")), captions,
-                                   row if embeddings is not None else None))
+        images_out.append(
+            RefImage(
+                None if image in (None, "") else str(image),
+                normalize_id(record.get("image_id")),
+                captions,
+                row if embeddings is not None else None,
+            )
+        )
     if not images_out:
         detail = f" ({empty} images without captions)" if empty else ""
         raise UsageError(f"{source}: no reference captions to score{detail}")
@@ -384,8 +412,9 @@ def _prediction(source: Path, n: int, row: Any) -> Prediction:
             raise UsageError(f"{source.name} record {n}: caption is not a string")
     else:
         error = str(error)
-    return Prediction(None if path is None else str(path), image_id, caption if isinstance(caption, str) else None,
-                      error, n)
+    return Prediction(
+        None if path is None else str(path), image_id, caption if isinstance(caption, str) else None, error, n
+    )
 
 
 # --------------------------------------------------------------------------- matching
@@ -449,8 +478,9 @@ def _assign(
             unmatched.append(pred)
             continue
         if key in seen:
-            raise UsageError(f"two predictions for the same image {info[key].image or key!r}: "
-                             f"{seen[key].where()} and {pred.where()}")
+            raise UsageError(
+                f"two predictions for the same image {info[key].image or key!r}: {seen[key].where()} and {pred.where()}"
+            )
         seen[key] = pred
         if pred.error is not None:
             failed.append((key, pred))
@@ -460,8 +490,9 @@ def _assign(
     return Matching(by, references, ok, info, missing, failed, unmatched)
 
 
-def _match_ids(refs: Sequence[RefImage], ref_ids: list[Any], predictions: Sequence[Prediction],
-               pred_ids: list[Any]) -> Matching:
+def _match_ids(
+    refs: Sequence[RefImage], ref_ids: list[Any], predictions: Sequence[Prediction], pred_ids: list[Any]
+) -> Matching:
     known = set(ref_ids)
     return _assign("image_id", ref_ids, refs, predictions, [i if i in known else None for i in pred_ids])
 
@@ -485,8 +516,10 @@ def _match_paths(refs: Sequence[RefImage], predictions: Sequence[Prediction]) ->
         best = max(shared.values())
         winners = {keys[i] for i in candidates if shared[i] == best}
         if len(winners) > 1:
-            raise UsageError(f"prediction {pred.where()} fits several reference images "
-                             f"({', '.join(sorted(winners)[:3])}): give paths relative to the images root")
+            raise UsageError(
+                f"prediction {pred.where()} fits several reference images "
+                f"({', '.join(sorted(winners)[:3])}): give paths relative to the images root"
+            )
         targets.append(winners.pop())
     return _assign("path", keys, refs, predictions, targets)
 
@@ -509,27 +542,37 @@ def _examples(items: Iterable[Any], limit: int = 3) -> str:
 def check_matching(matching: Matching, allow_missing: bool) -> None:
     """Refuse a partial match unless ``allow_missing``; refuse an empty one always."""
     if not matching.predictions:
-        reason = (f"all {len(matching.failed)} matched predictions failed" if matching.failed
-                  else f"no prediction matches a reference image (matched by {matching.by.replace('_', ' ')})")
+        reason = (
+            f"all {len(matching.failed)} matched predictions failed"
+            if matching.failed
+            else f"no prediction matches a reference image (matched by {matching.by.replace('_', ' ')})"
+        )
         hint = ""
         if matching.unmatched:
             hint = f"; e.g. predictions {_examples(p.where() for p in matching.unmatched)}"
             hint += f" vs references {_examples(_ref_name(matching, k) for k in list(matching.references)[:3])}"
-        raise EvalKeyMismatchError(f"nothing to score: {reason}{hint}", list(matching.missing),
-                                   [p.where() for p in matching.unmatched])
+        raise EvalKeyMismatchError(
+            f"nothing to score: {reason}{hint}", list(matching.missing), [p.where() for p in matching.unmatched]
+        )
     if allow_missing or not (matching.missing or matching.unmatched):
         return
     parts = []
     if matching.missing:
-        parts.append(f"{len(matching.missing)} of {len(matching.references)} reference images have no prediction "
-                     f"(e.g. {_examples(_ref_name(matching, k) for k in matching.missing)})")
+        parts.append(
+            f"{len(matching.missing)} of {len(matching.references)} reference images have no prediction "
+            f"(e.g. {_examples(_ref_name(matching, k) for k in matching.missing)})"
+        )
     if matching.unmatched:
-        parts.append(f"{len(matching.unmatched)} predictions match no reference image "
-                     f"(e.g. {_examples(p.where() for p in matching.unmatched)})")
+        parts.append(
+            f"{len(matching.unmatched)} predictions match no reference image "
+            f"(e.g. {_examples(p.where() for p in matching.unmatched)})"
+        )
     raise EvalKeyMismatchError(
-        f"references and predictions do not match (by {matching.by.replace('_', ' ')}): " + "; ".join(parts)
+        f"references and predictions do not match (by {matching.by.replace('_', ' ')}): "
+        + "; ".join(parts)
         + f"; pass --allow-missing to score the {len(matching.predictions)} images they share",
-        list(matching.missing), [p.where() for p in matching.unmatched],
+        list(matching.missing),
+        [p.where() for p in matching.unmatched],
     )
 
 
@@ -609,8 +652,9 @@ def _matching_notes(matching: Matching, allow_missing: bool) -> list[str]:
     notes = []
     if matching.failed:
         first = matching.failed[0][1]
-        notes.append(f"{FAILED_NOTE}: {len(matching.failed)} images are not scored "
-                     f"(e.g. {first.where()}: {first.error})")
+        notes.append(
+            f"{FAILED_NOTE}: {len(matching.failed)} images are not scored (e.g. {first.where()}: {first.error})"
+        )
     if matching.missing and allow_missing:
         notes.append(f"{len(matching.missing)} reference images without a prediction are not scored (--allow-missing)")
     if matching.unmatched and allow_missing:
@@ -618,8 +662,9 @@ def _matching_notes(matching: Matching, allow_missing: bool) -> list[str]:
     return notes
 
 
-def _settings(references: References, predictions: Predictions, options: EvalOptions,
-              given: Mapping[str, Any] | None) -> dict[str, Any]:
+def _settings(
+    references: References, predictions: Predictions, options: EvalOptions, given: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The report's ``settings``: its fixed keys, with ``given`` (how --model captioned) filled in."""
     settings = {
         "refs": str(references.source),
@@ -664,8 +709,9 @@ def requested_metrics(names: Iterable[str] | None) -> list[str]:
     return [*(metrics.resolve_metrics(coco) if coco is None or coco else []), *clip]
 
 
-def paper_comparison(scores: Mapping[str, float], references: References | None = None,
-                     n_images: int | None = None) -> dict[str, Any]:
+def paper_comparison(
+    scores: Mapping[str, float], references: References | None = None, n_images: int | None = None
+) -> dict[str, Any]:
     """Our scores and the paper's Table 1 rows, both x100 (the paper's scale); ``note`` says why
     they may not be comparable (other references, another number of images)."""
     from clipcap_cli import metrics
@@ -680,7 +726,9 @@ def paper_comparison(scores: Mapping[str, float], references: References | None 
     }
     if references is not None and (references.format != "karpathy" or references.split != "test"):
         what = references.format + (f" split {references.split}" if references.split else "")
-        out["note"] = f"the paper scores the Karpathy test split ({KARPATHY_TEST_IMAGES} images); these references are {what}"
+        out["note"] = (
+            f"the paper scores the Karpathy test split ({KARPATHY_TEST_IMAGES} images); these references are {what}"
+        )
     elif n_images is not None and n_images != KARPATHY_TEST_IMAGES:
         out["note"] = f"the paper scores all {KARPATHY_TEST_IMAGES} Karpathy test images; {n_images} were scored here"
     return out
@@ -747,33 +795,47 @@ def clip_metrics(
         return ClipOutcome({}, {}, {})
     clip = (options.clip_model, options.clip_pretrained)
     try:
-        features, text, stored = _clip_inputs(references, predictions, [matching.info[key] for key in keys], options,
-                                              on_progress)
+        features, text, stored = _clip_inputs(
+            references, predictions, [matching.info[key] for key in keys], options, on_progress
+        )
     except _ClipUnavailable as exc:
         return ClipOutcome({}, {}, {name: str(exc) for name in names}, clip)
-    result = clipscore.score(features, [matching.predictions[key] for key in keys], text,
-                             [matching.references[key] for key in keys])
+    result = clipscore.score(
+        features, [matching.predictions[key] for key in keys], text, [matching.references[key] for key in keys]
+    )
     values = result.as_metrics()
     per_image = [{"CLIPScore": c, "RefCLIPScore": r} for c, r in zip(result.per_image_clip, result.per_image_ref or ())]
     note = f"{' and '.join(names)} from the CLIP embeddings stored in {references.source}" if stored else None
-    return ClipOutcome({name: values[name] for name in names},
-                       {key: {name: row[name] for name in names} for key, row in zip(keys, per_image)}, {}, clip, note)
+    return ClipOutcome(
+        {name: values[name] for name in names},
+        {key: {name: row[name] for name in names} for key, row in zip(keys, per_image)},
+        {},
+        clip,
+        note,
+    )
 
 
 class _ClipUnavailable(Exception):
     """Why CLIPScore cannot be computed (reported as unavailable, like SPICE without Java)."""
 
 
-def _clip_inputs(references: References, predictions: Predictions, infos: Sequence[RefImage], options: EvalOptions,
-                 on_progress: Callable[[int, int], None] | None) -> tuple[Any, Any, bool]:
+def _clip_inputs(
+    references: References,
+    predictions: Predictions,
+    infos: Sequence[RefImage],
+    options: EvalOptions,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[Any, Any, bool]:
     """(image features (N, D), the CLIP text side, whether the features came from the store)."""
     from clipcap_cli import clipscore
     from clipcap_cli.device import pick_device
     from clipcap_cli.errors import ModelNotAvailableError
 
     meta = references.features_meta or {}
-    stored = (references.embeddings is not None
-              and (meta.get("clip_model"), meta.get("clip_pretrained")) == (options.clip_model, options.clip_pretrained))
+    stored = references.embeddings is not None and (meta.get("clip_model"), meta.get("clip_pretrained")) == (
+        options.clip_model,
+        options.clip_pretrained,
+    )
     files = [] if stored else _clip_image_files(predictions.images_root or references.images_root, infos)
     device = pick_device(options.device)
     try:
@@ -785,9 +847,15 @@ def _clip_inputs(references: References, predictions: Predictions, infos: Sequen
         import torch
 
         return references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float(), text, True
-    features, failed = clipscore.encode_image_files(model, preprocess, [str(f) for f in files], device,
-                                                    options.batch_size or BATCH_SIZE, _workers(options.workers, device),
-                                                    on_progress)
+    features, failed = clipscore.encode_image_files(
+        model,
+        preprocess,
+        [str(f) for f in files],
+        device,
+        options.batch_size or BATCH_SIZE,
+        _workers(options.workers, device),
+        on_progress,
+    )
     if failed:
         raise _ClipUnavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
     return features, text, False
@@ -878,15 +946,19 @@ def caption_references(
         _check_features_clip(references, captioner.config, model)
     if on_start is not None:
         on_start(len(todo))
-    outcomes = (_caption_embeddings(captioner, references, todo, decoding, batch_size) if use_features
-                else _caption_files(captioner, todo, decoding, batch_size, workers))
+    outcomes = (
+        _caption_embeddings(captioner, references, todo, decoding, batch_size)
+        if use_features
+        else _caption_files(captioner, todo, decoding, batch_size, workers)
+    )
     items: list[Prediction] = []
     for done, ((ref, _), (text, error)) in enumerate(zip(todo, outcomes, strict=True), start=1):
         items.append(Prediction(ref.image, ref.image_id, text, error))
         if on_progress is not None:
             on_progress(done)
-    return Predictions(items, None, "model", None if use_features else root,
-                       captioned_from="features" if use_features else "images")
+    return Predictions(
+        items, None, "model", None if use_features else root, captioned_from="features" if use_features else "images"
+    )
 
 
 def _check_features_clip(references: References, config: Any, model: str) -> None:
@@ -904,16 +976,18 @@ Todo = list[tuple[RefImage, Any]]  # (reference image, its features row or its f
 Outcome = tuple[str | None, str | None]  # (caption, error)
 
 
-def _caption_embeddings(captioner: Any, references: References, todo: Todo, decoding: DecodingOptions,
-                        batch_size: int | None) -> Iterator[Outcome]:
+def _caption_embeddings(
+    captioner: Any, references: References, todo: Todo, decoding: DecodingOptions, batch_size: int | None
+) -> Iterator[Outcome]:
     """Decode stored CLIP embeddings (rows of the features store) through the captioning stream."""
     rows = (references.embeddings[row] for _, row in todo)  # (D,) each; fp16 when extracted on a GPU
     for out in captioner.stream(rows, decoding, batch_size=batch_size, workers=0):
         yield out.result.text, None
 
 
-def _caption_files(captioner: Any, todo: Todo, decoding: DecodingOptions, batch_size: int | None,
-                   workers: int | None) -> Iterator[Outcome]:
+def _caption_files(
+    captioner: Any, todo: Todo, decoding: DecodingOptions, batch_size: int | None, workers: int | None
+) -> Iterator[Outcome]:
     """Caption image files through the captioning stream (``workers`` decoding processes). An
     unreadable image fails alone: the rest of its batch is captioned."""
     paths = [str(path) for _, path in todo]
@@ -950,7 +1024,9 @@ def write_predictions(path: str | Path, predictions: Predictions) -> Path:
     ``clipcap caption --jsonl``), atomically; ``clipcap eval --predictions`` reads them back."""
     path = Path(path).expanduser()
     lines = [
-        json.dumps({"path": p.image, "image_id": p.image_id, "caption": p.caption, "error": p.error}, ensure_ascii=False)
+        json.dumps(
+            {"path": p.image, "image_id": p.image_id, "caption": p.caption, "error": p.error}, ensure_ascii=False
+        )
         for p in predictions.items
     ]
     write_text_atomic(path, "".join(line + "\n" for line in lines))

@@ -149,15 +149,22 @@ def load_features(path: str | Path) -> FeatureSet:
         raise UsageError(f"features directory not found: {folder}")
     meta_file = folder / META_FILE
     if not meta_file.is_file():
-        hint = " (an unfinished extraction: rerun the same `clipcap extract` command to finish it)" if (folder / PARTS_DIR).is_dir() else ""
+        hint = (
+            " (an unfinished extraction: rerun the same `clipcap extract` command to finish it)"
+            if (folder / PARTS_DIR).is_dir()
+            else ""
+        )
         raise FeaturesError(f"{folder} is not a complete features store: no {META_FILE}{hint}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise FeaturesError(f"{meta_file}: unreadable ({exc}): the store is damaged; extract it again "
-                            "(clipcap extract ... --overwrite)") from exc
+        raise FeaturesError(
+            f"{meta_file}: unreadable ({exc}): the store is damaged; extract it again (clipcap extract ... --overwrite)"
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FeaturesError(f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise FeaturesError(
+            f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise FeaturesError(
             f"{folder} uses features format {meta['format_version']}, this clipcap ({__version__}) reads up to {FORMAT_VERSION}: upgrade clipcap"
@@ -240,7 +247,9 @@ class ExtractOptions:
     """How `clipcap extract` encodes a dataset. The CLI takes its defaults from here."""
 
     clip_model: str = DEFAULT_CLIP_MODEL  # open_clip name, or local-dir:PATH
-    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag; None = random weights (tests, benchmarks)
+    clip_pretrained: str | None = (
+        DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag; None = random weights (tests, benchmarks)
+    )
     batch_size: int = 64  # images per encode_image call
     workers: int | None = None  # DataLoader processes decoding images; None = min(4, CPU count)
     device: str | None = None  # None = CUDA, then MPS, then CPU
@@ -308,8 +317,10 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise UsageError(f"{path} is unreadable ({reason}): the store is damaged; run the same command with "
-                         "--overwrite to extract it again") from None
+        raise UsageError(
+            f"{path} is unreadable ({reason}): the store is damaged; run the same command with "
+            "--overwrite to extract it again"
+        ) from None
 
 
 def store_is_complete(out: Path) -> bool:
@@ -361,11 +372,15 @@ def _settings_mismatch(old: dict, new: dict) -> str:
     diffs = []
     old = with_activation(old)
     if "clip_weights_sha256" in old and old["clip_weights_sha256"] != new.get("clip_weights_sha256"):
-        diffs.append(f"the CLIP weights changed (sha256 {str(old['clip_weights_sha256'])[:12]}... then, "
-                     f"{str(new.get('clip_weights_sha256'))[:12]}... now): features from the two cannot be mixed")
+        diffs.append(
+            f"the CLIP weights changed (sha256 {str(old['clip_weights_sha256'])[:12]}... then, "
+            f"{str(new.get('clip_weights_sha256'))[:12]}... now): features from the two cannot be mixed"
+        )
     if old.get("clip_activation") != new.get("clip_activation"):
-        diffs.append(f"CLIP activation {old.get('clip_activation')} then, {new.get('clip_activation')} now: "
-                     "features from the two cannot be mixed")
+        diffs.append(
+            f"CLIP activation {old.get('clip_activation')} then, {new.get('clip_activation')} now: "
+            "features from the two cannot be mixed"
+        )
     for key in ("clip_model", "clip_pretrained", "dtype", "chunk_size", "images_root", "records"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key} {old.get(key)!r} then, {new.get(key)!r} now")
@@ -470,7 +485,9 @@ def encode_batch(model: Any, pixels: torch.Tensor) -> torch.Tensor:
         return model.encode_image(pixels.to(param.device, dtype=param.dtype, non_blocking=True)).cpu()
 
 
-def _write_chunk(parts: Path, chunk: int, rows: list[Any], indices: list[int], skipped: list[dict], header: dict, embed_dim: int) -> None:
+def _write_chunk(
+    parts: Path, chunk: int, rows: list[Any], indices: list[int], skipped: list[dict], header: dict, embed_dim: int
+) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -478,7 +495,9 @@ def _write_chunk(parts: Path, chunk: int, rows: list[Any], indices: list[int], s
     meta = dict(header, chunk=chunk, indices=indices, skipped=skipped)
     _atomic_write(
         _chunk_path(parts, chunk),
-        lambda tmp: save_file({EMBEDDINGS_KEY: emb.contiguous()}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}),
+        lambda tmp: save_file(
+            {EMBEDDINGS_KEY: emb.contiguous()}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}
+        ),
     )
 
 
@@ -533,7 +552,9 @@ def extract(
     pending = [c for c in mine if c not in done]
     total = sum(len(chunks.span(c)) for c in mine)
     reused = sum(len(chunks.span(c)) for c in done)
-    result = ExtractResult(out, complete=False, records=len(records), shard_records=total, reused=reused, chunks_total=chunks.count)
+    result = ExtractResult(
+        out, complete=False, records=len(records), shard_records=total, reused=reused, chunks_total=chunks.count
+    )
     if on_progress:
         on_progress(reused, total)
 
@@ -587,9 +608,17 @@ def _already_complete(out: Path, settings: dict, settings_sha: str, n_records: i
     old = meta.get("run_settings", {})
     if _settings_sha(with_activation(old)) != _settings_sha(_comparable(old, settings)):
         why = _settings_mismatch(meta.get("run_settings", {}), settings) or "it was not made by this command"
-        raise UsageError(f"{out} already holds a features store made differently ({why}): use --overwrite or another --out")
-    return ExtractResult(out, complete=True, noop=True, records=n_records, skipped=read_skipped(out),
-                         chunks_total=meta.get("extraction", {}).get("chunks", 0))
+        raise UsageError(
+            f"{out} already holds a features store made differently ({why}): use --overwrite or another --out"
+        )
+    return ExtractResult(
+        out,
+        complete=True,
+        noop=True,
+        records=n_records,
+        skipped=read_skipped(out),
+        chunks_total=meta.get("extraction", {}).get("chunks", 0),
+    )
 
 
 @dataclass(frozen=True)
@@ -607,8 +636,14 @@ class _Chunks:
         return range(c * self.size, min((c + 1) * self.size, self.records))
 
 
-def _loader(items: list[tuple[int, str]], preprocess: Any, chunks: _Chunks, pending: list[int],
-            options: ExtractOptions, device: Any) -> Any:
+def _loader(
+    items: list[tuple[int, str]],
+    preprocess: Any,
+    chunks: _Chunks,
+    pending: list[int],
+    options: ExtractOptions,
+    device: Any,
+) -> Any:
     """A DataLoader decoding ``items`` (the pending chunks' records, in order) in worker processes.
 
     Batches never straddle chunks: a chunk is then encoded in the same batches whether the run is
@@ -619,7 +654,10 @@ def _loader(items: list[tuple[int, str]], preprocess: Any, chunks: _Chunks, pend
     batches, start = [], 0
     for c in pending:
         size = len(chunks.span(c))
-        batches += [list(range(b, min(b + options.batch_size, start + size))) for b in range(start, start + size, options.batch_size)]
+        batches += [
+            list(range(b, min(b + options.batch_size, start + size)))
+            for b in range(start, start + size, options.batch_size)
+        ]
         start += size
     workers = default_workers() if options.workers is None else options.workers
     workers = min(workers, len(batches))  # no idle worker processes
@@ -634,8 +672,16 @@ def _loader(items: list[tuple[int, str]], preprocess: Any, chunks: _Chunks, pend
     )
 
 
-def _encode_chunks(loader: Any, model: Any, records: list[dict], chunks: _Chunks, pending: list[int],
-                   parts: Path, header: dict, step: Callable[[int], None]) -> int:
+def _encode_chunks(
+    loader: Any,
+    model: Any,
+    records: list[dict],
+    chunks: _Chunks,
+    pending: list[int],
+    parts: Path,
+    header: dict,
+    step: Callable[[int], None],
+) -> int:
     """Encode what ``loader`` yields and write each pending chunk as soon as all its records are in
     (the loader keeps order, so chunks complete one after another). Returns the images read."""
     remaining = {c: len(chunks.span(c)) for c in pending}
@@ -687,7 +733,9 @@ def merge_parts(out: str | Path) -> ExtractResult:
         raise UsageError(f"{out} has no unfinished extraction to merge (no {PARTS_DIR}/{SETTINGS_FILE})")
     settings = _read_json(parts / SETTINGS_FILE)
     settings_sha = _settings_sha(settings)
-    records = [json.loads(line) for line in (parts / RECORDS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in (parts / RECORDS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     if len(records) != settings["records"] or _sha256_json(records) != settings["records_sha256"]:
         raise FeaturesError(f"{parts / RECORDS_FILE} does not match {parts / SETTINGS_FILE}: rerun with --overwrite")
     n_chunks = -(-len(records) // settings["chunk_size"])
@@ -712,7 +760,11 @@ def merge_parts(out: str | Path) -> ExtractResult:
         raise FeaturesError(f"part files in {parts} disagree on the embedding width or dtype: rerun with --overwrite")
     embed_dim = dims.pop() if dims else first["embed_dim"]
     dtype = dtypes.pop() if dtypes else getattr(torch, settings["dtype"])
-    embeddings = torch.cat([t.reshape(-1, embed_dim).to(dtype) for t in tensors]) if tensors else torch.empty(0, embed_dim, dtype=dtype)
+    embeddings = (
+        torch.cat([t.reshape(-1, embed_dim).to(dtype) for t in tensors])
+        if tensors
+        else torch.empty(0, embed_dim, dtype=dtype)
+    )
     meta = _store_meta(settings, first, records, kept, skipped, n_chunks, runs)
     meta["settings_sha256"] = settings_sha
     write_skipped(out, skipped)
@@ -735,7 +787,9 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def _store_meta(settings: dict, header: dict, records: list[dict], kept: list[dict], skipped: list[dict], n_chunks: int, runs: dict) -> dict:
+def _store_meta(
+    settings: dict, header: dict, records: list[dict], kept: list[dict], skipped: list[dict], n_chunks: int, runs: dict
+) -> dict:
     source = settings.get("source") or {}
     return {
         "clip_model": settings["clip_model"],
@@ -766,5 +820,7 @@ def write_skipped(out: Path, skipped: list[dict]) -> None:
     if not skipped:
         file.unlink(missing_ok=True)
         return
-    lines = "".join(json.dumps({"image": s["image"], "reason": s["reason"]}, ensure_ascii=False) + "\n" for s in skipped)
+    lines = "".join(
+        json.dumps({"image": s["image"], "reason": s["reason"]}, ensure_ascii=False) + "\n" for s in skipped
+    )
     write_text_atomic(file, lines)

@@ -122,7 +122,9 @@ def check_folder(path: str | Path, what: str = "--out") -> Path:
         if place.exists():
             if not place.is_dir():
                 where = "is a file" if place == path else f"cannot be made: {place} is a file"
-                raise UsageError(f"{what} {path} {where}, not a folder: give a folder (a new name, or the folder of an earlier run)")
+                raise UsageError(
+                    f"{what} {path} {where}, not a folder: give a folder (a new name, or the folder of an earlier run)"
+                )
             break
     return path
 
@@ -144,7 +146,9 @@ def refuse_inputs(output: str | Path | None, inputs: Iterable[str | Path], what:
         except (OSError, ValueError):
             continue
         if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
-            raise UsageError(f"{what} {output} is one of the inputs ({item}): it would be overwritten; write somewhere else")
+            raise UsageError(
+                f"{what} {output} is one of the inputs ({item}): it would be overwritten; write somewhere else"
+            )
 
 
 def publish(tmp: str | Path, path: str | Path, *, fsync: bool = True) -> Path:

@@ -55,10 +55,10 @@ def render(records: Iterable[Mapping[str, Any]], title: str = "clipcap captions"
     for rec in records:
         count += 1
         path = str(rec.get("path", ""))
-        thumb = rec.get("thumbnail") or (None if str(path).startswith(("http://", "https://")) else thumbnail_data_uri(path))
-        image = (
-            f'<img src="{thumb}" alt="{esc(path)}">' if thumb else '<div class="noimg">no preview</div>'
+        thumb = rec.get("thumbnail") or (
+            None if str(path).startswith(("http://", "https://")) else thumbnail_data_uri(path)
         )
+        image = f'<img src="{thumb}" alt="{esc(path)}">' if thumb else '<div class="noimg">no preview</div>'
         if rec.get("error"):
             errors += 1
             body = f'<div class="error">error: {esc(str(rec["error"]))}</div>'
@@ -70,7 +70,9 @@ def render(records: Iterable[Mapping[str, Any]], title: str = "clipcap captions"
             if len(alts) > 1:
                 scores = rec.get("scores") or [None] * len(alts)
                 items = "".join(
-                    f"<li>{esc(str(c))}" + (f' <span class="score">({s:.3f})</span>' if isinstance(s, (int, float)) else "") + "</li>"
+                    f"<li>{esc(str(c))}"
+                    + (f' <span class="score">({s:.3f})</span>' if isinstance(s, (int, float)) else "")
+                    + "</li>"
                     for c, s in zip(alts, scores)
                 )
                 body += f'<ol class="alts">{items}</ol>'
@@ -78,8 +80,8 @@ def render(records: Iterable[Mapping[str, Any]], title: str = "clipcap captions"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = f"{count} images, {errors} errors · {esc(settings)} · clipcap {__version__} · {stamp}"
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{esc(title)}</h1><p class=\"meta\">{meta}</p>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
+        f'<style>{_STYLE}</style></head><body><h1>{esc(title)}</h1><p class="meta">{meta}</p>'
         f"<main>{''.join(cards)}</main></body></html>\n"
     )

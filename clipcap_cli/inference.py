@@ -135,18 +135,30 @@ class StaticGPT2:
 
         rows, k, e = prefix.shape
         if rows > self.capacity or k > self.positions:
-            raise ValueError(f"prefill of {rows} rows x {k} positions exceeds the cache ({self.capacity} x {self.positions})")
+            raise ValueError(
+                f"prefill of {rows} rows x {k} positions exceeds the cache ({self.capacity} x {self.positions})"
+            )
         held = self.positions if self.graphed else min(self.positions, k + FIRST_POSITIONS)
         if self.kv is None or not self.graphed:  # a graphed stepper keeps its cache: the graphs write into it
             # The eager step reads only written positions; the fixed-shape step gives the others a
             # zero weight, and 0 x (uninitialised NaN) would still be NaN, hence zeros there.
             new = torch.zeros if self.graphed else torch.empty
-            self.kv = new(len(self.blocks), 2, self.capacity, self.n_head, held, self.head_dim,
-                          dtype=self.dtype, device=self.device)
+            self.kv = new(
+                len(self.blocks),
+                2,
+                self.capacity,
+                self.n_head,
+                held,
+                self.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
         x = prefix.to(self.stream) + self.gpt.transformer.wpe.weight[:k].to(self.stream)  # (R, K, E)
         for i, block in enumerate(self.blocks):
-            q, key, value = (t.view(rows, k, self.n_head, self.head_dim).transpose(1, 2)
-                             for t in block.attn.c_attn(self._norm(block.ln_1, x)).split(e, dim=-1))  # 3 x (R, H, K, D)
+            q, key, value = (
+                t.view(rows, k, self.n_head, self.head_dim).transpose(1, 2)
+                for t in block.attn.c_attn(self._norm(block.ln_1, x)).split(e, dim=-1)
+            )  # 3 x (R, H, K, D)
             self.kv[i, 0, :rows, :, :k] = key
             self.kv[i, 1, :rows, :, :k] = value
             att = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=self.scales[i])  # (R, H, K, D)
@@ -214,7 +226,8 @@ class StaticGPT2:
             self.kv[i, 1, :n, :, at] = value.view(n, self.n_head, self.head_dim)
             att = F.scaled_dot_product_attention(
                 q.view(n, self.n_head, 1, self.head_dim),
-                self.kv[i, 0, :n, :, : at + 1], self.kv[i, 1, :n, :, : at + 1],  # (n, H, at+1, D) views
+                self.kv[i, 0, :n, :, : at + 1],
+                self.kv[i, 1, :n, :, : at + 1],  # (n, H, at+1, D) views
                 scale=self.scales[i],
             )  # (n, H, 1, D)
             x = x + block.attn.c_proj(att.view(n, e)).to(self.stream)
@@ -236,8 +249,11 @@ class StaticGPT2:
             self.kv[i, 0, :b].index_copy_(2, at, key.view(b, self.n_head, 1, self.head_dim))
             self.kv[i, 1, :b].index_copy_(2, at, value.view(b, self.n_head, 1, self.head_dim))
             att = F.scaled_dot_product_attention(
-                q.view(b, self.n_head, 1, self.head_dim), self.kv[i, 0, :b], self.kv[i, 1, :b],
-                attn_mask=visible, scale=self.scales[i],
+                q.view(b, self.n_head, 1, self.head_dim),
+                self.kv[i, 0, :b],
+                self.kv[i, 1, :b],
+                attn_mask=visible,
+                scale=self.scales[i],
             )  # (b, H, 1, D)
             x = x + block.attn.c_proj(att.view(b, e)).to(self.stream)
             x = x + self._mlp(block, x)

@@ -57,8 +57,9 @@ def is_url(text: str) -> bool:
     return text.lower().startswith(URL_SCHEMES)
 
 
-def collect(args: Sequence[str], recursive: bool = False, stdin: TextIO | None = None,
-            url_deadline: float = URL_DEADLINE) -> list[Source]:
+def collect(
+    args: Sequence[str], recursive: bool = False, stdin: TextIO | None = None, url_deadline: float = URL_DEADLINE
+) -> list[Source]:
     """Expand command-line inputs into sources, in order, each file once.
 
     ``-`` reads one path or URL per line from ``stdin``; folders give the images inside (all
@@ -110,13 +111,15 @@ def _expand(arg: str, recursive: bool, url_deadline: float = URL_DEADLINE) -> li
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in candidates
+        p
+        for p in candidates
         if p.is_file() and is_image_path(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
-def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, float] = URL_TIMEOUT,
-              deadline: float = URL_DEADLINE) -> bytes:
+def fetch_url(
+    url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, float] = URL_TIMEOUT, deadline: float = URL_DEADLINE
+) -> bytes:
     """The body of an http(s) image URL; ``InputError`` for offline mode, HTTP errors, a
     non-image Content-Type, more than ``max_bytes``, or a download that takes over ``deadline``
     seconds in all (a server that trickles bytes is cut off, not waited for)."""
@@ -139,12 +142,16 @@ def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, fl
                 if len(body) > max_bytes:
                     raise InputError(f"larger than {max_bytes // (1024 * 1024)} MB")
                 if time.monotonic() > end:
-                    raise InputError(f"download took longer than {deadline:g} s ({len(body)} bytes so far): "
-                                     "the server is too slow (--url-timeout sets the limit)")
+                    raise InputError(
+                        f"download took longer than {deadline:g} s ({len(body)} bytes so far): "
+                        "the server is too slow (--url-timeout sets the limit)"
+                    )
             return bytes(body)
     except requests.RequestException as exc:
         if time.monotonic() > end:
-            raise InputError(f"download took longer than {deadline:g} s: the server is too slow (--url-timeout sets the limit)") from exc
+            raise InputError(
+                f"download took longer than {deadline:g} s: the server is too slow (--url-timeout sets the limit)"
+            ) from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"download failed: {reason}") from exc
 
@@ -166,8 +173,6 @@ def _reason(exc: Exception, name: str) -> str:
     for prefix in (f"{name}: ", "<bytes>: "):
         msg = msg.removeprefix(prefix)
     return msg.splitlines()[0]
-
-
 
 
 # --------------------------------------------------------------------------- the loader
@@ -257,7 +262,9 @@ def _collate(loaded: list[tuple[int, int, Any, Any, str | None, dict | None]]) -
 class _Batches:
     """Lazily cut (index, id, input) entries into batches; a batch never mixes two groups."""
 
-    def __init__(self, entries: Iterable[tuple[int, int, Any]], batch_size: int, group_of: Callable[[Any], Hashable] | None):
+    def __init__(
+        self, entries: Iterable[tuple[int, int, Any]], batch_size: int, group_of: Callable[[Any], Hashable] | None
+    ):
         self.entries = entries
         self.batch_size = batch_size
         self.group_of = group_of
@@ -303,12 +310,14 @@ def load_batches(
 
     from clipcap_cli.features import _worker_init
 
-    return iter(DataLoader(
-        _Decoder(transform),  # type: ignore[arg-type]  (a "dataset" indexed by the work entries)
-        batch_sampler=batches,  # type: ignore[arg-type]
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init,
-        pin_memory=pin_memory,
-        prefetch_factor=4,  # batches read ahead per worker: the model never waits at a batch boundary
-    ))
+    return iter(
+        DataLoader(
+            _Decoder(transform),  # type: ignore[arg-type]  (a "dataset" indexed by the work entries)
+            batch_sampler=batches,  # type: ignore[arg-type]
+            num_workers=workers,
+            collate_fn=_collate,
+            worker_init_fn=_worker_init,
+            pin_memory=pin_memory,
+            prefetch_factor=4,  # batches read ahead per worker: the model never waits at a batch boundary
+        )
+    )

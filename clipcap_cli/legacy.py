@@ -185,7 +185,9 @@ def import_original_pickle(
             raise LegacyPickleError(f"{path.name}: caption entry {i} has no 'clip_embedding' row index")
         row = entry["clip_embedding"]
         if not isinstance(row, int) or not 0 <= row < emb.shape[0]:
-            raise LegacyPickleError(f"{path.name}: caption entry {i} points at row {row!r}, the tensor has {emb.shape[0]}")
+            raise LegacyPickleError(
+                f"{path.name}: caption entry {i} points at row {row!r}, the tensor has {emb.shape[0]}"
+            )
         first_row.setdefault(entry.get("image_id"), row)
     resolver = ImageResolver(Path(images).expanduser().resolve()) if images else None
     records = list(group_caption_entries(path, entries, resolver, normalize_ids=False))
@@ -201,7 +203,13 @@ def import_original_pickle(
         "source": str(path.resolve()),
         "dataset_format": "original-pickle",
         "images_root": str(resolver.root) if resolver else None,
-        "counts": {"records": len(records), "images": len(records), "captions": len(entries), "pickle_rows": int(emb.shape[0]), "skipped": 0},
+        "counts": {
+            "records": len(records),
+            "images": len(records),
+            "captions": len(entries),
+            "pickle_rows": int(emb.shape[0]),
+            "skipped": 0,
+        },
         "import_warnings": warnings,
     }
     out = save_features(out, emb.index_select(0, rows), records, meta)

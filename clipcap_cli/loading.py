@@ -59,11 +59,18 @@ def load_model(
 
     dev = pick_device(str(device) if device is not None else None)
     resolved = resolve_precision(precision, dev)  # a precision the device lacks fails before any loading
-    user = {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "gpt2": gpt2, "normalize_prefix": normalize_prefix}
+    user = {
+        "clip_model": clip_model,
+        "clip_pretrained": clip_pretrained,
+        "gpt2": gpt2,
+        "normalize_prefix": normalize_prefix,
+    }
     model = load_network(name_or_path, dev, download_progress=download_progress, **user)
     apply_precision(model, resolved)
     config = model.config
-    clip_dtype = dtype_of(resolved) if resolved == "bf16" and dev.type == "cpu" else None  # None: fp16 on CUDA, else fp32
+    clip_dtype = (
+        dtype_of(resolved) if resolved == "bf16" and dev.type == "cpu" else None
+    )  # None: fp16 on CUDA, else fp32
     clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev, dtype=clip_dtype)  # 5.
     tokenizer = backbones.load_tokenizer(config.gpt2)
     return Captioner(model, clip, preprocess, tokenizer, dev)
@@ -100,7 +107,9 @@ def read_checkpoint(path: Path, *, converted: bool = False) -> checkpoint.RawChe
         try:
             path = checkpoint.to_safetensors(path)
         except OSError as exc:  # a read-only or full models folder: the .pt itself still loads
-            log.warning("could not convert %s to safetensors (%s); loading the .pt as it is", path.name, exc.strerror or exc)
+            log.warning(
+                "could not convert %s to safetensors (%s); loading the .pt as it is", path.name, exc.strerror or exc
+            )
     return checkpoint.read(path)
 
 
@@ -115,5 +124,7 @@ def verify_download(model: pretrained.PretrainedModel) -> Path:
     except CheckpointError as exc:
         model.path.unlink(missing_ok=True)
         model.path.with_suffix(".safetensors").unlink(missing_ok=True)
-        raise CheckpointError(f"model '{model.name}': the downloaded file is not a valid checkpoint ({exc}); removed") from exc
+        raise CheckpointError(
+            f"model '{model.name}': the downloaded file is not a valid checkpoint ({exc}); removed"
+        ) from exc
     return model.path

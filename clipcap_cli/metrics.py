@@ -114,8 +114,9 @@ class MetricsInputError(UsageError, ValueError):
 class KeyMismatchError(MetricsInputError):
     """References and predictions do not cover the same keys (and ``allow_missing`` is off)."""
 
-    def __init__(self, message: str, missing_predictions: Sequence[Hashable],
-                 unreferenced_predictions: Sequence[Hashable]) -> None:
+    def __init__(
+        self, message: str, missing_predictions: Sequence[Hashable], unreferenced_predictions: Sequence[Hashable]
+    ) -> None:
         super().__init__(message)
         #: Reference keys that have no prediction.
         self.missing_predictions = tuple(missing_predictions)
@@ -172,8 +173,7 @@ class ScoreResult:
             "tokenizer": self.tokenizer,
             "backends": dict(self.backends),
             "unavailable": dict(self.unavailable),
-            "per_image": None if self.per_image is None
-            else {str(k): dict(v) for k, v in self.per_image.items()},
+            "per_image": None if self.per_image is None else {str(k): dict(v) for k, v in self.per_image.items()},
             "notes": list(self.notes),
         }
 
@@ -225,9 +225,11 @@ def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str
         return f"SPICE jar {spice_dir / _SPICE_JAR} is missing"
     missing = [name for name in _SPICE_CORENLP_JARS if not (spice_dir / "lib" / name).is_file()]
     if missing:
-        return (f"SPICE needs Stanford CoreNLP 3.6.0 ({', '.join(missing)}) in {spice_dir / 'lib'}; "
-                "pycocoevalcap downloads it on first use, which needs internet: run "
-                "'python -m pycocoevalcap.spice.get_stanford_models' once online")
+        return (
+            f"SPICE needs Stanford CoreNLP 3.6.0 ({', '.join(missing)}) in {spice_dir / 'lib'}; "
+            "pycocoevalcap downloads it on first use, which needs internet: run "
+            "'python -m pycocoevalcap.spice.get_stanford_models' once online"
+        )
     return None
 
 
@@ -271,8 +273,7 @@ def _run_java_ptb(java: str, jar: Path, captions: Sequence[str], timeout: float)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write("\n".join(lines).encode("utf-8"))
-        cmd = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
-               "-preserveLines", "-lowerCase", tmp_name]
+        cmd = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", tmp_name]
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -282,8 +283,9 @@ def _run_java_ptb(java: str, jar: Path, captions: Sequence[str], timeout: float)
     finally:
         os.unlink(tmp_name)
     if proc.returncode != 0:
-        raise _JavaToolError(f"PTBTokenizer failed (exit {proc.returncode}): "
-                             f"{_one_line(proc.stderr.decode('utf-8', 'replace'))}")
+        raise _JavaToolError(
+            f"PTBTokenizer failed (exit {proc.returncode}): {_one_line(proc.stderr.decode('utf-8', 'replace'))}"
+        )
     # Output mirrors the input's line structure ("a\n\n" -> "a\n\n"), blank lines included.
     out = proc.stdout.decode("utf-8", "replace").split("\n")
     if len(out) == len(lines) + 1 and out[-1] == "":
@@ -302,17 +304,31 @@ def _remove_punctuation(tokenized_line: str) -> str:
 
 # Unicode forms PTBTokenizer normalises (its default ptb3Escaping options), mapped to the ASCII
 # it produces; the quote forms end up removed as punctuation either way.
-_UNICODE_MAP = str.maketrans({
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
-    "\u2018": "`", "\u2019": "'",
-    "\u2026": "...", "\u2013": "--", "\u2014": "--",
-    "\u00a3": "#", "\u20ac": "$", "\u00a2": "cents",
-    "\u00bd": " 1/2 ", "\u00bc": " 1/4 ", "\u00be": " 3/4 ",
-})
+_UNICODE_MAP = str.maketrans(
+    {
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u00ab": '"',
+        "\u00bb": '"',
+        "\u2018": "`",
+        "\u2019": "'",
+        "\u2026": "...",
+        "\u2013": "--",
+        "\u2014": "--",
+        "\u00a3": "#",
+        "\u20ac": "$",
+        "\u00a2": "cents",
+        "\u00bd": " 1/2 ",
+        "\u00bc": " 1/4 ",
+        "\u00be": " 3/4 ",
+    }
+)
 
 # Words whose trailing period PTBTokenizer keeps (its ABBREV1/ABBREV2 lists, as far as they are
 # likely in captions), checked on the lower-cased word.
-_ABBREV_ALWAYS = frozenset("""
+_ABBREV_ALWAYS = frozenset(
+    """
 jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
 ala ariz calif colo conn ct dak fla ga ind kan kans ky md mich minn mo mont neb nev okla penn
 tenn va vt wis wisc wyo inc co cos corp pty ltd plc rt bancorp dept bhd assn univ intl sys
@@ -320,7 +336,8 @@ ph tel est ext sq ft jr sr bros blvd rd esq etc al seq
 mr mrs ms dr drs prof profs sen sens rep reps atty attys lt col gen messrs gov govs adm rev maj
 sgt cpl pvt capt st ste ave pres lieut hon brig cmdr comdr pfc spc supt supts det mme mlle
 vs alex wm jos cie cf treas mt
-""".split())
+""".split()
+)
 # These keep the period only when capitalised (state names that are also common words).
 _ABBREV_CAPITALISED = frozenset("az ark del ill la mass miss ore pa tex wash".split())
 # These keep the period only before a number ("no. 5", "fig. 3").
@@ -337,22 +354,24 @@ _JOIN = r"(?:[-./@]|'(?!(?:s|m|d|re|ve|ll)(?![^\W_])|n'))"
 _WORD = rf"{_PART}(?:{_JOIN}{_PART})*"
 
 _TOKEN_RE = re.compile(
-    "|".join([
-        r"(?P<url>(?:https?://|www\.)\S*[^\s.,;:!?)\]}'\"])",
-        r"(?P<tag>[#@][a-z_]\w*)",
-        r"(?P<split>can(?=not(?![^\W_]))|gon(?=na(?![^\W_]))|got(?=ta(?![^\W_]))|wan(?=na(?![^\W_]))"
-        r"|lem(?=me(?![^\W_]))|gim(?=me(?![^\W_]))|'t(?=(?:is|was)(?![^\W_]))|y'(?=all(?![^\W_])))",
-        r"(?P<clitic>n't(?![^\W_])|'(?:s|m|d|re|ve|ll)(?![^\W_])|'n'|'\d\ds(?![^\W_])|'em(?![^\W_]))",
-        rf"(?P<compound>[^\W\d_](?:\.[^\W\d_])+\.-{_WORD})",  # u.s.-made
-        r"(?P<acronym>[^\W\d_](?:\.[^\W\d_])*\.(?![^\W_]))",  # u.s.a. / a.m. / a.
-        rf"(?P<signed>-(?=\d){_WORD})",  # -5 (a minus joined to a word is a hyphen: "x-5")
-        rf"(?P<word>{_WORD})",
-        r"(?P<dots>\.\.\.+)",
-        r"(?P<dashes>--+)",
-        r"(?P<bangs>[?!]+)",
-        r"(?P<stars>\*+)",
-        r"(?P<other>\S)",
-    ]),
+    "|".join(
+        [
+            r"(?P<url>(?:https?://|www\.)\S*[^\s.,;:!?)\]}'\"])",
+            r"(?P<tag>[#@][a-z_]\w*)",
+            r"(?P<split>can(?=not(?![^\W_]))|gon(?=na(?![^\W_]))|got(?=ta(?![^\W_]))|wan(?=na(?![^\W_]))"
+            r"|lem(?=me(?![^\W_]))|gim(?=me(?![^\W_]))|'t(?=(?:is|was)(?![^\W_]))|y'(?=all(?![^\W_])))",
+            r"(?P<clitic>n't(?![^\W_])|'(?:s|m|d|re|ve|ll)(?![^\W_])|'n'|'\d\ds(?![^\W_])|'em(?![^\W_]))",
+            rf"(?P<compound>[^\W\d_](?:\.[^\W\d_])+\.-{_WORD})",  # u.s.-made
+            r"(?P<acronym>[^\W\d_](?:\.[^\W\d_])*\.(?![^\W_]))",  # u.s.a. / a.m. / a.
+            rf"(?P<signed>-(?=\d){_WORD})",  # -5 (a minus joined to a word is a hyphen: "x-5")
+            rf"(?P<word>{_WORD})",
+            r"(?P<dots>\.\.\.+)",
+            r"(?P<dashes>--+)",
+            r"(?P<bangs>[?!]+)",
+            r"(?P<stars>\*+)",
+            r"(?P<other>\S)",
+        ]
+    ),
     re.IGNORECASE,
 )
 
@@ -370,14 +389,14 @@ def ptb_tokenize_python(caption: str) -> str:
     tokens: list[str] = []
     for chunk_match in re.finditer(r"\S+", text):
         chunk, pos = chunk_match.group(0), 0
-        following = text[chunk_match.end():].lstrip()  # for "no. 5"-style abbreviations
+        following = text[chunk_match.end() :].lstrip()  # for "no. 5"-style abbreviations
         while pos < len(chunk):
             match = _TOKEN_RE.match(chunk, pos)
             assert match is not None  # the "other" branch matches any non-space character
             kind, value = match.lastgroup, match.group(0)
             pos = match.end()
             if kind == "word":
-                if pos < len(chunk) and chunk[pos] == "." and _keeps_period(value, chunk[pos + 1:], following):
+                if pos < len(chunk) and chunk[pos] == "." and _keeps_period(value, chunk[pos + 1 :], following):
                     value += "."
                     pos += 1
             elif kind == "dots":
@@ -409,8 +428,9 @@ def _keeps_period(word: str, after_dot: str, following: str) -> bool:
     return False
 
 
-def tokenize(captions: Sequence[str], tokenizer: str = "auto", *,
-             timeout: float = _DEFAULT_JAVA_TIMEOUT) -> tuple[list[str], str, str | None]:
+def tokenize(
+    captions: Sequence[str], tokenizer: str = "auto", *, timeout: float = _DEFAULT_JAVA_TIMEOUT
+) -> tuple[list[str], str, str | None]:
     """Tokenise captions the COCO way. Returns (tokenised captions, tokenizer used, note).
 
     ``tokenizer``: "auto" (Java PTBTokenizer when pycocoevalcap and java are available, else the
@@ -455,7 +475,7 @@ def _ngram_counts(words: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
     counts: dict[tuple[str, ...], int] = {}
     for k in range(1, n + 1):
         for i in range(len(words) - k + 1):
-            gram = tuple(words[i:i + k])
+            gram = tuple(words[i : i + k])
             counts[gram] = counts.get(gram, 0) + 1
     return counts
 
@@ -552,14 +572,15 @@ def rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], beta
             recalls.append(lcs / float(len(tokens)))
         p, r = max(precisions), max(recalls)
         if p != 0 and r != 0:
-            scores.append(((1 + beta ** 2) * p * r) / float(r + beta ** 2 * p))
+            scores.append(((1 + beta**2) * p * r) / float(r + beta**2 * p))
         else:
             scores.append(0.0)
     return MetricScores(math.fsum(scores) / len(scores) if scores else 0.0, scores)
 
 
-def cider_d(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int = 4,
-            sigma: float = 6.0) -> MetricScores:
+def cider_d(
+    references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int = 4, sigma: float = 6.0
+) -> MetricScores:
     """CIDEr as pycocoevalcap's ``Cider`` (the COCO server's "CIDEr", which is CIDEr-D).
 
     TF-IDF vectors per n-gram order 1..n with document frequencies counted over the references
@@ -589,7 +610,7 @@ def cider_d(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: i
                 length += term_freq
         return vec, [math.sqrt(x) for x in norm], length
 
-    penalty_denominator = 2 * sigma ** 2
+    penalty_denominator = 2 * sigma**2
     scores: list[float] = []
     for image_refs, hyp in zip(ref_counts, hypotheses):
         vec_h, norm_h, len_h = to_vector(_ngram_counts(hyp.split(), n))
@@ -604,7 +625,7 @@ def cider_d(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: i
                     val += min(weight, ref_weight) * ref_weight
                 if norm_h[k] != 0 and norm_r[k] != 0:
                     val /= norm_h[k] * norm_r[k]
-                val *= math.e ** (-(delta ** 2) / penalty_denominator)
+                val *= math.e ** (-(delta**2) / penalty_denominator)
                 total[k] += val
         scores.append(sum(total) / n / len(image_refs) * 10.0)
     return MetricScores(math.fsum(scores) / len(scores) if scores else 0.0, scores)
@@ -615,8 +636,9 @@ def cider_d(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: i
 # --------------------------------------------------------------------------------------------
 
 
-def _pycocoevalcap_python_scores(names: Sequence[str], references: Sequence[Sequence[str]],
-                                 hypotheses: Sequence[str]) -> dict[str, MetricScores]:
+def _pycocoevalcap_python_scores(
+    names: Sequence[str], references: Sequence[Sequence[str]], hypotheses: Sequence[str]
+) -> dict[str, MetricScores]:
     """BLEU / ROUGE-L / CIDEr through the package's classes (verbose off: they would print)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -643,8 +665,9 @@ def _pycocoevalcap_python_scores(names: Sequence[str], references: Sequence[Sequ
 # --------------------------------------------------------------------------------------------
 
 
-def _meteor_java(java: str, package_dir: Path, references: Sequence[Sequence[str]],
-                 hypotheses: Sequence[str], timeout: float) -> MetricScores:
+def _meteor_java(
+    java: str, package_dir: Path, references: Sequence[Sequence[str]], hypotheses: Sequence[str], timeout: float
+) -> MetricScores:
     """METEOR through pycocoevalcap's meteor-1.5.jar, with the exact command line and stdio
     protocol of its ``Meteor`` class (SCORE lines, then one EVAL line).
 
@@ -656,8 +679,7 @@ def _meteor_java(java: str, package_dir: Path, references: Sequence[Sequence[str
     timed_out = threading.Event()
     with tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen(cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=err)
+            proc = subprocess.Popen(cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         except OSError as exc:
             raise _JavaToolError(f"could not run java: {exc}") from None
 
@@ -713,8 +735,9 @@ def _meteor_java(java: str, package_dir: Path, references: Sequence[Sequence[str
                     stream.close()
 
 
-def _spice_java(java: str, package_dir: Path, references: Sequence[Sequence[str]],
-                hypotheses: Sequence[str], timeout: float) -> tuple[MetricScores, int]:
+def _spice_java(
+    java: str, package_dir: Path, references: Sequence[Sequence[str]], hypotheses: Sequence[str], timeout: float
+) -> tuple[MetricScores, int]:
     """SPICE through pycocoevalcap's spice-1.0.jar, same arguments as its ``Spice`` class except
     that input/output files live in a temp dir (not site-packages) and no parse cache is kept.
 
@@ -724,13 +747,14 @@ def _spice_java(java: str, package_dir: Path, references: Sequence[Sequence[str]
     spice_dir = package_dir / "spice"
     with tempfile.TemporaryDirectory(prefix="clipcap-spice-") as tmp:
         in_file, out_file = Path(tmp) / "input.json", Path(tmp) / "output.json"
-        data = [{"image_id": i, "test": hyp, "refs": list(refs)}
-                for i, (refs, hyp) in enumerate(zip(references, hypotheses))]
+        data = [
+            {"image_id": i, "test": hyp, "refs": list(refs)}
+            for i, (refs, hyp) in enumerate(zip(references, hypotheses))
+        ]
         in_file.write_text(json.dumps(data), encoding="utf-8")
         cmd = [java, "-jar", "-Xmx8G", _SPICE_JAR, str(in_file), "-out", str(out_file), "-subset", "-silent"]
         try:
-            proc = subprocess.run(cmd, cwd=spice_dir, stdin=subprocess.DEVNULL, capture_output=True,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, cwd=spice_dir, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise _JavaToolError(f"SPICE timed out after {timeout:g} s") from None
         except OSError as exc:
@@ -821,8 +845,9 @@ def score(
     ref_lists = _reference_lists(references, predictions, keys)
     package_dir = pycocoevalcap_dir()
     if backend == "pycocoevalcap" and package_dir is None:
-        raise BackendUnavailableError("backend 'pycocoevalcap' requested but the package is not installed "
-                                      "(pip install pycocoevalcap)")
+        raise BackendUnavailableError(
+            "backend 'pycocoevalcap' requested but the package is not installed (pip install pycocoevalcap)"
+        )
 
     # Tokenise references and predictions in one run (lines are independent), then split them back.
     ref_counts = [len(refs) for refs in ref_lists]
@@ -831,7 +856,7 @@ def score(
     notes: list[str] = [note] if note else []
     bounds = [0, *itertools.accumulate(ref_counts)]
     tok_refs = [tokenised[a:b] for a, b in zip(bounds, bounds[1:])]
-    tok_hyps = tokenised[bounds[-1]:]
+    tok_hyps = tokenised[bounds[-1] :]
 
     results, backends = _n_gram_scores(names, backend, tok_refs, tok_hyps)
     if "CIDEr" in names and len(keys) == 1:
@@ -841,8 +866,9 @@ def score(
         if name not in names:
             continue
         if backend == "python":
-            unavailable[name] = f"{name} has no pure-Python implementation (backend='python'); it needs " \
-                                "pycocoevalcap and Java"
+            unavailable[name] = (
+                f"{name} has no pure-Python implementation (backend='python'); it needs pycocoevalcap and Java"
+            )
             continue
         try:
             results[name], note = _java_score(name, package_dir, tok_refs, tok_hyps, java_timeout)
@@ -854,8 +880,7 @@ def score(
     scores = {name: results[name].corpus for name in names if name in results}
     per_image_scores: dict[Any, dict[str, float]] | None = None
     if per_image:
-        per_image_scores = {key: {name: results[name].per_image[i] for name in scores}
-                            for i, key in enumerate(keys)}
+        per_image_scores = {key: {name: results[name].per_image[i] for name in scores} for i, key in enumerate(keys)}
     return ScoreResult(
         scores=scores,
         n_images=len(keys),
@@ -870,8 +895,9 @@ def score(
     )
 
 
-def _common_keys(references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str],
-                 allow_missing: bool) -> tuple[list[Any], list[Any], list[Any]]:
+def _common_keys(
+    references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str], allow_missing: bool
+) -> tuple[list[Any], list[Any], list[Any]]:
     """(keys to score, reference keys without a prediction, prediction keys without references)."""
     missing = [k for k in references if k not in predictions]
     extra = [k for k in predictions if k not in references]
@@ -879,30 +905,34 @@ def _common_keys(references: Mapping[Any, Sequence[str]], predictions: Mapping[A
     if (missing or extra) and (not allow_missing or not keys):
         parts = []
         if missing:
-            parts.append(f"{len(missing)} of {len(references)} reference keys have no prediction "
-                         f"(e.g. {_examples(missing)})")
+            parts.append(
+                f"{len(missing)} of {len(references)} reference keys have no prediction (e.g. {_examples(missing)})"
+            )
         if extra:
-            parts.append(f"{len(extra)} of {len(predictions)} prediction keys have no references "
-                         f"(e.g. {_examples(extra)})")
-        hint = (f"; pass allow_missing=True to score the {len(keys)} common keys" if keys and not allow_missing
-                else "; there are no common keys to score")
-        raise KeyMismatchError("references and predictions do not match: " + "; ".join(parts) + hint,
-                               missing, extra)
+            parts.append(
+                f"{len(extra)} of {len(predictions)} prediction keys have no references (e.g. {_examples(extra)})"
+            )
+        hint = (
+            f"; pass allow_missing=True to score the {len(keys)} common keys"
+            if keys and not allow_missing
+            else "; there are no common keys to score"
+        )
+        raise KeyMismatchError("references and predictions do not match: " + "; ".join(parts) + hint, missing, extra)
     if not keys:
         raise MetricsInputError("nothing to score: references and predictions are empty")
     return keys, missing, extra
 
 
-def _reference_lists(references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str],
-                     keys: Sequence[Any]) -> list[list[str]]:
+def _reference_lists(
+    references: Mapping[Any, Sequence[str]], predictions: Mapping[Any, str], keys: Sequence[Any]
+) -> list[list[str]]:
     """The references of ``keys`` as lists, after checking both sides hold strings."""
     ref_lists: list[list[str]] = []
     for key in keys:
         refs, pred = references[key], predictions[key]
         # A bare string would silently be scored as one reference per character.
         if isinstance(refs, str) or not isinstance(refs, Iterable):
-            raise MetricsInputError(f"references for key {key!r} must be a list of captions, "
-                                    f"not {type(refs).__name__}")
+            raise MetricsInputError(f"references for key {key!r} must be a list of captions, not {type(refs).__name__}")
         ref_lists.append(list(refs))
         if not ref_lists[-1] or not all(isinstance(r, str) for r in ref_lists[-1]):
             raise MetricsInputError(f"references for key {key!r} must be a non-empty list of strings")
@@ -911,8 +941,9 @@ def _reference_lists(references: Mapping[Any, Sequence[str]], predictions: Mappi
     return ref_lists
 
 
-def _n_gram_scores(names: Sequence[str], backend: str, tok_refs: Sequence[Sequence[str]],
-                   tok_hyps: Sequence[str]) -> tuple[dict[str, MetricScores], dict[str, str]]:
+def _n_gram_scores(
+    names: Sequence[str], backend: str, tok_refs: Sequence[Sequence[str]], tok_hyps: Sequence[str]
+) -> tuple[dict[str, MetricScores], dict[str, str]]:
     """BLEU, ROUGE-L and CIDEr among ``names``: (scores, the backend that computed each)."""
     simple = [name for name in names if name in BLEU_NAMES or name in ("ROUGE-L", "CIDEr")]
     results: dict[str, MetricScores] = {}
@@ -928,8 +959,9 @@ def _n_gram_scores(names: Sequence[str], backend: str, tok_refs: Sequence[Sequen
     return results, {name: "python" for name in simple}
 
 
-def _java_score(name: str, package_dir: Path | None, tok_refs: Sequence[Sequence[str]], tok_hyps: Sequence[str],
-                timeout: float) -> tuple[MetricScores, str | None]:
+def _java_score(
+    name: str, package_dir: Path | None, tok_refs: Sequence[Sequence[str]], tok_hyps: Sequence[str], timeout: float
+) -> tuple[MetricScores, str | None]:
     """METEOR or SPICE through pycocoevalcap's jars: (scores, a note or None).
 
     Raises _JavaToolError with the reason when the tool cannot run here or fails.
@@ -942,4 +974,6 @@ def _java_score(name: str, package_dir: Path | None, tok_refs: Sequence[Sequence
     if name == "METEOR":
         return _meteor_java(java, package_dir, tok_refs, tok_hyps, timeout), None
     scores, undefined = _spice_java(java, package_dir, tok_refs, tok_hyps, timeout)
-    return scores, (f"SPICE F-score undefined for {undefined} image(s) (no tuples); counted as 0" if undefined else None)
+    return scores, (
+        f"SPICE F-score undefined for {undefined} image(s) (no tuples); counted as 0" if undefined else None
+    )

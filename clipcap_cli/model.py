@@ -183,7 +183,9 @@ class ClipCaptionModel(nn.Module):
         return logits, caption_loss(logits, targets, mask, prefix_length=1)
 
 
-def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
+def caption_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, prefix_length: int
+) -> torch.Tensor:
     """Mean cross-entropy over the real caption tokens.
 
     Args:

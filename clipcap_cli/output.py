@@ -160,8 +160,13 @@ class TableWriter(CollectingWriter):
             clip_scores = r.get("clip_scores") or [r.get("clip_score")]
             for k, (caption, score) in enumerate(zip(captions, scores)):  # one row per caption: scores line up
                 extra = [f"{clip_scores[k]:.3f}"] if clip else []
-                table.add_row(escape(r["path"]) if k == 0 else "", escape(caption), f"{score:.3f}", *extra,
-                              end_section=len(captions) > 1 and k == len(captions) - 1)
+                table.add_row(
+                    escape(r["path"]) if k == 0 else "",
+                    escape(caption),
+                    f"{score:.3f}",
+                    *extra,
+                    end_section=len(captions) > 1 and k == len(captions) - 1,
+                )
         Console(file=self.stream, soft_wrap=False).print(table)
         super().close()
 

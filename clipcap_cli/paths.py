@@ -37,8 +37,14 @@ def _folder(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (exc.strerror or str(exc))
-        raise DataDirError(f"data directory {path} is not usable ({why}): set CLIPCAP_HOME to a folder you can write") from None
+        why = (
+            "a file is in the way"
+            if isinstance(exc, (FileExistsError, NotADirectoryError))
+            else (exc.strerror or str(exc))
+        )
+        raise DataDirError(
+            f"data directory {path} is not usable ({why}): set CLIPCAP_HOME to a folder you can write"
+        ) from None
     return path
 
 

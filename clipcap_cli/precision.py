@@ -42,7 +42,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def dtype_of(precision: str) -> torch.dtype:
-    """"fp32" / "bf16" / "fp16" -> the torch dtype (resolve "auto" first)."""
+    """ "fp32" / "bf16" / "fp16" -> the torch dtype (resolve "auto" first)."""
     import torch
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -48,7 +48,9 @@ class PretrainedModel:
 
     @property
     def clip(self) -> tuple[str, str | None]:
-        return self.settings.get("clip_model", DEFAULT_CLIP_MODEL), self.settings.get("clip_pretrained", DEFAULT_CLIP_PRETRAINED)
+        return self.settings.get("clip_model", DEFAULT_CLIP_MODEL), self.settings.get(
+            "clip_pretrained", DEFAULT_CLIP_PRETRAINED
+        )
 
     @property
     def gpt2(self) -> str:
@@ -67,7 +69,11 @@ REGISTRY: dict[str, PretrainedModel] = {
                 _drive("1IdaBtMSvtyzF0ByVaBHtvM0JYSXRExRX"),
             ),
             approx_size=636 * MB,
-            settings={"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "normalize_prefix": False},
+            settings={
+                "clip_model": DEFAULT_CLIP_MODEL,
+                "clip_pretrained": DEFAULT_CLIP_PRETRAINED,
+                "normalize_prefix": False,
+            },
         ),
         PretrainedModel(
             name="conceptual",
@@ -78,7 +84,11 @@ REGISTRY: dict[str, PretrainedModel] = {
                 _drive("14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT"),
             ),
             approx_size=636 * MB,
-            settings={"clip_model": DEFAULT_CLIP_MODEL, "clip_pretrained": DEFAULT_CLIP_PRETRAINED, "normalize_prefix": False},
+            settings={
+                "clip_model": DEFAULT_CLIP_MODEL,
+                "clip_pretrained": DEFAULT_CLIP_PRETRAINED,
+                "normalize_prefix": False,
+            },
         ),
         PretrainedModel(
             name="coco-transformer",
@@ -86,7 +96,12 @@ REGISTRY: dict[str, PretrainedModel] = {
             filename="coco_transformer_weights.pt",
             urls=(_drive("1GYPToCqFREwi285wPLhuVExlz7DDUDfJ"),),
             approx_size=740 * MB,  # deduced (mapper + full GPT-2), not measured
-            settings={"clip_model": "RN50x4", "clip_pretrained": "openai", "normalize_prefix": True, "only_prefix": True},
+            settings={
+                "clip_model": "RN50x4",
+                "clip_pretrained": "openai",
+                "normalize_prefix": True,
+                "only_prefix": True,
+            },
         ),
     )
 }
@@ -174,16 +189,23 @@ def fetch(
         verified_by = old["verified_by"]  # the same bytes a mirror vouched for before
     if verified_by is None and old.get("sha256") != digest:
         source = urlsplit(got.url).hostname if got.url else "the file in place"
-        log.warning("model '%s': %s publishes no checksum, so the download could not be verified; "
-                    "recorded its sha256 %s", model.name, source, digest)
+        log.warning(
+            "model '%s': %s publishes no checksum, so the download could not be verified; recorded its sha256 %s",
+            model.name,
+            source,
+            digest,
+        )
     _write_record(model, digest, verified_by)
     return got.path
 
 
 def _write_record(model: PretrainedModel, digest: str, verified_by: str | None) -> None:
     st = model.path.stat()
-    write_text_atomic(_hash_file(model), json.dumps(
-        {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "verified_by": verified_by}) + "\n")
+    write_text_atomic(
+        _hash_file(model),
+        json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "verified_by": verified_by})
+        + "\n",
+    )
 
 
 def check_cached(model: PretrainedModel) -> None:
@@ -203,7 +225,8 @@ def check_cached(model: PretrainedModel) -> None:
     if rec.get("size") != st.st_size or sha256_file(model.path) != rec["sha256"]:
         raise ModelNotAvailableError(
             f"model '{model.name}': {model.path} no longer matches the sha256 recorded when it was downloaded "
-            f"({rec['sha256'][:12]}...): run `clipcap download --force {model.name}`")
+            f"({rec['sha256'][:12]}...): run `clipcap download --force {model.name}`"
+        )
     try:
         _write_record(model, rec["sha256"], rec.get("verified_by"))
     except (OSError, ClipCapError):

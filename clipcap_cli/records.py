@@ -32,13 +32,21 @@ def _finite(values: Any) -> bool:
     return all(v is None or math.isfinite(v) for v in values)
 
 
-def caption_fields(result: DecodingResult | None, error: str | None = None, *, alternatives: bool = False,
-                   clip: bool = False) -> Record:
+def caption_fields(
+    result: DecodingResult | None, error: str | None = None, *, alternatives: bool = False, clip: bool = False
+) -> Record:
     """The caption fields of a record (see the module docstring); a result whose scores are not
     finite numbers becomes an error, since such a model's captions mean nothing."""
-    if result is not None and not _finite([result.score, *result.scores, result.clip_score, *(result.clip_scores or ())]):
-        error, result = (f"non-finite score ({result.score}): the model produced NaN or infinity; "
-                         "check its weights (a diverged training run?)"), None
+    if result is not None and not _finite(
+        [result.score, *result.scores, result.clip_score, *(result.clip_scores or ())]
+    ):
+        error, result = (
+            (
+                f"non-finite score ({result.score}): the model produced NaN or infinity; "
+                "check its weights (a diverged training run?)"
+            ),
+            None,
+        )
     fields: Record = {
         "caption": result.text if result else None,
         "score": result.score if result else None,
@@ -54,7 +62,12 @@ def caption_fields(result: DecodingResult | None, error: str | None = None, *, a
     return fields
 
 
-def make_record(path: str, result: DecodingResult | None = None, error: str | None = None, alternatives: bool = False,
-                clip: bool = False) -> Record:
+def make_record(
+    path: str,
+    result: DecodingResult | None = None,
+    error: str | None = None,
+    alternatives: bool = False,
+    clip: bool = False,
+) -> Record:
     """The record of one input of plain captioning: ``path``, then the caption fields."""
     return {"path": path, **caption_fields(result, error, alternatives=alternatives, clip=clip)}

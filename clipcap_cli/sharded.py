@@ -64,12 +64,16 @@ class ShardedOptions:
 
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
-            raise UsageError(f"unknown --output-format {self.output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+            raise UsageError(
+                f"unknown --output-format {self.output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}"
+            )
         if self.output_format == "parquet":
             import importlib.util
 
             if importlib.util.find_spec("pyarrow") is None:
-                raise UsageError("--output-format parquet needs pyarrow: pip install pyarrow (the clipcap-cli parquet extra)")
+                raise UsageError(
+                    "--output-format parquet needs pyarrow: pip install pyarrow (the clipcap-cli parquet extra)"
+                )
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -158,21 +162,29 @@ def check_settings(out: Path, settings: dict) -> bool:
     try:
         old = json.loads(file.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{file} is unreadable ({exc}): remove it only if {out} holds nothing you want to keep") from None
+        raise UsageError(
+            f"{file} is unreadable ({exc}): remove it only if {out} holds nothing you want to keep"
+        ) from None
     before, now = _flat(old), _flat(json.loads(json.dumps(settings)))
     if "weights" not in old:  # a folder started before weights were fingerprinted: names only, as then
         now = {k: v for k, v in now.items() if not k.startswith("weights.")}
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     weights = [k for k in changed if k.startswith("weights.")]
     if weights:
-        what = ", ".join(f"the {k.removeprefix('weights.')} ({str(before.get(k))[:12]}... then, {str(now.get(k))[:12]}... now)"
-                         for k in weights)
-        raise UsageError(f"the weights changed since {out} was started: {what} (sha256): caption with the weights "
-                         "it was started with, or use another --output-dir")
+        what = ", ".join(
+            f"the {k.removeprefix('weights.')} ({str(before.get(k))[:12]}... then, {str(now.get(k))[:12]}... now)"
+            for k in weights
+        )
+        raise UsageError(
+            f"the weights changed since {out} was started: {what} (sha256): caption with the weights "
+            "it was started with, or use another --output-dir"
+        )
     diffs = [f"{k} {before.get(k)!r} then, {now.get(k)!r} now" for k in changed]
     if diffs:
-        raise UsageError(f"{out} holds captions made with other settings ({'; '.join(diffs)}): "
-                         "rerun with the same options, or use another --output-dir")
+        raise UsageError(
+            f"{out} holds captions made with other settings ({'; '.join(diffs)}): "
+            "rerun with the same options, or use another --output-dir"
+        )
     return True
 
 
@@ -195,8 +207,11 @@ def read_stats(opts: ShardedOptions, name: str) -> dict | None:
 def make_record(sample: Sample, out: Captioned, alternatives: bool, clip: bool) -> dict[str, Any]:
     """A sample's record: key, shard, the caption fields of every record (``records.caption_fields``),
     then what the shard carries (url, source_caption)."""
-    record: dict[str, Any] = {"key": sample.key, "shard": sample.shard,
-                              **caption_fields(out.result, out.error, alternatives=alternatives, clip=clip)}
+    record: dict[str, Any] = {
+        "key": sample.key,
+        "shard": sample.shard,
+        **caption_fields(out.result, out.error, alternatives=alternatives, clip=clip),
+    }
     record.update(out.info or {})
     return record
 
@@ -205,8 +220,13 @@ def _parquet_table(records: list[dict], alternatives: bool, clip: bool) -> Any:
     """One Parquet schema for every shard of a run: the record's fields, typed."""
     import pyarrow as pa
 
-    columns = [("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
-               ("error", pa.string())]
+    columns = [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float64()),
+        ("error", pa.string()),
+    ]
     if clip:
         columns.append(("clip_score", pa.float64()))
     if alternatives:
@@ -235,7 +255,9 @@ def _save_embeddings(path: Path, rows: list[Any], dim: int, dtype: Any) -> None:
     nan = torch.full((dim,), float("nan"))
     emb = torch.stack([r if r is not None else nan for r in rows]) if rows else torch.empty(0, dim)
     part = path.with_name(path.name + PART)
-    save_file({EMBEDDINGS_KEY: emb.to(dtype).contiguous()}, str(part), metadata={"format": FORMAT, "rows": str(len(rows))})
+    save_file(
+        {EMBEDDINGS_KEY: emb.to(dtype).contiguous()}, str(part), metadata={"format": FORMAT, "rows": str(len(rows))}
+    )
     publish(part, path)
 
 
@@ -272,7 +294,11 @@ class _Job:
 
     def open(self) -> None:
         """Start the shard afresh: whatever an interrupted run left of it goes."""
-        for path in (self.opts.records_file(self.name), self.opts.embeddings_file(self.name), self.opts.errors_file(self.name)):
+        for path in (
+            self.opts.records_file(self.name),
+            self.opts.embeddings_file(self.name),
+            self.opts.errors_file(self.name),
+        ):
             path.unlink(missing_ok=True)
             path.with_name(path.name + PART).unlink(missing_ok=True)
         if self.opts.output_format == "jsonl":
@@ -300,7 +326,9 @@ class _Job:
             pq.write_table(_parquet_table(self.records, self.context["alternatives"], self.context["clip"]), str(part))
         publish(part, records_file)
         if self.opts.save_embeddings:
-            _save_embeddings(self.opts.embeddings_file(self.name), self.rows, self.context["dim"], self.context["dtype"])
+            _save_embeddings(
+                self.opts.embeddings_file(self.name), self.rows, self.context["dim"], self.context["dtype"]
+            )
         self._write_stats(read_records(self.opts, self.name), time.perf_counter() - self.started)
 
     def _patch(self) -> None:
@@ -313,8 +341,9 @@ class _Job:
             lines = records_file.read_text(encoding="utf-8").splitlines(keepends=True)
             keys = [json.loads(line)["key"] for line in lines]
             # untouched records keep their exact bytes
-            part.write_text("".join(dumps(new[k][0]) + "\n" if k in new else line
-                                    for k, line in zip(keys, lines)), encoding="utf-8")
+            part.write_text(
+                "".join(dumps(new[k][0]) + "\n" if k in new else line for k, line in zip(keys, lines)), encoding="utf-8"
+            )
         else:
             import pyarrow.parquet as pq
 
@@ -400,9 +429,15 @@ def plan(shards: Sequence[Shard], opts: ShardedOptions, slot: int, slots: int) -
             continue
         expected = shard.list_keys_sha256()
         if expected is not None and stats.get("keys_sha256") != expected:
-            raise UsageError(f"the inputs changed since {opts.output_dir} was written: shard {shard.name} held other "
-                             "images then; use another --output-dir (or the same inputs and --shard-size)")
-        failed = frozenset(r["key"] for r in read_records(opts, shard.name) if r["error"] is not None) if opts.retry_failed and stats.get("failed") else frozenset()
+            raise UsageError(
+                f"the inputs changed since {opts.output_dir} was written: shard {shard.name} held other "
+                "images then; use another --output-dir (or the same inputs and --shard-size)"
+            )
+        failed = (
+            frozenset(r["key"] for r in read_records(opts, shard.name) if r["error"] is not None)
+            if opts.retry_failed and stats.get("failed")
+            else frozenset()
+        )
         if failed:
             p.retry.append((shard, failed))
         else:
@@ -459,7 +494,11 @@ def run(
         if on_progress is not None:
             known, read, planned = totals[_KNOWN], totals[_READ], totals[_SHARDS]
             estimate = known + (planned - read) * known // read if read else 0
-            on_progress(Progress(totals[_SAMPLES], totals[_FAILED], totals[_SHARDS_DONE], planned, max(estimate, totals[_SAMPLES])))
+            on_progress(
+                Progress(
+                    totals[_SAMPLES], totals[_FAILED], totals[_SHARDS_DONE], planned, max(estimate, totals[_SAMPLES])
+                )
+            )
 
     captioner = load() if work.todo or work.retry else None  # before the first count: no bar while loading
     counts = GlobalCounts(dist, 8, report)
@@ -471,23 +510,42 @@ def run(
             failed_here += _caption(captioner, work, decoding, settings, opts, counts, f"{slot}")
     finally:
         totals = counts.close()  # under torchrun: waits for every process
-    this_run = {"samples": totals[_SAMPLES], "failed": totals[_FAILED], "shards_done": totals[_SHARDS_DONE],
-                "shards_skipped": totals[_SKIPPED], "retried": totals[_RETRIED],
-                "seconds": round(time.perf_counter() - start, 3), "processes": slots}
+    this_run = {
+        "samples": totals[_SAMPLES],
+        "failed": totals[_FAILED],
+        "shards_done": totals[_SHARDS_DONE],
+        "shards_skipped": totals[_SKIPPED],
+        "retried": totals[_RETRIED],
+        "seconds": round(time.perf_counter() - start, 3),
+        "processes": slots,
+    }
     summary = summarize(shards, opts, settings, this_run)
     if rank == 0:  # torchrun: rank 0 once all are done; --shard i/n: each process (the last one sees all)
         write_text_atomic(out / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
     return Outcome(summary, failed_here)
 
 
-def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settings: dict, opts: ShardedOptions,
-             counts: Any, slot: str) -> int:
+def _caption(
+    captioner: Captioner,
+    work: Plan,
+    decoding: DecodingOptions,
+    settings: dict,
+    opts: ShardedOptions,
+    counts: Any,
+    slot: str,
+) -> int:
     """Stream every pending sample through the captioner; returns the failures among them."""
     from clipcap_cli.backbones import clip_dtype
 
-    context = {"settings": settings, "alternatives": decoding.num_captions > 1, "clip": decoding.rerank is not None, "dim": captioner.config.prefix_size,
-               "dtype": clip_dtype(captioner.device), "device": str(captioner.device),
-               "process": {"slot": int(slot), "shard": f"{opts.shard[0]}/{opts.shard[1]}"}}
+    context = {
+        "settings": settings,
+        "alternatives": decoding.num_captions > 1,
+        "clip": decoding.rerank is not None,
+        "dim": captioner.config.prefix_size,
+        "dtype": clip_dtype(captioner.device),
+        "device": str(captioner.device),
+        "process": {"slot": int(slot), "shard": f"{opts.shard[0]}/{opts.shard[1]}"},
+    }
     jobs: dict[str, _Job] = {}
     order: collections.deque[Sample] = collections.deque()  # samples in stream order
     failed = 0
@@ -508,9 +566,15 @@ def _caption(captioner: Captioner, work: Plan, decoding: DecodingOptions, settin
                 order.extend(found)
                 yield from found
 
-        for captioned in captioner.stream(samples(), decoding, batch_size=opts.batch_size, workers=opts.workers,
-                                          embeddings=opts.save_embeddings, seed_id=seed_id,
-                                          group_of=lambda s: s.shard):
+        for captioned in captioner.stream(
+            samples(),
+            decoding,
+            batch_size=opts.batch_size,
+            workers=opts.workers,
+            embeddings=opts.save_embeddings,
+            seed_id=seed_id,
+            group_of=lambda s: s.shard,
+        ):
             sample = order.popleft()
             job = jobs[sample.shard]
             record = make_record(sample, captioned, context["alternatives"], context["clip"])

@@ -169,7 +169,9 @@ def _tar_samples(shard: str, path: str) -> tuple[list[Sample], str | None]:
                 if all(e != ext for e, _, _ in members):  # a repeated member: the first one counts
                     members.append((ext, member.offset_data, member.size))
     except (OSError, tarfile.TarError, EOFError) as exc:
-        problem = f"not a readable tar file ({exc})" if not groups else f"unreadable after {len(groups)} samples ({exc})"
+        problem = (
+            f"not a readable tar file ({exc})" if not groups else f"unreadable after {len(groups)} samples ({exc})"
+        )
     samples = []
     for position, (key, members) in enumerate(groups.items()):
         has_image = any(ext in IMAGE_EXTENSIONS for ext, _, _ in members)
@@ -249,8 +251,14 @@ def _tar_paths(arg: str) -> list[str]:
     return found
 
 
-def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | None = None, shard_size: int = SHARD_SIZE,
-             url_deadline: float | None = None) -> list[Shard]:
+def discover(
+    args: Sequence[str],
+    *,
+    recursive: bool = False,
+    stdin: TextIO | None = None,
+    shard_size: int = SHARD_SIZE,
+    url_deadline: float | None = None,
+) -> list[Shard]:
     """The job's shards, in a fixed order every process computes alike: the tar shards named by
     ``args`` (paths, globs, brace patterns), then the other inputs (files, folders, globs, URLs,
     ``-``) cut into list shards of ``shard_size`` images named ``part-00000``, ..."""
@@ -263,8 +271,10 @@ def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | No
         args = [a for arg in args for a in (lines if arg == "-" else [arg])]
     compressed = [arg for arg in args if arg.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"))]
     if compressed:
-        raise UsageError(f"{compressed[0]}: compressed tar shards cannot be read member by member: decompress them "
-                         "(webdataset and img2dataset write plain .tar)")
+        raise UsageError(
+            f"{compressed[0]}: compressed tar shards cannot be read member by member: decompress them "
+            "(webdataset and img2dataset write plain .tar)"
+        )
     tars = [path for arg in args if is_tar_pattern(arg) for path in _tar_paths(arg)]
     others = [arg for arg in args if not is_tar_pattern(arg)]
     reading = {} if url_deadline is None else {"url_deadline": url_deadline}
@@ -274,8 +284,10 @@ def discover(args: Sequence[str], *, recursive: bool = False, stdin: TextIO | No
     for path in dict.fromkeys(os.path.abspath(p) for p in tars):  # each file once, first mention wins
         name = Path(path).name[: -len(TAR_SUFFIX)]
         if name in seen:
-            raise UsageError(f"two shards are named {name} ({seen[name]} and {path}): output files are named after "
-                             "the shard, so caption them into different --output-dir folders")
+            raise UsageError(
+                f"two shards are named {name} ({seen[name]} and {path}): output files are named after "
+                "the shard, so caption them into different --output-dir folders"
+            )
         seen[name] = path
         shards.append(Shard(name, len(shards), tar=path))
     width = max(5, len(str(max(0, len(sources) - 1) // shard_size)))

@@ -72,8 +72,14 @@ FLAG_WORDING = (
     ("set strategy to 'sample'", "add --sample"),
     ("needs strategy 'beam' or 'sample'", "needs --beam N or --sample"),
     ("use strategy 'sample' or 'beam'", "use --sample or --beam"),
-    ("num_captions", "--num-captions"), ("beam_size", "--beam"), ("top_p", "--top-p"), ("top_k", "--top-k"),
-    ("max_length", "--max-length"), ("temperature", "--temperature"), ("stop_token", "--stop-token"), ("url deadline", "--url-timeout"),
+    ("num_captions", "--num-captions"),
+    ("beam_size", "--beam"),
+    ("top_p", "--top-p"),
+    ("top_k", "--top-k"),
+    ("max_length", "--max-length"),
+    ("temperature", "--temperature"),
+    ("stop_token", "--stop-token"),
+    ("url deadline", "--url-timeout"),
 )
 
 

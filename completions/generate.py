@@ -20,7 +20,8 @@ def scripts() -> dict[str, str]:
     from typer._completion_shared import get_completion_script
 
     return {
-        FILES[shell]: get_completion_script(prog_name="clipcap", complete_var="_CLIPCAP_COMPLETE", shell=shell).strip() + "\n"
+        FILES[shell]: get_completion_script(prog_name="clipcap", complete_var="_CLIPCAP_COMPLETE", shell=shell).strip()
+        + "\n"
         for shell in FILES
     }
 

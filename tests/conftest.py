@@ -145,8 +145,9 @@ def tiny_transformer_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_c
     """A frozen-LM transformer-mapper tiny checkpoint (mapper weights only)."""
     from clipcap_cli import checkpoint
 
-    config = tiny_config.replace(mapping="transformer", prefix_length=5, clip_length=3, num_layers=2,
-                                 only_prefix=True, normalize_prefix=True)
+    config = tiny_config.replace(
+        mapping="transformer", prefix_length=5, clip_length=3, num_layers=2, only_prefix=True, normalize_prefix=True
+    )
     model = build_tiny_model(config, seed=1)
     return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "tiny-transformer.safetensors")
 

@@ -45,8 +45,13 @@ class Probe(core.TrainCallback):
         self.ids.extend(info.caption_ids.tolist())
 
     def on_end(self, result: core.TrainResult, model: torch.nn.Module) -> None:
-        info = {"rank": self.rank, "world_size": torch.distributed.get_world_size(), "step": result.step,
-                "indices": self.ids, "weights_sha256": weights_hash(model)}
+        info = {
+            "rank": self.rank,
+            "world_size": torch.distributed.get_world_size(),
+            "step": result.step,
+            "indices": self.ids,
+            "weights_sha256": weights_hash(model),
+        }
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{self.rank}.json").write_text(json.dumps(info))
 

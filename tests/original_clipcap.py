@@ -59,7 +59,9 @@ def ref_greedy(model, prefix, entry_length, stop_id):
     for _ in range(entry_length):
         token = int(last_logits(model, generated).argmax(-1))
         tokens.append(token)
-        generated = torch.cat((generated, model.gpt.transformer.wte(torch.tensor([[token]], device=prefix.device))), dim=1)
+        generated = torch.cat(
+            (generated, model.gpt.transformer.wte(torch.tensor([[token]], device=prefix.device))), dim=1
+        )
         if token == stop_id:
             break
     return tokens

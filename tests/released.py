@@ -20,8 +20,10 @@ import torch
 
 HF_REVISION = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id: the cache only needs one
 # open_clip's hub repos for the two CLIPs the registry needs (open_clip.get_pretrained_cfg(...)["hf_hub"]).
-CLIP_HUB_REPOS = {("ViT-B-32", "openai"): "timm/vit_base_patch32_clip_224.openai",
-                  ("RN50x4", "openai"): "timm/resnet50x4_clip.openai"}
+CLIP_HUB_REPOS = {
+    ("ViT-B-32", "openai"): "timm/vit_base_patch32_clip_224.openai",
+    ("RN50x4", "openai"): "timm/resnet50x4_clip.openai",
+}
 
 
 def released_gpt2_state(gen: torch.Generator) -> OrderedDict[str, torch.Tensor]:

@@ -67,13 +67,16 @@ def test_embed_dims_table_agrees_with_open_clip():
 def _quickgelu_tags() -> list[tuple[str, str]]:
     import open_clip
 
-    return [(m, t) for m, t in open_clip.list_pretrained() if (open_clip.get_pretrained_cfg(m, t) or {}).get("quick_gelu")]
+    return [
+        (m, t) for m, t in open_clip.list_pretrained() if (open_clip.get_pretrained_cfg(m, t) or {}).get("quick_gelu")
+    ]
 
 
 def _activations(module) -> set[str]:
     return {type(m).__name__ for m in module.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
 
 
+@pytest.mark.slow
 def test_every_quickgelu_tag_builds_quickgelu():
     """open_clip 3.x builds ViT-B-32 with nn.GELU even for the `openai` tag (it only warns). Every
     tag trained with QuickGELU must get it, in both towers (the models are built on the meta
@@ -91,6 +94,7 @@ def test_every_quickgelu_tag_builds_quickgelu():
     assert _activations(backbones.build_clip(laion)[0]) == {"GELU"}
 
 
+@pytest.mark.slow
 def test_openai_vit_b32_image_features_are_quickgelu(tmp_path: Path):
     """The image tower clipcap builds for ViT-B-32/openai equals open_clip's QuickGELU model on the
     same weights, and differs measurably from the GELU model open_clip builds by default."""
@@ -118,7 +122,9 @@ def test_image_tower_alone_and_both_towers_match_open_clip(tiny_clip_dir: Path):
     reference, _, ref_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir}")
     reference.eval()
     image_only, preprocess = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None)
-    assert not hasattr(image_only, "encode_text") and not any(n.startswith("transformer") for n, _ in image_only.named_parameters())
+    assert not hasattr(image_only, "encode_text") and not any(
+        n.startswith("transformer") for n, _ in image_only.named_parameters()
+    )
     full, _ = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None, text=True)
     assert repr(preprocess) == repr(ref_preprocess)
     pixels = torch.randn(3, 3, 32, 32)

@@ -130,8 +130,14 @@ def test_bad_inputs_become_error_records_exit_3(tiny_checkpoint, photo_dir, tmp_
     broken.write_bytes(b"\xff\xd8 this is not really a jpeg")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    args = [str(photo_dir / "rgb.jpg"), str(broken), str(tmp_path / "missing.png"), str(empty_dir), f"{tmp_path}/*.webp",
-            str(photo_dir / "gray.png")]
+    args = [
+        str(photo_dir / "rgb.jpg"),
+        str(broken),
+        str(tmp_path / "missing.png"),
+        str(empty_dir),
+        f"{tmp_path}/*.webp",
+        str(photo_dir / "gray.png"),
+    ]
     result = caption(tiny_checkpoint, *args, "--batch-size", "2")
     assert result.exit_code == 3, result.output
     records = jsonl(result)
@@ -191,7 +197,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def web(photo_dir, monkeypatch):
     """A local HTTP server over the photo folder (URL inputs need the network allowed)."""
     (photo_dir / "page.html").write_text("<html>not an image</html>")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(photo_dir)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(photo_dir))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.delenv("CLIPCAP_OFFLINE", raising=False)
@@ -223,7 +231,9 @@ def test_urls_are_not_fetched_offline(tiny_checkpoint, web, monkeypatch):
 
 
 def test_num_captions_with_beam(tiny_checkpoint, photo_dir):
-    result = caption(tiny_checkpoint, str(photo_dir / "rgb.jpg"), str(photo_dir / "gray.png"), "--beam", "3", "--num-captions", "3")
+    result = caption(
+        tiny_checkpoint, str(photo_dir / "rgb.jpg"), str(photo_dir / "gray.png"), "--beam", "3", "--num-captions", "3"
+    )
     assert result.exit_code == 0, result.output
     for r in jsonl(result):
         assert len(r["captions"]) == 3 and len(set(r["captions"])) == 3 and len(r["scores"]) == 3
@@ -231,7 +241,9 @@ def test_num_captions_with_beam(tiny_checkpoint, photo_dir):
         assert r["caption"] == r["captions"][0] and r["score"] == r["scores"][0]
 
 
-@pytest.mark.parametrize("decoding", [[], ["--beam", "3"], ["--sample", "--seed", "4", "--top-k", "40"]], ids=["greedy", "beam", "sample"])
+@pytest.mark.parametrize(
+    "decoding", [[], ["--beam", "3"], ["--sample", "--seed", "4", "--top-k", "40"]], ids=["greedy", "beam", "sample"]
+)
 def test_batch_size_does_not_change_captions(tiny_checkpoint, photo_dir, decoding):
     one = jsonl(caption(tiny_checkpoint, str(photo_dir), "--recursive", "--batch-size", "1", *decoding))
     eight = jsonl(caption(tiny_checkpoint, str(photo_dir), "--recursive", "--batch-size", "8", *decoding))
@@ -251,6 +263,7 @@ def test_workers_give_the_same_results(tiny_checkpoint, photo_dir, tmp_path):
     assert jsonl(serial) == jsonl(parallel) and len(jsonl(serial)) == 10  # same batches: bit-identical
 
 
+@pytest.mark.slow
 def test_real_subprocess_in_a_pipe(tiny_checkpoint, photo_dir):
     cmd = [sys.executable, "-m", "clipcap_cli", "caption", str(photo_dir), "--model", str(tiny_checkpoint), *FAST]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)

@@ -32,7 +32,9 @@ def test_encode_is_the_extraction_path(captioner, images):
     emb = captioner.encode(paths)
     assert emb.shape == (3, 32) and emb.dtype == torch.float32
     # the same as open_rgb -> CLIP preprocess -> encode_image, one image at a time
-    manual = torch.cat([captioner.clip_model.encode_image(captioner.preprocess_image(open_rgb(p))[None]) for p in paths])
+    manual = torch.cat(
+        [captioner.clip_model.encode_image(captioner.preprocess_image(open_rgb(p))[None]) for p in paths]
+    )
     torch.testing.assert_close(emb, manual.detach(), rtol=1e-5, atol=1e-5)
     # CLIP sees the EXIF-rotated image (30x60 stored, shown 60x30): preprocessing differs from the raw pixels
     raw = captioner.preprocess_image(Image.open(images["exif"]).convert("RGB"))
@@ -119,14 +121,18 @@ def test_stream_is_lazy(captioner, images):
             pulled.append(i)
             yield images["rgb"]
 
-    first = list(itertools.islice(captioner.stream(endless(), DecodingOptions(max_length=4), batch_size=3, workers=0), 4))
+    first = list(
+        itertools.islice(captioner.stream(endless(), DecodingOptions(max_length=4), batch_size=3, workers=0), 4)
+    )
     assert [o.index for o in first] == [0, 1, 2, 3] and len(pulled) <= 7  # two batches read, not forever
 
 
 def test_stream_of_embeddings_is_decode(captioner, images):
     emb = captioner.encode([images["rgb"], images["exif"], images["palette"]])
     options = DecodingOptions(strategy="beam", beam_size=2, max_length=6)
-    streamed = [o.result for o in captioner.stream(list(emb.half()), options, batch_size=2)]  # stored fp16, as extract on a GPU
+    streamed = [
+        o.result for o in captioner.stream(list(emb.half()), options, batch_size=2)
+    ]  # stored fp16, as extract on a GPU
     assert [r.text for r in streamed] == [r.text for r in captioner.decode(emb.half().float(), options)]
 
 

@@ -17,8 +17,14 @@ from clipcap_cli.loading import load_network
 
 def _assert_loaded_exactly(model, sd):
     loaded = model.state_dict()
-    for key in ("clip_project.model.2.bias", "clip_project.linear.weight", "clip_project.prefix_const",
-                "gpt.transformer.h.11.mlp.c_proj.weight", "gpt.transformer.wte.weight", "gpt.lm_head.weight"):
+    for key in (
+        "clip_project.model.2.bias",
+        "clip_project.linear.weight",
+        "clip_project.prefix_const",
+        "gpt.transformer.h.11.mlp.c_proj.weight",
+        "gpt.transformer.wte.weight",
+        "gpt.lm_head.weight",
+    ):
         if key in sd:
             assert torch.equal(loaded[key], sd[key]), key
 

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from clipcap_cli.cli import app
@@ -52,6 +53,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert out.split() == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_top_level_help_is_cached_and_identical(tmp_path):
     """The second `clipcap --help` prints the first one's text without importing typer (the 0.3 s budget)."""
     env = {**__import__("os").environ, "CLIPCAP_HOME": str(tmp_path)}

@@ -30,7 +30,11 @@ def _as_made_by_0_1(store: Path) -> None:
 
 @pytest.mark.parametrize(
     "clip, tag, activation",
-    [("ViT-B-32", "openai", "quick_gelu"), ("RN50x4", "openai", "quick_gelu"), ("ViT-B-32", "laion2b_s34b_b79k", "gelu")],
+    [
+        ("ViT-B-32", "openai", "quick_gelu"),
+        ("RN50x4", "openai", "quick_gelu"),
+        ("ViT-B-32", "laion2b_s34b_b79k", "gelu"),
+    ],
 )
 def test_new_stores_record_the_activation(tmp_path: Path, clip: str, tag: str, activation: str):
     store = _store(tmp_path / "s", clip, tag)
@@ -40,8 +44,11 @@ def test_new_stores_record_the_activation(tmp_path: Path, clip: str, tag: str, a
 def test_old_openai_vit_store_is_refused_with_the_fix(tmp_path: Path):
     store = _store(tmp_path / "s", "ViT-B-32", "openai")
     _as_made_by_0_1(store)
-    with pytest.raises(FeaturesError, match=r"extracted by clipcap 0\.1, which ran ViT-B-32 \(openai\) with GELU "
-                                            r"instead of its QuickGELU: re-extract it .*--overwrite"):
+    with pytest.raises(
+        FeaturesError,
+        match=r"extracted by clipcap 0\.1, which ran ViT-B-32 \(openai\) with GELU "
+        r"instead of its QuickGELU: re-extract it .*--overwrite",
+    ):
         load_features(store)
 
 
@@ -53,6 +60,7 @@ def test_old_stores_whose_image_features_were_right_still_load(tmp_path: Path, c
     assert load_features(store).embeddings.shape == (3, 8)
 
 
+@pytest.mark.slow
 def test_rerunning_extract_on_an_old_store_of_an_unchanged_clip_is_a_no_op(tmp_path: Path, tiny_clip_dir: Path):
     """A local CLIP's activation did not change between versions: its 0.1 store stays usable and
     the same extract command still recognises it as done."""
@@ -62,8 +70,18 @@ def test_rerunning_extract_on_an_old_store_of_an_unchanged_clip_is_a_no_op(tmp_p
     photos.mkdir()
     for i, colour in enumerate(("red", "blue")):
         Image.new("RGB", (40, 30), colour).save(photos / f"{i}.png")
-    cmd = [sys.executable, "-m", "clipcap_cli", "extract", str(photos), "--out", str(tmp_path / "feats"),
-           "--clip", f"local-dir:{tiny_clip_dir}", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipcap_cli",
+        "extract",
+        str(photos),
+        "--out",
+        str(tmp_path / "feats"),
+        "--clip",
+        f"local-dir:{tiny_clip_dir}",
+        "--quiet",
+    ]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     _as_made_by_0_1(tmp_path / "feats")
     again = subprocess.run(cmd, capture_output=True, text=True)

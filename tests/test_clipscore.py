@@ -23,9 +23,14 @@ from clipcap_cli.cli import app
 runner = CliRunner()
 N_IMAGES = 24
 REF_POOL = [
-    "a red square on a grey background", "two cars parked near a tree", "a dog running on the beach",
-    "a plate of food on a wooden table", "a man riding a bicycle down the street", "an empty room with a window",
-    "a green field under a blue sky", "a cat sleeping on a sofa",
+    "a red square on a grey background",
+    "two cars parked near a tree",
+    "a dog running on the beach",
+    "a plate of food on a wooden table",
+    "a man riding a bicycle down the street",
+    "an empty room with a window",
+    "a green field under a blue sky",
+    "a cat sleeping on a sofa",
 ]
 LONG = "a very long caption " + "that goes on and on " * 30  # over CLIP's 77 tokens: truncated, end token kept
 
@@ -39,7 +44,9 @@ def draw_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> list[Path]:
     files = []
     for i in range(n):
         pixels = np.zeros((40, 48, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        pixels[rng.integers(0, 20):rng.integers(20, 40), rng.integers(0, 24):rng.integers(24, 48)] = rng.integers(0, 255, 3)
+        pixels[rng.integers(0, 20) : rng.integers(20, 40), rng.integers(0, 24) : rng.integers(24, 48)] = rng.integers(
+            0, 255, 3
+        )
         files.append(folder / f"img{i:02d}.png")
         Image.fromarray(pixels).save(files[-1])
     return files
@@ -47,7 +54,9 @@ def draw_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> list[Path]:
 
 def captions_and_references(n: int = N_IMAGES, seed: int = 0) -> tuple[list[str], list[list[str]]]:
     rng = np.random.default_rng(seed)
-    captions = [LONG if i == 3 else ("" if i == 5 else " ".join(rng.choice(REF_POOL[i % 8].split(), 4))) for i in range(n)]
+    captions = [
+        LONG if i == 3 else ("" if i == 5 else " ".join(rng.choice(REF_POOL[i % 8].split(), 4))) for i in range(n)
+    ]
     references = [list(rng.choice(REF_POOL, int(rng.integers(2, 6)), replace=False)) for _ in range(n)]
     return captions, references
 
@@ -88,18 +97,22 @@ def reference_scores(clip: str, files: list[Path], captions: list[str], referenc
 
     def text_features(texts: list[str]) -> np.ndarray:
         with torch.no_grad():
-            return model.encode_text(open_clip.tokenize(["A photo depicts " + t for t in texts])).numpy().astype(np.float64)
+            return (
+                model.encode_text(open_clip.tokenize(["A photo depicts " + t for t in texts]))
+                .numpy()
+                .astype(np.float64)
+            )
 
     with torch.no_grad():
         images = model.encode_image(torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files]))
     images = images.numpy().astype(np.float64)
     cands = text_features(captions)
-    images = images / np.sqrt(np.sum(images ** 2, axis=1, keepdims=True))
-    cands = cands / np.sqrt(np.sum(cands ** 2, axis=1, keepdims=True))
+    images = images / np.sqrt(np.sum(images**2, axis=1, keepdims=True))
+    cands = cands / np.sqrt(np.sum(cands**2, axis=1, keepdims=True))
     cos = np.sum(images * cands, axis=1)
     per_clip = 2.5 * np.clip(cos, 0, None)
     flat = text_features([r for refs in references for r in refs])  # the reference flattens them too
-    flat = flat / np.sqrt(np.sum(flat ** 2, axis=1, keepdims=True))
+    flat = flat / np.sqrt(np.sum(flat**2, axis=1, keepdims=True))
     owner = np.array([i for i, refs in enumerate(references) for _ in refs])
     text_text = []
     for i, cand in enumerate(cands):
@@ -162,10 +175,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def eval_files(folder: Path, scored: dict) -> tuple[Path, Path]:
     """References and predictions named by the images' file names (images under images/)."""
-    refs = write_jsonl(folder / "refs.jsonl", [{"image": f.name, "caption": c}
-                                               for f, caps in zip(scored["files"], scored["references"]) for c in caps])
-    preds = write_jsonl(folder / "preds.jsonl", [{"path": f"images/{f.name}", "caption": c}
-                                                 for f, c in zip(scored["files"], scored["captions"])])
+    refs = write_jsonl(
+        folder / "refs.jsonl",
+        [{"image": f.name, "caption": c} for f, caps in zip(scored["files"], scored["references"]) for c in caps],
+    )
+    preds = write_jsonl(
+        folder / "preds.jsonl",
+        [{"path": f"images/{f.name}", "caption": c} for f, c in zip(scored["files"], scored["captions"])],
+    )
     return refs, preds
 
 
@@ -180,8 +197,21 @@ def run_eval(*args: str | Path) -> tuple[int, dict | None, str]:
 def test_eval_reports_clipscore_per_image_on_the_reference_scale(tmp_path: Path, scored: dict):
     refs, preds = eval_files(tmp_path, scored)
     root = scored["files"][0].parent
-    code, report, output = run_eval("--refs", refs, "-p", preds, "--images", root, "--clip", scored["clip"],
-                                    "--metrics", "BLEU-1,CLIPScore,RefCLIPScore", "--tokenizer", "ptb-python", "--per-image")
+    code, report, output = run_eval(
+        "--refs",
+        refs,
+        "-p",
+        preds,
+        "--images",
+        root,
+        "--clip",
+        scored["clip"],
+        "--metrics",
+        "BLEU-1,CLIPScore,RefCLIPScore",
+        "--tokenizer",
+        "ptb-python",
+        "--per-image",
+    )
     assert code == 0, output
     want = scored["want"]
     assert list(report["metrics"]) == ["BLEU-1", "CLIPScore", "RefCLIPScore"]
@@ -200,8 +230,18 @@ def test_eval_reports_clipscore_per_image_on_the_reference_scale(tmp_path: Path,
 
 def test_eval_without_images_reports_them_unavailable(tmp_path: Path, scored: dict):
     refs, preds = eval_files(tmp_path, scored)
-    code, report, output = run_eval("--refs", refs, "-p", preds, "--clip", scored["clip"], "--tokenizer", "ptb-python",
-                                    "--metrics", "CIDEr,CLIPScore,RefCLIPScore")
+    code, report, output = run_eval(
+        "--refs",
+        refs,
+        "-p",
+        preds,
+        "--clip",
+        scored["clip"],
+        "--tokenizer",
+        "ptb-python",
+        "--metrics",
+        "CIDEr,CLIPScore,RefCLIPScore",
+    )
     assert code == 0, output
     assert list(report["metrics"]) == ["CIDEr"]
     assert set(report["unavailable"]) == {"CLIPScore", "RefCLIPScore"}
@@ -211,8 +251,20 @@ def test_eval_without_images_reports_them_unavailable(tmp_path: Path, scored: di
     root.mkdir()
     for f in scored["files"][1:]:
         (root / f.name).write_bytes(f.read_bytes())
-    code, report, output = run_eval("--refs", refs, "-p", preds, "--images", root, "--clip", scored["clip"],
-                                    "--tokenizer", "ptb-python", "--metrics", "CLIPScore")
+    code, report, output = run_eval(
+        "--refs",
+        refs,
+        "-p",
+        preds,
+        "--images",
+        root,
+        "--clip",
+        scored["clip"],
+        "--tokenizer",
+        "ptb-python",
+        "--metrics",
+        "CLIPScore",
+    )
     assert code == 0, output
     assert report["metrics"] == {} and set(report["unavailable"]) == {"CLIPScore"}
     assert "1 of 24 scored images are not under" in report["unavailable"]["CLIPScore"]
@@ -221,8 +273,18 @@ def test_eval_without_images_reports_them_unavailable(tmp_path: Path, scored: di
 
 def test_eval_default_clip_not_cached_is_unavailable_not_fatal(tmp_path: Path, scored: dict):
     refs, preds = eval_files(tmp_path, scored)
-    code, report, output = run_eval("--refs", refs, "-p", preds, "--images", scored["files"][0].parent,
-                                    "--tokenizer", "ptb-python", "--metrics", "BLEU-4,CLIPScore")
+    code, report, output = run_eval(
+        "--refs",
+        refs,
+        "-p",
+        preds,
+        "--images",
+        scored["files"][0].parent,
+        "--tokenizer",
+        "ptb-python",
+        "--metrics",
+        "BLEU-4,CLIPScore",
+    )
     assert code == 0, output
     assert set(report["metrics"]) == {"BLEU-4"}
     assert "not cached" in report["unavailable"]["CLIPScore"]
@@ -244,8 +306,12 @@ def test_eval_uses_a_features_store_made_with_the_same_clip(tmp_path: Path, scor
     model, preprocess = clipscore.load_clip(scored["clip"], None, "cpu")
     features, _ = clipscore.encode_image_files(model, preprocess, [str(f) for f in scored["files"]], "cpu")
     records = [{"image": f.name, "captions": refs} for f, refs in zip(scored["files"], scored["references"])]
-    store = save_features(tmp_path / "feats", features.half(), records,  # fp16, as a GPU extraction stores them
-                          {"clip_model": scored["clip"], "clip_pretrained": None, "preprocess": "test"})
+    store = save_features(
+        tmp_path / "feats",
+        features.half(),
+        records,  # fp16, as a GPU extraction stores them
+        {"clip_model": scored["clip"], "clip_pretrained": None, "preprocess": "test"},
+    )
     _, preds = eval_files(tmp_path, scored)
     common = ["--clip", scored["clip"], "--metrics", "CLIPScore,RefCLIPScore", "--per-image"]
     code, report, output = run_eval("--refs", store, "-p", preds, *common)
@@ -256,8 +322,9 @@ def test_eval_uses_a_features_store_made_with_the_same_clip(tmp_path: Path, scor
     assert report["metrics"]["CLIPScore"] == pytest.approx(want["clip"].mean(), abs=2e-3)
     assert report["metrics"]["RefCLIPScore"] == pytest.approx(want["ref"].mean(), abs=2e-3)
     # another CLIP than the store's: the store's embeddings are not used, and it has no image folder
-    code, report, output = run_eval("--refs", store, "-p", preds, "--clip", f"local-dir:{tiny_clip_dir}",
-                                    "--metrics", "CLIPScore")
+    code, report, output = run_eval(
+        "--refs", store, "-p", preds, "--clip", f"local-dir:{tiny_clip_dir}", "--metrics", "CLIPScore"
+    )
     assert code == 0, output
     assert "--images" in report["unavailable"]["CLIPScore"]
 
@@ -265,12 +332,29 @@ def test_eval_uses_a_features_store_made_with_the_same_clip(tmp_path: Path, scor
 def test_eval_model_run_scores_its_captions(tmp_path: Path, scored: dict, tiny_checkpoint: Path):
     refs, _ = eval_files(tmp_path, scored)
     saved = tmp_path / "saved.jsonl"
-    code, report, output = run_eval("--refs", refs, "--images", scored["files"][0].parent, "--model", tiny_checkpoint,
-                                    "--max-length", "5", "--clip", scored["clip"], "--metrics", "CLIPScore,RefCLIPScore",
-                                    "--save-predictions", saved, "--per-image")
+    code, report, output = run_eval(
+        "--refs",
+        refs,
+        "--images",
+        scored["files"][0].parent,
+        "--model",
+        tiny_checkpoint,
+        "--max-length",
+        "5",
+        "--clip",
+        scored["clip"],
+        "--metrics",
+        "CLIPScore,RefCLIPScore",
+        "--save-predictions",
+        saved,
+        "--per-image",
+    )
     assert code == 0, output
-    captions = {Path(json.loads(line)["path"]).name: json.loads(line)["caption"] for line in saved.read_text().splitlines()}
-    want = reference_scores(scored["clip"], scored["files"], [captions[f.name] for f in scored["files"]],
-                            scored["references"])
+    captions = {
+        Path(json.loads(line)["path"]).name: json.loads(line)["caption"] for line in saved.read_text().splitlines()
+    }
+    want = reference_scores(
+        scored["clip"], scored["files"], [captions[f.name] for f in scored["files"]], scored["references"]
+    )
     assert report["metrics"]["CLIPScore"] == pytest.approx(want["clip"].mean(), abs=1e-6)
     assert report["metrics"]["RefCLIPScore"] == pytest.approx(want["ref"].mean(), abs=1e-6)

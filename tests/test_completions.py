@@ -29,7 +29,9 @@ def _console_script():
 
 
 def test_committed_scripts_are_current():
-    result = subprocess.run([sys.executable, str(COMPLETIONS / "generate.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(COMPLETIONS / "generate.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -47,6 +49,7 @@ def _bash_complete(words: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if line]
 
 
+@pytest.mark.slow
 def test_bash_completes_commands_and_model_names():
     assert _bash_complete("clipcap ca") == ["caption"]
     assert set(_bash_complete("clipcap download c")) == {"coco", "conceptual", "coco-transformer"}
@@ -54,6 +57,7 @@ def test_bash_completes_commands_and_model_names():
     assert "--beam" in _bash_complete("clipcap caption --be")
 
 
+@pytest.mark.slow
 def test_fish_completes_commands_and_model_names():
     fish = need_tool("fish", why="Debian package `fish`; .ci/run installs it")
     script = f"source {COMPLETIONS / 'clipcap.fish'}; complete -C 'clipcap ca'; echo ---; complete -C 'clipcap caption --model c'"
@@ -64,6 +68,7 @@ def test_fish_completes_commands_and_model_names():
     assert {line.split("\t")[0] for line in second.split("\n") if line} == {"coco", "conceptual", "coco-transformer"}
 
 
+@pytest.mark.slow
 def test_zsh_completes_commands_and_model_names():
     zsh = need_tool("zsh", why="Debian package `zsh`; .ci/run installs it")
     # compinit loads the completion system; _arguments is replaced by a printer so the candidates
@@ -71,7 +76,7 @@ def test_zsh_completes_commands_and_model_names():
     script = (
         "autoload -U compinit && compinit -u -D\n"
         f"source {COMPLETIONS / '_clipcap'}\n"
-        "_arguments() { print -rl -- \"$@\" }\n"
+        '_arguments() { print -rl -- "$@" }\n'
         "words=(clipcap ca); CURRENT=2; _clipcap_completion\n"
         "print -- ---\n"
         "words=(clipcap caption --model c); CURRENT=4; _clipcap_completion\n"

@@ -50,7 +50,13 @@ def test_karpathy_splits(tmp_path: Path):
     _img(tmp_path / "val2014" / "v.jpg")
     data = {
         "images": [
-            {"filepath": "train2014", "filename": "t.jpg", "split": "train", "cocoid": 1, "sentences": [{"raw": "T1 ", "sentid": 10}, {"raw": "T2", "sentid": 11}]},
+            {
+                "filepath": "train2014",
+                "filename": "t.jpg",
+                "split": "train",
+                "cocoid": 1,
+                "sentences": [{"raw": "T1 ", "sentid": 10}, {"raw": "T2", "sentid": 11}],
+            },
             {"filepath": "val2014", "filename": "v.jpg", "split": "restval", "cocoid": 2, "sentences": [{"raw": "R1"}]},
             {"filepath": "val2014", "filename": "w.jpg", "split": "val", "cocoid": 3, "sentences": [{"raw": "V1"}]},
             {"filepath": "val2014", "filename": "x.jpg", "split": "test", "cocoid": 4, "sentences": [{"raw": "X1"}]},
@@ -60,7 +66,13 @@ def test_karpathy_splits(tmp_path: Path):
     src.write_text(json.dumps(data))
     every = _records(read_dataset(src))
     assert [r["image_id"] for r in every] == [1, 2, 3, 4]
-    assert every[0] == {"image": "train2014/t.jpg", "image_id": 1, "captions": ["T1", "T2"], "split": "train", "caption_ids": [10, 11]}
+    assert every[0] == {
+        "image": "train2014/t.jpg",
+        "image_id": 1,
+        "captions": ["T1", "T2"],
+        "split": "train",
+        "caption_ids": [10, 11],
+    }
     assert every[1]["image"] == "val2014/v.jpg"
     assert [r["image_id"] for r in _records(read_dataset(src, split="train"))] == [1]
     assert [r["image_id"] for r in _records(read_dataset(src, split="train+restval"))] == [1, 2]
@@ -85,8 +97,18 @@ def test_original_train_caption_list(tmp_path: Path):
     ds = read_dataset(src, images=root)
     assert ds.format == "caption-list"
     assert _records(ds) == [
-        {"image": "train2014/COCO_train2014_000000000042.jpg", "image_id": 42, "captions": ["first", "second"], "caption_ids": [1, 3]},
-        {"image": "val2014/COCO_val2014_000000000005.jpg", "image_id": 5, "captions": ["val image"], "caption_ids": [2]},
+        {
+            "image": "train2014/COCO_train2014_000000000042.jpg",
+            "image_id": 42,
+            "captions": ["first", "second"],
+            "caption_ids": [1, 3],
+        },
+        {
+            "image": "val2014/COCO_val2014_000000000005.jpg",
+            "image_id": 5,
+            "captions": ["val image"],
+            "caption_ids": [2],
+        },
         {"image": "COCO_train2014_000000000077.jpg", "image_id": 77, "captions": ["flat"], "caption_ids": [4]},
     ]
 
@@ -158,7 +180,9 @@ def test_folder_of_images(tmp_path: Path):
 
 def test_malformed_files_fail_with_one_clear_line(tmp_path: Path):
     src = tmp_path / "captions.json"
-    src.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "text": "x"}]}))
+    src.write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "text": "x"}]})
+    )
     with pytest.raises(DatasetError, match=r"captions.json: annotation 0 has no 'caption' key"):
         read_dataset(src)
     src.write_text(json.dumps([{"image_id": 1, "caption": "x"}, {"caption": "y"}]))
@@ -196,9 +220,19 @@ def test_readers_never_open_images(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (123, 123), (123.0, 123), ("123", 123), (" 0123 ", 123),  # whole numbers, however written
-        ("1.0", "1.0"), (1.5, "1.5"), ("-1", "-1"), ("abc", "abc"), ("\u00b2", "\u00b2"),  # other text stays text
-        (None, None), ("", None), ("  ", None), (True, None),  # no id
+        (123, 123),
+        (123.0, 123),
+        ("123", 123),
+        (" 0123 ", 123),  # whole numbers, however written
+        ("1.0", "1.0"),
+        (1.5, "1.5"),
+        ("-1", "-1"),
+        ("abc", "abc"),
+        ("\u00b2", "\u00b2"),  # other text stays text
+        (None, None),
+        ("", None),
+        ("  ", None),
+        (True, None),  # no id
     ],
 )
 def test_image_ids_are_normalised_one_way(value, expected):

@@ -65,8 +65,17 @@ def _small_vocab_model(config, vocab: int = 2000):
     from clipcap_cli.model import ClipCaptionModel
 
     torch.manual_seed(0)
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                bos_token_id=vocab - 1, eos_token_id=vocab - 1))
+    gpt = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+    )
     return ClipCaptionModel(config, gpt).eval()
 
 
@@ -147,9 +156,15 @@ def test_stock_gpt2_takes_the_static_cache(plain_model):
 
 @pytest.mark.parametrize(
     "beam_size, which, path",
-    [(5, "stop_model", "static"), (5, "stop_model", "fixed-shape"), (5, "stop_model", "forward"),
-     (3, "stop_model", "static"), (5, "plain_model", "static"), (3, "plain_model", "static"),
-     (3, "plain_model", "forward")],
+    [
+        (5, "stop_model", "static"),
+        (5, "stop_model", "fixed-shape"),
+        (5, "stop_model", "forward"),
+        (3, "stop_model", "static"),
+        (5, "plain_model", "static"),
+        (3, "plain_model", "static"),
+        (3, "plain_model", "forward"),
+    ],
 )
 def test_beam_matches_original_algorithm(request, monkeypatch, refs, clips, beam_size, which, path):
     model = request.getfixturevalue(which)
@@ -212,7 +227,9 @@ def test_default_max_length_67(plain_model, refs, clips, stepper):
 
 def test_beam_one_is_greedy(stop_model, clips):
     prefix = _prefix(stop_model, clips)
-    assert [h[0][0] for h in beam_search(stop_model, prefix, 1, MAX, STOP)] == [t for t, _ in greedy(stop_model, prefix, MAX, STOP)]
+    assert [h[0][0] for h in beam_search(stop_model, prefix, 1, MAX, STOP)] == [
+        t for t, _ in greedy(stop_model, prefix, MAX, STOP)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -291,7 +308,9 @@ def test_filter_logits():
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False, False]]
     probs = logits.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...
     assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=float(probs[0] + 0.01))).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=float(probs[0] + 0.01))).tolist() == [
+        [True, True, False, False, False]
+    ]
     shuffled = logits[:, [3, 0, 4, 2, 1]]  # the cut follows values, not positions
     assert torch.isfinite(filter_logits(shuffled, top_p=0.8)).tolist() == [[False, True, False, False, True]]
 

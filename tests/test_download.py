@@ -145,9 +145,7 @@ def server() -> Iterator[Server]:
     httpd = QuietServer(("127.0.0.1", 0), handler)
     state = Server(base=f"http://127.0.0.1:{httpd.server_address[1]}")
     handler.state = state
-    thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield state
     httpd.shutdown()
@@ -441,18 +439,14 @@ def _fake_usage(free: int) -> Callable[[object], SimpleNamespace]:
     return lambda path: SimpleNamespace(total=free * 2, used=free, free=free)
 
 
-def test_not_enough_space_with_known_size(
-    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_not_enough_space_with_known_size(server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dl.shutil, "disk_usage", _fake_usage(1 << 20))
     with pytest.raises(NotEnoughSpaceError, match=r"need 3\.0 MiB.*1\.0 MiB free"):
         fetch([server.url(), server.url("/other")], dest, size=len(PAYLOAD), **FAST)
     assert server.log == []  # checked before any request
 
 
-def test_not_enough_space_from_content_length(
-    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_not_enough_space_from_content_length(server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dl.shutil, "disk_usage", _fake_usage(1 << 20))
     with pytest.raises(NotEnoughSpaceError, match="not enough disk space"):
         fetch([server.url(), server.url()], dest, **FAST)

@@ -203,8 +203,12 @@ def test_hub_published_sha256_is_checked_and_recorded(hub):
     entry, state = hub
     result = runner.invoke(app, ["download", "tinyhub", "-q", "--no-backbones"])
     assert result.exit_code == 0, result.output
-    assert pretrained.record(entry) == {"sha256": state["published"], "size": len(state["hub_bytes"]),
-                                        "mtime_ns": entry.path.stat().st_mtime_ns, "verified_by": "127.0.0.1"}
+    assert pretrained.record(entry) == {
+        "sha256": state["published"],
+        "size": len(state["hub_bytes"]),
+        "mtime_ns": entry.path.stat().st_mtime_ns,
+        "verified_by": "127.0.0.1",
+    }
     assert "no checksum" not in result.stderr
     listing = json.loads(runner.invoke(app, ["download", "--list", "--json"]).stdout)
     row = next(r for r in listing if r["name"] == "tinyhub")

@@ -27,11 +27,37 @@ runner = CliRunner()
 FAST = ["--metrics", "BLEU,ROUGE-L,CIDEr", "--tokenizer", "ptb-python"]  # no JVM: keeps the tests quick
 FAST_METRICS = [*metrics.BLEU_NAMES, "ROUGE-L", "CIDEr"]
 ALL_METRICS = (*metrics.METRIC_NAMES, *clipscore.METRIC_NAMES)  # the default --metrics
-SETTINGS_KEYS = {"refs", "refs_format", "split", "images", "predictions", "predictions_format", "model", "decoding",
-                 "batch_size", "device", "save_predictions", "captioned_from", "metrics", "tokenizer", "backend",
-                 "allow_missing", "clip_model", "clip_pretrained", "precision"}
-COUNT_KEYS = {"images", "reference_captions", "reference_images", "references_without_captions", "predictions",
-              "failed_predictions", "missing_predictions", "unmatched_predictions"}
+SETTINGS_KEYS = {
+    "refs",
+    "refs_format",
+    "split",
+    "images",
+    "predictions",
+    "predictions_format",
+    "model",
+    "decoding",
+    "batch_size",
+    "device",
+    "save_predictions",
+    "captioned_from",
+    "metrics",
+    "tokenizer",
+    "backend",
+    "allow_missing",
+    "clip_model",
+    "clip_pretrained",
+    "precision",
+}
+COUNT_KEYS = {
+    "images",
+    "reference_captions",
+    "reference_images",
+    "references_without_captions",
+    "predictions",
+    "failed_predictions",
+    "missing_predictions",
+    "unmatched_predictions",
+}
 
 
 def run(*args: str | Path) -> tuple[int, dict | None, str]:
@@ -56,8 +82,11 @@ def expected_scores(refs: dict, preds: dict, **kwargs) -> dict[str, float]:
 @pytest.mark.parametrize("refs_format", list(REFS_WRITERS))
 def test_scores_match_metrics_score_for_every_format(tmp_path: Path, refs_format: str, preds_format: str):
     refs = write_refs(tmp_path, refs_format)
-    preds = (write_caption_jsonl(tmp_path / "captions.jsonl") if preds_format == "caption-jsonl"
-             else write_coco_results(tmp_path / "results.json"))
+    preds = (
+        write_caption_jsonl(tmp_path / "captions.jsonl")
+        if preds_format == "caption-jsonl"
+        else write_coco_results(tmp_path / "results.json")
+    )
     code, report, output = run("--refs", refs, "--predictions", preds, *FAST)
     assert code == 0, output
     want = expected_scores(CAPTIONS, PREDICTED)
@@ -70,14 +99,27 @@ def test_scores_match_metrics_score_for_every_format(tmp_path: Path, refs_format
 
 def test_bleu1_by_hand(tmp_path: Path):
     refs = tmp_path / "refs.jsonl"
-    refs.write_text("".join(json.dumps(line) + "\n" for line in [
-        {"image": "a.jpg", "caption": "A cat sits on the mat."}, {"image": "a.jpg", "caption": "There is a cat on the mat."},
-        {"image": "b.jpg", "caption": "A cat sits on the mat."}, {"image": "b.jpg", "caption": "There is a cat on the mat."},
-    ]))
+    refs.write_text(
+        "".join(
+            json.dumps(line) + "\n"
+            for line in [
+                {"image": "a.jpg", "caption": "A cat sits on the mat."},
+                {"image": "a.jpg", "caption": "There is a cat on the mat."},
+                {"image": "b.jpg", "caption": "A cat sits on the mat."},
+                {"image": "b.jpg", "caption": "There is a cat on the mat."},
+            ]
+        )
+    )
     preds = tmp_path / "preds.jsonl"
-    preds.write_text(json.dumps({"path": "a.jpg", "caption": "The cat is on the mat."}) + "\n"
-                     + json.dumps({"path": "b.jpg", "caption": "the cat"}) + "\n")
-    code, report, output = run("--refs", refs, "--predictions", preds, "--metrics", "BLEU-1", "--tokenizer", "ptb-python")
+    preds.write_text(
+        json.dumps({"path": "a.jpg", "caption": "The cat is on the mat."})
+        + "\n"
+        + json.dumps({"path": "b.jpg", "caption": "the cat"})
+        + "\n"
+    )
+    code, report, output = run(
+        "--refs", refs, "--predictions", preds, "--metrics", "BLEU-1", "--tokenizer", "ptb-python"
+    )
     assert code == 0, output
     # a: "the cat is on the mat" -> 5 of 6 unigrams match once clipped ("the" counts once per reference);
     # b: "the cat" -> 2 of 2. Corpus BLEU-1 pools them: 7/8 clipped precision; the closest reference
@@ -131,11 +173,20 @@ def test_file_names_match_coco_ids_and_paths_match_paths(tmp_path: Path):
     assert code == 0 and report["matched_by"] == "image_id", output
     # no ids anywhere: matched by path, absolute prediction paths against relative references
     manifest = tmp_path / "refs.jsonl"
-    manifest.write_text("".join(json.dumps({"image": f"photos/{n}.png", "caption": c}) + "\n"
-                                for n, caps in enumerate(CAPTIONS.values()) for c in caps))
+    manifest.write_text(
+        "".join(
+            json.dumps({"image": f"photos/{n}.png", "caption": c}) + "\n"
+            for n, caps in enumerate(CAPTIONS.values())
+            for c in caps
+        )
+    )
     paths = tmp_path / "paths.jsonl"
-    paths.write_text("".join(json.dumps({"path": str(tmp_path / "photos" / f"{n}.png"), "caption": c}) + "\n"
-                             for n, c in enumerate(PREDICTED.values())))
+    paths.write_text(
+        "".join(
+            json.dumps({"path": str(tmp_path / "photos" / f"{n}.png"), "caption": c}) + "\n"
+            for n, c in enumerate(PREDICTED.values())
+        )
+    )
     code, report, output = run("--refs", manifest, "-p", paths, *FAST)
     assert code == 0 and report["matched_by"] == "path", output
     assert report["metrics"] == pytest.approx(expected_scores(CAPTIONS, PREDICTED), rel=1e-12)
@@ -206,8 +257,18 @@ def test_json_schema_is_stable(tmp_path: Path):
     assert report["backends"] == {name: "python" for name in FAST_METRICS}
     assert report["unavailable"] == {}
 
-    code, full, output = run("--refs", refs, "-p", preds, *FAST, "--per-image", "--compare", "paper", "--output",
-                             tmp_path / "out" / "report.json")
+    code, full, output = run(
+        "--refs",
+        refs,
+        "-p",
+        preds,
+        *FAST,
+        "--per-image",
+        "--compare",
+        "paper",
+        "--output",
+        tmp_path / "out" / "report.json",
+    )
     assert code == 0, output
     assert list(full) == [*evaluation.REPORT_KEYS, "per_image", "paper"]
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == full
@@ -231,8 +292,23 @@ def test_terminal_table_with_paper_and_worst_images(tmp_path: Path, monkeypatch:
     refs = write_coco(tmp_path / "captions_val2014.json")
     predicted = {**PREDICTED, 397133: "a red bus parked on the street"}  # one clearly wrong caption
     preds = write_coco_results(tmp_path / "r.json", predicted)
-    result = runner.invoke(app, ["eval", "--refs", str(refs), "-p", str(preds), "--tokenizer", "ptb-python",
-                                 "--backend", "python", "--compare", "paper", "--per-image"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--refs",
+            str(refs),
+            "-p",
+            str(preds),
+            "--tokenizer",
+            "ptb-python",
+            "--backend",
+            "python",
+            "--compare",
+            "paper",
+            "--per-image",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert not out.lstrip().startswith("{")
@@ -241,7 +317,7 @@ def test_terminal_table_with_paper_and_worst_images(tmp_path: Path, monkeypatch:
     assert "113.08" in out and "92.38" in out  # the paper's rows, on the same x100 scale
     assert "METEOR unavailable" in out and "SPICE unavailable" in out
     # the worst images, lowest CIDEr first: the wrong caption leads
-    rows = [line for line in out[out.index("lowest CIDEr"):].splitlines() if "COCO_val2014_" in line]
+    rows = [line for line in out[out.index("lowest CIDEr") :].splitlines() if "COCO_val2014_" in line]
     assert len(rows) == len(CAPTIONS) and "a red bus parked" in rows[0] and coco_name(397133) in rows[0]
 
 
@@ -265,9 +341,28 @@ def coco_images(tmp_path: Path) -> Path:
 def test_model_captions_and_scores_in_one_run(tmp_path: Path, coco_images: Path, tiny_checkpoint: Path):
     refs = write_karpathy(tmp_path / "dataset_coco.json")
     saved = tmp_path / "saved.jsonl"
-    code, report, output = run("--refs", refs, "--images", coco_images, "--model", tiny_checkpoint, "--beam", "2",
-                               "--max-length", "8", "--batch-size", "4", "--device", "cpu", "--save-predictions", saved,
-                               "--backend", "python", "--tokenizer", "ptb-python")
+    code, report, output = run(
+        "--refs",
+        refs,
+        "--images",
+        coco_images,
+        "--model",
+        tiny_checkpoint,
+        "--beam",
+        "2",
+        "--max-length",
+        "8",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--save-predictions",
+        saved,
+        "--backend",
+        "python",
+        "--tokenizer",
+        "ptb-python",
+    )
     assert code == 0, output
     assert set(report["metrics"]) | set(report["unavailable"]) == set(ALL_METRICS)
     assert set(report["metrics"]) == set(FAST_METRICS)
@@ -282,7 +377,9 @@ def test_model_captions_and_scores_in_one_run(tmp_path: Path, coco_images: Path,
     lines = [json.loads(line) for line in saved.read_text().splitlines()]
     assert {line["image_id"] for line in lines} == set(CAPTIONS) and all(line["error"] is None for line in lines)
     # the saved captions re-score to the same numbers, without the model
-    code, again, output = run("--refs", refs, "--predictions", saved, "--backend", "python", "--tokenizer", "ptb-python")
+    code, again, output = run(
+        "--refs", refs, "--predictions", saved, "--backend", "python", "--tokenizer", "ptb-python"
+    )
     assert code == 0, output
     assert again["metrics"] == report["metrics"]
 
@@ -296,8 +393,9 @@ def test_model_missing_images_fail_before_captioning(tmp_path: Path, coco_images
     assert "1 of 6 reference images are not under" in " ".join(output.split())
 
 
-def test_model_on_a_features_store_captions_the_stored_embeddings(tmp_path: Path, coco_images: Path,
-                                                                    tiny_checkpoint: Path):
+def test_model_on_a_features_store_captions_the_stored_embeddings(
+    tmp_path: Path, coco_images: Path, tiny_checkpoint: Path
+):
     """Captions from the store's CLIP embeddings equal captions from the image files."""
     from clipcap_cli.features import save_features
     from clipcap_cli.loading import load_model
@@ -306,8 +404,12 @@ def test_model_on_a_features_store_captions_the_stored_embeddings(tmp_path: Path
     names = [f"val2014/{coco_name(i)}" for i in CAPTIONS]
     embeddings = captioner.encode([coco_images / n for n in names])  # float32: the same numbers as from the files
     records = [{"image": n, "image_id": i, "captions": c} for n, (i, c) in zip(names, CAPTIONS.items())]
-    meta = {"clip_model": captioner.config.clip_model, "clip_pretrained": captioner.config.clip_pretrained,
-            "preprocess": "test", "images_root": str(coco_images)}
+    meta = {
+        "clip_model": captioner.config.clip_model,
+        "clip_pretrained": captioner.config.clip_pretrained,
+        "preprocess": "test",
+        "images_root": str(coco_images),
+    }
     store = save_features(tmp_path / "feats", embeddings, records, meta)
     common = ["--model", tiny_checkpoint, "--max-length", "6", "--device", "cpu", *FAST, "--per-image"]
     code, from_features, output = run("--refs", store, *common)
@@ -322,7 +424,9 @@ def test_model_on_a_features_store_captions_the_stored_embeddings(tmp_path: Path
     code, from_half, output = run("--refs", half, *common)
     assert code == 0 and from_half["counts"]["images"] == len(CAPTIONS), output
     # features from another CLIP are refused with a way out
-    other = save_features(tmp_path / "other", embeddings, records, {**meta, "clip_model": "ViT-L-14", "clip_pretrained": "openai"})
+    other = save_features(
+        tmp_path / "other", embeddings, records, {**meta, "clip_model": "ViT-L-14", "clip_pretrained": "openai"}
+    )
     code, _, output = run("--refs", other, *common)
     assert code == 2 and "pass --images DIR" in " ".join(output.split())
 
@@ -331,8 +435,23 @@ def test_model_unreadable_image_is_a_failed_prediction(tmp_path: Path, coco_imag
     refs = write_coco(tmp_path / "captions_val2014.json")
     (coco_images / "val2014" / coco_name(554625)).write_bytes(b"not a jpeg")
     saved = tmp_path / "saved.jsonl"
-    code, report, output = run("--refs", refs, "--images", coco_images, "--model", tiny_checkpoint, "--max-length", "6",
-                               "--batch-size", "4", "--workers", "1", "--save-predictions", saved, *FAST)
+    code, report, output = run(
+        "--refs",
+        refs,
+        "--images",
+        coco_images,
+        "--model",
+        tiny_checkpoint,
+        "--max-length",
+        "6",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--save-predictions",
+        saved,
+        *FAST,
+    )
     assert code == 3, output
     assert report["counts"]["failed_predictions"] == 1 and report["counts"]["images"] == len(CAPTIONS) - 1
     assert coco_name(554625) in output

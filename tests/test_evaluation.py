@@ -15,18 +15,36 @@ from clipcap_cli.evaluation import EvalKeyMismatchError, EvalOptions, Prediction
 
 # Six COCO val images (id -> captions) and a model's captions for them: the shared test set.
 CAPTIONS: dict[int, list[str]] = {
-    391895: ["A man with a red helmet on a small moped on a dirt road.", "Man riding a motor bike on a dirt road on the countryside.",
-             "A man riding on the back of a motorcycle."],
-    522418: ["A woman wearing a net on her head cutting a cake.", "A woman cutting a large white sheet cake.",
-             "A woman in a kitchen cutting a cake with a knife."],
-    184613: ["A child holding a flowered umbrella and petting a yak.", "A young man holding an umbrella next to a herd of cattle.",
-             "a young boy barefoot holding an umbrella touching the horn of a cow"],
-    318219: ["A young boy standing in front of a computer keyboard.", "a little boy wearing headphones and looking at a computer monitor",
-             "He is listening intently to the computer at school."],
-    554625: ["a boy wearing headphones using one computer in a long row of computers", "A little boy with earphones on listening to something.",
-             "A group of people sitting at desk using computers."],
-    397133: ["A man is in a kitchen making pizzas.", "Man in apron standing on front of oven with pans and bakeware",
-             "A baker is working in the kitchen rolling dough."],
+    391895: [
+        "A man with a red helmet on a small moped on a dirt road.",
+        "Man riding a motor bike on a dirt road on the countryside.",
+        "A man riding on the back of a motorcycle.",
+    ],
+    522418: [
+        "A woman wearing a net on her head cutting a cake.",
+        "A woman cutting a large white sheet cake.",
+        "A woman in a kitchen cutting a cake with a knife.",
+    ],
+    184613: [
+        "A child holding a flowered umbrella and petting a yak.",
+        "A young man holding an umbrella next to a herd of cattle.",
+        "a young boy barefoot holding an umbrella touching the horn of a cow",
+    ],
+    318219: [
+        "A young boy standing in front of a computer keyboard.",
+        "a little boy wearing headphones and looking at a computer monitor",
+        "He is listening intently to the computer at school.",
+    ],
+    554625: [
+        "a boy wearing headphones using one computer in a long row of computers",
+        "A little boy with earphones on listening to something.",
+        "A group of people sitting at desk using computers.",
+    ],
+    397133: [
+        "A man is in a kitchen making pizzas.",
+        "Man in apron standing on front of oven with pans and bakeware",
+        "A baker is working in the kitchen rolling dough.",
+    ],
 }
 PREDICTED: dict[int, str] = {
     391895: "A man riding a motorcycle on a dirt road.",
@@ -45,7 +63,9 @@ def coco_name(image_id: int, split: str = "val2014") -> str:
 
 def write_coco(path: Path, captions: dict[int, list[str]] = CAPTIONS) -> Path:
     images = [{"id": i, "file_name": coco_name(i), "height": 480, "width": 640} for i in captions]
-    annotations = [{"image_id": i, "id": 1000 * i + j, "caption": c} for i, caps in captions.items() for j, c in enumerate(caps)]
+    annotations = [
+        {"image_id": i, "id": 1000 * i + j, "caption": c} for i, caps in captions.items() for j, c in enumerate(caps)
+    ]
     path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
     return path
 
@@ -55,16 +75,33 @@ def write_karpathy(path: Path, captions: dict[int, list[str]] = CAPTIONS) -> Pat
     for n, (i, caps) in enumerate({**captions, **TRAIN_ONLY}.items()):
         split = "train" if i in TRAIN_ONLY else "test"
         folder = "train2014" if split == "train" else "val2014"
-        rows.append({"filepath": folder, "filename": coco_name(i, folder), "imgid": n, "cocoid": i, "split": split,
-                     "sentences": [{"raw": c, "tokens": c.lower().split(), "sentid": 10 * n + j} for j, c in enumerate(caps)]})
+        rows.append(
+            {
+                "filepath": folder,
+                "filename": coco_name(i, folder),
+                "imgid": n,
+                "cocoid": i,
+                "split": split,
+                "sentences": [
+                    {"raw": c, "tokens": c.lower().split(), "sentid": 10 * n + j} for j, c in enumerate(caps)
+                ],
+            }
+        )
     path.write_text(json.dumps({"images": rows, "dataset": "coco"}))
     return path
 
 
 def write_caption_list(path: Path, captions: dict[int, list[str]] = CAPTIONS) -> Path:
     """The original ClipCap train_caption.json layout."""
-    path.write_text(json.dumps([{"image_id": i, "id": 1000 * i + j, "caption": c} for i, caps in captions.items()
-                                for j, c in enumerate(caps)]))
+    path.write_text(
+        json.dumps(
+            [
+                {"image_id": i, "id": 1000 * i + j, "caption": c}
+                for i, caps in captions.items()
+                for j, c in enumerate(caps)
+            ]
+        )
+    )
     return path
 
 
@@ -85,27 +122,47 @@ def write_features(path: Path, captions: dict[int, list[str]] = CAPTIONS, images
 
     records = [{"image": f"val2014/{coco_name(i)}", "image_id": i, "captions": caps} for i, caps in captions.items()]
     records.append({"image": "val2014/uncaptioned.jpg", "image_id": None, "captions": []})
-    meta = {"clip_model": "ViT-B-32", "clip_pretrained": "openai", "preprocess": "test",
-            "images_root": str(images_root) if images_root else None}
+    meta = {
+        "clip_model": "ViT-B-32",
+        "clip_pretrained": "openai",
+        "preprocess": "test",
+        "images_root": str(images_root) if images_root else None,
+    }
     return save_features(path, torch.zeros(len(records), 4), records, meta)
 
 
-REFS_WRITERS = {"coco": write_coco, "karpathy": write_karpathy, "caption-list": write_caption_list, "jsonl": write_refs_jsonl,
-                "features": write_features}
-REFS_NAMES = {"coco": "captions_val2014.json", "karpathy": "dataset_coco.json", "caption-list": "train_caption.json",
-              "jsonl": "refs.jsonl", "features": "feats"}
+REFS_WRITERS = {
+    "coco": write_coco,
+    "karpathy": write_karpathy,
+    "caption-list": write_caption_list,
+    "jsonl": write_refs_jsonl,
+    "features": write_features,
+}
+REFS_NAMES = {
+    "coco": "captions_val2014.json",
+    "karpathy": "dataset_coco.json",
+    "caption-list": "train_caption.json",
+    "jsonl": "refs.jsonl",
+    "features": "feats",
+}
 
 
 def write_refs(folder: Path, fmt: str, captions: dict[int, list[str]] = CAPTIONS) -> Path:
     return REFS_WRITERS[fmt](folder / REFS_NAMES[fmt], captions)
 
 
-def write_caption_jsonl(path: Path, predicted: dict[int, str] = PREDICTED, prefix: str = "/data/coco/val2014/",
-                        errors: dict[int, str] | None = None) -> Path:
+def write_caption_jsonl(
+    path: Path,
+    predicted: dict[int, str] = PREDICTED,
+    prefix: str = "/data/coco/val2014/",
+    errors: dict[int, str] | None = None,
+) -> Path:
     """`clipcap caption --jsonl` output: path + caption (+ score, error)."""
     errors = errors or {}
-    lines = [{"path": prefix + coco_name(i), "caption": None if i in errors else c, "score": -0.5, "error": errors.get(i)}
-             for i, c in predicted.items()]
+    lines = [
+        {"path": prefix + coco_name(i), "caption": None if i in errors else c, "score": -0.5, "error": errors.get(i)}
+        for i, c in predicted.items()
+    ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -221,14 +278,19 @@ def test_ids_written_as_floats_match_integer_ids(tmp_path: Path):
     """References whose ids are floats (1.0, as pandas writes them) match predictions with ints."""
     refs = tmp_path / "train_caption.json"
     refs.write_text(json.dumps([{"image_id": float(i), "caption": c} for i, caps in CAPTIONS.items() for c in caps]))
-    m = evaluation.match(evaluation.read_references(refs), evaluation.read_predictions(write_coco_results(tmp_path / "r.json")).items)
+    m = evaluation.match(
+        evaluation.read_references(refs), evaluation.read_predictions(write_coco_results(tmp_path / "r.json")).items
+    )
     assert m.by == "image_id" and not m.missing and not m.unmatched and set(m.predictions) == set(PREDICTED)
 
 
 def test_match_by_path_suffix_and_duplicate_names():
     refs = _refs([("a/dog.jpg", None, ["a dog"]), ("b/dog.jpg", None, ["another dog"]), ("cat.jpg", None, ["a cat"])])
-    preds = [Prediction("/abs/root/b/dog.jpg", None, "dog b"), Prediction("./a/dog.jpg", None, "dog a"),
-             Prediction("elsewhere/cat.jpg", None, "cat")]
+    preds = [
+        Prediction("/abs/root/b/dog.jpg", None, "dog b"),
+        Prediction("./a/dog.jpg", None, "dog a"),
+        Prediction("elsewhere/cat.jpg", None, "cat"),
+    ]
     m = evaluation.match(refs, preds)
     assert m.by == "path"
     assert m.predictions == {"a/dog.jpg": "dog a", "b/dog.jpg": "dog b", "cat.jpg": "cat"}
@@ -265,11 +327,17 @@ def test_mismatch_message_counts_and_allow_missing(tmp_path: Path):
     assert "1 predictions match no reference image (e.g. image_id 777 (record 5))" in message
     assert "--allow-missing to score the 4 images" in message and info.value.exit_code == 2
     evaluation.check_matching(m, allow_missing=True)
-    report = evaluation.evaluate(refs, preds, EvalOptions(allow_missing=True, tokenizer="ptb-python", metrics=("CIDEr",)))
+    report = evaluation.evaluate(
+        refs, preds, EvalOptions(allow_missing=True, tokenizer="ptb-python", metrics=("CIDEr",))
+    )
     assert report["counts"]["images"] == 4 and report["counts"]["missing_predictions"] == 2
     assert report["counts"]["unmatched_predictions"] == 1
-    expected = metrics.score({i: CAPTIONS[i] for i in list(PREDICTED)[:4]}, {i: PREDICTED[i] for i in list(PREDICTED)[:4]},
-                             metrics=["CIDEr"], tokenizer="ptb-python")
+    expected = metrics.score(
+        {i: CAPTIONS[i] for i in list(PREDICTED)[:4]},
+        {i: PREDICTED[i] for i in list(PREDICTED)[:4]},
+        metrics=["CIDEr"],
+        tokenizer="ptb-python",
+    )
     assert report["metrics"]["CIDEr"] == pytest.approx(expected.scores["CIDEr"], rel=1e-12)
     # nothing in common is an error even with allow_missing
     none = evaluation.read_predictions(write_coco_results(tmp_path / "n.json", {1: "x"}))
@@ -283,8 +351,12 @@ def test_mismatch_message_counts_and_allow_missing(tmp_path: Path):
 def test_failed_and_empty_predictions(tmp_path: Path):
     refs = evaluation.read_references(write_coco(tmp_path / "c.json"))
     predicted = {**PREDICTED, 318219: ""}  # an empty caption is scored, as zero
-    preds = evaluation.read_predictions(write_caption_jsonl(tmp_path / "p.jsonl", predicted, errors={522418: "cannot decode"}))
-    report = evaluation.evaluate(refs, preds, EvalOptions(tokenizer="ptb-python", metrics=("BLEU", "CIDEr"), per_image=True))
+    preds = evaluation.read_predictions(
+        write_caption_jsonl(tmp_path / "p.jsonl", predicted, errors={522418: "cannot decode"})
+    )
+    report = evaluation.evaluate(
+        refs, preds, EvalOptions(tokenizer="ptb-python", metrics=("BLEU", "CIDEr"), per_image=True)
+    )
     assert report["counts"]["failed_predictions"] == 1 and report["counts"]["images"] == 5
     assert report["counts"]["missing_predictions"] == 0
     assert any("cannot decode" in note and "COCO_val2014_000000522418.jpg" in note for note in report["notes"])
@@ -293,8 +365,12 @@ def test_failed_and_empty_predictions(tmp_path: Path):
     assert rows[318219]["caption"] == "" and rows[318219]["scores"]["CIDEr"] == 0.0
     assert rows[318219]["scores"]["BLEU-1"] == pytest.approx(0.0, abs=1e-9)
     kept = [i for i in PREDICTED if i != 522418]
-    expected = metrics.score({i: CAPTIONS[i] for i in kept}, {i: predicted[i] for i in kept}, metrics=["BLEU", "CIDEr"],
-                             tokenizer="ptb-python")
+    expected = metrics.score(
+        {i: CAPTIONS[i] for i in kept},
+        {i: predicted[i] for i in kept},
+        metrics=["BLEU", "CIDEr"],
+        tokenizer="ptb-python",
+    )
     assert report["metrics"] == pytest.approx(expected.scores, rel=1e-12)
 
 
@@ -315,8 +391,9 @@ def test_report_keys_and_paper_comparison(tmp_path: Path):
 
 
 def test_write_predictions_round_trip(tmp_path: Path):
-    preds = evaluation.Predictions([Prediction("val2014/a.jpg", 1, "a dog"), Prediction("val2014/b.jpg", 2, None, "bad file")],
-                                   None, "model")
+    preds = evaluation.Predictions(
+        [Prediction("val2014/a.jpg", 1, "a dog"), Prediction("val2014/b.jpg", 2, None, "bad file")], None, "model"
+    )
     old_umask = os.umask(0o022)
     try:
         out = evaluation.write_predictions(tmp_path / "sub" / "saved.jsonl", preds)
@@ -324,7 +401,9 @@ def test_write_predictions_round_trip(tmp_path: Path):
         os.umask(old_umask)
     back = evaluation.read_predictions(out)
     assert [(p.image, p.image_id, p.caption, p.error) for p in back.items] == [
-        ("val2014/a.jpg", 1, "a dog", None), ("val2014/b.jpg", 2, None, "bad file")]
+        ("val2014/a.jpg", 1, "a dog", None),
+        ("val2014/b.jpg", 2, None, "bad file"),
+    ]
     assert not [p for p in out.parent.iterdir() if p.name != "saved.jsonl"]  # no temp file left behind
     assert out.stat().st_mode & 0o777 == 0o644  # as open() would make it, not the temp file's 0600
 

@@ -60,7 +60,11 @@ def test_coco_end_to_end_json_summary_and_noop(tmp_path: Path, tiny_clip_dir: Pa
     assert summary["complete"] and summary["encoded"] == 6 and summary["skipped"] == 0
     fs = load_features(out)
     assert fs.embeddings.shape == (6, 32) and fs.num_captions == 12
-    assert fs.records[0] == {"image": "train2014/COCO_train2014_000000000001.jpg", "image_id": 1, "captions": ["image 0 caption 0", "image 0 caption 1"]}
+    assert fs.records[0] == {
+        "image": "train2014/COCO_train2014_000000000001.jpg",
+        "image_id": 1,
+        "captions": ["image 0 caption 0", "image 0 caption 1"],
+    }
     assert fs.meta["dataset_format"] == "coco" and fs.meta["source"] == str(src.resolve())
 
     again = _invoke([src, "--images", tmp_path / "coco", "--out", out, *_clip(tiny_clip_dir), "--json"])
@@ -144,7 +148,19 @@ def test_pickle_export_import_round_trip(tmp_path: Path, tiny_clip_dir: Path):
         assert torch.equal(data["clip_embedding"][entry["clip_embedding"]], fs.embeddings[row])
         assert entry["caption"] in fs.records[row]["captions"] and entry["id"] % 10 == int(entry["caption"][-1])
 
-    res = _invoke(["--import-pickle", pkl, "--out", tmp_path / "imported", "--images", coco, "--clip", f"local-dir:{tiny_clip_dir}", "--json"])
+    res = _invoke(
+        [
+            "--import-pickle",
+            pkl,
+            "--out",
+            tmp_path / "imported",
+            "--images",
+            coco,
+            "--clip",
+            f"local-dir:{tiny_clip_dir}",
+            "--json",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"out": str(tmp_path / "imported"), "images": 3, "captions": 9, "pickle_rows": 9}
     back = load_features(tmp_path / "imported")
@@ -152,14 +168,19 @@ def test_pickle_export_import_round_trip(tmp_path: Path, tiny_clip_dir: Path):
     assert back.meta["dataset_format"] == "original-pickle" and back.meta["clip_model"] == f"local-dir:{tiny_clip_dir}"
 
     # the original's own dump of a GPU run: fp16 rows, width 512 -> the CLIP is guessed (with a warning)
-    half = {"clip_embedding": torch.randn(4, 512).half(), "captions": [{"image_id": 5, "caption": f"x{i}", "clip_embedding": i} for i in range(4)]}
+    half = {
+        "clip_embedding": torch.randn(4, 512).half(),
+        "captions": [{"image_id": 5, "caption": f"x{i}", "clip_embedding": i} for i in range(4)],
+    }
     pkl2 = tmp_path / "gpu.pkl"
     pkl2.write_bytes(pickle.dumps(half))
     res = _invoke(["--import-pickle", pkl2, "--out", tmp_path / "gpu"])
     assert res.exit_code == 0 and "does not say which CLIP" in res.stderr
     gpu = load_features(tmp_path / "gpu")
     assert gpu.embeddings.dtype == torch.float16 and torch.equal(gpu.embeddings[0], half["clip_embedding"][0])
-    assert gpu.records == [{"image": "COCO_train2014_000000000005.jpg", "image_id": 5, "captions": ["x0", "x1", "x2", "x3"]}]
+    assert gpu.records == [
+        {"image": "COCO_train2014_000000000005.jpg", "image_id": 5, "captions": ["x0", "x1", "x2", "x3"]}
+    ]
     assert gpu.meta["clip_model"] == "ViT-B-32"
 
     # a file someone re-saved with torch.save goes through torch's weights-only loader
@@ -200,6 +221,7 @@ def test_pickle_carrying_code_is_refused_without_running_it(tmp_path: Path):
 
 # --------------------------------------------------------------------------- real interruptions
 
+
 def _fifo_manifest(root: Path, n: int, fifo_at: int) -> tuple[Path, Path, Path]:
     """A JSONL manifest of ``n`` images where image ``fifo_at`` is a named pipe: reading it blocks,
     which holds the extraction at a known point (the chunks before it are written) without timing games."""
@@ -219,12 +241,36 @@ def _fifo_manifest(root: Path, n: int, fifo_at: int) -> tuple[Path, Path, Path]:
 
 
 def _start(manifest: Path, out: Path, tiny_clip_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "clipcap_cli", "extract", str(manifest), "--out", str(out), "--clip", f"local-dir:{tiny_clip_dir}",
-           "--workers", "0", "--batch-size", "1", "--chunk-size", "2", "-q", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipcap_cli",
+        "extract",
+        str(manifest),
+        "--out",
+        str(out),
+        "--clip",
+        f"local-dir:{tiny_clip_dir}",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--chunk-size",
+        "2",
+        "-q",
+        "--json",
+    ]
     env = dict(os.environ, PYTHONPATH=str(MAIN))
     # SIGINT at its default in the child even when the suite runs as a background job (which ignores it).
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=MAIN,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=MAIN,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -253,12 +299,27 @@ def test_resume_after_a_real_interruption(tmp_path: Path, tiny_clip_dir: Path, h
         assert proc.returncode == 130 and "run the same command again" in err
     else:
         assert proc.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in (out / "parts").glob("chunk-*")) == ["chunk-000000.safetensors", "chunk-000001.safetensors"]
+    assert sorted(p.name for p in (out / "parts").glob("chunk-*")) == [
+        "chunk-000000.safetensors",
+        "chunk-000001.safetensors",
+    ]
     assert not (out / "meta.json").exists()
 
     fifo.unlink()
     fifo.write_bytes(sample.read_bytes())  # the blocking image becomes a real one
-    args = [manifest, "--clip", f"local-dir:{tiny_clip_dir}", "--workers", "0", "--batch-size", "1", "--chunk-size", "2", "-q", "--json"]
+    args = [
+        manifest,
+        "--clip",
+        f"local-dir:{tiny_clip_dir}",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--chunk-size",
+        "2",
+        "-q",
+        "--json",
+    ]
     res = _invoke([*args, "--out", out])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)

@@ -14,7 +14,9 @@ from clipcap_cli.features import FeatureSet, load_features, save_features
 
 
 def _records(n: int) -> list[dict]:
-    return [{"image": f"img/{i}.jpg", "image_id": i, "captions": [f"caption {i} a", f"caption {i} b"]} for i in range(n)]
+    return [
+        {"image": f"img/{i}.jpg", "image_id": i, "captions": [f"caption {i} a", f"caption {i} b"]} for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -22,7 +24,9 @@ def test_store_round_trip(tmp_path: Path, dtype: torch.dtype):
     emb = torch.randn(5, 8).to(dtype)
     records = _records(5)
     records[2]["captions"] = []  # caption-less images are allowed
-    out = save_features(tmp_path / "feats", emb, records, {"clip_model": "ViT-B-32", "clip_pretrained": "openai", "preprocess": "x"})
+    out = save_features(
+        tmp_path / "feats", emb, records, {"clip_model": "ViT-B-32", "clip_pretrained": "openai", "preprocess": "x"}
+    )
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.safetensors", "index.jsonl", "meta.json"]
 
     for where in (out, out / "meta.json", str(out)):
@@ -68,7 +72,9 @@ def test_store_validation_and_incomplete(tmp_path: Path):
         load_features(out)
 
     out = save_features(tmp_path / "c", torch.zeros(2, 4), _records(2), {})
-    (out / "index.jsonl").write_text(json.dumps(_records(3)[2]) + "\n" + (out / "index.jsonl").read_text().splitlines()[0] + "\n")
+    (out / "index.jsonl").write_text(
+        json.dumps(_records(3)[2]) + "\n" + (out / "index.jsonl").read_text().splitlines()[0] + "\n"
+    )
     with pytest.raises(ClipCapError, match="does not belong"):
         load_features(out)
 
@@ -100,17 +106,23 @@ def _opts(tiny_clip_dir: Path, **kw) -> features.ExtractOptions:
 
 
 @pytest.mark.parametrize("workers,batch,chunk", [(0, 64, 1024), (2, 3, 2)])
-def test_features_match_direct_encode_image(tmp_path: Path, images: dict, tiny_clip, tiny_clip_dir: Path, workers, batch, chunk):
+def test_features_match_direct_encode_image(
+    tmp_path: Path, images: dict, tiny_clip, tiny_clip_dir: Path, workers, batch, chunk
+):
     from clipcap_cli.images import open_rgb
 
     records, root = _folder_records(images["rgb"].parent)
     # extract() loads the model itself from the options (the CLI path); the reference uses a second copy
-    result = features.extract(records, root, tmp_path / "f", _opts(tiny_clip_dir, workers=workers, batch_size=batch, chunk_size=chunk))
+    result = features.extract(
+        records, root, tmp_path / "f", _opts(tiny_clip_dir, workers=workers, batch_size=batch, chunk_size=chunk)
+    )
     assert result.complete and not result.skipped and result.encoded == len(records) == 7
     fs = load_features(tmp_path / "f")
     model, preprocess = tiny_clip
     with torch.inference_mode():
-        direct = torch.cat([model.encode_image(preprocess(open_rgb(root / r["image"])).unsqueeze(0)) for r in fs.records])
+        direct = torch.cat(
+            [model.encode_image(preprocess(open_rgb(root / r["image"])).unsqueeze(0)) for r in fs.records]
+        )
     assert [r["image"] for r in fs.records] == [r["image"] for r in records]
     assert fs.embeddings.dtype == torch.float32
     assert (fs.embeddings - direct).abs().max().item() < 1e-5
@@ -131,7 +143,9 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path: Path, images: dict, 
     _bad_inputs(folder)
     records, root = _folder_records(folder)
     records.append({"image": "missing.jpg", "image_id": None, "captions": ["gone"]})
-    result = features.extract(records, root, tmp_path / "f", _opts(tiny_clip_dir, workers=0, chunk_size=4), clip=tiny_clip)
+    result = features.extract(
+        records, root, tmp_path / "f", _opts(tiny_clip_dir, workers=0, chunk_size=4), clip=tiny_clip
+    )
     assert result.complete
     reasons = {s["image"]: s["reason"] for s in result.skipped}
     assert set(reasons) == {"text.jpg", "truncated.jpg", "missing.jpg"}
@@ -158,7 +172,9 @@ def test_interrupted_run_resumes_without_reencoding(tmp_path: Path, images: dict
     with pytest.raises(ClipCapError, match="unfinished extraction"):
         load_features(tmp_path / "f")
     seen = []
-    result = features.extract(records, root, tmp_path / "f", opts, clip=tiny_clip, on_progress=lambda d, t: seen.append(d))
+    result = features.extract(
+        records, root, tmp_path / "f", opts, clip=tiny_clip, on_progress=lambda d, t: seen.append(d)
+    )
     assert result.complete and result.reused == 4 and result.encoded == 3 and seen[0] == 4
     clean = features.extract(records, root, tmp_path / "clean", opts, clip=tiny_clip)
     a, b = load_features(tmp_path / "f"), load_features(tmp_path / "clean")
@@ -174,30 +190,44 @@ def test_rerun_is_noop_and_settings_mismatch_is_refused(tmp_path: Path, images: 
     store_id = load_features(tmp_path / "f").meta["store_id"]
     again = features.extract(records, root, tmp_path / "f", opts, clip=tiny_clip)
     assert again.noop and again.encoded == 0 and load_features(tmp_path / "f").meta["store_id"] == store_id
-    with pytest.raises(UsageError, match="already holds a features store made differently.*chunk_size 2 then, 3 now.*--overwrite"):
+    with pytest.raises(
+        UsageError, match="already holds a features store made differently.*chunk_size 2 then, 3 now.*--overwrite"
+    ):
         features.extract(records, root, tmp_path / "f", _opts(tiny_clip_dir, workers=0, chunk_size=3), clip=tiny_clip)
     with pytest.raises(UsageError, match="images or captions changed"):
-        features.extract(records[:-1] + [dict(records[-1], captions=["new"])], root, tmp_path / "f", opts, clip=tiny_clip)
+        features.extract(
+            records[:-1] + [dict(records[-1], captions=["new"])], root, tmp_path / "f", opts, clip=tiny_clip
+        )
 
     # an unfinished run with other settings: the same clear refusal
-    features.extract(records, root, tmp_path / "g", _opts(tiny_clip_dir, workers=0, chunk_size=2, shard=(0, 2)), clip=tiny_clip)
+    features.extract(
+        records, root, tmp_path / "g", _opts(tiny_clip_dir, workers=0, chunk_size=2, shard=(0, 2)), clip=tiny_clip
+    )
     with pytest.raises(UsageError, match="unfinished extraction with other settings.*--overwrite"):
         features.extract(records, root, tmp_path / "g", _opts(tiny_clip_dir, workers=0, chunk_size=4), clip=tiny_clip)
     features.clear_store(tmp_path / "g")
-    assert features.extract(records, root, tmp_path / "g", _opts(tiny_clip_dir, workers=0, chunk_size=4), clip=tiny_clip).complete
+    assert features.extract(
+        records, root, tmp_path / "g", _opts(tiny_clip_dir, workers=0, chunk_size=4), clip=tiny_clip
+    ).complete
 
 
 def test_shards_then_merge_equal_single_run(tmp_path: Path, images: dict, tiny_clip, tiny_clip_dir: Path):
     folder = images["rgb"].parent
     _bad_inputs(folder)
     records, root = _folder_records(folder)
-    single = features.extract(records, root, tmp_path / "single", _opts(tiny_clip_dir, workers=0, chunk_size=2), clip=tiny_clip)
+    single = features.extract(
+        records, root, tmp_path / "single", _opts(tiny_clip_dir, workers=0, chunk_size=2), clip=tiny_clip
+    )
     out = tmp_path / "sharded"
-    r0 = features.extract(records, root, out, _opts(tiny_clip_dir, workers=0, chunk_size=2, shard=(0, 2)), clip=tiny_clip)
+    r0 = features.extract(
+        records, root, out, _opts(tiny_clip_dir, workers=0, chunk_size=2, shard=(0, 2)), clip=tiny_clip
+    )
     assert not r0.complete and r0.chunks_missing == 2 and r0.encoded + len(r0.skipped) == 5  # chunks 0, 2, 4 of 5
     with pytest.raises(ClipCapError, match="2 of 5 chunks are not done yet"):
         features.merge_parts(out)
-    r1 = features.extract(records, root, out, _opts(tiny_clip_dir, workers=0, chunk_size=2, shard=(1, 2)), clip=tiny_clip)
+    r1 = features.extract(
+        records, root, out, _opts(tiny_clip_dir, workers=0, chunk_size=2, shard=(1, 2)), clip=tiny_clip
+    )
     assert not r1.complete and r1.chunks_missing == 0
     merged = features.merge_parts(out)
     a, b = load_features(tmp_path / "single"), load_features(out)
@@ -224,8 +254,12 @@ def test_concurrent_shard_with_other_settings_is_refused(tmp_path: Path, monkeyp
     size). Whatever the interleaving, one of them is refused, and the part files on disk are the
     other's alone: its settings with its records."""
     out = tmp_path / "f"
-    ours = features.run_settings(_records(6), tmp_path, features.ExtractOptions(chunk_size=2, clip_pretrained=None), "float32", {})
-    theirs = features.run_settings(_records(5), tmp_path, features.ExtractOptions(chunk_size=3, clip_pretrained=None), "float32", {})
+    ours = features.run_settings(
+        _records(6), tmp_path, features.ExtractOptions(chunk_size=2, clip_pretrained=None), "float32", {}
+    )
+    theirs = features.run_settings(
+        _records(5), tmp_path, features.ExtractOptions(chunk_size=3, clip_pretrained=None), "float32", {}
+    )
     outcome: dict[str, str] = {}
     fired: list[Path] = []  # every part file written, by either shard
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import need_tool
 from PIL import Image
 
@@ -14,13 +15,22 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
 
 
 def _chromium() -> str:
-    return need_tool("chromium", "chromium-browser", "google-chrome", why="Debian package `chromium`; .ci/run installs it")
+    return need_tool(
+        "chromium", "chromium-browser", "google-chrome", why="Debian package `chromium`; .ci/run installs it"
+    )
 
 
 def _run_chromium(args: list[str], page: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     base = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={tmp_path / 'chrome-profile'}",
     ]
     return subprocess.run([*base, *args, page.as_uri()], capture_output=True, text=True, timeout=120)
@@ -31,10 +41,22 @@ def _records(tmp_path: Path) -> list[dict]:
     for i, (name, rgb) in enumerate(COLOURS.items()):
         path = tmp_path / f"{name}.png"
         Image.new("RGB", (120, 90), rgb).save(path)
-        records.append({"path": str(path), "caption": f"A {name} square <b>bold</b> & more.", "score": -0.5 - i, "error": None})
-    records.append({"path": str(tmp_path / "missing.jpg"), "caption": None, "score": None, "error": "No such file or directory"})
-    records.append({"path": str(tmp_path / "red.png"), "caption": "best", "score": -0.1, "error": None,
-                    "captions": ["best", "second"], "scores": [-0.1, -0.9]})
+        records.append(
+            {"path": str(path), "caption": f"A {name} square <b>bold</b> & more.", "score": -0.5 - i, "error": None}
+        )
+    records.append(
+        {"path": str(tmp_path / "missing.jpg"), "caption": None, "score": None, "error": "No such file or directory"}
+    )
+    records.append(
+        {
+            "path": str(tmp_path / "red.png"),
+            "caption": "best",
+            "score": -0.1,
+            "error": None,
+            "captions": ["best", "second"],
+            "scores": [-0.1, -0.9],
+        }
+    )
     return records
 
 
@@ -48,6 +70,7 @@ def test_sheet_is_self_contained_and_escaped(tmp_path: Path):
     assert "5 images, 1 errors" in page
 
 
+@pytest.mark.slow
 def test_chromium_shows_every_image_and_caption(tmp_path: Path):
     sheet = tmp_path / "sheet.html"
     sheet.write_text(html.render(_records(tmp_path)), encoding="utf-8")

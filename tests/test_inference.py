@@ -95,19 +95,28 @@ class RenamedCacheGPT2(GPT2LMHeadModel):
     arguments: ``past_key_values=`` (the fallback name) is silently dropped, and the model builds
     its own empty cache on every call."""
 
-    def forward(self, inputs_embeds=None, kv_cache=None, position_ids=None, use_cache=None, logits_to_keep=0,
-                **ignored):
-        return super().forward(inputs_embeds=inputs_embeds, cache=kv_cache, position_ids=position_ids,
-                               use_cache=use_cache, logits_to_keep=logits_to_keep)
+    def forward(
+        self, inputs_embeds=None, kv_cache=None, position_ids=None, use_cache=None, logits_to_keep=0, **ignored
+    ):
+        return super().forward(
+            inputs_embeds=inputs_embeds,
+            cache=kv_cache,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
 
 
-@pytest.mark.parametrize("options", [DecodingOptions(max_length=6), DecodingOptions(strategy="beam", max_length=6)],
-                         ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "options", [DecodingOptions(max_length=6), DecodingOptions(strategy="beam", max_length=6)], ids=["greedy", "beam"]
+)
 def test_renamed_cache_argument_fails_loudly(options):
     model = _caption_model(_gpt(RenamedCacheGPT2))
     assert inference.forward_kwargs(RenamedCacheGPT2)[0] == "past_key_values"  # the name guess misses
     prefix = torch.randn(3, 4, 32, dtype=torch.float64)
-    with pytest.raises(CacheIgnoredError, match=r"ignored the KV cache passed as past_key_values= \(it holds 0 positions, 4 expected\)"):
+    with pytest.raises(
+        CacheIgnoredError, match=r"ignored the KV cache passed as past_key_values= \(it holds 0 positions, 4 expected\)"
+    ):
         generate(model, prefix, options, STOP)
 
 
@@ -214,8 +223,10 @@ def test_default_batch_size(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 141 * gib))
     sizes = {}
     for free in (2 * gib, 16 * gib, 130 * gib):
-        sizes[free] = (default_batch_size("cuda", DecodingOptions()),
-                       default_batch_size("cuda", DecodingOptions(strategy="beam")))
+        sizes[free] = (
+            default_batch_size("cuda", DecodingOptions()),
+            default_batch_size("cuda", DecodingOptions(strategy="beam")),
+        )
     greedy_sizes, beam_sizes = zip(*sizes.values())
     assert all(s & (s - 1) == 0 for s in greedy_sizes + beam_sizes)  # powers of two
     assert greedy_sizes[0] < greedy_sizes[1] <= greedy_sizes[2] == decoding.CUDA_MAX_BATCH_SIZE

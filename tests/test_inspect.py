@@ -67,15 +67,16 @@ def test_nearest_tokens_on_a_known_matrix():
     prefix = torch.tensor([[[3.0, 0.1], [0.0, -1.0]]])  # (1, 2, 2)
     cos, ids = interpret.nearest_tokens(prefix, vocab, top=2)
     assert ids[0, 0].tolist() == [0, 3]
-    assert cos[0, 0].tolist() == pytest.approx([3 / 9.01 ** 0.5, 3.1 / (9.01 ** 0.5 * 2 ** 0.5)], abs=1e-6)
+    assert cos[0, 0].tolist() == pytest.approx([3 / 9.01**0.5, 3.1 / (9.01**0.5 * 2**0.5)], abs=1e-6)
     assert sorted(ids[0, 1].tolist()) == [0, 2] and cos[0, 1].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
     with pytest.raises(UsageError):
         interpret.nearest_tokens(prefix, vocab, top=5)
 
 
 def test_cli_jsonl_records_and_exit_codes(tiny_checkpoint: Path, photos, tmp_path: Path):
-    result = runner.invoke(app, ["inspect", str(photos["rgb"]), str(photos["rgba"]), "--model", str(tiny_checkpoint),
-                                 "--top", "3"])
+    result = runner.invoke(
+        app, ["inspect", str(photos["rgb"]), str(photos["rgba"]), "--model", str(tiny_checkpoint), "--top", "3"]
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["path"] for r in records] == [str(photos["rgb"]), str(photos["rgba"])]
@@ -91,16 +92,22 @@ def test_cli_jsonl_records_and_exit_codes(tiny_checkpoint: Path, photos, tmp_pat
     captioner = load_model(str(tiny_checkpoint), device="cpu")
     api = interpret.read_prefix(captioner, captioner.encode([photos["rgb"]]), top=3)[0].to_dict()
     assert api["caption"] == records[0]["caption"]
-    assert [[t["id"] for t in p["tokens"]] for p in api["prefix"]] == [[t["id"] for t in p["tokens"]]
-                                                                       for p in records[0]["prefix"]]
+    assert [[t["id"] for t in p["tokens"]] for p in api["prefix"]] == [
+        [t["id"] for t in p["tokens"]] for p in records[0]["prefix"]
+    ]
     # a missing file: its record has the error, the others are read, exit code 3
-    result = runner.invoke(app, ["inspect", str(tmp_path / "nope.jpg"), str(photos["rgb"]), "--model", str(tiny_checkpoint)])
+    result = runner.invoke(
+        app, ["inspect", str(tmp_path / "nope.jpg"), str(photos["rgb"]), "--model", str(tiny_checkpoint)]
+    )
     assert result.exit_code == 3, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert records[0]["error"] and records[0]["prefix"] is None and records[1]["error"] is None
     assert len(records[1]["prefix"][0]["tokens"]) == interpret.TOP
-    for args, message in ((["--top", "0"], "--top must be at least 1"), ([], "no inputs"),
-                          (["--model", "cocoo"], "did you mean coco")):
+    for args, message in (
+        (["--top", "0"], "--top must be at least 1"),
+        ([], "no inputs"),
+        (["--model", "cocoo"], "did you mean coco"),
+    ):
         extra = [] if "--model" in args else ["--model", str(tiny_checkpoint)]
         result = runner.invoke(app, ["inspect", *([str(photos["rgb"])] if args else []), *args, *extra])
         assert result.exit_code == 2 and message in result.output, result.output

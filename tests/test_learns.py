@@ -142,7 +142,9 @@ def test_training_learns_image_conditioned_captions(tmp_path, tiny_clip_dir, tin
 
     # Full fine-tuning of the tiny GPT-2 (it starts random, so it must learn the language too):
     # 15 epochs x 18 steps of 8 captions. K=8 gives the image more room than K=4.
-    opts = train.TrainOptions.create(prefix_length=8, gpt2=str(tiny_gpt2_dir), epochs=15, batch_size=8, lr=1e-2, warmup=10, seed=seed)
+    opts = train.TrainOptions.create(
+        prefix_length=8, gpt2=str(tiny_gpt2_dir), epochs=15, batch_size=8, lr=1e-2, warmup=10, seed=seed
+    )
     tokenizer = backbones.load_tokenizer(str(tiny_gpt2_dir))
 
     def caption_test_images(store: Path, out: Path) -> list[str]:

@@ -86,8 +86,11 @@ def test_disagreeing_gpt2_config_is_a_clear_error(narrow_heads, tmp_path: Path):
     path, _, _, clip = narrow_heads
     wide = tmp_path / "wide"
     _gpt2_config(n_embd=128, n_head=4).save_pretrained(wide)
-    with pytest.raises(CheckpointError, match=r"GPT-2 config from GPT-2 '.*wide' does not fit this checkpoint's GPT-2 "
-                                              r"tensors \(n_embd 128 in the config, 64 in the tensors"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"GPT-2 config from GPT-2 '.*wide' does not fit this checkpoint's GPT-2 "
+        r"tensors \(n_embd 128 in the config, 64 in the tensors",
+    ):
         loading.load_network(str(path), gpt2=str(wide), clip_model=clip)
     odd = tmp_path / "odd"
     _gpt2_config(n_head=3).save_pretrained(odd)
@@ -99,8 +102,10 @@ def test_our_checkpoint_refuses_a_gpt2_that_disagrees_with_its_record(tiny_check
     """Our files record their GPT-2; naming another GPT-2 with other heads is refused, not mixed."""
     other = tmp_path / "other"
     raw = checkpoint.read(tiny_checkpoint)
-    _gpt2_config(**{k: raw.gpt2_config[k] for k in ("vocab_size", "n_embd", "n_layer", "n_positions")},
-                 n_head=raw.gpt2_config["n_head"] * 2).save_pretrained(other)
+    _gpt2_config(
+        **{k: raw.gpt2_config[k] for k in ("vocab_size", "n_embd", "n_layer", "n_positions")},
+        n_head=raw.gpt2_config["n_head"] * 2,
+    ).save_pretrained(other)
     with pytest.raises(CheckpointError, match="GPT-2 configs disagree"):
         loading.load_network(str(tiny_checkpoint), gpt2=str(other))
 
@@ -142,8 +147,9 @@ def test_registry_pt_is_converted_once_and_checked(narrow_heads, tmp_path: Path)
     assert torch.equal(again["clip_project.model.0.bias"], bias + 1)
 
 
-def test_a_read_only_models_folder_still_loads(narrow_heads, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture):
+def test_a_read_only_models_folder_still_loads(
+    narrow_heads, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """Converting needs to write beside the .pt; where it cannot (a shared read-only install, a
     full disk), the .pt itself is loaded and the user told why it is slower."""
     path, _, _, _ = narrow_heads
@@ -191,8 +197,9 @@ def test_a_precision_the_device_lacks_fails_before_loading(tiny_checkpoint: Path
     assert read == []
 
 
-def test_stream_picks_the_batch_size_for_the_device(tiny_checkpoint: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_stream_picks_the_batch_size_for_the_device(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """No batch size given: the one decoding.default_batch_size measured for the strategy."""
     from PIL import Image
 

@@ -21,7 +21,7 @@ from clipcap_cli.errors import UsageError
 
 requires_java = pytest.mark.usefixtures("java")  # skipped without Java, failed in CI (conftest.need_tool)
 
-BETA2 = 1.2 ** 2  # ROUGE-L's beta squared
+BETA2 = 1.2**2  # ROUGE-L's beta squared
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,8 +93,13 @@ def test_cider_length_penalty_and_clipping() -> None:
 
 
 def test_single_image_cider_is_zero_and_says_why() -> None:
-    result = M.score({"x": ["a dog on the grass"]}, {"x": "a dog on the grass"},
-                     metrics=["CIDEr", "BLEU-1"], backend="python", tokenizer="ptb-python")
+    result = M.score(
+        {"x": ["a dog on the grass"]},
+        {"x": "a dog on the grass"},
+        metrics=["CIDEr", "BLEU-1"],
+        backend="python",
+        tokenizer="ptb-python",
+    )
     assert result.scores["CIDEr"] == 0.0
     assert result.scores["BLEU-1"] == pytest.approx(1.0, abs=1e-8)
     assert any("single image" in note for note in result.notes)
@@ -109,12 +114,13 @@ def _random_corpus(seed: int, n_images: int) -> tuple[list[list[str]], list[str]
     """Captions from a small vocabulary (so n-grams overlap), 1-5 references per image, some empty
     hypotheses, varied lengths: enough to exercise clipping, brevity and length penalties."""
     rng = random.Random(seed)
-    vocab = ("a an the man woman dog cat two on in with of near sitting standing red green "
-             "field grass table plate food and is are holding ball").split()
+    vocab = (
+        "a an the man woman dog cat two on in with of near sitting standing red green "
+        "field grass table plate food and is are holding ball"
+    ).split()
     refs, hyps = [], []
     for _ in range(n_images):
-        refs.append([" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 16)))
-                     for _ in range(rng.randint(1, 5))])
+        refs.append([" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 16))) for _ in range(rng.randint(1, 5))])
         length = 0 if rng.random() < 0.05 else rng.randint(1, 16)
         hyps.append(" ".join(rng.choice(vocab) for _ in range(length)))
     return refs, hyps
@@ -155,8 +161,7 @@ def test_backends_agree_through_score() -> None:
     predictions = {f"img{i}": h for i, h in enumerate(hyps)}
     wanted = ["BLEU", "ROUGE-L", "CIDEr"]
     ours = M.score(references, predictions, metrics=wanted, backend="python", tokenizer="none", per_image=True)
-    theirs = M.score(references, predictions, metrics=wanted, backend="pycocoevalcap", tokenizer="none",
-                     per_image=True)
+    theirs = M.score(references, predictions, metrics=wanted, backend="pycocoevalcap", tokenizer="none", per_image=True)
     assert set(ours.backends.values()) == {"python"}
     assert set(theirs.backends.values()) == {"pycocoevalcap"}
     assert list(ours.scores) == [*M.BLEU_NAMES, "ROUGE-L", "CIDEr"]
@@ -302,8 +307,12 @@ def test_allow_missing_scores_the_intersection_and_reports_counts() -> None:
     result = M.score(REFERENCES, predictions, allow_missing=True, backend="python", tokenizer="ptb-python")
     assert (result.n_images, result.n_references) == (3, 6)
     assert (result.n_missing_predictions, result.n_unreferenced_predictions) == (2, 1)
-    common = M.score({k: REFERENCES[k] for k in (1, 2, 4)}, {k: PREDICTIONS[k] for k in (1, 2, 4)},
-                     backend="python", tokenizer="ptb-python")
+    common = M.score(
+        {k: REFERENCES[k] for k in (1, 2, 4)},
+        {k: PREDICTIONS[k] for k in (1, 2, 4)},
+        backend="python",
+        tokenizer="ptb-python",
+    )
     assert result.scores == common.scores
     with pytest.raises(M.KeyMismatchError, match="no common keys"):
         M.score(REFERENCES, {"other": "x"}, allow_missing=True, backend="python", tokenizer="ptb-python")
@@ -321,8 +330,10 @@ def test_empty_predictions_score_zero() -> None:
     assert set(all_empty.scores) == {*M.BLEU_NAMES, "ROUGE-L", "CIDEr"}
     assert all(value == 0.0 for value in all_empty.scores.values())
     # Punctuation only tokenises to nothing, too.
-    assert M.score(REFERENCES, {k: "..." for k in REFERENCES}, backend="python",
-                   tokenizer="ptb-python").scores["BLEU-1"] == 0.0
+    assert (
+        M.score(REFERENCES, {k: "..." for k in REFERENCES}, backend="python", tokenizer="ptb-python").scores["BLEU-1"]
+        == 0.0
+    )
 
 
 def test_result_contents_and_per_image_scores() -> None:
@@ -439,7 +450,7 @@ def test_meteor_through_pycocoevalcap_java(capfd: pytest.CaptureFixture[str]) ->
     flat = [c for k in keys for c in REFERENCES[k]] + [predictions[k] for k in keys]
     tokens, used, _ = M.tokenize(flat, "ptb-java")
     assert used == "ptb-java"
-    gts = {k: tokens[2 * i:2 * i + 2] for i, k in enumerate(keys)}
+    gts = {k: tokens[2 * i : 2 * i + 2] for i, k in enumerate(keys)}
     res = {k: [tokens[2 * len(keys) + i]] for i, k in enumerate(keys)}
     theirs: dict[str, tuple[float, list[float]]] = {}
 

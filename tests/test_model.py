@@ -61,7 +61,9 @@ def test_forward_puts_prefix_before_tokens(tiny_config):
     logits, loss = model(tokens, clip)
     assert loss is None and logits.shape == (2, tiny_config.prefix_length + 3, 50257)
     # The same result by hand: [mapper(clip) ; wte(tokens)] through GPT-2.
-    embeds = torch.cat([model.clip_project(clip).view(2, tiny_config.prefix_length, -1), model.gpt.transformer.wte(tokens)], 1)
+    embeds = torch.cat(
+        [model.clip_project(clip).view(2, tiny_config.prefix_length, -1), model.gpt.transformer.wte(tokens)], 1
+    )
     torch.testing.assert_close(logits, model.gpt(inputs_embeds=embeds).logits)
 
 

@@ -27,7 +27,9 @@ def _clipcap() -> str:
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([_clipcap(), *args], cwd=cwd, env=env, capture_output=True, text=True, input=stdin, timeout=600)
+    result = subprocess.run(
+        [_clipcap(), *args], cwd=cwd, env=env, capture_output=True, text=True, input=stdin, timeout=600
+    )
     return result
 
 
@@ -48,15 +50,52 @@ def test_extract_train_caption_eval(tmp_path: Path, tiny_clip_dir: Path, tiny_gp
         writer.writerows(rows)
 
     # 1. extract
-    r = run(["extract", "data.csv", "--out", "feats", "--clip", f"local-dir:{tiny_clip_dir}", "--pretrained", "none",
-             "--workers", "0", "--quiet"], tmp_path, env)
+    r = run(
+        [
+            "extract",
+            "data.csv",
+            "--out",
+            "feats",
+            "--clip",
+            f"local-dir:{tiny_clip_dir}",
+            "--pretrained",
+            "none",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+        tmp_path,
+        env,
+    )
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "feats" / "meta.json").read_text())
     assert meta["count"] == 8 and meta["embed_dim"] == 32
 
     # 2. train
-    r = run(["train", "--data", "feats", "--out", "run", "--gpt2", str(tiny_gpt2_dir), "--epochs", "2",
-             "--batch-size", "4", "--prefix-length", "2", "--warmup", "1", "--lr", "1e-3", "--quiet"], tmp_path, env)
+    r = run(
+        [
+            "train",
+            "--data",
+            "feats",
+            "--out",
+            "run",
+            "--gpt2",
+            str(tiny_gpt2_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--prefix-length",
+            "2",
+            "--warmup",
+            "1",
+            "--lr",
+            "1e-3",
+            "--quiet",
+        ],
+        tmp_path,
+        env,
+    )
     assert r.returncode == 0, r.stderr
     checkpoints = sorted((tmp_path / "run").glob("epoch-*.safetensors"))
     assert [p.name for p in checkpoints] == ["epoch-001.safetensors", "epoch-002.safetensors"]
@@ -72,15 +111,44 @@ def test_extract_train_caption_eval(tmp_path: Path, tiny_clip_dir: Path, tiny_gp
     (tmp_path / "captions.jsonl").write_text(r.stdout)
 
     # The contact sheet.
-    r = run(["caption", "--model", "run/epoch-002.safetensors", "images/", "--max-length", "8",
-             "--format", "html", "--output", "sheet.html", "--quiet"], tmp_path, env)
+    r = run(
+        [
+            "caption",
+            "--model",
+            "run/epoch-002.safetensors",
+            "images/",
+            "--max-length",
+            "8",
+            "--format",
+            "html",
+            "--output",
+            "sheet.html",
+            "--quiet",
+        ],
+        tmp_path,
+        env,
+    )
     assert r.returncode == 0, r.stderr
     sheet = (tmp_path / "sheet.html").read_text()
     assert sheet.count("data:image/jpeg;base64,") == 8
 
     # 4. eval against the references kept in the features store.
-    r = run(["eval", "--refs", "feats", "--predictions", "captions.jsonl", "--metrics", "BLEU,ROUGE-L,CIDEr",
-             "--tokenizer", "ptb-python", "--json"], tmp_path, env)
+    r = run(
+        [
+            "eval",
+            "--refs",
+            "feats",
+            "--predictions",
+            "captions.jsonl",
+            "--metrics",
+            "BLEU,ROUGE-L,CIDEr",
+            "--tokenizer",
+            "ptb-python",
+            "--json",
+        ],
+        tmp_path,
+        env,
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["counts"]["images"] == 8

@@ -16,20 +16,29 @@ def test_auto_is_fp32_everywhere(monkeypatch):
     assert [resolve_precision("auto", d) for d in ("cpu", "cuda", "cuda:1", "mps")] == ["fp32"] * 4
 
 
-@pytest.mark.parametrize("device, precision, expected", [
-    ("cpu", "fp32", "fp32"), ("cpu", "bf16", "bf16"), ("cuda", "bf16", "bf16"), ("cuda", "fp16", "fp16"),
-])
+@pytest.mark.parametrize(
+    "device, precision, expected",
+    [
+        ("cpu", "fp32", "fp32"),
+        ("cpu", "bf16", "bf16"),
+        ("cuda", "bf16", "bf16"),
+        ("cuda", "fp16", "fp16"),
+    ],
+)
 def test_asked_precisions(monkeypatch, device, precision, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision(precision, torch.device(device)) == expected
 
 
-@pytest.mark.parametrize("device, precision, message", [
-    ("cpu", "fp16", "fp16 needs a CUDA device"),
-    ("mps", "fp16", "fp16 needs a CUDA device"),
-    ("cuda", "bf16", "this GPU has no bf16"),
-    ("cpu", "int8", "unknown precision 'int8'"),
-])
+@pytest.mark.parametrize(
+    "device, precision, message",
+    [
+        ("cpu", "fp16", "fp16 needs a CUDA device"),
+        ("mps", "fp16", "fp16 needs a CUDA device"),
+        ("cuda", "bf16", "this GPU has no bf16"),
+        ("cpu", "int8", "unknown precision 'int8'"),
+    ],
+)
 def test_refused_precisions(monkeypatch, device, precision, message):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     with pytest.raises(UsageError, match=message):

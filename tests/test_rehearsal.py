@@ -24,7 +24,7 @@ from released import CLIP_HUB_REPOS, HF_REVISION
 
 pytestmark = pytest.mark.slow
 PHOTO = Path(__file__).parent / "data" / "photos" / "COCO_val2014_000000354533.jpg"
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os, socket, sys
 _log = os.environ["CLIPCAP_TEST_NET_LOG"]
 def _hook(event, args):
@@ -34,7 +34,7 @@ def _hook(event, args):
             f.write(f"{event} {args[1:]!r}\\n")
         raise OSError(f"network blocked by the test ({event})")
 sys.addaudithook(_hook)
-'''
+"""
 
 
 @pytest.fixture
@@ -85,15 +85,32 @@ def test_readme_download_list_and_eval_work_offline(run, tmp_path: Path):
     refs = tmp_path / "refs.jsonl"
     refs.write_text(json.dumps({"image": "photo.jpg", "captions": references}) + "\n")
     preds = tmp_path / "preds.jsonl"
-    report = json.loads(run("eval", "--refs", str(refs), "--images", str(tmp_path), "--model", "coco",
-                            "--metrics", "BLEU,CIDEr", "--save-predictions", str(preds)).stdout)
+    report = json.loads(
+        run(
+            "eval",
+            "--refs",
+            str(refs),
+            "--images",
+            str(tmp_path),
+            "--model",
+            "coco",
+            "--metrics",
+            "BLEU,CIDEr",
+            "--save-predictions",
+            str(preds),
+        ).stdout
+    )
     assert report["counts"]["images"] == 1
     # The scores are those of the caption the model wrote, recomputed here from the saved prediction.
     [saved] = [json.loads(line) for line in preds.read_text().splitlines()]
     from clipcap_cli import metrics
 
-    again = metrics.score({"photo.jpg": references}, {"photo.jpg": saved["caption"]}, metrics=["BLEU", "CIDEr"],
-                          tokenizer=report["tokenizer"])
+    again = metrics.score(
+        {"photo.jpg": references},
+        {"photo.jpg": saved["caption"]},
+        metrics=["BLEU", "CIDEr"],
+        tokenizer=report["tokenizer"],
+    )
     assert again.scores["CIDEr"] == pytest.approx(report["metrics"]["CIDEr"], abs=1e-9)
     assert again.scores["BLEU-4"] == pytest.approx(report["metrics"]["BLEU-4"], abs=1e-9)
 
@@ -112,8 +129,16 @@ def test_default_extract_uses_openai_quickgelu_vit(run, planted: Path, tmp_path:
 
     store = load_features(tmp_path / "feats")
     assert store.meta["clip_activation"] == "quick_gelu"
-    weights = load_file(str(planted / "open_clip" / f"models--{CLIP_HUB_REPOS[('ViT-B-32', 'openai')].replace('/', '--')}"
-                            / "snapshots" / HF_REVISION / "open_clip_model.safetensors"))
+    weights = load_file(
+        str(
+            planted
+            / "open_clip"
+            / f"models--{CLIP_HUB_REPOS[('ViT-B-32', 'openai')].replace('/', '--')}"
+            / "snapshots"
+            / HF_REVISION
+            / "open_clip_model.safetensors"
+        )
+    )
     pixels = None
     outputs = {}
     for quick in (True, False):
@@ -148,7 +173,12 @@ def test_the_built_architectures_are_the_real_ones(planted: Path, monkeypatch: p
     for name in ("coco", "conceptual"):
         captioner = load_model(name, device="cpu")
         config = captioner.config
-        assert (config.mapping, config.prefix_length, config.prefix_size, config.normalize_prefix) == ("mlp", 10, 512, False)
+        assert (config.mapping, config.prefix_length, config.prefix_size, config.normalize_prefix) == (
+            "mlp",
+            10,
+            512,
+            False,
+        )
         assert isinstance(captioner.clip_model, ClipImageEncoder)  # the image tower alone
         assert type(captioner.clip_model.visual).__name__ == "VisionTransformer"
         assert acts(captioner.clip_model) == {"QuickGELU"}

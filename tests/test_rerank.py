@@ -102,8 +102,9 @@ def prefer_candidate(src: Path, dst: Path, texts: list[str], target: int, image_
     return dst
 
 
-def test_a_text_tower_that_prefers_one_candidate_changes_the_caption(tmp_path: Path, captioner, photo: Path,
-                                                                     tiny_checkpoint: Path, tiny_clip_dir: Path):
+def test_a_text_tower_that_prefers_one_candidate_changes_the_caption(
+    tmp_path: Path, captioner, photo: Path, tiny_checkpoint: Path, tiny_clip_dir: Path
+):
     beams = captioner.caption(photo, strategy="beam", beam_size=5, num_captions=5, **FAST)[0]
     target = 4  # the beam search's last choice
     clip_dir = prefer_candidate(tiny_clip_dir, tmp_path / "clip", list(beams.texts), target, captioner.encode(photo)[0])
@@ -169,7 +170,9 @@ def test_cli_rerank_records(tiny_checkpoint: Path, photo: Path):
     assert len(record["captions"]) == len(record["clip_scores"]) == 3 and record["caption"] == record["captions"][0]
     assert record["clip_scores"] == sorted(record["clip_scores"], reverse=True)
     assert record["clip_score"] == record["clip_scores"][0]
-    code, out, output = caption_cli(tiny_checkpoint, str(photo), "--sample", "-n", "2", "--seed", "1", "--rerank", "clip")
+    code, out, output = caption_cli(
+        tiny_checkpoint, str(photo), "--sample", "-n", "2", "--seed", "1", "--rerank", "clip"
+    )
     assert code == 0 and len(json.loads(out)["clip_scores"]) == 2, output
 
 

@@ -33,7 +33,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_shards(folder: Path, images: dict[str, Path], n_shards: int = 3, per_shard: int = 5, bad: bool = True) -> list[Path]:
+def make_shards(
+    folder: Path, images: dict[str, Path], n_shards: int = 3, per_shard: int = 5, bad: bool = True
+) -> list[Path]:
     """img2dataset-like shards NNNNN.tar of key.{jpg,png} + key.txt + key.json; with ``bad``, shard 1
     holds a corrupt image (CORRUPT_KEY) and a sample with no image member (NO_IMAGE_KEY)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,9 @@ def test_tar_samples_follow_webdataset_keys(tmp_path, pictures):
     samples, problem = shards.Shard("mixed", 0, tar=str(path)).samples()
     assert problem is None
     assert [(s.key, s.position, s.error) for s in samples] == [
-        ("dir/a", 0, None), ("b", 1, "no image in this sample (has: txt)")]
+        ("dir/a", 0, None),
+        ("b", 1, "no image in this sample (has: txt)"),
+    ]
     assert samples[0].open_image().size == (64, 48)
     assert samples[0].info() == {"source_caption": "caption of a"}
 
@@ -150,7 +154,9 @@ def test_truncated_tar_keeps_the_samples_before(tmp_path, tar_dir):
 def test_unreadable_and_missing_shards_are_reported(tmp_path, tiny_checkpoint, tar_dir):
     (tmp_path / "00009.tar").write_bytes(b"garbage" * 100)
     out = tmp_path / "out"
-    result = run(tiny_checkpoint, str(tar_dir / "00000.tar"), f"{tmp_path}/{{00009..00010}}.tar", "--output-dir", str(out))
+    result = run(
+        tiny_checkpoint, str(tar_dir / "00000.tar"), f"{tmp_path}/{{00009..00010}}.tar", "--output-dir", str(out)
+    )
     assert result.exit_code == 3, result.output
     assert json.loads((out / "00010.stats.json").read_text())["error"] == "no such file"
     assert "not a readable tar" in json.loads((out / "00009.stats.json").read_text())["error"]
@@ -158,17 +164,31 @@ def test_unreadable_and_missing_shards_are_reported(tmp_path, tiny_checkpoint, t
     assert [p["shard"] for p in summary["unreadable_shards"]] == ["00009", "00010"] and summary["failed"] == 0
     assert "2 unreadable shards" in result.stderr
     (tmp_path / "00010.tar").write_bytes((tar_dir / "00002.tar").read_bytes())  # the missing shard arrives
-    retried = run(tiny_checkpoint, str(tar_dir / "00000.tar"), f"{tmp_path}/{{00009..00010}}.tar", "--output-dir", str(out),
-                  "--retry-failed")
+    retried = run(
+        tiny_checkpoint,
+        str(tar_dir / "00000.tar"),
+        f"{tmp_path}/{{00009..00010}}.tar",
+        "--output-dir",
+        str(out),
+        "--retry-failed",
+    )
     assert retried.exit_code == 3  # 00009 is still garbage
     assert json.loads((out / "00010.stats.json").read_text())["samples"] == 5
     assert len(records(out, "00010")) == 5
 
 
 def test_discover_orders_and_names_shards(tmp_path, tar_dir, pictures):
-    found = shards.discover([str(tar_dir / "0000[12].tar"), str(tar_dir / "00000.tar"), str(pictures["rgb"].parent)], shard_size=3)
-    assert [(s.name, s.index) for s in found] == [("00001", 0), ("00002", 1), ("00000", 2), ("part-00000", 3), ("part-00001", 4),
-                                                 ("part-00002", 5)]
+    found = shards.discover(
+        [str(tar_dir / "0000[12].tar"), str(tar_dir / "00000.tar"), str(pictures["rgb"].parent)], shard_size=3
+    )
+    assert [(s.name, s.index) for s in found] == [
+        ("00001", 0),
+        ("00002", 1),
+        ("00000", 2),
+        ("part-00000", 3),
+        ("part-00001", 4),
+        ("part-00002", 5),
+    ]
     assert [len(s.sources) for s in found[3:]] == [3, 3, 1]
     other = tmp_path / "other"
     other.mkdir()
@@ -176,7 +196,9 @@ def test_discover_orders_and_names_shards(tmp_path, tar_dir, pictures):
     listed = io.StringIO(f"{tar_dir / '00002.tar'}\n\n{pictures['gray']}\n")  # a list on stdin: tars and images
     found = shards.discover(["-", str(pictures["rgb"])], stdin=listed)
     assert [(s.name, s.tar, [x.name for x in s.sources]) for s in found] == [
-        ("00002", str(tar_dir / "00002.tar"), []), ("part-00000", None, [str(pictures["gray"]), str(pictures["rgb"])])]
+        ("00002", str(tar_dir / "00002.tar"), []),
+        ("part-00000", None, [str(pictures["gray"]), str(pictures["rgb"])]),
+    ]
     with pytest.raises(Exception, match="two shards are named 00000"):
         shards.discover([str(tar_dir / "00000.tar"), str(other / "00000.tar")])
     with pytest.raises(Exception, match="compressed tar shards"):
@@ -191,9 +213,13 @@ def test_discover_orders_and_names_shards(tmp_path, tar_dir, pictures):
 def test_every_key_gets_one_record_and_errors_exit_3(baseline, tar_dir):
     out = baseline
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"0000{s}.{ext}" for s in range(3) for ext in ("jsonl", "stats.json")] + ["_settings.json", "_summary.json", "00001.errors.log"])
+        [f"0000{s}.{ext}" for s in range(3) for ext in ("jsonl", "stats.json")]
+        + ["_settings.json", "_summary.json", "00001.errors.log"]
+    )
     got = all_records(out)
-    expected = {s.key for path in sorted(tar_dir.glob("*.tar")) for s in shards.Shard(path.stem, 0, tar=str(path)).samples()[0]}
+    expected = {
+        s.key for path in sorted(tar_dir.glob("*.tar")) for s in shards.Shard(path.stem, 0, tar=str(path)).samples()[0]
+    }
     assert set(got) == expected and len(got) == 16
     for key, r in got.items():
         assert r["shard"] == key.split("/")[0]
@@ -215,7 +241,9 @@ def test_every_key_gets_one_record_and_errors_exit_3(baseline, tar_dir):
 
 def test_captions_equal_plain_caption(baseline, tiny_checkpoint, pictures, tar_dir):
     """The sidecar records hold what `clipcap caption` prints for the same pictures."""
-    plain = runner.invoke(app, ["caption", "--model", str(tiny_checkpoint), *FAST, *map(str, pictures.values()), "--jsonl"])
+    plain = runner.invoke(
+        app, ["caption", "--model", str(tiny_checkpoint), *FAST, *map(str, pictures.values()), "--jsonl"]
+    )
     by_bytes = {Path(r["path"]).read_bytes(): r["caption"] for r in map(json.loads, plain.stdout.splitlines())}
     got = all_records(baseline)
     for sample in shards.Shard("00000", 0, tar=str(tar_dir / "00000.tar")).samples()[0]:
@@ -248,7 +276,9 @@ def test_settings_mismatch_is_refused(tmp_path, tiny_checkpoint, tar_dir, pictur
     other = run(tiny_checkpoint, str(tar_dir / "00000.tar"), "--output-dir", str(out), "--beam", "2")
     assert other.exit_code == 2
     lines = other.stderr.strip().splitlines()
-    assert len(lines) == 1 and "other settings" in lines[0] and "decoding.strategy 'greedy' then, 'beam' now" in lines[0]
+    assert (
+        len(lines) == 1 and "other settings" in lines[0] and "decoding.strategy 'greedy' then, 'beam' now" in lines[0]
+    )
     faster = run(tiny_checkpoint, str(tar_dir / "00000.tar"), "--output-dir", str(out), "--precision", "bf16")
     assert faster.exit_code == 2 and "model.precision 'auto' then, 'bf16' now" in faster.stderr  # bf16 changes captions
     # List shards: the same shard name holding other images is refused too.
@@ -304,7 +334,17 @@ def test_parquet_and_embeddings_round_trip(tmp_path, tiny_checkpoint, tar_dir, p
     assert result.exit_code == 3, result.output
     assert not list(as_parquet.glob("*.jsonl"))
     table = pq.read_table(as_parquet / "00001.parquet")
-    assert table.column_names == ["key", "shard", "caption", "score", "error", "captions", "scores", "url", "source_caption"]
+    assert table.column_names == [
+        "key",
+        "shard",
+        "caption",
+        "score",
+        "error",
+        "captions",
+        "scores",
+        "url",
+        "source_caption",
+    ]
     assert table.to_pylist() == records(as_jsonl, "00001")
     emb = load_embeddings(as_parquet / "00001.emb.safetensors")
     rows = table.to_pylist()
@@ -360,7 +400,19 @@ def test_tar_without_output_dir_is_a_usage_error(tiny_checkpoint, tar_dir):
 
 
 def _command(ckpt: Path, pattern: str, out: Path, *extra: str) -> list[str]:
-    return ["-m", "clipcap_cli", "caption", pattern, "--model", str(ckpt), "--output-dir", str(out), "--device", "cpu", *extra]
+    return [
+        "-m",
+        "clipcap_cli",
+        "caption",
+        pattern,
+        "--model",
+        str(ckpt),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -372,8 +424,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_checkpo
     decoding = ["--max-length", "40", "--batch-size", "2", "--workers", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, *_command(tiny_checkpoint, pattern, out, *decoding, "-q")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, *_command(tiny_checkpoint, pattern, out, *decoding, "-q")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not list(out.glob("*.stats.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -383,8 +439,13 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_checkpo
     assert proc.returncode == -signal.SIGKILL and 1 <= len(finished) < 6, proc.stderr.read().decode()[-2000:]
     kept = {name: (out / name).stat().st_mtime_ns for name in finished}
 
-    resumed = subprocess.run([sys.executable, *_command(tiny_checkpoint, pattern, out, *decoding)], env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, *_command(tiny_checkpoint, pattern, out, *decoding)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(finished)} shards were already done" in resumed.stderr
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == kept  # finished shards untouched
@@ -394,7 +455,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_checkpo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same float rounding
     try:
-        clean = runner.invoke(app, ["caption", pattern, "--model", str(tiny_checkpoint), "--output-dir", str(reference), *decoding])
+        clean = runner.invoke(
+            app, ["caption", pattern, "--model", str(tiny_checkpoint), "--output-dir", str(reference), *decoding]
+        )
     finally:
         torch.set_num_threads(threads)
     assert clean.exit_code == 0, clean.output
@@ -409,8 +472,15 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_checkpoint, tar_dir, ba
     out = tmp_path / "out"
     pattern = f"{tar_dir}/{{00000..00002}}.tar"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *_command(tiny_checkpoint, pattern, out, *FAST, "--batch-size", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *_command(tiny_checkpoint, pattern, out, *FAST, "--batch-size", "2"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]  # failures are in the records; torchrun would call 3 a crash
     got, expected = all_records(out), all_records(baseline)
@@ -425,5 +495,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_checkpoint, tar_dir, ba
     assert summary["complete"] and summary["this_run"]["samples"] == 16 and summary["this_run"]["shards_done"] == 3
     assert summary["this_run"]["processes"] == 2
     assert sorted(p.name for p in out.glob("*.errors.log")) == ["00001.errors.log"]  # shards 0 and 2 have no failures
-    assert sorted(line.split("\t")[0] for line in (out / "00001.errors.log").read_text().splitlines()) == [CORRUPT_KEY, NO_IMAGE_KEY]
+    assert sorted(line.split("\t")[0] for line in (out / "00001.errors.log").read_text().splitlines()) == [
+        CORRUPT_KEY,
+        NO_IMAGE_KEY,
+    ]
     assert proc.stderr.count("captioned 14 of 16 samples") == 1  # one summary: rank 0's, with global counts

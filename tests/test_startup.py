@@ -24,7 +24,15 @@ def _imported(*argv: str) -> set[str]:
 def test_a_command_imports_only_its_own_code():
     modules = _imported("caption", "--help")
     assert "clipcap_cli.commands.caption" in modules
-    assert not {"clipcap_cli.train", "clipcap_cli.evaluation", "clipcap_cli.commands.train",
-                "clipcap_cli.commands.eval", "clipcap_cli.metrics"} & modules
+    assert (
+        not {
+            "clipcap_cli.train",
+            "clipcap_cli.evaluation",
+            "clipcap_cli.commands.train",
+            "clipcap_cli.commands.eval",
+            "clipcap_cli.metrics",
+        }
+        & modules
+    )
     # Without a command on the line (help, a typo to suggest against), every command is there.
     assert {"clipcap_cli.commands.train", "clipcap_cli.commands.eval"} <= _imported("captoin")

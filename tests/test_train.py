@@ -26,7 +26,9 @@ from clipcap_cli.train import TrainOptions
 WORDS = "a dog cat sits on the red blue green bench near tree small big house with grass".split()
 
 
-def make_store(folder: Path, clip_dir: Path, n_images: int = 12, per_image: int = 2, seed: int = 0, captions=None) -> Path:
+def make_store(
+    folder: Path, clip_dir: Path, n_images: int = 12, per_image: int = 2, seed: int = 0, captions=None
+) -> Path:
     """A features store with random 32-d embeddings and varied-length captions."""
     g = torch.Generator().manual_seed(seed)
     records = []
@@ -94,8 +96,23 @@ def store(tmp_path_factory, tiny_clip_dir) -> Path:
 def test_defaults_are_the_original_recipe():
     o = TrainOptions()
     m = o.model
-    assert (m.mapping, m.only_prefix, m.prefix_length, m.clip_length, m.num_layers, m.normalize_prefix) == ("mlp", False, 10, 10, 8, False)
-    assert (o.epochs, o.batch_size, o.lr, o.warmup, o.weight_decay, o.save_every, m.gpt2) == (10, 40, 2e-5, 5000, 0.0, 1, "gpt2")
+    assert (m.mapping, m.only_prefix, m.prefix_length, m.clip_length, m.num_layers, m.normalize_prefix) == (
+        "mlp",
+        False,
+        10,
+        10,
+        8,
+        False,
+    )
+    assert (o.epochs, o.batch_size, o.lr, o.warmup, o.weight_decay, o.save_every, m.gpt2) == (
+        10,
+        40,
+        2e-5,
+        5000,
+        0.0,
+        1,
+        "gpt2",
+    )
     assert m == ModelConfig()  # the mapper defaults live in config.py only
     assert train.ADAM_EPS == 1e-6 and train.ADAM_BETAS == (0.9, 0.999)
 
@@ -244,7 +261,9 @@ def test_training_fits_a_few_captions_far_below_chance(tmp_path, tiny_clip_dir, 
 def test_train_writes_a_run_whose_checkpoints_need_no_flags(tmp_path, store, tiny_gpt2_dir, tiny_clip_dir):
     rec = Recorder()
     out = tmp_path / "run"
-    result = train.train(tiny_opts(tiny_gpt2_dir, epochs=3, save_every=2, val_fraction=0.25, lr=3e-3), store, out, callback=rec)
+    result = train.train(
+        tiny_opts(tiny_gpt2_dir, epochs=3, save_every=2, val_fraction=0.25, lr=3e-3), store, out, callback=rec
+    )
 
     # 12 images, 3 for validation -> 18 training captions -> 4 steps of 4 (drop_last), 3 epochs.
     assert rec.start.steps_per_epoch == 4 and rec.start.total_steps == 12 and result.step == 12
@@ -344,14 +363,19 @@ def uninterrupted(tmp_path_factory, store, tiny_gpt2_dir):
 def default_signals():
     """SIGINT and SIGTERM at Python's defaults, as in a foreground terminal, even when the suite runs
     as a background job (which starts with SIGINT ignored); the inherited handlers come back after."""
-    saved = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))}
+    saved = {
+        s: signal.signal(s, h)
+        for s, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+    }
     yield
     for s, h in saved.items():
         signal.signal(s, h)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny_gpt2_dir, uninterrupted, signum, default_signals):
+def test_signal_saves_and_resume_reproduces_the_loss_curve(
+    tmp_path, store, tiny_gpt2_dir, uninterrupted, signum, default_signals
+):
     reference, ref_out = uninterrupted
     out = tmp_path / "run"
     opts = tiny_opts(tiny_gpt2_dir, epochs=2, val_fraction=0.25, log_every=2)
@@ -383,8 +407,10 @@ def test_signal_saves_and_resume_reproduces_the_loss_curve(tmp_path, store, tiny
 def _metrics(run: Path) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: (round(v, 9) if isinstance(v, float) else v) for k, v in x.items() if k not in ("time", "samples_per_s")}
-            for x in lines]
+    return [
+        {k: (round(v, 9) if isinstance(v, float) else v) for k, v in x.items() if k not in ("time", "samples_per_s")}
+        for x in lines
+    ]
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path, store, tiny_gpt2_dir, default_signals):
@@ -452,8 +478,27 @@ def test_resume_refuses_what_would_change_the_run(tmp_path, store, tiny_gpt2_dir
 def test_cli_trains_resumes_and_reports(tmp_path, store, tiny_gpt2_dir):
     runner = CliRunner()
     out = tmp_path / "run"
-    args = ["train", "--data", str(store), "--out", str(out), "--gpt2", str(tiny_gpt2_dir), "--prefix-length", "4",
-            "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--device", "cpu"]
+    args = [
+        "train",
+        "--data",
+        str(store),
+        "--out",
+        str(out),
+        "--gpt2",
+        str(tiny_gpt2_dir),
+        "--prefix-length",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out / "epoch-001.safetensors")

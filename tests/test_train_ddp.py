@@ -23,14 +23,47 @@ ENTRY = Path(__file__).with_name("ddp_train.py")
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     # --monitor-interval: when a process fails, torchrun waits this long before stopping the
     # others, so that their own error line reaches stderr (its default, 0.1 s, can cut it off).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # = torchrun; free port
-           "--monitor-interval", "5", *args]
-    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",  # = torchrun; free port
+        "--monitor-interval",
+        "5",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def train_args(store: Path, out: Path, gpt2: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(store), "--out", str(out), "--gpt2", str(gpt2), "--prefix-length", "4", "--epochs", "2",
-            "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--log-every", "1", *extra]
+    return [
+        "train",
+        "--data",
+        str(store),
+        "--out",
+        str(out),
+        "--gpt2",
+        str(gpt2),
+        "--prefix-length",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -49,7 +82,13 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_data(tmp_path: Path, tiny_cl
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only rank 0 prints the result and writes the run.
     assert proc.stdout.strip().splitlines() == [str(out / "epoch-002.safetensors")]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "epoch-001.safetensors", "epoch-002.safetensors", "metrics.jsonl", "resume.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "epoch-001.safetensors",
+        "epoch-002.safetensors",
+        "metrics.jsonl",
+        "resume.pt",
+    ]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # 24 captions / 2 processes / batch 4 = 3 steps per epoch, once each
     assert json.loads((out / "config.json").read_text())["world_size"] == 2

@@ -24,21 +24,32 @@ def planted(tmp_path_factory) -> Path:
 def test_startup_benchmark_quick_run(planted: Path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_startup.py"), "--quick", "--json", "--home", str(planted)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     # The report is consistent with itself: the ratio is the two medians' ratio, the caption is real.
     assert report["ratio"] == pytest.approx(report["caption_s"] / report["bare_imports_s"], abs=2e-3)
-    assert report["record"]["error"] is None and report["record"]["path"].endswith(".jpg") and report["record"]["caption"]
+    assert (
+        report["record"]["error"] is None and report["record"]["path"].endswith(".jpg") and report["record"]["caption"]
+    )
     assert set(report["peak_rss_gb"]) == {"bare", "ours"}
-    assert report["peak_rss_gb"]["ours"] > report["peak_rss_gb"]["bare"]  # clipcap maps the weights on top of the imports
+    assert (
+        report["peak_rss_gb"]["ours"] > report["peak_rss_gb"]["bare"]
+    )  # clipcap maps the weights on top of the imports
 
 
 def test_device_check_dry_run():
     """benchmarks/device_check.py --dry-run (tiny shapes on the CPU) runs every part and prints one JSON."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run"],
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["dry_run"] is True and report["errors"] == {} and report["skipped"] == []

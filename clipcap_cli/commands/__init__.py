@@ -34,4 +34,9 @@ def register(app: typer.Typer, only: str | None = None) -> None:
         if only is not None and name != only:
             continue
         mod = importlib.import_module(f"clipcap_cli.commands.{module}")
-        app.command(name=name, help=mod.HELP, short_help=mod.HELP.split("\n")[0], no_args_is_help=getattr(mod, "NO_ARGS_IS_HELP", False))(mod.command)
+        app.command(
+            name=name,
+            help=mod.HELP,
+            short_help=mod.HELP.split("\n")[0],
+            no_args_is_help=getattr(mod, "NO_ARGS_IS_HELP", False),
+        )(mod.command)

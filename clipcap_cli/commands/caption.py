@@ -48,40 +48,266 @@ S = ShardedOptions  # defaults of the sharded options
 def command(
     inputs: Annotated[
         Optional[List[str]],
-        typer.Argument(help="Image files, folders, globs (quoted ones are expanded too), http(s) URLs, - for stdin; with --output-dir also tar shards: a path, glob or brace pattern like 'shards/{00000..00099}.tar'.", show_default=False),
+        typer.Argument(
+            help="Image files, folders, globs (quoted ones are expanded too), http(s) URLs, - for stdin; with --output-dir also tar shards: a path, glob or brace pattern like 'shards/{00000..00099}.tar'.",
+            show_default=False,
+        ),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.", rich_help_panel=MODEL, autocompletion=complete_model)] = "coco",
-    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIP model (open_clip name or local-dir:PATH) instead of the checkpoint's.", rich_help_panel=MODEL, show_default=False)] = None,
-    clip_pretrained: Annotated[Optional[str], typer.Option("--clip-pretrained", help="open_clip pretrained tag for --clip (e.g. openai).", rich_help_panel=MODEL, show_default=False)] = None,
-    gpt2: Annotated[Optional[str], typer.Option("--gpt2", help="GPT-2 name or local folder (tokenizer, and weights for frozen-LM checkpoints).", rich_help_panel=MODEL, show_default=False)] = None,
-    normalize_prefix: Annotated[Optional[bool], typer.Option("--normalize-prefix/--no-normalize-prefix", help="L2-normalise CLIP embeddings before the mapper (default: what the checkpoint implies).", rich_help_panel=MODEL, show_default=False)] = None,
-    precision: Annotated[str, typer.Option("--precision", help=f"GPT-2's precision: {', '.join(PRECISIONS)}. auto = fp32, exact (the original's captions); bf16 is about 2x faster on CPUs with AVX512-BF16/AMX (CLIP in bf16 too) and changes some captions; fp16 on CUDA only. E.g. --precision bf16.", rich_help_panel=MODEL)] = DEFAULT_PRECISION,
-    beam: Annotated[Optional[int], typer.Option("--beam", metavar="N", help=f"Beam search with N beams, the original's beam search (its notebooks used {DecodingOptions.beam_size}). Default: greedy.", rich_help_panel=DECODING, show_default=False)] = None,
-    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of searching (see --top-p, --top-k, --temperature, --seed).", rich_help_panel=DECODING)] = False,
-    top_p: Annotated[float, typer.Option("--top-p", help="Sampling: keep the smallest set of tokens with this much probability.", rich_help_panel=DECODING)] = DecodingOptions.top_p,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sampling: keep the K likeliest tokens (0 = no limit).", rich_help_panel=DECODING)] = DecodingOptions.top_k,
-    temperature: Annotated[float, typer.Option("--temperature", help="Divide logits by this (beam search and sampling).", rich_help_panel=DECODING)] = DecodingOptions.temperature,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling: make the samples reproducible (image i uses seed + i).", rich_help_panel=DECODING, show_default=False)] = DecodingOptions.seed,
-    rerank: Annotated[Optional[str], typer.Option("--rerank", metavar="clip", help="Decode candidates (--beam N: all N beams, 5 by default; --sample -n N: N samples) and put the one CLIP matches best first: CLIPScore on the model's own CLIP, added to records as clip_score (clip_scores with -n).", rich_help_panel=DECODING, show_default=False)] = DecodingOptions.rerank,
-    num_captions: Annotated[int, typer.Option("--num-captions", "-n", help="Captions per image: the N best beams (N <= --beam) or N samples.", rich_help_panel=DECODING)] = DecodingOptions.num_captions,
-    max_length: Annotated[int, typer.Option("--max-length", help="Most tokens per caption.", rich_help_panel=DECODING)] = DecodingOptions.max_length,
-    stop_token: Annotated[Optional[str], typer.Option("--stop-token", help="Stop after this token (default: the model's, \".\").", rich_help_panel=DECODING, show_default=False)] = DecodingOptions.stop_token,
-    format_: Annotated[Optional[str], typer.Option("--format", "-f", help=f"{', '.join(available_formats())} (default: table on a terminal, jsonl otherwise, or from --output's suffix).", rich_help_panel=OUTPUT, show_default=False)] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.",
+            rich_help_panel=MODEL,
+            autocompletion=complete_model,
+        ),
+    ] = "coco",
+    clip: Annotated[
+        Optional[str],
+        typer.Option(
+            "--clip",
+            help="CLIP model (open_clip name or local-dir:PATH) instead of the checkpoint's.",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    clip_pretrained: Annotated[
+        Optional[str],
+        typer.Option(
+            "--clip-pretrained",
+            help="open_clip pretrained tag for --clip (e.g. openai).",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    gpt2: Annotated[
+        Optional[str],
+        typer.Option(
+            "--gpt2",
+            help="GPT-2 name or local folder (tokenizer, and weights for frozen-LM checkpoints).",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    normalize_prefix: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--normalize-prefix/--no-normalize-prefix",
+            help="L2-normalise CLIP embeddings before the mapper (default: what the checkpoint implies).",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help=f"GPT-2's precision: {', '.join(PRECISIONS)}. auto = fp32, exact (the original's captions); bf16 is about 2x faster on CPUs with AVX512-BF16/AMX (CLIP in bf16 too) and changes some captions; fp16 on CUDA only. E.g. --precision bf16.",
+            rich_help_panel=MODEL,
+        ),
+    ] = DEFAULT_PRECISION,
+    beam: Annotated[
+        Optional[int],
+        typer.Option(
+            "--beam",
+            metavar="N",
+            help=f"Beam search with N beams, the original's beam search (its notebooks used {DecodingOptions.beam_size}). Default: greedy.",
+            rich_help_panel=DECODING,
+            show_default=False,
+        ),
+    ] = None,
+    sample: Annotated[
+        bool,
+        typer.Option(
+            "--sample",
+            help="Sample instead of searching (see --top-p, --top-k, --temperature, --seed).",
+            rich_help_panel=DECODING,
+        ),
+    ] = False,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            "--top-p",
+            help="Sampling: keep the smallest set of tokens with this much probability.",
+            rich_help_panel=DECODING,
+        ),
+    ] = DecodingOptions.top_p,
+    top_k: Annotated[
+        int,
+        typer.Option("--top-k", help="Sampling: keep the K likeliest tokens (0 = no limit).", rich_help_panel=DECODING),
+    ] = DecodingOptions.top_k,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature", help="Divide logits by this (beam search and sampling).", rich_help_panel=DECODING
+        ),
+    ] = DecodingOptions.temperature,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seed",
+            help="Sampling: make the samples reproducible (image i uses seed + i).",
+            rich_help_panel=DECODING,
+            show_default=False,
+        ),
+    ] = DecodingOptions.seed,
+    rerank: Annotated[
+        Optional[str],
+        typer.Option(
+            "--rerank",
+            metavar="clip",
+            help="Decode candidates (--beam N: all N beams, 5 by default; --sample -n N: N samples) and put the one CLIP matches best first: CLIPScore on the model's own CLIP, added to records as clip_score (clip_scores with -n).",
+            rich_help_panel=DECODING,
+            show_default=False,
+        ),
+    ] = DecodingOptions.rerank,
+    num_captions: Annotated[
+        int,
+        typer.Option(
+            "--num-captions",
+            "-n",
+            help="Captions per image: the N best beams (N <= --beam) or N samples.",
+            rich_help_panel=DECODING,
+        ),
+    ] = DecodingOptions.num_captions,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Most tokens per caption.", rich_help_panel=DECODING)
+    ] = DecodingOptions.max_length,
+    stop_token: Annotated[
+        Optional[str],
+        typer.Option(
+            "--stop-token",
+            help='Stop after this token (default: the model\'s, ".").',
+            rich_help_panel=DECODING,
+            show_default=False,
+        ),
+    ] = DecodingOptions.stop_token,
+    format_: Annotated[
+        Optional[str],
+        typer.Option(
+            "--format",
+            "-f",
+            help=f"{', '.join(available_formats())} (default: table on a terminal, jsonl otherwise, or from --output's suffix).",
+            rich_help_panel=OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Same as --format json.", rich_help_panel=OUTPUT)] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Same as --format jsonl.", rich_help_panel=OUTPUT)] = False,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write results to FILE (atomically) instead of stdout.", rich_help_panel=OUTPUT, show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.", rich_help_panel=OUTPUT)] = False,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-O", metavar="DIR", help="Sidecar files per input shard in DIR (NAME.jsonl, NAME.stats.json, ...), resumable: e.g. --output-dir captions/.", rich_help_panel=SHARDED, show_default=False)] = None,
-    output_format: Annotated[str, typer.Option("--output-format", help="jsonl, or parquet (needs pyarrow: pip install 'clipcap-cli\\[parquet]'), e.g. --output-format parquet.", rich_help_panel=SHARDED)] = S.output_format,
-    shard_size: Annotated[int, typer.Option("--shard-size", metavar="N", help="Images per shard when the inputs are files, folders or lists (tar shards stay as they are).", rich_help_panel=SHARDED)] = S.shard_size,
-    shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take only shards s with s mod N == I, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (under torchrun each rank splits its share again).", rich_help_panel=SHARDED, show_default=False)] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Re-caption the samples whose records carry an error, in shards already done.", rich_help_panel=SHARDED)] = S.retry_failed,
-    save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Also write NAME.emb.safetensors: the CLIP image embeddings, one row per record.", rich_help_panel=SHARDED)] = S.save_embeddings,
-    url_timeout: Annotated[float, typer.Option("--url-timeout", metavar="SECONDS", help="Most seconds one http(s) URL may take to download, however slowly its server sends; a slower one gets an error record.", rich_help_panel=RUN)] = URL_DEADLINE,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for images in subfolders of folder inputs too.", rich_help_panel=RUN)] = False,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Images per CLIP and decoding batch. Default: what keeps the device busy (on the CPU {CPU_BATCH_SIZE['greedy']} greedy, {CPU_BATCH_SIZE['beam']} beam; on CUDA from free memory), e.g. -b 16.", rich_help_panel=RUN, show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help=f"Worker processes that read and decode images (0 = in this process). Default: the CPU count on CUDA (shared by torchrun's processes), {CPU_WORKERS} elsewhere.", rich_help_panel=RUN, show_default=False)] = WORKERS,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun cuda:LOCAL_RANK).", rich_help_panel=RUN, show_default=False)] = None,
+    output: Annotated[
+        Optional[str],
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write results to FILE (atomically) instead of stdout.",
+            rich_help_panel=OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.", rich_help_panel=OUTPUT),
+    ] = False,
+    output_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output-dir",
+            "-O",
+            metavar="DIR",
+            help="Sidecar files per input shard in DIR (NAME.jsonl, NAME.stats.json, ...), resumable: e.g. --output-dir captions/.",
+            rich_help_panel=SHARDED,
+            show_default=False,
+        ),
+    ] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--output-format",
+            help="jsonl, or parquet (needs pyarrow: pip install 'clipcap-cli\\[parquet]'), e.g. --output-format parquet.",
+            rich_help_panel=SHARDED,
+        ),
+    ] = S.output_format,
+    shard_size: Annotated[
+        int,
+        typer.Option(
+            "--shard-size",
+            metavar="N",
+            help="Images per shard when the inputs are files, folders or lists (tar shards stay as they are).",
+            rich_help_panel=SHARDED,
+        ),
+    ] = S.shard_size,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            "--shard",
+            metavar="I/N",
+            help="Take only shards s with s mod N == I, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (under torchrun each rank splits its share again).",
+            rich_help_panel=SHARDED,
+            show_default=False,
+        ),
+    ] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Re-caption the samples whose records carry an error, in shards already done.",
+            rich_help_panel=SHARDED,
+        ),
+    ] = S.retry_failed,
+    save_embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--save-embeddings",
+            help="Also write NAME.emb.safetensors: the CLIP image embeddings, one row per record.",
+            rich_help_panel=SHARDED,
+        ),
+    ] = S.save_embeddings,
+    url_timeout: Annotated[
+        float,
+        typer.Option(
+            "--url-timeout",
+            metavar="SECONDS",
+            help="Most seconds one http(s) URL may take to download, however slowly its server sends; a slower one gets an error record.",
+            rich_help_panel=RUN,
+        ),
+    ] = URL_DEADLINE,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive", "-r", help="Look for images in subfolders of folder inputs too.", rich_help_panel=RUN
+        ),
+    ] = False,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help=f"Images per CLIP and decoding batch. Default: what keeps the device busy (on the CPU {CPU_BATCH_SIZE['greedy']} greedy, {CPU_BATCH_SIZE['beam']} beam; on CUDA from free memory), e.g. -b 16.",
+            rich_help_panel=RUN,
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            "-j",
+            help=f"Worker processes that read and decode images (0 = in this process). Default: the CPU count on CUDA (shared by torchrun's processes), {CPU_WORKERS} elsewhere.",
+            rich_help_panel=RUN,
+            show_default=False,
+        ),
+    ] = WORKERS,
+    device: Annotated[
+        Optional[str],
+        typer.Option(
+            "--device",
+            help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun cuda:LOCAL_RANK).",
+            rich_help_panel=RUN,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Caption images."""
     from clipcap_cli.ui import cli_errors
@@ -117,27 +343,56 @@ def command(
         # Everything that makes the model: load_model's arguments, and (less the device) what an
         # --output-dir records and checks on resume. A new model option is one more entry here.
         model_args: dict[str, Any] = dict(
-            name_or_path=model, clip_model=clip, clip_pretrained=clip_pretrained, gpt2=gpt2, normalize_prefix=normalize_prefix,
+            name_or_path=model,
+            clip_model=clip,
+            clip_pretrained=clip_pretrained,
+            gpt2=gpt2,
+            normalize_prefix=normalize_prefix,
             precision=precision,
         )
         from clipcap_cli.pretrained import check_model_argument
 
-        sharded_given = {"--output-format": output_format != S.output_format, "--shard-size": shard_size != S.shard_size,
-                         "--shard": shard is not None, "--retry-failed": retry_failed, "--save-embeddings": save_embeddings}
+        sharded_given = {
+            "--output-format": output_format != S.output_format,
+            "--shard-size": shard_size != S.shard_size,
+            "--shard": shard is not None,
+            "--retry-failed": retry_failed,
+            "--save-embeddings": save_embeddings,
+        }
         if output_dir is None:
             if any(sharded_given.values()):
                 raise UsageError(f"{', '.join(k for k, on in sharded_given.items() if on)}: only with --output-dir DIR")
             fmt = _pick_format(format_, json_, jsonl, output)
             check_model_argument(model)  # a typo in --model is a usage error before any input is read
-            failed = _run(inputs or [], options, fmt, output, quiet, (recursive, url_timeout), batch_size, workers,
-                          {**model_args, "device": device})
+            failed = _run(
+                inputs or [],
+                options,
+                fmt,
+                output,
+                quiet,
+                (recursive, url_timeout),
+                batch_size,
+                workers,
+                {**model_args, "device": device},
+            )
         else:
-            stdout_options = [flag for flag, on in (("--output", output), ("--format", format_), ("--json", json_), ("--jsonl", jsonl)) if on]
+            stdout_options = [
+                flag
+                for flag, on in (("--output", output), ("--format", format_), ("--json", json_), ("--jsonl", jsonl))
+                if on
+            ]
             if stdout_options:
                 raise UsageError(f"{', '.join(stdout_options)}: not with --output-dir (records go to DIR/NAME.jsonl)")
-            sharded = ShardedOptions(output_dir=output_dir.expanduser(), output_format=output_format, save_embeddings=save_embeddings,
-                                     retry_failed=retry_failed, shard_size=shard_size, shard=_parse_shard(shard),
-                                     batch_size=batch_size, workers=workers)
+            sharded = ShardedOptions(
+                output_dir=output_dir.expanduser(),
+                output_format=output_format,
+                save_embeddings=save_embeddings,
+                retry_failed=retry_failed,
+                shard_size=shard_size,
+                shard=_parse_shard(shard),
+                batch_size=batch_size,
+                workers=workers,
+            )
             check_model_argument(model)
             failed = _run_sharded(inputs or [], options, sharded, quiet, (recursive, url_timeout), model_args, device)
         if failed:
@@ -195,7 +450,9 @@ def _run(
     if tars:
         raise UsageError(f"{tars[0]}: tar shards are captioned into sidecar files: add --output-dir DIR")
     recursive, url_timeout = reading  # --recursive, --url-timeout
-    sources = inputs.collect(args, recursive=recursive, stdin=sys.stdin if "-" in args else None, url_deadline=url_timeout)
+    sources = inputs.collect(
+        args, recursive=recursive, stdin=sys.stdin if "-" in args else None, url_deadline=url_timeout
+    )
     if not sources:
         raise UsageError("no inputs: give image files, folders, globs, URLs, or - to read paths from stdin")
     from clipcap_cli.fsutil import refuse_inputs
@@ -204,8 +461,14 @@ def _run(
 
     # No model is loaded when every input already failed (e.g. missing files).
     captioner = _load(model_args, options, quiet) if any(s.error is None for s in sources) else None
-    outcomes = ((c.index, c.error, c.result) for c in captioner.stream(sources, options, batch_size=batch_size, workers=workers)) \
-        if captioner is not None else ((i, s.error, None) for i, s in enumerate(sources))
+    outcomes = (
+        (
+            (c.index, c.error, c.result)
+            for c in captioner.stream(sources, options, batch_size=batch_size, workers=workers)
+        )
+        if captioner is not None
+        else ((i, s.error, None) for i, s in enumerate(sources))
+    )
     alternatives = options.num_captions > 1
     failed = done = 0
     start = time.perf_counter()
@@ -249,8 +512,15 @@ def _load(model_args: dict[str, Any], options: DecodingOptions, quiet: bool) -> 
     return captioner
 
 
-def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOptions, quiet: bool, reading: tuple[bool, float],
-                 model_args: dict[str, Any], device: str | None) -> int:
+def _run_sharded(
+    args: list[str],
+    options: DecodingOptions,
+    sharded: ShardedOptions,
+    quiet: bool,
+    reading: tuple[bool, float],
+    model_args: dict[str, Any],
+    device: str | None,
+) -> int:
     """Caption shards into sidecar files (see ``clipcap_cli.sharded``); returns how many of this
     process's samples failed (0 under torchrun, where another exit code reads as a crash)."""
     import dataclasses
@@ -260,8 +530,13 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
     from clipcap_cli.ui import stderr
 
     recursive, url_timeout = reading  # --recursive, --url-timeout
-    job = shards.discover(args, recursive=recursive, stdin=sys.stdin if "-" in args else None, shard_size=sharded.shard_size,
-                          url_deadline=url_timeout)
+    job = shards.discover(
+        args,
+        recursive=recursive,
+        stdin=sys.stdin if "-" in args else None,
+        shard_size=sharded.shard_size,
+        url_deadline=url_timeout,
+    )
     settings = {
         "model": _model_identity(model_args),
         "weights": _weights(model_args),  # contents, not names: other weights at the same path are refused
@@ -287,8 +562,12 @@ def _run_sharded(args: list[str], options: DecodingOptions, sharded: ShardedOpti
         if not progress.live.is_started:  # from the first count on: after the model has loaded
             progress.start()
             progress.reset(task)  # the rate's clock starts now, not before the model was loaded
-        progress.update(task, completed=p.samples, total=p.expected or None,
-                        description=f"shard {p.shards_done}/{p.shards}" + (f", {p.failed} failed" if p.failed else ""))
+        progress.update(
+            task,
+            completed=p.samples,
+            total=p.expected or None,
+            description=f"shard {p.shards_done}/{p.shards}" + (f", {p.failed} failed" if p.failed else ""),
+        )
 
     try:
         outcome = runner.run(job, load, options, settings, sharded, dist=dist, on_progress=show)
@@ -319,7 +598,7 @@ def _weights(model_args: dict[str, Any]) -> dict[str, str | None]:
     found = {"checkpoint": weights_fingerprint(str(model_args["name_or_path"]))}
     clip, gpt2 = model_args.get("clip_model"), model_args.get("gpt2")
     if clip and str(clip).startswith(LOCAL_DIR):
-        found["clip"] = weights_fingerprint(str(clip)[len(LOCAL_DIR):])
+        found["clip"] = weights_fingerprint(str(clip)[len(LOCAL_DIR) :])
     if gpt2 and Path(str(gpt2)).expanduser().is_dir():
         found["gpt2"] = weights_fingerprint(str(gpt2))
     return found
@@ -332,8 +611,12 @@ def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
     run = summary["this_run"]
     rate = run["samples"] / max(run["seconds"], 1e-9)
     worked = run["samples"] or run["shards_done"]
-    parts = [f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
-             f"in {run['seconds']:.1f} s ({rate:.2f} images/s)" if worked else "nothing to do"]
+    parts = [
+        f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
+        f"in {run['seconds']:.1f} s ({rate:.2f} images/s)"
+        if worked
+        else "nothing to do"
+    ]
     if run["shards_skipped"]:
         parts.append(f"{run['shards_skipped']} shards were already done")
     line = "; ".join(parts)

@@ -27,21 +27,44 @@ def _complete_names(incomplete: str) -> list[str]:
 def command(
     names: Annotated[
         Optional[List[str]],
-        typer.Argument(help="Models to download: coco, conceptual, coco-transformer, or all.", autocompletion=_complete_names, show_default=False),
+        typer.Argument(
+            help="Models to download: coco, conceptual, coco-transformer, or all.",
+            autocompletion=_complete_names,
+            show_default=False,
+        ),
     ] = None,
-    list_: Annotated[bool, typer.Option("--list", "-l", help="List the known models, their sizes and whether they are cached.")] = False,
+    list_: Annotated[
+        bool, typer.Option("--list", "-l", help="List the known models, their sizes and whether they are cached.")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="With --list: print JSON instead of a table.")] = False,
     path: Annotated[
         Optional[str],
-        typer.Option("--path", metavar="NAME", help="Print where NAME's checkpoint is stored (exit 1 if not downloaded).", autocompletion=_complete_names),
+        typer.Option(
+            "--path",
+            metavar="NAME",
+            help="Print where NAME's checkpoint is stored (exit 1 if not downloaded).",
+            autocompletion=_complete_names,
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Download again even when a verified copy is cached.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress; print only the checkpoint paths (for scripts).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Download again even when a verified copy is cached.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress; print only the checkpoint paths (for scripts).")
+    ] = False,
     offline: Annotated[
-        bool, typer.Option("--offline", envvar="CLIPCAP_OFFLINE", help="Never use the network: say what is missing and where to put it.")
+        bool,
+        typer.Option(
+            "--offline",
+            envvar="CLIPCAP_OFFLINE",
+            help="Never use the network: say what is missing and where to put it.",
+        ),
     ] = False,
     backbones_: Annotated[
-        bool, typer.Option("--backbones/--no-backbones", help="Also fetch the CLIP backbone and GPT-2 tokenizer each model needs.")
+        bool,
+        typer.Option(
+            "--backbones/--no-backbones", help="Also fetch the CLIP backbone and GPT-2 tokenizer each model needs."
+        ),
     ] = True,
 ) -> None:
     from clipcap_cli.ui import cli_errors, stderr, stdout
@@ -105,7 +128,9 @@ def _fetch_backbones(model, *, quiet: bool) -> None:
 
     clip_name, clip_tag = model.clip
     if not quiet:
-        stderr.print(f"fetching CLIP {clip_name} ({clip_tag}) and GPT-2 '{model.gpt2}' (tokenizer, config) ...", highlight=False)
+        stderr.print(
+            f"fetching CLIP {clip_name} ({clip_tag}) and GPT-2 '{model.gpt2}' (tokenizer, config) ...", highlight=False
+        )
     backbones.load_clip(clip_name, clip_tag, "cpu")
     backbones.load_tokenizer(model.gpt2)
     backbones.gpt2_config(model.gpt2)
@@ -143,6 +168,8 @@ def _print_list(as_json: bool) -> None:
         table.add_column(col)
     for r in rows:
         size = f"{r['size'] / 1e6:.0f} MB" if r["size"] else "?"
-        sha = (r["sha256"] or "")[:12] + (f" (verified by {r['verified_by']})" if r["verified_by"] else " (unverified)" if r["sha256"] else "")
+        sha = (r["sha256"] or "")[:12] + (
+            f" (verified by {r['verified_by']})" if r["verified_by"] else " (unverified)" if r["sha256"] else ""
+        )
         table.add_row(r["name"], r["description"], size, "[green]yes[/]" if r["cached"] else "no", sha, r["path"])
     stdout.print(table)

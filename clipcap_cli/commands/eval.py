@@ -55,108 +55,202 @@ PAPER_COLUMNS = {
 def command(
     refs: Annotated[
         Path,
-        typer.Option("--refs", "-r", help="Reference captions: COCO captions file, Karpathy split file, features store or JSON Lines.",
-                     show_default=False, rich_help_panel=INPUTS),
+        typer.Option(
+            "--refs",
+            "-r",
+            help="Reference captions: COCO captions file, Karpathy split file, features store or JSON Lines.",
+            show_default=False,
+            rich_help_panel=INPUTS,
+        ),
     ],
     predictions: Annotated[
         Optional[Path],
-        typer.Option("--predictions", "-p", help="Predicted captions: `clipcap caption --jsonl` output or COCO results JSON.",
-                     show_default=False, rich_help_panel=INPUTS),
+        typer.Option(
+            "--predictions",
+            "-p",
+            help="Predicted captions: `clipcap caption --jsonl` output or COCO results JSON.",
+            show_default=False,
+            rich_help_panel=INPUTS,
+        ),
     ] = None,
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Caption the reference images with this model (registry name or checkpoint) and score them.", autocompletion=complete_model,
-                     show_default=False, rich_help_panel=INPUTS),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Caption the reference images with this model (registry name or checkpoint) and score them.",
+            autocompletion=complete_model,
+            show_default=False,
+            rich_help_panel=INPUTS,
+        ),
     ] = None,
     refs_format: Annotated[
-        str, typer.Option("--refs-format", help="auto, coco, karpathy, caption-list, features or jsonl.", rich_help_panel=INPUTS)
+        str,
+        typer.Option(
+            "--refs-format", help="auto, coco, karpathy, caption-list, features or jsonl.", rich_help_panel=INPUTS
+        ),
     ] = D.refs_format,
     split: Annotated[
         Optional[str],
-        typer.Option(help=f"Karpathy split file: the split to score (train, val, test, restval, all) \\[default: {D.split}].",
-                     show_default=False, rich_help_panel=INPUTS),
+        typer.Option(
+            help=f"Karpathy split file: the split to score (train, val, test, restval, all) \\[default: {D.split}].",
+            show_default=False,
+            rich_help_panel=INPUTS,
+        ),
     ] = None,
     images: Annotated[
         Optional[Path],
-        typer.Option("--images", "-i", help="Folder of the reference images, for --model and CLIPScore (--model's default: the features store's root or the refs file's folder).",
-                     show_default=False, rich_help_panel=INPUTS),
+        typer.Option(
+            "--images",
+            "-i",
+            help="Folder of the reference images, for --model and CLIPScore (--model's default: the features store's root or the refs file's folder).",
+            show_default=False,
+            rich_help_panel=INPUTS,
+        ),
     ] = None,
     beam: Annotated[
         Optional[int],
-        typer.Option("--beam", metavar="N", help="Beam search with N beams (5 is the original's beam width) \\[default: greedy, as the original's predict.py].",
-                     show_default=False, rich_help_panel=MODEL),
+        typer.Option(
+            "--beam",
+            metavar="N",
+            help="Beam search with N beams (5 is the original's beam width) \\[default: greedy, as the original's predict.py].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     max_length: Annotated[
         Optional[int],
-        typer.Option("--max-length", help=f"Most tokens per caption \\[default: {DECODING.max_length}].", show_default=False,
-                     rich_help_panel=MODEL),
+        typer.Option(
+            "--max-length",
+            help=f"Most tokens per caption \\[default: {DECODING.max_length}].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     batch_size: Annotated[
         Optional[int],
-        typer.Option("--batch-size", "-b", help="Images per captioning batch \\[default: as clipcap caption, for the device].",
-                     show_default=False, rich_help_panel=MODEL),
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Images per captioning batch \\[default: as clipcap caption, for the device].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     precision: Annotated[
         Optional[str],
-        typer.Option("--precision", help=f"GPT-2's precision for --model: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact]; "
-                     "e.g. --precision bf16 (faster on CPUs with AVX512-BF16, some captions differ).", show_default=False,
-                     rich_help_panel=MODEL),
+        typer.Option(
+            "--precision",
+            help=f"GPT-2's precision for --model: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact]; "
+            "e.g. --precision bf16 (faster on CPUs with AVX512-BF16, some captions differ).",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     workers: Annotated[
         Optional[int],
-        typer.Option("--workers", "-j", help="Worker processes that read and decode images (0 = in this process) \\[default: as clipcap caption].",
-                     show_default=False, rich_help_panel=MODEL),
+        typer.Option(
+            "--workers",
+            "-j",
+            help="Worker processes that read and decode images (0 = in this process) \\[default: as clipcap caption].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     device: Annotated[
         Optional[str],
-        typer.Option(help="cpu, cuda, cuda:N or mps, for --model and for CLIPScore \\[default: best available].", show_default=False, rich_help_panel=MODEL),
+        typer.Option(
+            help="cpu, cuda, cuda:N or mps, for --model and for CLIPScore \\[default: best available].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = D.device,
     save_predictions: Annotated[
         Optional[Path],
-        typer.Option("--save-predictions", metavar="FILE", help="Write the model's captions as JSON Lines (re-score them with --predictions).",
-                     show_default=False, rich_help_panel=MODEL),
+        typer.Option(
+            "--save-predictions",
+            metavar="FILE",
+            help="Write the model's captions as JSON Lines (re-score them with --predictions).",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     metric_names: Annotated[
         Optional[str],
-        typer.Option("--metrics", help="Comma-separated subset: BLEU (all four), BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE, CLIPScore, RefCLIPScore \\[default: all].",
-                     show_default=False, rich_help_panel=SCORING),
+        typer.Option(
+            "--metrics",
+            help="Comma-separated subset: BLEU (all four), BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE, CLIPScore, RefCLIPScore \\[default: all].",
+            show_default=False,
+            rich_help_panel=SCORING,
+        ),
     ] = None,
     tokenizer: Annotated[
         str,
-        typer.Option(help="auto (Java PTBTokenizer when available, else its Python imitation), ptb-java, ptb-python or none.",
-                     rich_help_panel=SCORING),
+        typer.Option(
+            help="auto (Java PTBTokenizer when available, else its Python imitation), ptb-java, ptb-python or none.",
+            rich_help_panel=SCORING,
+        ),
     ] = D.tokenizer,
     backend: Annotated[
         str,
-        typer.Option(help="auto, python (no Java: METEOR/SPICE unavailable) or pycocoevalcap (its Python scorers too).",
-                     rich_help_panel=SCORING),
+        typer.Option(
+            help="auto, python (no Java: METEOR/SPICE unavailable) or pycocoevalcap (its Python scorers too).",
+            rich_help_panel=SCORING,
+        ),
     ] = D.backend,
     clip: Annotated[
         Optional[str],
-        typer.Option("--clip", help=f"CLIP for CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH \\[default: {D.clip_model}].",
-                     show_default=False, rich_help_panel=SCORING),
+        typer.Option(
+            "--clip",
+            help=f"CLIP for CLIPScore/RefCLIPScore: open_clip name or local-dir:PATH \\[default: {D.clip_model}].",
+            show_default=False,
+            rich_help_panel=SCORING,
+        ),
     ] = None,
     clip_pretrained: Annotated[
         Optional[str],
-        typer.Option("--clip-pretrained", help=f"open_clip pretrained tag of --clip \\[default: {D.clip_pretrained}; none for local-dir:].",
-                     show_default=False, rich_help_panel=SCORING),
+        typer.Option(
+            "--clip-pretrained",
+            help=f"open_clip pretrained tag of --clip \\[default: {D.clip_pretrained}; none for local-dir:].",
+            show_default=False,
+            rich_help_panel=SCORING,
+        ),
     ] = None,
     allow_missing: Annotated[
-        bool, typer.Option("--allow-missing", help="Score the images both sides share instead of failing on a mismatch.",
-                           rich_help_panel=SCORING)
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Score the images both sides share instead of failing on a mismatch.",
+            rich_help_panel=SCORING,
+        ),
     ] = D.allow_missing,
     per_image: Annotated[
-        bool, typer.Option("--per-image", help="Per-image scores (JSON: a list; terminal: the worst images).", rich_help_panel=OUTPUT)
+        bool,
+        typer.Option(
+            "--per-image", help="Per-image scores (JSON: a list; terminal: the worst images).", rich_help_panel=OUTPUT
+        ),
     ] = D.per_image,
     compare: Annotated[
         Optional[str],
-        typer.Option(help="'paper': the ClipCap paper's Table 1 (COCO) rows beside ours, x100.", show_default=False,
-                     rich_help_panel=OUTPUT),
+        typer.Option(
+            help="'paper': the ClipCap paper's Table 1 (COCO) rows beside ours, x100.",
+            show_default=False,
+            rich_help_panel=OUTPUT,
+        ),
     ] = None,
-    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout even on a terminal.", rich_help_panel=OUTPUT)] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="JSON on stdout even on a terminal.", rich_help_panel=OUTPUT)
+    ] = False,
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Also write the JSON report to FILE.", show_default=False,
-                                     rich_help_panel=OUTPUT)
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Also write the JSON report to FILE.",
+            show_default=False,
+            rich_help_panel=OUTPUT,
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
@@ -168,11 +262,19 @@ def command(
 
         if (predictions is None) == (model is None):
             raise UsageError("give one of --predictions FILE or --model NAME|PATH")
-        model_only = {"--beam": beam, "--max-length": max_length, "--batch-size": batch_size, "--workers": workers,
-                      "--precision": precision, "--save-predictions": save_predictions}
+        model_only = {
+            "--beam": beam,
+            "--max-length": max_length,
+            "--batch-size": batch_size,
+            "--workers": workers,
+            "--precision": precision,
+            "--save-predictions": save_predictions,
+        }
         given = [flag for flag, value in model_only.items() if value is not None]
         if predictions is not None and given:
-            raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --model (it sets how the references are captioned)")
+            raise UsageError(
+                f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --model (it sets how the references are captioned)"
+            )
         from clipcap_cli.fsutil import refuse_inputs
 
         read = [p for p in (refs, predictions) if p is not None]
@@ -199,7 +301,9 @@ def command(
             **_clip_options(clip, clip_pretrained),
         )
         evaluation.check_scorers(options)
-        if (clip, clip_pretrained) != (None, None) and set(evaluation.requested_metrics(options.metrics)) & set(CLIP_METRICS):
+        if (clip, clip_pretrained) != (None, None) and set(evaluation.requested_metrics(options.metrics)) & set(
+            CLIP_METRICS
+        ):
             from clipcap_cli.clipscore import check_clip
 
             check_clip(options.clip_model, options.clip_pretrained)  # a typo fails before any captioning
@@ -209,8 +313,13 @@ def command(
         settings: dict[str, Any] = {}
         if model is not None:
             preds = _caption(references, model, images, decoding, options, quiet)
-            settings = {"model": model, "decoding": evaluation.decoding_settings(decoding),
-                        "batch_size": options.batch_size, "device": options.device, "precision": options.precision}
+            settings = {
+                "model": model,
+                "decoding": evaluation.decoding_settings(decoding),
+                "batch_size": options.batch_size,
+                "device": options.device,
+                "precision": options.precision,
+            }
             if save_predictions is not None:
                 from clipcap_cli.ui import stderr
 
@@ -221,8 +330,14 @@ def command(
             assert predictions is not None
             preds = evaluation.read_predictions(predictions)
         with _clip_progress(quiet) as clip_progress:
-            report = evaluation.evaluate(references, preds, options, settings=settings, compare_paper=compare is not None,
-                                         clip_progress=clip_progress)
+            report = evaluation.evaluate(
+                references,
+                preds,
+                options,
+                settings=settings,
+                compare_paper=compare is not None,
+                clip_progress=clip_progress,
+            )
         _emit(report, output, json_, options.worst)
 
 
@@ -241,8 +356,14 @@ def _clip_options(clip: str | None, pretrained: str | None) -> dict[str, Any]:
     model = clip or D.clip_model
     from clipcap_cli.backbones import LOCAL_DIR
 
-    return {"clip_model": model,
-            "clip_pretrained": pretrained if pretrained is not None else None if model.startswith(LOCAL_DIR) else D.clip_pretrained}
+    return {
+        "clip_model": model,
+        "clip_pretrained": pretrained
+        if pretrained is not None
+        else None
+        if model.startswith(LOCAL_DIR)
+        else D.clip_pretrained,
+    }
 
 
 @contextlib.contextmanager
@@ -285,13 +406,16 @@ def _say_refs(references: Any) -> None:
     from clipcap_cli.ui import say
 
     split = f" (split {references.split})" if references.split else ""
-    say(f"references: {references.format} {references.source}{split}: {len(references.images)} images, "
+    say(
+        f"references: {references.format} {references.source}{split}: {len(references.images)} images, "
         f"{sum(len(r.captions) for r in references.images)} captions"
-        + (f"; {references.without_captions} images without captions left out" if references.without_captions else ""))
+        + (f"; {references.without_captions} images without captions left out" if references.without_captions else "")
+    )
 
 
-def _caption(references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions,
-             quiet: bool) -> Any:
+def _caption(
+    references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions, quiet: bool
+) -> Any:
     from clipcap_cli import evaluation
     from clipcap_cli.ui import item_progress, stderr
 
@@ -300,8 +424,15 @@ def _caption(references: Any, model: str, images: Path | None, decoding: Decodin
     progress.start()
     try:
         preds = evaluation.caption_references(
-            references, model, images_root=images, decoding=decoding, batch_size=options.batch_size,
-            device=options.device, precision=options.precision, allow_missing=options.allow_missing, workers=options.workers,
+            references,
+            model,
+            images_root=images,
+            decoding=decoding,
+            batch_size=options.batch_size,
+            device=options.device,
+            precision=options.precision,
+            allow_missing=options.allow_missing,
+            workers=options.workers,
             on_start=lambda total: progress.reset(task, description="captioning", total=total),  # clock from here
             on_progress=lambda done: progress.update(task, completed=done),
         )
@@ -370,11 +501,16 @@ def _render(report: dict, worst: int) -> None:
     if paper:
         for row in paper["rows"]:
             table.add_column(PAPER_COLUMNS.get(row, row.replace("_", " ")), justify="right")
-    requested = [m for m in (*metrics.METRIC_NAMES, *CLIP_METRICS) if m in report["metrics"] or m in report["unavailable"]]
+    requested = [
+        m for m in (*metrics.METRIC_NAMES, *CLIP_METRICS) if m in report["metrics"] or m in report["unavailable"]
+    ]
     for name in requested:
         value = report["metrics"].get(name)
-        cells = [name, _fmt(None if value is None else value * metrics.PAPER_SCALE),
-                 "n/a" if value is None else f"{value:.4f}"]
+        cells = [
+            name,
+            _fmt(None if value is None else value * metrics.PAPER_SCALE),
+            "n/a" if value is None else f"{value:.4f}",
+        ]
         if paper:
             cells += [_fmt(values.get(name)) for values in paper["rows"].values()]
         table.add_row(*cells)

@@ -35,44 +35,90 @@ SHOW_SKIPPED = 5
 def command(
     dataset: Annotated[Optional[Path], typer.Argument(help="Dataset file or image folder.", show_default=False)] = None,
     images: Annotated[
-        Optional[Path], typer.Option("--images", "-i", help="Images root (default: the dataset file's folder).", rich_help_panel=DATA)
+        Optional[Path],
+        typer.Option("--images", "-i", help="Images root (default: the dataset file's folder).", rich_help_panel=DATA),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Features directory to write.", rich_help_panel=RUN)] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Features directory to write.", rich_help_panel=RUN)
+    ] = None,
     format_: Annotated[
-        str, typer.Option("--format", help="auto, coco, karpathy, caption-list, csv, tsv, jsonl or folder.", rich_help_panel=DATA)
+        str,
+        typer.Option(
+            "--format", help="auto, coco, karpathy, caption-list, csv, tsv, jsonl or folder.", rich_help_panel=DATA
+        ),
     ] = "auto",
     split: Annotated[
         Optional[str],
-        typer.Option(help="Karpathy split: train, val, test, restval, train+restval (ClipCap's 'train') or all.", rich_help_panel=DATA),
+        typer.Option(
+            help="Karpathy split: train, val, test, restval, train+restval (ClipCap's 'train') or all.",
+            rich_help_panel=DATA,
+        ),
     ] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Folders: include subfolders.", rich_help_panel=DATA)] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Folders: include subfolders.", rich_help_panel=DATA)
+    ] = False,
     clip: Annotated[
-        Optional[str], typer.Option(help=f"open_clip model name, or local-dir:PATH \\[default: {D.clip_model}].", show_default=False, rich_help_panel=MODEL)
+        Optional[str],
+        typer.Option(
+            help=f"open_clip model name, or local-dir:PATH \\[default: {D.clip_model}].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     pretrained: Annotated[
         Optional[str],
-        typer.Option(help=f"open_clip pretrained tag; 'none' = random weights \\[default: {D.clip_pretrained}].", show_default=False, rich_help_panel=MODEL),
+        typer.Option(
+            help=f"open_clip pretrained tag; 'none' = random weights \\[default: {D.clip_pretrained}].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per CLIP forward pass.", rich_help_panel=MODEL)] = D.batch_size,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Images per CLIP forward pass.", rich_help_panel=MODEL)
+    ] = D.batch_size,
     workers: Annotated[
-        Optional[int], typer.Option(help="Image-decoding worker processes \\[default: min(4, CPU count)].", show_default=False, rich_help_panel=MODEL)
+        Optional[int],
+        typer.Option(
+            help="Image-decoding worker processes \\[default: min(4, CPU count)].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
     ] = D.workers,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps \\[default: best available].", rich_help_panel=MODEL)] = D.device,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps \\[default: best available].", rich_help_panel=MODEL)
+    ] = D.device,
     shard: Annotated[
         Optional[str],
-        typer.Option(help="i/n: encode only this process's share (default from torchrun's RANK/WORLD_SIZE).", rich_help_panel=RUN),
+        typer.Option(
+            help="i/n: encode only this process's share (default from torchrun's RANK/WORLD_SIZE).", rich_help_panel=RUN
+        ),
     ] = None,
     merge: Annotated[
-        Optional[Path], typer.Option(help="Join the part files of a sharded run in this directory into the final store.", rich_help_panel=RUN)
+        Optional[Path],
+        typer.Option(
+            help="Join the part files of a sharded run in this directory into the final store.", rich_help_panel=RUN
+        ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over, discarding what OUT holds.", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over, discarding what OUT holds.", rich_help_panel=RUN)
+    ] = False,
     export_pickle: Annotated[
         Optional[Path],
-        typer.Option("--export-pickle", metavar="FILE", help="Also write the original ClipCap pickle (one row per caption).", rich_help_panel=ORIGINAL),
+        typer.Option(
+            "--export-pickle",
+            metavar="FILE",
+            help="Also write the original ClipCap pickle (one row per caption).",
+            rich_help_panel=ORIGINAL,
+        ),
     ] = None,
     import_pickle: Annotated[
         Optional[Path],
-        typer.Option("--import-pickle", metavar="FILE", help="Convert an original ClipCap pickle into a store at --out (safely, no code runs).", rich_help_panel=ORIGINAL),
+        typer.Option(
+            "--import-pickle",
+            metavar="FILE",
+            help="Convert an original ClipCap pickle into a store at --out (safely, no code runs).",
+            rich_help_panel=ORIGINAL,
+        ),
     ] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", hidden=True, help="Images per part file.")] = D.chunk_size,
     json_: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.", rich_help_panel=RUN)] = False,
@@ -132,7 +178,9 @@ def _check_images_exist(records: list[dict], root: Path) -> None:
 
     probe = records[:50]
     if probe and not any((root / r["image"]).is_file() for r in probe):
-        raise UsageError(f"none of the first {len(probe)} images exist (e.g. {root / probe[0]['image']}): check --images")
+        raise UsageError(
+            f"none of the first {len(probe)} images exist (e.g. {root / probe[0]['image']}): check --images"
+        )
 
 
 def _extract(
@@ -154,7 +202,9 @@ def _extract(
 
     ds = read_dataset(dataset, images, fmt, split, recursive)
     records = list(ds.records())
-    say(f"{ds.format} dataset {ds.source}: {len(records)} images, {sum(len(r['captions']) for r in records)} captions; images under {ds.images_root}")
+    say(
+        f"{ds.format} dataset {ds.source}: {len(records)} images, {sum(len(r['captions']) for r in records)} captions; images under {ds.images_root}"
+    )
     if ds.format != "folder":
         _check_images_exist(records, ds.images_root)
     if overwrite:
@@ -168,7 +218,9 @@ def _extract(
         nonlocal started
         if not started:  # only now: a finished store (no-op) shows no bar at all
             if done:
-                stderr.print(f"resuming: {done} of {total} images already done in {out / features.PARTS_DIR}", highlight=False)
+                stderr.print(
+                    f"resuming: {done} of {total} images already done in {out / features.PARTS_DIR}", highlight=False
+                )
             progress.start()
             progress.reset(task, total=total, completed=done, base=done)  # the rate counts this run's images only
             started = True
@@ -178,7 +230,9 @@ def _extract(
         result = features.extract(records, ds.images_root, out, options, source=ds.describe(), on_progress=on_progress)
     except KeyboardInterrupt:
         progress.stop()
-        stderr.print(f"[red]interrupted[/]: finished chunks are kept in {out / features.PARTS_DIR}; run the same command again to continue")
+        stderr.print(
+            f"[red]interrupted[/]: finished chunks are kept in {out / features.PARTS_DIR}; run the same command again to continue"
+        )
         raise typer.Exit(130) from None
     finally:
         progress.stop()
@@ -190,14 +244,21 @@ def _extract(
         return
     if not result.complete:
         i, n = options.shard
-        left = f"{result.chunks_missing} chunks are still missing from other shards" if result.chunks_missing else "every chunk is done"
+        left = (
+            f"{result.chunks_missing} chunks are still missing from other shards"
+            if result.chunks_missing
+            else "every chunk is done"
+        )
         stderr.print(
             f"shard {i}/{n} done: {result.encoded} images encoded; {left}. When every shard has finished: "
             f"[bold]clipcap extract --merge {out}[/]",
             highlight=False,
         )
         if export_pickle:
-            stderr.print("[yellow]warning:[/] --export-pickle needs the merged store: pass it to the --merge run", highlight=False)
+            stderr.print(
+                "[yellow]warning:[/] --export-pickle needs the merged store: pass it to the --merge run",
+                highlight=False,
+            )
         _summary(result, json_, show_skipped=True)
         return
     if export_pickle:
@@ -228,7 +289,13 @@ def _export(out: Path, target: Path) -> None:
 
 
 def _import(
-    pickle_file: Path, out: Path | None, images: Path | None, clip: str | None, pretrained: str | None, export_pickle: Path | None, json_: bool
+    pickle_file: Path,
+    out: Path | None,
+    images: Path | None,
+    clip: str | None,
+    pretrained: str | None,
+    export_pickle: Path | None,
+    json_: bool,
 ) -> None:
     from clipcap_cli.errors import UsageError
     from clipcap_cli.legacy import import_original_pickle
@@ -238,16 +305,28 @@ def _import(
         raise UsageError("--import-pickle needs --out DIR")
     if export_pickle:
         raise UsageError("--import-pickle and --export-pickle do not go together")
-    fs, warnings = import_original_pickle(pickle_file, out, images, clip, _tag(pretrained) if pretrained is not None else None)
+    fs, warnings = import_original_pickle(
+        pickle_file, out, images, clip, _tag(pretrained) if pretrained is not None else None
+    )
     for w in warnings:
         warn(w)
     if fs.meta.get("clip_model_guessed"):
-        warn(f"the pickle does not say which CLIP made it; recorded {fs.meta['clip_model']} ({fs.meta['clip_pretrained']}) from its width: pass --clip to set it")
-    info = {"out": str(fs.path), "images": len(fs), "captions": fs.num_captions, "pickle_rows": fs.meta["counts"]["pickle_rows"]}
+        warn(
+            f"the pickle does not say which CLIP made it; recorded {fs.meta['clip_model']} ({fs.meta['clip_pretrained']}) from its width: pass --clip to set it"
+        )
+    info = {
+        "out": str(fs.path),
+        "images": len(fs),
+        "captions": fs.num_captions,
+        "pickle_rows": fs.meta["counts"]["pickle_rows"],
+    }
     if json_:
         print(json.dumps(info))
     else:
-        stdout.print(f"imported {info['pickle_rows']} rows as {info['images']} images ({info['captions']} captions) into {fs.path}", highlight=False)
+        stdout.print(
+            f"imported {info['pickle_rows']} rows as {info['images']} images ({info['captions']} captions) into {fs.path}",
+            highlight=False,
+        )
 
 
 def _summary(result: Any, json_: bool, show_skipped: bool) -> None:
@@ -274,7 +353,9 @@ def _summary(result: Any, json_: bool, show_skipped: bool) -> None:
         )
     if show_skipped and result.skipped:
         where = result.out / SKIPPED_FILE if result.complete else "the part files"
-        stderr.print(f"[yellow]warning:[/] skipped {len(result.skipped)} unreadable images (listed in {where}):", highlight=False)
+        stderr.print(
+            f"[yellow]warning:[/] skipped {len(result.skipped)} unreadable images (listed in {where}):", highlight=False
+        )
         for s in result.skipped[:SHOW_SKIPPED]:
             stderr.print(f"  {s['image']}: {s['reason']}", highlight=False, markup=False)
         if len(result.skipped) > SHOW_SKIPPED:

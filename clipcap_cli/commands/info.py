@@ -30,12 +30,19 @@ def collect() -> dict:
     from clipcap_cli.version import __version__
 
     home = paths.home()
-    cached = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() and p.suffix in {".pt", ".safetensors", ".bin", ".pth"})
+    cached = sorted(
+        str(p.relative_to(home))
+        for p in home.rglob("*")
+        if p.is_file() and p.suffix in {".pt", ".safetensors", ".bin", ".pth"}
+    )
     return {
         "clipcap": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {d: _version_of(d) for d in ("torch", "transformers", "open_clip_torch", "typer", "rich", "safetensors", "pycocoevalcap")},
+        "packages": {
+            d: _version_of(d)
+            for d in ("torch", "transformers", "open_clip_torch", "typer", "rich", "safetensors", "pycocoevalcap")
+        },
         "device": str(pick_device()),
         "cuda_available": torch.cuda.is_available(),
         "home": str(home),

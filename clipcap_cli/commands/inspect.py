@@ -28,12 +28,30 @@ Example: [bold]clipcap inspect photo.jpg --model coco[/]   ·   [bold]clipcap in
 def command(
     inputs: Annotated[
         Optional[List[str]],
-        typer.Argument(help="Image files, folders, globs, http(s) URLs, or - for stdin (as clipcap caption).", show_default=False),
+        typer.Argument(
+            help="Image files, folders, globs, http(s) URLs, or - for stdin (as clipcap caption).", show_default=False
+        ),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.", autocompletion=complete_model)] = "coco",
-    top: Annotated[int, typer.Option("--top", "-k", help="Nearest tokens shown per prefix position (2: the nearest and the runner-up).")] = TOP,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.",
+            autocompletion=complete_model,
+        ),
+    ] = "coco",
+    top: Annotated[
+        int,
+        typer.Option(
+            "--top", "-k", help="Nearest tokens shown per prefix position (2: the nearest and the runner-up)."
+        ),
+    ] = TOP,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="JSON Lines even on a terminal.")] = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available).", show_default=False)] = None,
+    device: Annotated[
+        Optional[str],
+        typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available).", show_default=False),
+    ] = None,
 ) -> None:
     """Show the nearest GPT-2 tokens of each prefix position."""
     from clipcap_cli.ui import cli_errors
@@ -104,8 +122,9 @@ def _render(records: list[dict[str, Any]]) -> None:
         table = Table(title=f"{escape(record['path'])}: {escape(record['caption'])}", title_justify="left")
         table.add_column("position", justify="right")
         for rank in range(top):
-            table.add_column("nearest token" if rank == 0 else "runner-up" if rank == 1 else f"#{rank + 1}",
-                             overflow="fold")
+            table.add_column(
+                "nearest token" if rank == 0 else "runner-up" if rank == 1 else f"#{rank + 1}", overflow="fold"
+            )
             table.add_column("cosine", justify="right", style="dim")
         for position in record["prefix"]:
             cells = [str(position["position"])]

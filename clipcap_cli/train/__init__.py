@@ -27,17 +27,48 @@ from clipcap_cli.train.callbacks import (
 from clipcap_cli.train.options import PRECISIONS, RESUMABLE_CHANGES, TrainOptions, model_config, resume_conflicts
 
 _LAZY = {
-    "loop": ("train", "fit", "prepare", "train_step", "validate", "Trainer", "TrainingInterrupted", "NonFiniteError", "lr_factor",
-             "ADAM_BETAS", "ADAM_EPS", "LOSS_EMA"),
-    "data": ("TokenizedCaptions", "tokenize_captions", "captions_key", "Batch", "CaptionDataset", "split_ids",
-             "TrainData", "load_data"),
+    "loop": (
+        "train",
+        "fit",
+        "prepare",
+        "train_step",
+        "validate",
+        "Trainer",
+        "TrainingInterrupted",
+        "NonFiniteError",
+        "lr_factor",
+        "ADAM_BETAS",
+        "ADAM_EPS",
+        "LOSS_EMA",
+    ),
+    "data": (
+        "TokenizedCaptions",
+        "tokenize_captions",
+        "captions_key",
+        "Batch",
+        "CaptionDataset",
+        "split_ids",
+        "TrainData",
+        "load_data",
+    ),
     "state": ("Position", "read_run", "RESUME_FILE", "CONFIG_FILE"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
-    "METRICS_FILE", "Callbacks", "MetricsLog", "StartInfo", "StepInfo", "TrainCallback", "TrainResult",
-    "PRECISIONS", "RESUMABLE_CHANGES", "TrainOptions", "model_config", "resume_conflicts", *_WHERE,
+    "METRICS_FILE",
+    "Callbacks",
+    "MetricsLog",
+    "StartInfo",
+    "StepInfo",
+    "TrainCallback",
+    "TrainResult",
+    "PRECISIONS",
+    "RESUMABLE_CHANGES",
+    "TrainOptions",
+    "model_config",
+    "resume_conflicts",
+    *_WHERE,
 ]
 
 

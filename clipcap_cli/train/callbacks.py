@@ -98,13 +98,26 @@ class Callbacks(TrainCallback):
         for callback in self.callbacks:
             getattr(callback, hook)(*args)
 
-    def on_tokenize(self, done: int, total: int) -> None: self._each("on_tokenize", done, total)
-    def on_start(self, info: StartInfo) -> None: self._each("on_start", info)
-    def on_step(self, info: StepInfo) -> None: self._each("on_step", info)
-    def on_validation(self, epoch: int, step: int, loss: float) -> None: self._each("on_validation", epoch, step, loss)
-    def on_checkpoint(self, path: Path, kind: str) -> None: self._each("on_checkpoint", path, kind)
-    def on_warning(self, message: str) -> None: self._each("on_warning", message)
-    def on_end(self, result: TrainResult, model: ClipCaptionModel) -> None: self._each("on_end", result, model)
+    def on_tokenize(self, done: int, total: int) -> None:
+        self._each("on_tokenize", done, total)
+
+    def on_start(self, info: StartInfo) -> None:
+        self._each("on_start", info)
+
+    def on_step(self, info: StepInfo) -> None:
+        self._each("on_step", info)
+
+    def on_validation(self, epoch: int, step: int, loss: float) -> None:
+        self._each("on_validation", epoch, step, loss)
+
+    def on_checkpoint(self, path: Path, kind: str) -> None:
+        self._each("on_checkpoint", path, kind)
+
+    def on_warning(self, message: str) -> None:
+        self._each("on_warning", message)
+
+    def on_end(self, result: TrainResult, model: ClipCaptionModel) -> None:
+        self._each("on_end", result, model)
 
 
 class MetricsLog(TrainCallback):
@@ -151,11 +164,18 @@ class MetricsLog(TrainCallback):
         self.window["seconds"] += info.seconds
         if info.step % self.log_every and info.step % self.steps_per_epoch:
             return
-        self._write({
-            "type": "train", "step": info.step, "epoch": round(info.step / self.steps_per_epoch, 4),
-            "loss": sum(losses) / len(losses), "loss_ema": info.loss_ema, "lr": info.lr,
-            "samples_per_s": self.global_batch * len(losses) / max(self.window["seconds"], 1e-9), "time": time.time(),
-        })
+        self._write(
+            {
+                "type": "train",
+                "step": info.step,
+                "epoch": round(info.step / self.steps_per_epoch, 4),
+                "loss": sum(losses) / len(losses),
+                "loss_ema": info.loss_ema,
+                "lr": info.lr,
+                "samples_per_s": self.global_batch * len(losses) / max(self.window["seconds"], 1e-9),
+                "time": time.time(),
+            }
+        )
         losses.clear()
         self.window["seconds"] = 0.0
 

@@ -135,7 +135,9 @@ def _write_token_cache(path: Path, tc: TokenizedCaptions) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _tokenize_main_first(fs: FeatureSet, tokenizer: Any, dist: Distributed, callback: TrainCallback) -> TokenizedCaptions:
+def _tokenize_main_first(
+    fs: FeatureSet, tokenizer: Any, dist: Distributed, callback: TrainCallback
+) -> TokenizedCaptions:
     """Rank 0 tokenises and writes the cache while the others wait; then they read the cache."""
     with dist.fail_together():
         captions = tokenize_captions(fs, tokenizer, callback) if dist.main else None
@@ -199,7 +201,9 @@ class CaptionDataset:
         return Batch(tokens, mask, prefix, caps)
 
 
-def split_ids(captions: TokenizedCaptions, n_images: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_ids(
+    captions: TokenizedCaptions, n_images: int, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) caption ids. Captions without tokens are dropped. The split is by image, so
     no image has captions on both sides."""
     keep = captions.lengths > 0
@@ -213,7 +217,9 @@ def split_ids(captions: TokenizedCaptions, n_images: int, val_fraction: float, s
     return ids[keep & ~is_val], ids[keep & is_val]
 
 
-def loader(dataset: CaptionDataset, batches: list[list[int]], num_workers: int, device: torch.device, seed: int) -> torch.utils.data.DataLoader:
+def loader(
+    dataset: CaptionDataset, batches: list[list[int]], num_workers: int, device: torch.device, seed: int
+) -> torch.utils.data.DataLoader:
     """Batches of ``dataset``, in the order of ``batches`` (lists of item positions)."""
     return torch.utils.data.DataLoader(
         dataset,
@@ -251,8 +257,9 @@ class TrainData:
         return [order[i * batch_size : (i + 1) * batch_size] for i in range(self.steps_per_epoch * grad_accum)]
 
 
-def load_data(opts: TrainOptions, store: Path, tokenizer: Any, gpt_config: Any, dist: Distributed,
-              callback: TrainCallback) -> TrainData:
+def load_data(
+    opts: TrainOptions, store: Path, tokenizer: Any, gpt_config: Any, dist: Distributed, callback: TrainCallback
+) -> TrainData:
     """Read the store, tokenise its captions (cached), split off validation and plan the epochs."""
     fs = load_features(store)
     if not fs.records:
@@ -264,7 +271,9 @@ def load_data(opts: TrainOptions, store: Path, tokenizer: Any, gpt_config: Any, 
     if max_tokens > window:
         raise UsageError(f"max-tokens {max_tokens} does not fit GPT-2's window ({gpt_config.n_positions} - K={k})")
     if len(caps.tokens) and int(caps.tokens.max()) >= gpt_config.vocab_size:
-        raise UsageError(f"the tokenizer of {opts.model.gpt2} makes ids beyond the LM's vocabulary ({gpt_config.vocab_size})")
+        raise UsageError(
+            f"the tokenizer of {opts.model.gpt2} makes ids beyond the LM's vocabulary ({gpt_config.vocab_size})"
+        )
     train_ids, val_ids = split_ids(caps, len(fs.records), opts.val_fraction, opts.seed)
     train = CaptionDataset(fs.embeddings, caps, train_ids, max_tokens)
     val = CaptionDataset(fs.embeddings, caps, val_ids, max_tokens)
@@ -288,14 +297,28 @@ def load_data(opts: TrainOptions, store: Path, tokenizer: Any, gpt_config: Any, 
     from clipcap_cli.fingerprint import file_sha256
 
     emb_file = fs.path / EMBEDDINGS_FILE
-    return TrainData(fs.path.resolve(), model_config(opts, fs.meta), train, val, caps.key, max_tokens, truncated,
-                     sampler, steps_per_epoch, file_sha256(emb_file) if emb_file.is_file() else None)
+    return TrainData(
+        fs.path.resolve(),
+        model_config(opts, fs.meta),
+        train,
+        val,
+        caps.key,
+        max_tokens,
+        truncated,
+        sampler,
+        steps_per_epoch,
+        file_sha256(emb_file) if emb_file.is_file() else None,
+    )
 
 
-def _separate_validation(path: str, fs: FeatureSet, tokenizer: Any, max_tokens: int, dist: Distributed) -> CaptionDataset:
+def _separate_validation(
+    path: str, fs: FeatureSet, tokenizer: Any, max_tokens: int, dist: Distributed
+) -> CaptionDataset:
     """``--val-data``: every caption of another store (extracted with the same CLIP)."""
     vfs = load_features(path)
-    if int(vfs.meta["embed_dim"]) != int(fs.meta["embed_dim"]) or vfs.meta.get("clip_model") != fs.meta.get("clip_model"):
+    if int(vfs.meta["embed_dim"]) != int(fs.meta["embed_dim"]) or vfs.meta.get("clip_model") != fs.meta.get(
+        "clip_model"
+    ):
         raise UsageError(f"--val-data {vfs.path} was extracted with another CLIP than {fs.path}")
     caps = _tokenize_main_first(vfs, tokenizer, dist, TrainCallback())
     return CaptionDataset(vfs.embeddings, caps, torch.nonzero(caps.lengths > 0).flatten(), max_tokens)

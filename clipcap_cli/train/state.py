@@ -84,9 +84,19 @@ def save_epoch_checkpoint(model: ClipCaptionModel, path: Path, epoch: int, step:
 # --------------------------------------------------------------------------- resume.pt
 
 
-def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddings_sha256: str | None, world_size: int, pos: Position,
-                      model: ClipCaptionModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                      rngs: list[dict[str, Any]]) -> None:
+def save_resume_state(
+    path: Path,
+    *,
+    opts: TrainOptions,
+    data_key: str,
+    embeddings_sha256: str | None,
+    world_size: int,
+    pos: Position,
+    model: ClipCaptionModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    rngs: list[dict[str, Any]],
+) -> None:
     """Write everything a resume needs; ``rngs`` holds every process's RNG state, by rank."""
     state = {
         "format": STATE_FORMAT,
@@ -102,7 +112,10 @@ def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddin
         "loss_ema": pos.loss_ema,
         "val_loss": pos.val_loss,
         "elapsed": pos.elapsed,
-        "log_window": {"losses": [float(x) for x in pos.log_window["losses"]], "seconds": float(pos.log_window["seconds"])},
+        "log_window": {
+            "losses": [float(x) for x in pos.log_window["losses"]],
+            "seconds": float(pos.log_window["seconds"]),
+        },
         "model": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -111,10 +124,19 @@ def save_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddin
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddings_sha256: str | None, data_path: Path,
-                      world_size: int, rank: int,
-                      model: ClipCaptionModel, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler) -> Position:
+def load_resume_state(
+    path: Path,
+    *,
+    opts: TrainOptions,
+    data_key: str,
+    embeddings_sha256: str | None,
+    data_path: Path,
+    world_size: int,
+    rank: int,
+    model: ClipCaptionModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> Position:
     """Restore weights, optimizer, loss scaler and this process's RNG streams; return the position.
 
     Refused (UsageError) when the run would not continue the same trajectory: other options
@@ -140,9 +162,11 @@ def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddin
         raise UsageError(f"the captions of {data_path} changed since this run started: cannot resume it")
     saved_sha = state.get("embeddings_sha256")  # states saved before 0.3 have none
     if saved_sha and embeddings_sha256 and saved_sha != embeddings_sha256:
-        raise UsageError(f"the CLIP embeddings of {data_path} changed since this run started (sha256 {saved_sha[:12]}... then, "
-                         f"{embeddings_sha256[:12]}... now; re-extracted?): resume with the store it started with, "
-                         "or start a new run")
+        raise UsageError(
+            f"the CLIP embeddings of {data_path} changed since this run started (sha256 {saved_sha[:12]}... then, "
+            f"{embeddings_sha256[:12]}... now; re-extracted?): resume with the store it started with, "
+            "or start a new run"
+        )
     if model.config.only_prefix:  # the state holds the mapper alone; GPT-2 comes from --gpt2
         model.clip_project.load_state_dict({k.removeprefix("clip_project."): v for k, v in state["model"].items()})
     else:
@@ -152,8 +176,15 @@ def load_resume_state(path: Path, *, opts: TrainOptions, data_key: str, embeddin
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank])
     window = state.get("log_window") or {"losses": [], "seconds": 0.0}  # states saved before 0.3 have none
-    return Position(state["step"], state["epoch"], state["batch"], state["loss_ema"], state["val_loss"], state["elapsed"],
-                    {"losses": list(window["losses"]), "seconds": float(window["seconds"])})
+    return Position(
+        state["step"],
+        state["epoch"],
+        state["batch"],
+        state["loss_ema"],
+        state["val_loss"],
+        state["elapsed"],
+        {"losses": list(window["losses"]), "seconds": float(window["seconds"])},
+    )
 
 
 def trainable_state(model: ClipCaptionModel) -> dict[str, torch.Tensor]:

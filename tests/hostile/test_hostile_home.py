@@ -36,13 +36,16 @@ def test_help_and_version_never_depend_on_the_data_directory(bad_home, args):
 
 @pytest.mark.slow
 def test_completion_never_depends_on_the_data_directory(bad_home):
-    result = _clipcap(bad_home, env_extra={"_CLIPCAP_COMPLETE": "complete_bash", "COMP_WORDS": "clipcap caption --model c",
-                                           "COMP_CWORD": "3"})
+    result = _clipcap(
+        bad_home,
+        env_extra={"_CLIPCAP_COMPLETE": "complete_bash", "COMP_WORDS": "clipcap caption --model c", "COMP_CWORD": "3"},
+    )
     assert result.returncode == 0 and result.stdout.split() == ["coco", "conceptual", "coco-transformer"]
 
 
-@pytest.mark.parametrize("args", [["info"], ["download", "--list"], ["download", "coco"],
-                                  ["train", "--data", ".", "--out", "RUN"]])
+@pytest.mark.parametrize(
+    "args", [["info"], ["download", "--list"], ["download", "coco"], ["train", "--data", ".", "--out", "RUN"]]
+)
 def test_commands_that_need_it_say_so_in_one_line(bad_home, tmp_path, args, monkeypatch):
     from typer.testing import CliRunner
 

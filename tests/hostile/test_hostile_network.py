@@ -83,8 +83,23 @@ def test_a_fine_url_within_the_deadline(hostile, online):
 def test_caption_gives_the_slow_url_an_error_record_and_goes_on(hostile, online, tiny_checkpoint, tmp_path):
     local = make_images(tmp_path / "local")["gray"]
     urls = [f"{hostile}/trickle.jpg", f"{hostile}/fine.jpg", f"{hostile}/stall.jpg"]
-    result = runner.invoke(app, ["caption", "--model", str(tiny_checkpoint), "--max-length", "5", "--url-timeout", "1.5",
-                                 *urls, str(local), "--format", "jsonl", "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "caption",
+            "--model",
+            str(tiny_checkpoint),
+            "--max-length",
+            "5",
+            "--url-timeout",
+            "1.5",
+            *urls,
+            str(local),
+            "--format",
+            "jsonl",
+            "-q",
+        ],
+    )
     assert result.exit_code == 3, result.output
     records = {r["path"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert "took longer than 1.5 s" in records[urls[0]]["error"] and "took longer" in records[urls[2]]["error"]
@@ -174,7 +189,9 @@ def test_a_cached_model_whose_bytes_changed_is_refused_with_what_to_do(tmp_path,
     data = bytearray(model.path.read_bytes())
     data[10] ^= 0xFF  # same size, other bytes (bit rot, a partial overwrite)
     model.path.write_bytes(bytes(data))
-    with pytest.raises(pretrained.ModelNotAvailableError, match="no longer matches the sha256 .*clipcap download --force coco"):
+    with pytest.raises(
+        pretrained.ModelNotAvailableError, match="no longer matches the sha256 .*clipcap download --force coco"
+    ):
         pretrained.resolve("coco")
     result = runner.invoke(app, ["download", "coco", "--no-backbones"])
     assert result.exit_code == 1 and "clipcap download --force coco" in result.stderr

@@ -98,7 +98,9 @@ def test_output_naming_an_input_image_is_refused_before_any_work(tmp_path, tiny_
         out.symlink_to(image)
     elif how == "hard link":
         os.link(image, out)
-    line = _one_line(caption(tiny_checkpoint, str(tmp_path / "*.jpg") if how == "same path" else str(image), "-o", str(out)), 2)
+    line = _one_line(
+        caption(tiny_checkpoint, str(tmp_path / "*.jpg") if how == "same path" else str(image), "-o", str(out)), 2
+    )
     assert "is one of the inputs" in line
     assert image.read_bytes() == before
 
@@ -117,7 +119,9 @@ def test_eval_outputs_naming_its_inputs_are_refused(tmp_path):
     preds = tmp_path / "preds.jsonl"
     preds.write_text(json.dumps({"path": "a.jpg", "caption": "a dog."}) + "\n")
     for flag, victim in (("--output", preds), ("--output", refs)):
-        result = runner.invoke(app, ["eval", "--refs", str(refs), "--predictions", str(preds), "--metrics", "BLEU", flag, str(victim)])
+        result = runner.invoke(
+            app, ["eval", "--refs", str(refs), "--predictions", str(preds), "--metrics", "BLEU", flag, str(victim)]
+        )
         assert "is one of the inputs" in _one_line(result, 2)
     assert json.loads(preds.read_text())["caption"] == "a dog."
 
@@ -125,7 +129,9 @@ def test_eval_outputs_naming_its_inputs_are_refused(tmp_path):
 def test_extract_export_pickle_naming_the_dataset_is_refused(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("image,caption\na.jpg,x\n")
-    result = runner.invoke(app, ["extract", str(manifest), "--out", str(tmp_path / "f"), "--export-pickle", str(manifest)])
+    result = runner.invoke(
+        app, ["extract", str(manifest), "--out", str(tmp_path / "f"), "--export-pickle", str(manifest)]
+    )
     assert "is one of the inputs" in _one_line(result, 2)
     assert manifest.read_text() == "image,caption\na.jpg,x\n"
 
@@ -134,8 +140,10 @@ def test_extract_export_pickle_naming_the_dataset_is_refused(tmp_path):
 def test_out_naming_a_file_is_one_line(tmp_path, command):
     file = tmp_path / "taken"
     file.write_text("keep me")
-    args = {"extract": ["extract", str(tmp_path), "--out", str(file)],
-            "train": ["train", "--data", str(tmp_path), "--out", str(file)]}[command]
+    args = {
+        "extract": ["extract", str(tmp_path), "--out", str(file)],
+        "train": ["train", "--data", str(tmp_path), "--out", str(file)],
+    }[command]
     line = _one_line(runner.invoke(app, args), 2)
     assert str(file) in line and "is a file" in line
     assert file.read_text() == "keep me"
@@ -151,7 +159,9 @@ def test_sharded_files_get_the_umask_mode(tmp_path, tiny_checkpoint, pics):
     out = tmp_path / "out"
     old = os.umask(0o022)
     try:
-        result = caption(tiny_checkpoint, str(shards / "00001.tar"), "--output-dir", str(out), "--save-embeddings", "-q")
+        result = caption(
+            tiny_checkpoint, str(shards / "00001.tar"), "--output-dir", str(out), "--save-embeddings", "-q"
+        )
     finally:
         os.umask(old)
     assert result.exit_code in (0, 3), result.output
@@ -164,7 +174,9 @@ def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tm
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     host = socket.gethostname()
     stale = tmp_path / f".resume.pt.{host}-{dead}.abc123_x.tmp"
     live = tmp_path / f".resume.pt.{host}-{os.getpid()}.zzz999_y.tmp"
@@ -176,6 +188,7 @@ def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tm
     assert live.exists() and other_host.exists() and user_file.exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_checkpoint_save_is_cleaned_at_the_next_start(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     import subprocess
     import sys
@@ -185,14 +198,35 @@ def test_an_interrupted_checkpoint_save_is_cleaned_at_the_next_start(tmp_path, t
     store = make_store(tmp_path / "feats", tiny_clip_dir)
     out = tmp_path / "run"
     out.mkdir()
-    code = (f"import os, torch; from clipcap_cli import fsutil\n"
-            f"def write(tmp):\n    open(tmp, 'wb').write(b'half'); os._exit(9)\n"
-            f"fsutil.atomic_write({str(out / 'resume.pt')!r}, write)\n")
+    code = (
+        f"import os, torch; from clipcap_cli import fsutil\n"
+        f"def write(tmp):\n    open(tmp, 'wb').write(b'half'); os._exit(9)\n"
+        f"fsutil.atomic_write({str(out / 'resume.pt')!r}, write)\n"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9  # killed mid-save
     [left] = [p.name for p in out.iterdir()]
     assert left.startswith(".resume.pt.") and left.endswith(".tmp")
-    result = runner.invoke(app, ["train", "--data", str(store), "--out", str(out), "--gpt2", str(tiny_gpt2_dir),
-                                 "--prefix-length", "4", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(store),
+            "--out",
+            str(out),
+            "--gpt2",
+            str(tiny_gpt2_dir),
+            "--prefix-length",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -253,7 +287,9 @@ def test_every_output_has_the_same_record_fields(tmp_path, tiny_checkpoint, pics
     assert {"clip_score", "clip_scores", "captions", "scores"} <= fields
     for fmt in ("jsonl", "parquet"):
         out = tmp_path / fmt
-        result = caption(tiny_checkpoint, str(shards / "00001.tar"), *decoding, "--output-dir", str(out), "--output-format", fmt)
+        result = caption(
+            tiny_checkpoint, str(shards / "00001.tar"), *decoding, "--output-dir", str(out), "--output-format", fmt
+        )
         assert result.exit_code in (0, 3), result.output
         if fmt == "jsonl":
             rows = [json.loads(line) for line in (out / "00001.jsonl").read_text().splitlines()]

@@ -30,8 +30,10 @@ def shards_dir(tmp_path_factory) -> Path:
 
 
 def _caption(ckpt: Path, shards: Path, out: Path, *extra: str):
-    return runner.invoke(app, ["caption", f"{shards}/{{00000..00002}}.tar", "--model", str(ckpt), "--output-dir", str(out),
-                               *FAST, *extra])
+    return runner.invoke(
+        app,
+        ["caption", f"{shards}/{{00000..00002}}.tar", "--model", str(ckpt), "--output-dir", str(out), *FAST, *extra],
+    )
 
 
 def test_other_weights_at_the_same_path_are_refused(tmp_path, tiny_config, shards_dir):
@@ -80,7 +82,19 @@ def test_a_features_store_with_other_clip_weights_is_refused(tmp_path, tiny_clip
     photos = tmp_path / "photos"
     make_images(photos)
     out = tmp_path / "feats"
-    args = ["extract", str(photos), "--out", str(out), "--clip", f"local-dir:{clip}", "--workers", "0", "-q", "--chunk-size", "2"]
+    args = [
+        "extract",
+        str(photos),
+        "--out",
+        str(out),
+        "--clip",
+        f"local-dir:{clip}",
+        "--workers",
+        "0",
+        "-q",
+        "--chunk-size",
+        "2",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     from safetensors.torch import load_file, save_file
 
@@ -105,7 +119,9 @@ def test_train_resume_refuses_a_reextracted_store(tmp_path, tiny_clip_dir, tiny_
 
     with pytest.raises(KeyboardInterrupt):
         train.train(opts.replace(checkpoint_every=1), store, out, callback=Stop())
-    captions = [r["captions"] for r in json.loads("[" + ",".join((store / "index.jsonl").read_text().splitlines()) + "]")]
+    captions = [
+        r["captions"] for r in json.loads("[" + ",".join((store / "index.jsonl").read_text().splitlines()) + "]")
+    ]
     shutil.rmtree(store)
     make_store(tmp_path / "feats", tiny_clip_dir, seed=1, captions=captions)  # same captions, other embeddings
     with pytest.raises(UsageError, match="CLIP embeddings of .* changed since this run started"):

@@ -27,15 +27,39 @@ def store(tmp_path_factory, tiny_clip_dir) -> Path:
 
 
 def _train_args(store: Path, out: Path, gpt2: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(store), "--out", str(out), "--gpt2", str(gpt2), "--prefix-length", "4",
-            "--epochs", "1", "--batch-size", "4", "--device", "cpu", *extra]
+    return [
+        "train",
+        "--data",
+        str(store),
+        "--out",
+        str(out),
+        "--gpt2",
+        str(gpt2),
+        "--prefix-length",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("flag, value, field", [
-    ("--lr", "inf", "lr"), ("--lr", "nan", "lr"), ("--lr", "-1", "lr"), ("--lr", "0", "lr"),
-    ("--weight-decay", "inf", "weight-decay"), ("--weight-decay", "-0.1", "weight-decay"),
-    ("--val-fraction", "1.5", "val-fraction"), ("--val-fraction", "nan", "val-fraction"),
-])
+@pytest.mark.parametrize(
+    "flag, value, field",
+    [
+        ("--lr", "inf", "lr"),
+        ("--lr", "nan", "lr"),
+        ("--lr", "-1", "lr"),
+        ("--lr", "0", "lr"),
+        ("--weight-decay", "inf", "weight-decay"),
+        ("--weight-decay", "-0.1", "weight-decay"),
+        ("--val-fraction", "1.5", "val-fraction"),
+        ("--val-fraction", "nan", "val-fraction"),
+    ],
+)
 def test_train_float_options_must_be_finite_and_in_range(tmp_path, store, tiny_gpt2_dir, flag, value, field):
     result = runner.invoke(app, _train_args(store, tmp_path / "run", tiny_gpt2_dir, flag, value))
     assert result.exit_code == 2, result.output
@@ -44,13 +68,16 @@ def test_train_float_options_must_be_finite_and_in_range(tmp_path, store, tiny_g
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--beam", "3", "--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
-    (["--sample", "--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
-    (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0"),
-    (["--sample", "--top-p", "2"], "--top-p must be a finite number > 0 and <= 1, got 2.0"),
-    (["--sample", "--top-p", "inf"], "--top-p must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--beam", "3", "--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+        (["--sample", "--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+        (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0"),
+        (["--sample", "--top-p", "2"], "--top-p must be a finite number > 0 and <= 1, got 2.0"),
+        (["--sample", "--top-p", "inf"], "--top-p must be a finite number"),
+    ],
+)
 def test_caption_float_options_must_be_finite(tmp_path, tiny_checkpoint, images, args, message):
     result = runner.invoke(app, ["caption", str(images["rgb"]), "--model", str(tiny_checkpoint), *args])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
@@ -71,8 +98,9 @@ def test_check_number_rules():
 
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing_broken(tmp_path, store, tiny_gpt2_dir):
     out = tmp_path / "run"
-    result = runner.invoke(app, _train_args(store, out, tiny_gpt2_dir, "--lr", "1e30", "--warmup", "0",
-                                            "--checkpoint-every", "1"))
+    result = runner.invoke(
+        app, _train_args(store, out, tiny_gpt2_dir, "--lr", "1e30", "--warmup", "0", "--checkpoint-every", "1")
+    )
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert "training stopped" in lines[-1] and "at step" in lines[-1] and "Traceback" not in result.output
