@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the planted real layouts (tests/released.py)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Nothing reaches the user's data directory or the network."""
+    monkeypatch.setenv("CLIPCAP_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
     from released import plant_everything
