@@ -58,7 +58,7 @@ def test_extract_train_caption_eval(tmp_path: Path, tiny_clip_dir: Path, tiny_gp
             "feats",
             "--clip",
             f"local-dir:{tiny_clip_dir}",
-            "--pretrained",
+            "--clip-pretrained",
             "none",
             "--workers",
             "0",

@@ -12,12 +12,19 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli.captioner import CPU_WORKERS, WORKERS
+from clipcap_cli.commands.options import (
+    ClipOption,
+    ClipPretrainedOption,
+    Gpt2Option,
+    ModelOption,
+    NormalizePrefixOption,
+    QuietOption,
+)
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
 from clipcap_cli.inputs import URL_DEADLINE
 from clipcap_cli.output import available_formats
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.sharded import ShardedOptions
-from clipcap_cli.ui import complete_model
 
 HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin;
 with --output-dir, also webdataset tar shards, in sharded, resumable runs over many processes.
@@ -53,52 +60,11 @@ def command(
             show_default=False,
         ),
     ] = None,
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.",
-            rich_help_panel=MODEL,
-            autocompletion=complete_model,
-        ),
-    ] = "coco",
-    clip: Annotated[
-        Optional[str],
-        typer.Option(
-            "--clip",
-            help="CLIP model (open_clip name or local-dir:PATH) instead of the checkpoint's.",
-            rich_help_panel=MODEL,
-            show_default=False,
-        ),
-    ] = None,
-    clip_pretrained: Annotated[
-        Optional[str],
-        typer.Option(
-            "--clip-pretrained",
-            help="open_clip pretrained tag for --clip (e.g. openai).",
-            rich_help_panel=MODEL,
-            show_default=False,
-        ),
-    ] = None,
-    gpt2: Annotated[
-        Optional[str],
-        typer.Option(
-            "--gpt2",
-            help="GPT-2 name or local folder (tokenizer, and weights for frozen-LM checkpoints).",
-            rich_help_panel=MODEL,
-            show_default=False,
-        ),
-    ] = None,
-    normalize_prefix: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--normalize-prefix/--no-normalize-prefix",
-            help="L2-normalise CLIP embeddings before the mapper (default: what the checkpoint implies).",
-            rich_help_panel=MODEL,
-            show_default=False,
-        ),
-    ] = None,
+    model: ModelOption = "coco",
+    clip: ClipOption = None,
+    clip_pretrained: ClipPretrainedOption = None,
+    gpt2: Gpt2Option = None,
+    normalize_prefix: NormalizePrefixOption = None,
     precision: Annotated[
         str,
         typer.Option(
@@ -206,10 +172,7 @@ def command(
             show_default=False,
         ),
     ] = None,
-    quiet: Annotated[
-        bool,
-        typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.", rich_help_panel=OUTPUT),
-    ] = False,
+    quiet: QuietOption = False,
     output_dir: Annotated[
         Optional[Path],
         typer.Option(

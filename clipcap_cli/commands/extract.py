@@ -10,6 +10,7 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli import distributed
+from clipcap_cli.commands.options import QuietOption, deprecated_alias
 from clipcap_cli.features import ExtractOptions
 
 HELP = """Encode a dataset's images with CLIP once per image and write a features store for `train` and `eval`.
@@ -41,12 +42,17 @@ def command(
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Features directory to write.", rich_help_panel=RUN)
     ] = None,
-    format_: Annotated[
+    dataset_format: Annotated[
         str,
         typer.Option(
-            "--format", help="auto, coco, karpathy, caption-list, csv, tsv, jsonl or folder.", rich_help_panel=DATA
+            "--dataset-format",
+            help="auto, coco, karpathy, caption-list, csv, tsv, jsonl or folder.",
+            rich_help_panel=DATA,
         ),
     ] = "auto",
+    format_: Annotated[
+        Optional[str], typer.Option("--format", hidden=True, help="Old spelling of --dataset-format.")
+    ] = None,  # before 0.3: --dataset-format
     split: Annotated[
         Optional[str],
         typer.Option(
@@ -65,14 +71,18 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    pretrained: Annotated[
+    clip_pretrained: Annotated[
         Optional[str],
         typer.Option(
+            "--clip-pretrained",
             help=f"open_clip pretrained tag; 'none' = random weights \\[default: {D.clip_pretrained}].",
             show_default=False,
             rich_help_panel=MODEL,
         ),
     ] = None,
+    pretrained: Annotated[
+        Optional[str], typer.Option("--pretrained", hidden=True, help="Old spelling of --clip-pretrained.")
+    ] = None,  # before 0.3: --clip-pretrained
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Images per CLIP forward pass.", rich_help_panel=MODEL)
     ] = D.batch_size,
@@ -122,13 +132,15 @@ def command(
     ] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", hidden=True, help="Images per part file.")] = D.chunk_size,
     json_: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.", rich_help_panel=RUN)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+    quiet: QuietOption = False,
 ) -> None:
     from clipcap_cli.ui import cli_errors
 
     with cli_errors():
         from clipcap_cli.errors import UsageError
 
+        pretrained = deprecated_alias("--pretrained", "--clip-pretrained", pretrained, clip_pretrained, None)
+        format_ = deprecated_alias("--format", "--dataset-format", format_, dataset_format, "auto")
         if sum(x is not None for x in (merge, import_pickle)) + (dataset is not None) != 1:
             raise UsageError("give one of: a DATASET, --merge DIR, or --import-pickle FILE")
         if import_pickle is not None:

@@ -10,8 +10,14 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli.captioner import BATCH_SIZE
+from clipcap_cli.commands.options import (
+    ClipOption,
+    ClipPretrainedOption,
+    Gpt2Option,
+    ModelOption,
+    NormalizePrefixOption,
+)
 from clipcap_cli.interpret import TOP
-from clipcap_cli.ui import complete_model
 
 HELP = """Read a model's prefix as words: each image's caption, and the GPT-2 tokens nearest to each prefix embedding.
 
@@ -32,15 +38,11 @@ def command(
             help="Image files, folders, globs, http(s) URLs, or - for stdin (as clipcap caption).", show_default=False
         ),
     ] = None,
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.",
-            autocompletion=complete_model,
-        ),
-    ] = "coco",
+    model: ModelOption = "coco",
+    clip: ClipOption = None,
+    clip_pretrained: ClipPretrainedOption = None,
+    gpt2: Gpt2Option = None,
+    normalize_prefix: NormalizePrefixOption = None,
     top: Annotated[
         int,
         typer.Option(
@@ -67,7 +69,15 @@ def command(
         sources = inputs_mod.collect(inputs or [], stdin=sys.stdin if "-" in (inputs or []) else None)
         if not sources:
             raise UsageError("no inputs: give image files, folders, globs, URLs, or - to read paths from stdin")
-        records = _inspect(sources, model, device, top)
+        model_args = dict(
+            name_or_path=model,
+            clip_model=clip,
+            clip_pretrained=clip_pretrained,
+            gpt2=gpt2,
+            normalize_prefix=normalize_prefix,
+            device=device,
+        )
+        records = _inspect(sources, model_args, top)
         if jsonl or not _is_terminal():
             for record in records:
                 print(json.dumps(record, ensure_ascii=False))
@@ -86,7 +96,7 @@ def _is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def _inspect(sources: list[Any], model: str, device: str | None, top: int) -> list[dict[str, Any]]:
+def _inspect(sources: list[Any], model_args: dict[str, Any], top: int) -> list[dict[str, Any]]:
     """One record per source, in order (failed inputs get an error and no prefix)."""
 
     from clipcap_cli import inputs
@@ -95,7 +105,7 @@ def _inspect(sources: list[Any], model: str, device: str | None, top: int) -> li
 
     if not any(s.error is None for s in sources):  # nothing readable: no model to load
         return [{"path": s.name, "caption": None, "prefix": None, "error": s.error} for s in sources]
-    captioner = load_model(model, device=device)
+    captioner = load_model(**model_args)
     records: list[dict[str, Any]] = []
     for batch in inputs.load_batches(sources, captioner.preprocess_image, BATCH_SIZE, 0):
         readings = {}

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli.commands.options import deprecated_alias
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.train import StartInfo, StepInfo, TrainCallback, TrainOptions
 
@@ -65,9 +66,12 @@ def command(
             rich_help_panel=DATA,
         ),
     ] = D.max_tokens,
-    num_workers: Annotated[
-        int, typer.Option("--num-workers", help="DataLoader worker processes.", rich_help_panel=DATA)
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", help="DataLoader worker processes.", rich_help_panel=DATA)
     ] = D.num_workers,
+    num_workers: Annotated[
+        Optional[int], typer.Option("--num-workers", hidden=True, help="Old spelling of --workers.")
+    ] = None,  # before 0.3: --workers
     mapping: Annotated[
         str, typer.Option("--mapping", help="Mapper: mlp or transformer.", rich_help_panel=MODEL)
     ] = M.mapping,
@@ -205,7 +209,7 @@ def command(
             "val_fraction": val_fraction,
             "val_data": str(val_data) if val_data else None,
             "max_tokens": max_tokens,
-            "num_workers": num_workers,
+            "num_workers": deprecated_alias("--num-workers", "--workers", num_workers, workers, D.num_workers),
             "save_every": save_every,
             "checkpoint_every": checkpoint_every,
             "log_every": log_every,
@@ -216,7 +220,8 @@ def command(
             # The run's own options, with only what was typed on this command line changed (the core
             # refuses changes that would alter the trajectory).
             saved, saved_data = core.read_run(out)
-            typed = {k: v for k, v in values.items() if _typed(ctx, k)}
+            params = {"num_workers": ("workers", "num_workers")}  # the option's parameters, old spelling included
+            typed = {k: v for k, v in values.items() if any(_typed(ctx, n) for n in params.get(k, (k,)))}
             opts = saved.replace(**typed)
             data = data or saved_data
         else:

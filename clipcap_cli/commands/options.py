@@ -1,0 +1,78 @@
+"""Options several commands share, declared once: the same name, help and panel everywhere.
+
+Each is an ``Annotated`` type for a command's signature (``model: ModelOption = "coco"``). Renamed
+options keep their old spelling for one release as a hidden option (``deprecated_alias``); the command
+merges it into the new one and says so on stderr.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from clipcap_cli.ui import complete_model
+
+MODEL = "Model"
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Registry name (coco, conceptual, coco-transformer) or checkpoint file.",
+        rich_help_panel=MODEL,
+        autocompletion=complete_model,
+    ),
+]
+ClipOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--clip",
+        help="CLIP model (open_clip name or local-dir:PATH) instead of the checkpoint's.",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+ClipPretrainedOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--clip-pretrained",
+        help="open_clip pretrained tag for --clip (e.g. openai; none for random weights).",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+Gpt2Option = Annotated[
+    Optional[str],
+    typer.Option(
+        "--gpt2",
+        help="GPT-2 name or local folder (tokenizer, and weights for frozen-LM checkpoints).",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+NormalizePrefixOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--normalize-prefix/--no-normalize-prefix",
+        help="L2-normalise CLIP embeddings before the mapper (default: what the checkpoint implies).",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr (results still on stdout)."),
+]
+
+
+def deprecated_alias(old: str, new: str, old_value: object, new_value: object, default: object) -> object:
+    """The value of ``new`` when ``old`` (its spelling before 0.3) was given instead; a warning says so."""
+    if old_value is None or old_value == default:
+        return new_value
+    from clipcap_cli.ui import warn
+
+    warn(f"{old} is now {new}; the old spelling will be removed in the next release")
+    return old_value if new_value == default else new_value
