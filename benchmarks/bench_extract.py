@@ -78,12 +78,13 @@ def main() -> None:
 
     from clipcap_cli import backbones
     from clipcap_cli.datasets import read_dataset
-    from clipcap_cli.features import ExtractOptions, default_workers, extract, load_features
+    from clipcap_cli.features import ExtractOptions, extract, load_features
+    from clipcap_cli.inputs import default_workers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     model, preprocess = backbones.load_clip(args.model, None, "cpu")
-    workers = default_workers() if args.workers is None else args.workers
+    workers = default_workers("cpu") if args.workers is None else args.workers
     print(
         f"{args.model} (random weights, seed 0), {args.images} images x {args.captions} captions, 640x480 JPEG; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, workers {workers}"

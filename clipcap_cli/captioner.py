@@ -16,13 +16,14 @@ CLIP in fp16 on CUDA, its output cast to float32 before the mapper, as the origi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from clipcap_cli.decoding import DecodingOptions, DecodingResult, decode, default_batch_size
+from clipcap_cli.images import as_rgb
+from clipcap_cli.inputs import WORKERS, default_workers
 
 if TYPE_CHECKING:
     import torch
@@ -34,19 +35,6 @@ if TYPE_CHECKING:
 
 ImageInput = Union[str, Path, bytes, "Image.Image"]
 BATCH_SIZE = 16  # images per CLIP batch in ``encode``, and eval's --batch-size default
-WORKERS: int | None = None  # image-decoding worker processes; None = default_workers(device)
-CPU_WORKERS = 0  # default_workers off CUDA: the model already uses every core (measured: benchmarks/bench_sharded.py)
-
-
-def default_workers(device: torch.device | str) -> int:
-    """Worker processes that decode images when none are asked for: on CUDA every CPU this process
-    may use (shared among torchrun's processes on the machine), elsewhere ``CPU_WORKERS``."""
-    if not str(device).startswith("cuda"):
-        return CPU_WORKERS
-    from clipcap_cli import distributed
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // distributed.env().local_world_size)
 
 
 @dataclass(frozen=True)
@@ -87,7 +75,7 @@ class Captioner:
 
         Raises ``images.ImageError`` for anything that is not a readable image.
         """
-        return self.preprocess_image(to_rgb(image))
+        return self.preprocess_image(as_rgb(image))
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings (B, D) in float32 for preprocessed pixels (B, 3, H, W)."""
@@ -245,18 +233,6 @@ class Captioner:
         c = self.config
         gpt = str(next(self.model.gpt.parameters()).dtype).removeprefix("torch.")
         return f"Captioner({c.mapping}, K={c.prefix_length}, clip={c.clip_model}, gpt2={gpt}, device={self.device})"
-
-
-def to_rgb(image: ImageInput) -> Image.Image:
-    """Any accepted image input -> upright 8-bit RGB, as ``images.open_rgb`` does for files."""
-    from PIL import Image
-
-    from clipcap_cli.images import open_rgb
-    from clipcap_cli.images import to_rgb as pil_to_rgb
-
-    if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
-    return open_rgb(image)
 
 
 def _is_single(images: Any) -> bool:

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from clipcap_cli.captioner import BATCH_SIZE, WORKERS
+from clipcap_cli.captioner import BATCH_SIZE
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
+from clipcap_cli.inputs import WORKERS, default_workers
 from clipcap_cli.precision import DEFAULT_PRECISION
 
 if TYPE_CHECKING:
@@ -862,8 +863,6 @@ def _clip_inputs(
 
 
 def _workers(requested: int | None, device: Any) -> int:
-    from clipcap_cli.captioner import default_workers
-
     return default_workers(device) if requested is None else requested
 
 

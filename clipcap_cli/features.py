@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import types
 import uuid
@@ -28,6 +27,7 @@ from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.fsutil import atomic_write as _atomic_write
 from clipcap_cli.fsutil import check_folder, create_exclusive, remove_stale_temps, write_text_atomic
+from clipcap_cli.inputs import default_workers, worker_init
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -238,10 +238,6 @@ SETTINGS_FILE = "settings.json"
 RECORDS_FILE = "records.jsonl"
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
 @dataclass(frozen=True)
 class ExtractOptions:
     """How `clipcap extract` encodes a dataset. The CLI takes its defaults from here."""
@@ -251,7 +247,7 @@ class ExtractOptions:
         DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag; None = random weights (tests, benchmarks)
     )
     batch_size: int = 64  # images per encode_image call
-    workers: int | None = None  # DataLoader processes decoding images; None = min(4, CPU count)
+    workers: int | None = None  # DataLoader processes decoding images; None = inputs.default_workers(device)
     device: str | None = None  # None = CUDA, then MPS, then CPU
     chunk_size: int = 1024  # images per part file: the most work an interruption can lose
     shard: tuple[int, int] = (0, 1)  # (i, n): this process encodes chunks c with c % n == i
@@ -470,12 +466,6 @@ def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, 
     return [i for i, _ in ok], pixels, failed
 
 
-def _worker_init(_: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # workers only decode and resize; the encoder in the main process owns the cores
-
-
 def encode_batch(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Raw (unnormalised) CLIP image embeddings of preprocessed ``pixels``, shape (B, D), on the CPU."""
     import torch
@@ -659,14 +649,14 @@ def _loader(
             for b in range(start, start + size, options.batch_size)
         ]
         start += size
-    workers = default_workers() if options.workers is None else options.workers
+    workers = default_workers(device) if options.workers is None else options.workers
     workers = min(workers, len(batches))  # no idle worker processes
     return torch.utils.data.DataLoader(
         _ImageFiles(items, preprocess),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )

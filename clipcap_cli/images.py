@@ -60,5 +60,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def as_rgb(image: Image.Image | str | Path | bytes) -> Image.Image:
+    """Any accepted image input (an open image, a path, a file's bytes) -> upright 8-bit RGB."""
+    return to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image)
+
+
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES

@@ -27,6 +27,8 @@ MAX_URL_BYTES = 50 * 1024 * 1024  # refuse bigger downloads: no photo needs more
 URL_TIMEOUT = (10.0, 30.0)  # seconds: connect, read (between bytes)
 URL_DEADLINE = 60.0  # seconds for a whole URL, however slowly its server sends (clipcap caption --url-timeout)
 URL_SCHEMES = ("http://", "https://")
+WORKERS: int | None = None  # image-decoding worker processes; None = default_workers(device)
+CPU_WORKERS = 0  # default_workers off CUDA: the model already uses every core (measured: benchmarks/bench_sharded.py)
 GLOB_CHARS = set("*?[")
 ACCEPTED_NON_IMAGE_TYPES = {"application/octet-stream", "binary/octet-stream"}
 
@@ -51,6 +53,25 @@ class Source:
         if is_url(self.location):
             return open_rgb(fetch_url(self.location, deadline=self.url_deadline))
         return open_rgb(self.location)
+
+
+def default_workers(device: Any) -> int:
+    """The one rule for image-decoding worker processes when none are asked for (caption, extract,
+    eval, inspect): on CUDA every CPU this process may use (shared among torchrun's processes on the
+    machine); elsewhere ``CPU_WORKERS``, since the model's own threads already use every core."""
+    if not str(device).startswith("cuda"):
+        return CPU_WORKERS
+    from clipcap_cli import distributed
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // distributed.env().local_world_size)
+
+
+def worker_init(_: int) -> None:
+    """A decoding worker: one torch thread (workers only decode and resize; the model owns the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def is_url(text: str) -> bool:
@@ -201,9 +222,9 @@ def open_input(item: Any) -> Image.Image:
     opener = getattr(item, "open_image", None)
     if opener is not None:
         return opener()
-    from clipcap_cli.captioner import to_rgb
+    from clipcap_cli.images import as_rgb
 
-    return to_rgb(item)
+    return as_rgb(item)
 
 
 def _load_one(item: Any, transform: Callable[[Any], torch.Tensor]) -> tuple[Any, Any, str | None, dict | None]:
@@ -308,15 +329,13 @@ def load_batches(
         return (_collate([decoder[e] for e in batch]) for batch in batches)
     from torch.utils.data import DataLoader
 
-    from clipcap_cli.features import _worker_init
-
     return iter(
         DataLoader(
             _Decoder(transform),  # type: ignore[arg-type]  (a "dataset" indexed by the work entries)
             batch_sampler=batches,  # type: ignore[arg-type]
             num_workers=workers,
             collate_fn=_collate,
-            worker_init_fn=_worker_init,
+            worker_init_fn=worker_init,
             pin_memory=pin_memory,
             prefetch_factor=4,  # batches read ahead per worker: the model never waits at a batch boundary
         )

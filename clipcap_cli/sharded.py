@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from clipcap_cli.captioner import WORKERS
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import publish, write_text_atomic
+from clipcap_cli.inputs import WORKERS
 from clipcap_cli.records import caption_fields, dumps
 from clipcap_cli.shards import SHARD_SIZE, Sample, Shard, keys_sha256, mine, seed_id, shard_samples
 from clipcap_cli.version import __version__
@@ -60,7 +60,7 @@ class ShardedOptions:
     shard_size: int = SHARD_SIZE  # images per shard cut from a list of images
     shard: tuple[int, int] = (0, 1)  # (i, n): this process takes shards s with s % n == i
     batch_size: int | None = None  # images per CLIP + decoding batch; None = decoding.default_batch_size
-    workers: int | None = WORKERS  # image-decoding processes; None = captioner.default_workers
+    workers: int | None = WORKERS  # image-decoding processes; None = inputs.default_workers
 
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:

@@ -11,7 +11,6 @@ from typing import Any, List, Optional
 import typer
 from typing_extensions import Annotated
 
-from clipcap_cli.captioner import CPU_WORKERS, WORKERS
 from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
@@ -21,7 +20,7 @@ from clipcap_cli.commands.options import (
     QuietOption,
 )
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
-from clipcap_cli.inputs import URL_DEADLINE
+from clipcap_cli.inputs import CPU_WORKERS, URL_DEADLINE, WORKERS
 from clipcap_cli.output import available_formats
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.sharded import ShardedOptions

@@ -89,7 +89,9 @@ def command(
     workers: Annotated[
         Optional[int],
         typer.Option(
-            help="Image-decoding worker processes \\[default: min(4, CPU count)].",
+            "--workers",
+            "-j",
+            help="Image-decoding worker processes (0 = in this process) \\[default: as clipcap caption: the CPU count on CUDA, 0 elsewhere].",
             show_default=False,
             rich_help_panel=MODEL,
         ),
