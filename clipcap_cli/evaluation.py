@@ -25,7 +25,7 @@ from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
-from clipcap_cli.inputs import WORKERS, default_workers
+from clipcap_cli.inputs import WORKERS, check_loading, default_workers
 from clipcap_cli.precision import DEFAULT_PRECISION
 
 if TYPE_CHECKING:
@@ -130,12 +130,9 @@ class EvalOptions:
                     f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
                     f"choose from BLEU, {', '.join(names)}"
                 )
-        if (
-            (self.batch_size is not None and self.batch_size < 1)
-            or (self.workers is not None and self.workers < 0)
-            or self.worst < 0
-        ):
-            raise UsageError("--batch-size must be at least 1, and --workers and the worst-images count 0 or more")
+        check_loading(self.batch_size, self.workers)
+        if self.worst < 0:
+            raise UsageError(f"worst must be 0 or more, got {self.worst}")
 
 
 def check_scorers(options: EvalOptions) -> None:

@@ -27,7 +27,8 @@ from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.fsutil import atomic_write as _atomic_write
 from clipcap_cli.fsutil import check_folder, create_exclusive, remove_stale_temps, write_text_atomic
-from clipcap_cli.inputs import default_workers, worker_init
+from clipcap_cli.inputs import check_loading, default_workers, worker_init
+from clipcap_cli.shards import check_shard
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -253,26 +254,10 @@ class ExtractOptions:
     shard: tuple[int, int] = (0, 1)  # (i, n): this process encodes chunks c with c % n == i
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError("--workers must be 0 or more")
+        check_loading(self.batch_size, self.workers)
         if self.chunk_size < 1:
             raise UsageError("--chunk-size must be at least 1")
-        i, n = self.shard
-        if n < 1 or not 0 <= i < n:
-            raise UsageError(f"--shard {i}/{n}: need 0 <= i < n")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"1/4"`` -> (1, 4)."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise UsageError(f"--shard {text}: need 0 <= i < n")
-    return i, n
+        check_shard(*self.shard)
 
 
 @dataclass

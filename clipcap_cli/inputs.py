@@ -67,6 +67,16 @@ def default_workers(device: Any) -> int:
     return max(1, cpus // distributed.env().local_world_size)
 
 
+def check_loading(batch_size: int | None, workers: int | None) -> None:
+    """The one check of an image pipeline's sizes (None: the default for the device)."""
+    from clipcap_cli.errors import UsageError
+
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise UsageError(f"workers must be 0 or more, got {workers}")
+
+
 def worker_init(_: int) -> None:
     """A decoding worker: one torch thread (workers only decode and resize; the model owns the cores)."""
     import torch

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import publish, write_text_atomic
-from clipcap_cli.inputs import WORKERS
+from clipcap_cli.inputs import WORKERS, check_loading
 from clipcap_cli.records import caption_fields, dumps
-from clipcap_cli.shards import SHARD_SIZE, Sample, Shard, keys_sha256, mine, seed_id, shard_samples
+from clipcap_cli.shards import SHARD_SIZE, Sample, Shard, check_shard, keys_sha256, mine, seed_id, shard_samples
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -76,13 +76,8 @@ class ShardedOptions:
                 )
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be 0 or more, got {self.workers}")
-        i, n = self.shard
-        if n < 1 or not 0 <= i < n:
-            raise UsageError(f"--shard {i}/{n}: need 0 <= i < n")
+        check_loading(self.batch_size, self.workers)
+        check_shard(*self.shard)
 
     def records_file(self, name: str) -> Path:
         return self.output_dir / f"{name}.{self.output_format}"

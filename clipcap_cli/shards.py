@@ -251,6 +251,22 @@ def _tar_paths(arg: str) -> list[str]:
     return found
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard "1/4"`` -> (1, 4)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    check_shard(i, n)
+    return i, n
+
+
+def check_shard(i: int, n: int) -> None:
+    """The one rule for a share of shards: this process takes shards s with s % n == i."""
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {i}/{n}: need 0 <= i < n")
+
+
 def discover(
     args: Sequence[str],
     *,

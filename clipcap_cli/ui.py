@@ -80,6 +80,8 @@ FLAG_WORDING = (
     ("temperature", "--temperature"),
     ("stop_token", "--stop-token"),
     ("url deadline", "--url-timeout"),
+    ("batch_size must", "--batch-size must"),
+    ("workers must", "--workers must"),
 )
 
 
@@ -109,7 +111,8 @@ def cli_errors() -> Iterator[None]:
     except errors.ClipCapError as exc:
         if debug_enabled():
             traceback.print_exc()
-        stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
+        message = str(as_flags(exc)) if isinstance(exc, errors.UsageError) else str(exc)
+        stderr.print(f"[red]error:[/] {escape(message)}", highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[red]interrupted[/]")

@@ -416,8 +416,8 @@ def test_write_predictions_round_trip(tmp_path: Path):
         ({"refs_format": "csv"}, "--refs-format csv: choose one of"),
         ({"metrics": ("BLEU", "WER")}, "unknown metric WER"),
         ({"metrics": ()}, "unknown metric (none given)"),
-        ({"batch_size": 0}, "--batch-size must be at least 1"),
-        ({"workers": -1}, "--workers"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"workers": -1}, "workers must be 0 or more"),
     ],
 )
 def test_eval_options_validate_themselves(bad: dict, message: str):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap_cli import features
+from clipcap_cli import features, shards
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.features import FeatureSet, load_features, save_features
 
@@ -242,10 +242,10 @@ def test_option_validation():
         features.ExtractOptions(batch_size=0)
     with pytest.raises(UsageError):
         features.ExtractOptions(shard=(2, 2))
-    assert features.parse_shard("1/4") == (1, 4)
+    assert shards.parse_shard("1/4") == (1, 4)
     for bad in ("1", "a/b", "4/4", "-1/2"):
         with pytest.raises(UsageError):
-            features.parse_shard(bad)
+            shards.parse_shard(bad)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

@@ -279,10 +279,9 @@ def command(
 
         if beam is not None and sample:
             raise UsageError("--beam and --sample are alternatives: choose one")
-        if batch_size is not None and batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-        if workers is not None and workers < 0:
-            raise UsageError(f"--workers must be 0 or more, got {workers}")
+        from clipcap_cli.inputs import check_loading
+
+        check_loading(batch_size, workers)
         from clipcap_cli.errors import check_number
         from clipcap_cli.ui import as_flags
 
@@ -364,7 +363,7 @@ def command(
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
-    from clipcap_cli.features import parse_shard
+    from clipcap_cli.shards import parse_shard
 
     return parse_shard(text) if text else (0, 1)
 

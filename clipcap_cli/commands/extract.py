@@ -178,7 +178,7 @@ def _tag(text: str) -> str | None:
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
-    from clipcap_cli.features import parse_shard
+    from clipcap_cli.shards import parse_shard
 
     if text:
         return parse_shard(text)
