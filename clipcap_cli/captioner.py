@@ -79,11 +79,9 @@ class Captioner:
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings (B, D) in float32 for preprocessed pixels (B, 3, H, W)."""
-        import torch
+        from clipcap_cli.clip_image import encode_pixels
 
-        dtype = next(self.clip_model.parameters()).dtype  # fp16 on CUDA
-        with torch.no_grad():  # not inference_mode: callers may use the embeddings in autograd code
-            return self.clip_model.encode_image(pixels.to(self.device, dtype=dtype, non_blocking=True)).float()
+        return encode_pixels(self.clip_model, pixels).float()
 
     def encode(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = BATCH_SIZE) -> torch.Tensor:
         """CLIP image embeddings (N, D), float32, for images given as paths, bytes or PIL images."""

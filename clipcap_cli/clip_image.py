@@ -1,4 +1,5 @@
-"""CLIP's image tower on its own: what captioning needs from CLIP when no text is scored."""
+"""CLIP's image tower on its own (what captioning needs when no text is scored), and ``encode_pixels``,
+the one way every pipeline (caption, extract, eval's CLIPScore, inspect) turns pixels into embeddings."""
 
 from __future__ import annotations
 
@@ -18,3 +19,15 @@ class ClipImageEncoder(nn.Module):
         """Image embeddings (B, D) of preprocessed pixels (B, 3, H, W), as open_clip's CLIP gives them."""
         features = self.visual(image)
         return F.normalize(features, dim=-1) if normalize else features
+
+
+def encode_pixels(clip_model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Raw (unnormalised) CLIP image embeddings (B, D) of preprocessed ``pixels`` (B, 3, H, W).
+
+    The pixels go to the model's device and dtype (fp16 on CUDA, as the original); the embeddings come
+    back in that dtype, on that device, computed without gradients (callers may still use them in
+    autograd code, unlike under ``inference_mode``).
+    """
+    param = next(clip_model.parameters())
+    with torch.no_grad():
+        return clip_model.encode_image(pixels.to(param.device, dtype=param.dtype, non_blocking=True))

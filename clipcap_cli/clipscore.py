@@ -258,21 +258,20 @@ def encode_image_files(
     ``on_progress(done, total)`` after each batch."""
     import torch
 
+    from clipcap_cli.clip_image import encode_pixels
     from clipcap_cli.inputs import load_batches
 
-    dtype = next(model.parameters()).dtype  # fp16 on CUDA
     rows: dict[int, torch.Tensor] = {}
     failed: list[tuple[str, str]] = []
     done = 0
-    with torch.no_grad():
-        for batch in load_batches([str(f) for f in files], preprocess, batch_size, workers):
-            failed += [(str(files[batch.indices[p]]), error) for p, error in batch.errors.items()]
-            if batch.pixels is not None:
-                embedded = model.encode_image(batch.pixels.to(device, dtype=dtype)).float().cpu()
-                rows.update(zip([batch.indices[p] for p in batch.pixel_positions], embedded))
-            done += len(batch.indices)
-            if on_progress is not None:
-                on_progress(done, len(files))
+    for batch in load_batches([str(f) for f in files], preprocess, batch_size, workers):
+        failed += [(str(files[batch.indices[p]]), error) for p, error in batch.errors.items()]
+        if batch.pixels is not None:
+            embedded = encode_pixels(model, batch.pixels).float().cpu()
+            rows.update(zip([batch.indices[p] for p in batch.pixel_positions], embedded))
+        done += len(batch.indices)
+        if on_progress is not None:
+            on_progress(done, len(files))
     if not rows:
         return torch.empty(0, 0), failed
     width = next(iter(rows.values())).shape[0]

@@ -451,15 +451,6 @@ def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, 
     return [i for i, _ in ok], pixels, failed
 
 
-def encode_batch(model: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Raw (unnormalised) CLIP image embeddings of preprocessed ``pixels``, shape (B, D), on the CPU."""
-    import torch
-
-    param = next(model.parameters())
-    with torch.inference_mode():
-        return model.encode_image(pixels.to(param.device, dtype=param.dtype, non_blocking=True)).cpu()
-
-
 def _write_chunk(
     parts: Path, chunk: int, rows: list[Any], indices: list[int], skipped: list[dict], header: dict, embed_dim: int
 ) -> None:
@@ -659,6 +650,8 @@ def _encode_chunks(
 ) -> int:
     """Encode what ``loader`` yields and write each pending chunk as soon as all its records are in
     (the loader keeps order, so chunks complete one after another). Returns the images read."""
+    from clipcap_cli import clip_image
+
     remaining = {c: len(chunks.span(c)) for c in pending}
     rows: dict[int, list] = {c: [] for c in pending}
     ok_idx: dict[int, list[int]] = {c: [] for c in pending}
@@ -667,7 +660,7 @@ def _encode_chunks(
     for indices, pixels, failed in loader:
         finished: list[int] = []
         if pixels is not None:
-            emb = encode_batch(model, pixels)
+            emb = clip_image.encode_pixels(model, pixels).cpu()  # CLIP's dtype: fp16 on CUDA, as the original stored
             embed_dim = emb.shape[1]
             for i, row in zip(indices, emb):
                 c = i // chunks.size
