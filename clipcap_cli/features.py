@@ -21,13 +21,13 @@ import types
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.fsutil import atomic_write as _atomic_write
 from clipcap_cli.fsutil import check_folder, create_exclusive, remove_stale_temps, write_text_atomic
-from clipcap_cli.inputs import check_loading, default_workers, worker_init
+from clipcap_cli.inputs import check_loading, default_workers
 from clipcap_cli.shards import check_shard
 from clipcap_cli.version import __version__
 
@@ -420,37 +420,6 @@ def _done_chunks(parts: Path, settings_sha: str, chunks: Iterable[int]) -> dict[
     return done
 
 
-class _ImageFiles:
-    """A map-style dataset over (record index, path): decoded and preprocessed in DataLoader workers."""
-
-    def __init__(self, items: list[tuple[int, str]], preprocess: Any):
-        self.items = items
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
-        from clipcap_cli.images import ImageError, open_rgb
-
-        index, path = self.items[i]
-        try:
-            return index, self.preprocess(open_rgb(path)), None
-        except ImageError as exc:
-            return index, None, str(exc).removeprefix(f"{path}: ")
-        except Exception as exc:  # a decoder crash inside preprocess: skip the file, never a zero tensor
-            return index, None, f"{type(exc).__name__}: {exc}"
-
-
-def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    import torch
-
-    ok = [(i, x) for i, x, err in batch if err is None]
-    failed = [(i, err) for i, x, err in batch if err is not None]
-    pixels = torch.stack([x for _, x in ok]) if ok else None
-    return [i for i, _ in ok], pixels, failed
-
-
 def _write_chunk(
     parts: Path, chunk: int, rows: list[Any], indices: list[int], skipped: list[dict], header: dict, embed_dim: int
 ) -> None:
@@ -609,33 +578,41 @@ def _loader(
     pending: list[int],
     options: ExtractOptions,
     device: Any,
-) -> Any:
-    """A DataLoader decoding ``items`` (the pending chunks' records, in order) in worker processes.
+) -> Iterator[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """(record indices, pixels, [(record index, error)]) per batch of ``items`` (the pending chunks'
+    records, in order), decoded by the one image loader (``inputs.load_batches``).
 
     Batches never straddle chunks: a chunk is then encoded in the same batches whether the run is
     sharded, resumed or neither, so the stores come out bit-identical.
     """
-    import torch
+    from clipcap_cli.inputs import load_batches
 
-    batches, start = [], 0
-    for c in pending:
-        size = len(chunks.span(c))
-        batches += [
-            list(range(b, min(b + options.batch_size, start + size)))
-            for b in range(start, start + size, options.batch_size)
-        ]
-        start += size
     workers = default_workers(device) if options.workers is None else options.workers
-    workers = min(workers, len(batches))  # no idle worker processes
-    return torch.utils.data.DataLoader(
-        _ImageFiles(items, preprocess),
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=worker_init if workers else None,
+    records = [_Record(index, path) for index, path in items]
+    for batch in load_batches(
+        records,
+        preprocess,
+        options.batch_size,
+        min(workers, len(records)),
+        group_of=lambda r: r.index // chunks.size,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+    ):
+        ok = [records[batch.indices[p]].index for p in batch.pixel_positions]
+        failed = [(records[batch.indices[p]].index, error) for p, error in batch.errors.items()]
+        yield ok, batch.pixels, failed
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A dataset record's image for the loader: its index in the records, and where the file is."""
+
+    index: int
+    location: str
+
+    def open_image(self) -> Any:
+        from clipcap_cli.images import open_rgb
+
+        return open_rgb(self.location)
 
 
 def _encode_chunks(
