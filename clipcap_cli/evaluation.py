@@ -121,15 +121,7 @@ class EvalOptions:
             if value not in choices:
                 raise UsageError(f"{flag} {value}: choose one of {', '.join(choices)}")
         if self.metrics is not None:
-            from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
-
-            names = (*metrics.METRIC_NAMES, *CLIP_NAMES)
-            unknown = [name for name in self.metrics if name.lower() not in {n.lower() for n in (*names, "BLEU")}]
-            if unknown or not self.metrics:
-                raise UsageError(
-                    f"--metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
-                    f"choose from BLEU, {', '.join(names)}"
-                )
+            requested_metrics(self.metrics)  # the names are checked where they are read
         check_loading(self.batch_size, self.workers)
         if self.worst < 0:
             raise UsageError(f"worst must be 0 or more, got {self.worst}")
@@ -139,12 +131,7 @@ def check_scorers(options: EvalOptions) -> None:
     """Refuse a tokenizer or backend this machine cannot run, before any time goes into captioning."""
     from clipcap_cli import metrics
 
-    if options.backend == "pycocoevalcap" and metrics.pycocoevalcap_dir() is None:
-        raise metrics.BackendUnavailableError(
-            "--backend pycocoevalcap: the package is not installed (pip install 'clipcap-cli[eval]')"
-        )
-    if options.tokenizer == "ptb-java" and (metrics.pycocoevalcap_dir() is None or metrics.java_path() is None):
-        raise metrics.BackendUnavailableError("--tokenizer ptb-java needs the pycocoevalcap package and Java on PATH")
+    metrics.check_backends(options.backend, options.tokenizer)
 
 
 # --------------------------------------------------------------------------- records
@@ -697,14 +684,28 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def requested_metrics(names: Iterable[str] | None) -> list[str]:
-    """Metric names as given to ``--metrics`` (any case, "BLEU" = all four, None = all): the COCO
-    metrics in metrics.METRIC_NAMES order, then clipscore.METRIC_NAMES."""
+    """The one reading of metric names (``--metrics``; any case, "BLEU" = all four, None = all): the
+    COCO metrics in metrics.METRIC_NAMES order, then clipscore.METRIC_NAMES. ``UsageError`` names an
+    unknown one and the choices."""
     from clipcap_cli import metrics
     from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
 
-    coco = coco_metric_names(names)
-    clip = CLIP_NAMES if names is None else [n for n in CLIP_NAMES if n.lower() in {x.lower() for x in names}]
-    return [*(metrics.resolve_metrics(coco) if coco is None or coco else []), *clip]
+    if names is None:
+        return [*metrics.METRIC_NAMES, *CLIP_NAMES]
+    names = list(names)
+    clip = {n.lower(): n for n in CLIP_NAMES}
+    try:
+        coco = metrics.resolve_metrics([n for n in names if n.lower() not in clip])
+    except metrics.MetricsInputError:
+        coco = []
+    known = {n.lower() for n in (*metrics.METRIC_NAMES, *CLIP_NAMES, "BLEU")}
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown or not names:
+        raise UsageError(
+            f"metrics: unknown metric {', '.join(unknown) or '(none given)'}; "
+            f"choose from BLEU, {', '.join((*metrics.METRIC_NAMES, *CLIP_NAMES))}"
+        )
+    return [*coco, *(n for n in CLIP_NAMES if n.lower() in {x.lower() for x in names})]
 
 
 def paper_comparison(
@@ -751,12 +752,9 @@ def worst_images(report: Mapping[str, Any], n: int) -> tuple[str | None, list[di
 
 def coco_metric_names(names: Iterable[str] | None) -> list[str] | None:
     """``--metrics`` without the CLIP metrics (what :func:`metrics.score` computes); None = all."""
-    from clipcap_cli.clipscore import METRIC_NAMES as CLIP_NAMES
+    from clipcap_cli import metrics
 
-    if names is None:
-        return None
-    clip = {name.lower() for name in CLIP_NAMES}
-    return [name for name in names if name.lower() not in clip]
+    return None if names is None else [n for n in requested_metrics(names) if n in metrics.METRIC_NAMES]
 
 
 @dataclass

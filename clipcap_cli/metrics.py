@@ -207,9 +207,23 @@ def pycocoevalcap_dir() -> Path | None:
     return None
 
 
+INSTALL_EVAL = "pip install 'clipcap-cli[eval]'"  # what brings pycocoevalcap, in every message that needs it
+
+
+def check_backends(backend: str, tokenizer: str) -> None:
+    """The one check that an explicitly chosen backend and tokenizer can run here (``auto`` always can:
+    it falls back); ``BackendUnavailableError`` says what to install."""
+    if backend == "pycocoevalcap" and pycocoevalcap_dir() is None:
+        raise BackendUnavailableError(f"backend 'pycocoevalcap' needs the pycocoevalcap package ({INSTALL_EVAL})")
+    if tokenizer == "ptb-java" and (pycocoevalcap_dir() is None or java_path() is None):
+        raise BackendUnavailableError(
+            f"tokenizer 'ptb-java' needs the pycocoevalcap package ({INSTALL_EVAL}) and Java on PATH"
+        )
+
+
 def _package_and_java_reason(metric: str, package_dir: Path | None, java: str | None) -> str | None:
     if package_dir is None:
-        return f"{metric} needs the pycocoevalcap package (pip install pycocoevalcap) and Java"
+        return f"{metric} needs the pycocoevalcap package ({INSTALL_EVAL}) and Java"
     if java is None:
         return f"{metric} needs Java: no 'java' on PATH"
     return None
@@ -843,11 +857,8 @@ def score(
     names = resolve_metrics(metrics)
     keys, missing, extra = _common_keys(references, predictions, allow_missing)
     ref_lists = _reference_lists(references, predictions, keys)
+    check_backends(backend, "auto")  # the tokenizer falls back on its own (see tokenize)
     package_dir = pycocoevalcap_dir()
-    if backend == "pycocoevalcap" and package_dir is None:
-        raise BackendUnavailableError(
-            "backend 'pycocoevalcap' requested but the package is not installed (pip install pycocoevalcap)"
-        )
 
     # Tokenise references and predictions in one run (lines are independent), then split them back.
     ref_counts = [len(refs) for refs in ref_lists]

@@ -390,8 +390,13 @@ def test_without_pycocoevalcap(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.tokenizer == "ptb-python"
     assert set(result.unavailable) == {"METEOR", "SPICE"}
     assert all("pycocoevalcap" in reason for reason in result.unavailable.values())
-    with pytest.raises(M.BackendUnavailableError, match="not installed"):
+    with pytest.raises(M.BackendUnavailableError, match=r"pip install 'clipcap-cli\[eval\]'"):
         M.score(REFERENCES, PREDICTIONS, backend="pycocoevalcap")
+    # the same message, checked before any work, from the command line's own check
+    from clipcap_cli.evaluation import EvalOptions, check_scorers
+
+    with pytest.raises(M.BackendUnavailableError, match=r"pip install 'clipcap-cli\[eval\]'"):
+        check_scorers(EvalOptions(backend="pycocoevalcap"))
 
 
 def test_spice_is_reported_unavailable_without_corenlp(monkeypatch: pytest.MonkeyPatch) -> None:
