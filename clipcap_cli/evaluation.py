@@ -26,6 +26,7 @@ from clipcap_cli.datasets import iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
 from clipcap_cli.inputs import WORKERS, check_loading, default_workers
+from clipcap_cli.metrics import KeyMismatchError
 from clipcap_cli.precision import DEFAULT_PRECISION
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ __all__ = [
     "Prediction",
     "Predictions",
     "Matching",
-    "EvalKeyMismatchError",
     "read_references",
     "read_predictions",
     "coco_id_from_name",
@@ -200,17 +200,6 @@ class Matching:
     @property
     def scored_keys(self) -> list[Any]:
         return [key for key in self.references if key in self.predictions]
-
-
-class EvalKeyMismatchError(UsageError):
-    """References and predictions do not cover the same images (exit code 2)."""
-
-    def __init__(
-        self, message: str, missing_predictions: Sequence[Any], unreferenced_predictions: Sequence[Any]
-    ) -> None:
-        super().__init__(message)
-        self.missing_predictions = tuple(missing_predictions)  # reference keys without a prediction
-        self.unreferenced_predictions = tuple(unreferenced_predictions)  # predictions without references
 
 
 def coco_id_from_name(path: str | None) -> int | None:
@@ -536,7 +525,7 @@ def check_matching(matching: Matching, allow_missing: bool) -> None:
         if matching.unmatched:
             hint = f"; e.g. predictions {_examples(p.where() for p in matching.unmatched)}"
             hint += f" vs references {_examples(_ref_name(matching, k) for k in list(matching.references)[:3])}"
-        raise EvalKeyMismatchError(
+        raise KeyMismatchError(
             f"nothing to score: {reason}{hint}", list(matching.missing), [p.where() for p in matching.unmatched]
         )
     if allow_missing or not (matching.missing or matching.unmatched):
@@ -552,7 +541,7 @@ def check_matching(matching: Matching, allow_missing: bool) -> None:
             f"{len(matching.unmatched)} predictions match no reference image "
             f"(e.g. {_examples(p.where() for p in matching.unmatched)})"
         )
-    raise EvalKeyMismatchError(
+    raise KeyMismatchError(
         f"references and predictions do not match (by {matching.by.replace('_', ' ')}): "
         + "; ".join(parts)
         + f"; pass --allow-missing to score the {len(matching.predictions)} images they share",

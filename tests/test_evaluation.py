@@ -11,7 +11,8 @@ from paper_table import PAPER_TABLE1
 
 from clipcap_cli import evaluation, metrics
 from clipcap_cli.errors import UsageError
-from clipcap_cli.evaluation import EvalKeyMismatchError, EvalOptions, Prediction
+from clipcap_cli.evaluation import EvalOptions, Prediction
+from clipcap_cli.metrics import KeyMismatchError
 
 # Six COCO val images (id -> captions) and a model's captions for them: the shared test set.
 CAPTIONS: dict[int, list[str]] = {
@@ -320,7 +321,7 @@ def test_mismatch_message_counts_and_allow_missing(tmp_path: Path):
     partial[777] = "an image the references do not have"
     preds = evaluation.read_predictions(write_coco_results(tmp_path / "r.json", partial))
     m = evaluation.match(refs, preds.items)
-    with pytest.raises(EvalKeyMismatchError) as info:
+    with pytest.raises(KeyMismatchError) as info:
         evaluation.check_matching(m, allow_missing=False)
     message = str(info.value)
     assert "2 of 6 reference images have no prediction" in message
@@ -341,7 +342,7 @@ def test_mismatch_message_counts_and_allow_missing(tmp_path: Path):
     assert report["metrics"]["CIDEr"] == pytest.approx(expected.scores["CIDEr"], rel=1e-12)
     # nothing in common is an error even with allow_missing
     none = evaluation.read_predictions(write_coco_results(tmp_path / "n.json", {1: "x"}))
-    with pytest.raises(EvalKeyMismatchError, match="nothing to score"):
+    with pytest.raises(KeyMismatchError, match="nothing to score"):
         evaluation.evaluate(refs, none, EvalOptions(allow_missing=True))
 
 
