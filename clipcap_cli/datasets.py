@@ -88,11 +88,16 @@ class ImageResolver:
                 return self.relative(cand)
         return self.relative(name)
 
-    def first_existing(self, candidates: list[str]) -> str:
+    def existing(self, candidates: list[str]) -> str | None:
+        """The first candidate that is a file under the root (relative), or None."""
         for cand in candidates:
-            if (self.root / cand).is_file():
+            if (self.root / Path(cand).expanduser()).is_file():
                 return self.relative(cand)
-        return self.relative(candidates[0])
+        return None
+
+    def first_existing(self, candidates: list[str]) -> str:
+        found = self.existing(candidates)
+        return found if found is not None else self.relative(candidates[0])
 
 
 def read_dataset(
@@ -322,12 +327,22 @@ def _karpathy(source: Path, data: Any, resolver: ImageResolver, split: str | Non
 
 
 def coco_id_candidates(image_id: int | str) -> list[str]:
-    """Where the original ClipCap looked for a caption entry's image, in its order."""
+    """Where an image id's file may be: first where the original ClipCap looked, in its order, then
+    COCO 2017's zero-padded names (``000000397133.jpg``) at the root and in the COCO subfolders."""
     text = str(image_id).strip()
     if text.isdigit():
         n = int(text)
         train, val = f"COCO_train2014_{n:012d}.jpg", f"COCO_val2014_{n:012d}.jpg"
-        return [train, f"train2014/{train}", val, f"val2014/{val}", f"{text}.jpg"]
+        padded = f"{n:012d}.jpg"
+        return [
+            train,
+            f"train2014/{train}",
+            val,
+            f"val2014/{val}",
+            f"{text}.jpg",
+            padded,
+            *(f"{s}/{padded}" for s in COCO_SUBDIRS),
+        ]
     return [text, f"{text}.jpg"] if Path(text).suffix else [f"{text}.jpg", text]
 
 

@@ -979,23 +979,18 @@ def _caption_files(
 
 
 def _locate(ref: RefImage, root: Path) -> Path | None:
-    """The reference image's file: its path under ``root``, or a COCO name derived from its id."""
-    candidates: list[str] = []
-    if ref.image:
-        candidates.append(ref.image)
-    elif isinstance(ref.image_id, int):
-        from clipcap_cli.datasets import COCO_SUBDIRS
+    """The reference image's file: its path under ``root``, or where its COCO id says (the dataset
+    readers' rule: ``datasets.coco_id_candidates`` through an ``ImageResolver``)."""
+    from clipcap_cli.datasets import ImageResolver, coco_id_candidates
 
-        for sub in ("val2014", "train2014"):
-            name = f"COCO_{sub}_{ref.image_id:012d}.jpg"
-            candidates += [name, f"{sub}/{name}"]
-        candidates += [f"{ref.image_id:012d}.jpg"] + [f"{s}/{ref.image_id:012d}.jpg" for s in COCO_SUBDIRS]
-    for cand in candidates:
-        path = Path(cand).expanduser()
-        path = path if path.is_absolute() else root / path
-        if path.is_file():
-            return path
-    return None
+    if ref.image:
+        candidates = [ref.image]
+    elif isinstance(ref.image_id, int):
+        candidates = coco_id_candidates(ref.image_id)
+    else:
+        return None
+    found = ImageResolver(root).existing(candidates)
+    return None if found is None else root / Path(found).expanduser()
 
 
 def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
