@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.captioner import BATCH_SIZE
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-from clipcap_cli.datasets import iter_jsonl, normalize_id
+from clipcap_cli.datasets import CAPTION_COLUMNS, IMAGE_COLUMNS, iter_jsonl, normalize_id
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
 from clipcap_cli.inputs import WORKERS, check_loading, default_workers
@@ -78,8 +78,6 @@ KARPATHY_TEST_IMAGES = 5000
 PAPER_SOURCE = "ClipCap (Mokady et al., 2021), Table 1, COCO Karpathy test split"
 
 # Fields a record may name its image by, and its caption by (datasets.py's manifest columns).
-_PATH_KEYS = ("path", "image", "file_name", "filename", "image_path")
-_CAPTION_KEYS = ("caption", "text")
 # COCO file names: COCO_val2014_000000123456.jpg (2014) and 000000123456.jpg (2017).
 _COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+\d{4}_)?(\d{12})")
 
@@ -319,11 +317,11 @@ def _jsonl_records(source: Path) -> Iterator[dict]:
     per image in first-seen order. Unlike datasets.py's manifest reader, lines may carry only an id."""
     groups: dict[Any, dict] = {}
     for n, row in iter_jsonl(source):
-        path = _first(row, _PATH_KEYS)
+        path = _first(row, IMAGE_COLUMNS)
         image_id = normalize_id(row.get("image_id"))
         if path is None and image_id is None:
             raise UsageError(f"{source.name} line {n}: no 'image', 'path' or 'image_id'")
-        value = row["captions"] if isinstance(row.get("captions"), list) else _first(row, _CAPTION_KEYS)
+        value = row["captions"] if isinstance(row.get("captions"), list) else _first(row, CAPTION_COLUMNS)
         captions = value if isinstance(value, list) else ([] if value is None else [value])
         if not all(isinstance(c, str) for c in captions):
             raise UsageError(f"{source.name} line {n}: caption is not a string")
@@ -372,12 +370,12 @@ def read_predictions(source: str | Path) -> Predictions:
 def _prediction(source: Path, n: int, row: Any) -> Prediction:
     if not isinstance(row, dict):
         raise UsageError(f"{source.name} record {n}: expected a JSON object")
-    path = _first(row, _PATH_KEYS)
+    path = _first(row, IMAGE_COLUMNS)
     image_id = normalize_id(row.get("image_id"))
     if path is None and image_id is None:
         raise UsageError(f"{source.name} record {n}: no 'path', 'image' or 'image_id'")
     error = row.get("error")
-    caption = _first(row, _CAPTION_KEYS)
+    caption = _first(row, CAPTION_COLUMNS)
     if error in (None, "", False):
         error = None
         if caption is None:
