@@ -162,7 +162,7 @@ def _detect(source: Path) -> tuple[str, Any]:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl", None
     if suffix != ".json":
-        raise UsageError(f"cannot tell the format of {source.name}: pass --format ({', '.join(FORMATS[1:])})")
+        raise UsageError(f"cannot tell the format of {source.name}: give the dataset format ({', '.join(FORMATS[1:])})")
     try:
         data = json.loads(read_text(source))
     except ValueError as exc:
@@ -194,7 +194,7 @@ def _load_json(source: Path) -> Any:
     try:
         return json.loads(read_text(source))
     except ValueError as exc:
-        raise DatasetError(f"{source.name}: invalid JSON ({exc}): fix the file, or pass --format") from exc
+        raise DatasetError(f"{source.name}: invalid JSON ({exc}): fix the file, or give the dataset format") from exc
 
 
 def read_text(source: Path) -> str:

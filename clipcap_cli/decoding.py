@@ -72,7 +72,7 @@ def _verify(o: DecodingOptions) -> None:
     if o.strategy not in STRATEGIES:
         raise UsageError(f"unknown decoding strategy {o.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if o.beam_size < 1:
-        raise UsageError(f"beam size must be at least 1, got {o.beam_size}")
+        raise UsageError(f"beam_size must be at least 1, got {o.beam_size}")
     if o.num_captions < 1:
         raise UsageError(f"num_captions must be at least 1, got {o.num_captions}")
     if o.max_length < 1:

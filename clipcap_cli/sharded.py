@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from clipcap_cli.errors import UsageError
-from clipcap_cli.fsutil import publish, write_text_atomic
+from clipcap_cli.fsutil import check_folder, publish, write_text_atomic
 from clipcap_cli.inputs import WORKERS, check_loading
 from clipcap_cli.records import caption_fields, dumps
 from clipcap_cli.shards import SHARD_SIZE, Sample, Shard, check_shard, keys_sha256, mine, seed_id, shard_samples
@@ -77,6 +77,7 @@ class ShardedOptions:
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
         check_loading(self.batch_size, self.workers)
+        check_folder(self.output_dir, "--output-dir")
         check_shard(*self.shard)
 
     def records_file(self, name: str) -> Path:

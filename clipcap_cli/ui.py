@@ -81,6 +81,7 @@ FLAG_WORDING = (
     ("stop_token", "--stop-token"),
     ("url deadline", "--url-timeout"),
     ("batch_size must", "--batch-size must"),
+    ("beam_size must", "--beam must"),
     ("metrics: unknown", "--metrics: unknown"),
     ("workers must", "--workers must"),
 )

@@ -196,7 +196,7 @@ def test_malformed_files_fail_with_one_clear_line(tmp_path: Path):
         read_dataset(src)
     other = tmp_path / "data.xml"
     other.write_text("<x/>")
-    with pytest.raises(UsageError, match="pass --format"):
+    with pytest.raises(UsageError, match="give the dataset format"):
         read_dataset(other)
     with pytest.raises(UsageError, match="not found"):
         read_dataset(tmp_path / "nope.json")

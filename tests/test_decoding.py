@@ -366,7 +366,7 @@ def test_text_is_the_originals_decode(tokenizer):
     "kwargs, message",
     [
         ({"strategy": "topk"}, "unknown decoding strategy"),
-        ({"strategy": "beam", "beam_size": 0}, "beam size"),
+        ({"strategy": "beam", "beam_size": 0}, "beam_size"),
         ({"num_captions": 0}, "num_captions"),
         ({"num_captions": 2}, "greedy decoding gives one caption"),
         ({"strategy": "beam", "beam_size": 3, "num_captions": 4}, "cannot exceed beam_size"),

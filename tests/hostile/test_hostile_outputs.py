@@ -298,3 +298,11 @@ def test_every_output_has_the_same_record_fields(tmp_path, tiny_checkpoint, pics
         ok = [r for r in rows if r["error"] is None]
         assert ok and all(fields <= set(r) for r in ok), (fmt, fields, set(ok[0]))
         assert all(isinstance(r["clip_score"], float) for r in ok)
+
+
+def test_output_dir_naming_a_file_is_one_line(tmp_path, tiny_checkpoint, pics):
+    file = tmp_path / "taken"
+    file.write_text("keep me")
+    line = _one_line(caption(tiny_checkpoint, str(pics["rgb"]), "--output-dir", str(file)), 2)
+    assert str(file) in line and "is a file" in line and "--output-dir" in line
+    assert file.read_text() == "keep me"
