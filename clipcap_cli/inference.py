@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.errors import ClipCapError
@@ -29,7 +28,8 @@ if TYPE_CHECKING:
 
 FIRST_POSITIONS = 24  # generated positions a CPU cache holds at first; it doubles (rarely) up to max_length
 REFINED_LOGITS = 16  # bf16/fp16 LM head: each row's highest logits recomputed in fp32 (see StaticGPT2._logits)
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's activation; fused as F.gelu(approximate="tanh")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+GRAPHED_ATTR = "_clipcap_graphed_steppers"  # where a GPT-2 keeps its CUDA-graphed stepper (one shape at a time)  # GPT-2's activation; fused as F.gelu(approximate="tanh")
 
 
 def open_inference(gpt: Any, rows: int, positions: int, cuda_graphs: bool | None = None) -> StaticGPT2 | ForwardStepper:
@@ -47,14 +47,11 @@ def open_inference(gpt: Any, rows: int, positions: int, cuda_graphs: bool | None
     if not cuda_graphs:
         return StaticGPT2(gpt, rows, positions)
     key = (_bucket(rows), positions, gpt.transformer.wte.weight.dtype, gpt.transformer.wte.weight.device)
-    kept = _GRAPHED.setdefault(gpt, {})
+    kept = gpt.__dict__.setdefault(GRAPHED_ATTR, {})  # owned by the model: it goes when the model goes
     if key not in kept:
         kept.clear()  # one shape at a time: each holds a cache as large as the batch's
         kept[key] = StaticGPT2(gpt, rows, positions, cuda_graphs=True)
     return kept[key]
-
-
-_GRAPHED: weakref.WeakKeyDictionary[Any, dict[tuple, StaticGPT2]] = weakref.WeakKeyDictionary()
 
 
 def is_stock_gpt2(gpt: Any) -> bool:
