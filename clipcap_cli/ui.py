@@ -82,6 +82,9 @@ FLAG_WORDING = (
     ("url deadline", "--url-timeout"),
     ("batch_size must", "--batch-size must"),
     ("beam_size must", "--beam must"),
+    ("lr must", "--lr must"),
+    ("weight-decay must", "--weight-decay must"),
+    ("val-fraction must", "--val-fraction must"),
     ("metrics: unknown", "--metrics: unknown"),
     ("workers must", "--workers must"),
 )
