@@ -7,6 +7,9 @@ Exit codes (the contract documented in the README and ``--help``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
@@ -27,6 +30,28 @@ class UsageError(ClipCapError):
 
 class CheckpointError(ClipCapError):
     """A checkpoint file is unreadable or does not fit the model it is loaded into."""
+
+
+class MetricsInputError(UsageError, ValueError):
+    """Bad input or arguments to the metrics API: a ValueError for library callers, a usage error
+    (exit code 2, one line) for the CLI."""
+
+
+class KeyMismatchError(MetricsInputError):
+    """References and predictions do not cover the same keys (and ``allow_missing`` is off)."""
+
+    def __init__(
+        self, message: str, missing_predictions: Sequence[Any], unreferenced_predictions: Sequence[Any]
+    ) -> None:
+        super().__init__(message)
+        #: Reference keys that have no prediction.
+        self.missing_predictions = tuple(missing_predictions)
+        #: Prediction keys that have no references.
+        self.unreferenced_predictions = tuple(unreferenced_predictions)
+
+
+class BackendUnavailableError(ClipCapError, RuntimeError):
+    """An explicitly requested tokenizer or backend cannot run here (no Java, no pycocoevalcap)."""
 
 
 class ModelNotAvailableError(ClipCapError):

@@ -36,9 +36,12 @@ import threading
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from clipcap_cli.errors import ClipCapError, UsageError
+from clipcap_cli.errors import BackendUnavailableError, KeyMismatchError, MetricsInputError
+from clipcap_cli.ngrams import MetricScores, bleu, cider_d, rouge_l
+from clipcap_cli.ptb import PTB_PUNCTUATIONS, ptb_tokenize_python
+from clipcap_cli.ptb import remove_punctuation as _remove_punctuation
 
 __all__ = [
     "BLEU_NAMES",
@@ -83,16 +86,6 @@ PAPER_TABLE1_COCO: dict[str, dict[str, float]] = {
 #: Multiply :func:`score` values by this to compare with :data:`PAPER_TABLE1_COCO`.
 PAPER_SCALE = 100.0
 
-#: Tokens pycocoevalcap's PTBTokenizer wrapper removes after tokenising (its list, verbatim).
-#: The bracket names are upper case but the tokenizer runs with -lowerCase and emits "-lrb-",
-#: so brackets are in fact *kept* by the COCO protocol; we keep that behaviour.
-PTB_PUNCTUATIONS: frozenset[str] = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-)
-
-# pycocoevalcap's BLEU smoothing constants (bleu_scorer.py): they keep a 0/0 ratio finite.
-_BLEU_TINY = 1e-15
-_BLEU_SMALL = 1e-9
 
 _PTB_JAR = "stanford-corenlp-3.4.1.jar"
 _METEOR_JAR = "meteor-1.5.jar"
@@ -104,35 +97,6 @@ _DEFAULT_JAVA_TIMEOUT = 600.0
 # --------------------------------------------------------------------------------------------
 # Errors and results
 # --------------------------------------------------------------------------------------------
-
-
-class MetricsInputError(UsageError, ValueError):
-    """Bad input or arguments to the metrics API: a ValueError for library callers, a usage error
-    (exit code 2, one line) for the CLI."""
-
-
-class KeyMismatchError(MetricsInputError):
-    """References and predictions do not cover the same keys (and ``allow_missing`` is off)."""
-
-    def __init__(
-        self, message: str, missing_predictions: Sequence[Hashable], unreferenced_predictions: Sequence[Hashable]
-    ) -> None:
-        super().__init__(message)
-        #: Reference keys that have no prediction.
-        self.missing_predictions = tuple(missing_predictions)
-        #: Prediction keys that have no references.
-        self.unreferenced_predictions = tuple(unreferenced_predictions)
-
-
-class BackendUnavailableError(ClipCapError, RuntimeError):
-    """An explicitly requested tokenizer or backend cannot run here (no Java, no pycocoevalcap)."""
-
-
-class MetricScores(NamedTuple):
-    """A corpus-level value and the per-image values it was computed with (same order as input)."""
-
-    corpus: float
-    per_image: list[float]
 
 
 @dataclass(frozen=True)
@@ -309,139 +273,6 @@ def _run_java_ptb(java: str, jar: Path, captions: Sequence[str], timeout: float)
     return out
 
 
-def _remove_punctuation(tokenized_line: str) -> str:
-    """pycocoevalcap's post-processing: split on single spaces, drop PTB_PUNCTUATIONS tokens."""
-    return " ".join(w for w in tokenized_line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS)
-
-
-# ---- Pure-Python imitation of PTBTokenizer 3.4.1 (-preserveLines -lowerCase) ----------------
-
-# Unicode forms PTBTokenizer normalises (its default ptb3Escaping options), mapped to the ASCII
-# it produces; the quote forms end up removed as punctuation either way.
-_UNICODE_MAP = str.maketrans(
-    {
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u201e": '"',
-        "\u00ab": '"',
-        "\u00bb": '"',
-        "\u2018": "`",
-        "\u2019": "'",
-        "\u2026": "...",
-        "\u2013": "--",
-        "\u2014": "--",
-        "\u00a3": "#",
-        "\u20ac": "$",
-        "\u00a2": "cents",
-        "\u00bd": " 1/2 ",
-        "\u00bc": " 1/4 ",
-        "\u00be": " 3/4 ",
-    }
-)
-
-# Words whose trailing period PTBTokenizer keeps (its ABBREV1/ABBREV2 lists, as far as they are
-# likely in captions), checked on the lower-cased word.
-_ABBREV_ALWAYS = frozenset(
-    """
-jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
-ala ariz calif colo conn ct dak fla ga ind kan kans ky md mich minn mo mont neb nev okla penn
-tenn va vt wis wisc wyo inc co cos corp pty ltd plc rt bancorp dept bhd assn univ intl sys
-ph tel est ext sq ft jr sr bros blvd rd esq etc al seq
-mr mrs ms dr drs prof profs sen sens rep reps atty attys lt col gen messrs gov govs adm rev maj
-sgt cpl pvt capt st ste ave pres lieut hon brig cmdr comdr pfc spc supt supts det mme mlle
-vs alex wm jos cie cf treas mt
-""".split()
-)
-# These keep the period only when capitalised (state names that are also common words).
-_ABBREV_CAPITALISED = frozenset("az ark del ill la mass miss ore pa tex wash".split())
-# These keep the period only before a number ("no. 5", "fig. 3").
-_ABBREV_BEFORE_NUMBER = frozenset("no nos prop fig".split())
-
-_BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
-
-_ALNUM = r"(?:(?!n't(?![^\W_]))[^\W_])+"  # letters/digits, stopping before an "n't" ending
-_NUMBER_GROUP = r"\d+(?:[,:]\d+)+"  # 1,000 / 5:30 stay one token (only between digits)
-_PART = rf"(?:{_NUMBER_GROUP}|{_ALNUM})"
-# Inside a word, "-", ".", "/", "@" join parts (x-ray, 3.5, m/s), and so does an apostrophe unless
-# it starts a clitic the tokenizer splits off ('s 'm 'd 're 've 'll, 'n').
-_JOIN = r"(?:[-./@]|'(?!(?:s|m|d|re|ve|ll)(?![^\W_])|n'))"
-_WORD = rf"{_PART}(?:{_JOIN}{_PART})*"
-
-_TOKEN_RE = re.compile(
-    "|".join(
-        [
-            r"(?P<url>(?:https?://|www\.)\S*[^\s.,;:!?)\]}'\"])",
-            r"(?P<tag>[#@][a-z_]\w*)",
-            r"(?P<split>can(?=not(?![^\W_]))|gon(?=na(?![^\W_]))|got(?=ta(?![^\W_]))|wan(?=na(?![^\W_]))"
-            r"|lem(?=me(?![^\W_]))|gim(?=me(?![^\W_]))|'t(?=(?:is|was)(?![^\W_]))|y'(?=all(?![^\W_])))",
-            r"(?P<clitic>n't(?![^\W_])|'(?:s|m|d|re|ve|ll)(?![^\W_])|'n'|'\d\ds(?![^\W_])|'em(?![^\W_]))",
-            rf"(?P<compound>[^\W\d_](?:\.[^\W\d_])+\.-{_WORD})",  # u.s.-made
-            r"(?P<acronym>[^\W\d_](?:\.[^\W\d_])*\.(?![^\W_]))",  # u.s.a. / a.m. / a.
-            rf"(?P<signed>-(?=\d){_WORD})",  # -5 (a minus joined to a word is a hyphen: "x-5")
-            rf"(?P<word>{_WORD})",
-            r"(?P<dots>\.\.\.+)",
-            r"(?P<dashes>--+)",
-            r"(?P<bangs>[?!]+)",
-            r"(?P<stars>\*+)",
-            r"(?P<other>\S)",
-        ]
-    ),
-    re.IGNORECASE,
-)
-
-
-def ptb_tokenize_python(caption: str) -> str:
-    """Tokenise one caption like pycocoevalcap (PTBTokenizer, lower-cased, punctuation removed).
-
-    A pure-Python imitation of Stanford PTBTokenizer 3.4.1 for ordinary English captions:
-    clitics ("do n't", "it 's"), sentence punctuation, brackets ("-lrb-", kept as COCO keeps
-    them), quotes, "1,000"/"5:30"/"3.5" numbers, hyphenated words and common abbreviations
-    ("mr.", "u.s.", "a.m.") match the Java tool. Exotic input (URLs, emoticons, SGML, rare
-    abbreviations) may tokenise differently.
-    """
-    text = caption.translate(_UNICODE_MAP)
-    tokens: list[str] = []
-    for chunk_match in re.finditer(r"\S+", text):
-        chunk, pos = chunk_match.group(0), 0
-        following = text[chunk_match.end() :].lstrip()  # for "no. 5"-style abbreviations
-        while pos < len(chunk):
-            match = _TOKEN_RE.match(chunk, pos)
-            assert match is not None  # the "other" branch matches any non-space character
-            kind, value = match.lastgroup, match.group(0)
-            pos = match.end()
-            if kind == "word":
-                if pos < len(chunk) and chunk[pos] == "." and _keeps_period(value, chunk[pos + 1 :], following):
-                    value += "."
-                    pos += 1
-            elif kind == "dots":
-                value = "..."
-            elif kind == "dashes":
-                value = "--"
-            elif value in _BRACKETS:
-                value = _BRACKETS[value]
-            elif value == '"':
-                value = "``" if pos == 1 else "''"  # opening vs closing; both are removed
-            tokens.append(value)
-    return _remove_punctuation(" ".join(token.lower() for token in tokens))
-
-
-def _keeps_period(word: str, after_dot: str, following: str) -> bool:
-    """Whether PTBTokenizer keeps the period after ``word`` as part of an abbreviation.
-
-    ``after_dot``: the rest of the chunk after the period; ``following``: the next chunks.
-    """
-    if after_dot[:1] in (",", ";", ":"):
-        return True  # "dog., cat" -> "dog. ," : PTBTokenizer keeps a period glued to ,;:
-    lower = word.lower()
-    if lower in _ABBREV_ALWAYS:
-        return True
-    if lower in _ABBREV_CAPITALISED:
-        return word[:1].isupper()
-    if lower in _ABBREV_BEFORE_NUMBER:
-        return (after_dot or following)[:1].isdigit()
-    return False
-
-
 def tokenize(
     captions: Sequence[str], tokenizer: str = "auto", *, timeout: float = _DEFAULT_JAVA_TIMEOUT
 ) -> tuple[list[str], str, str | None]:
@@ -482,167 +313,6 @@ def tokenize(
 # --------------------------------------------------------------------------------------------
 # Pure-Python scorers (input: pre-tokenised strings, aligned per image)
 # --------------------------------------------------------------------------------------------
-
-
-def _ngram_counts(words: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
-    """n-gram counts for orders 1..n, inserted in the same order as pycocoevalcap's precook."""
-    counts: dict[tuple[str, ...], int] = {}
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            gram = tuple(words[i : i + k])
-            counts[gram] = counts.get(gram, 0) + 1
-    return counts
-
-
-def _check_aligned(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> None:
-    if len(references) != len(hypotheses):
-        raise MetricsInputError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses")
-    for i, refs in enumerate(references):
-        if isinstance(refs, str) or len(refs) == 0:
-            raise MetricsInputError(f"image {i}: references must be a non-empty list of strings")
-
-
-def bleu(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int = 4) -> list[MetricScores]:
-    """BLEU-1..n exactly as pycocoevalcap's ``Bleu(n)`` (``BleuScorer``, option "closest").
-
-    Corpus BLEU uses clipped n-gram counts summed over images and the sum of per-image
-    *closest* reference lengths (ties go to the shorter reference). Both the corpus and the
-    per-image values use pycocoevalcap's smoothing: every ratio is (matches + 1e-15) /
-    (guesses + 1e-9), and the brevity penalty exp(1 - r/c) applies whenever
-    (c + 1e-15) / (r + 1e-9) < 1, i.e. also (negligibly) when c == r.
-    Returns one :class:`MetricScores` per order.
-    """
-    _check_aligned(references, hypotheses)
-    per_image: list[list[float]] = [[] for _ in range(n)]
-    total_guess, total_correct = [0] * n, [0] * n
-    total_test, total_ref = 0, 0
-    for refs, hyp in zip(references, hypotheses):
-        ref_lens: list[int] = []
-        max_counts: dict[tuple[str, ...], int] = {}
-        for ref in refs:
-            words = ref.split()
-            ref_lens.append(len(words))
-            for gram, count in _ngram_counts(words, n).items():
-                max_counts[gram] = max(max_counts.get(gram, 0), count)
-        words = hyp.split()
-        test_len = len(words)
-        ref_len = min((abs(length - test_len), length) for length in ref_lens)[1]
-        guess = [max(0, test_len - k + 1) for k in range(1, n + 1)]
-        correct = [0] * n
-        for gram, count in _ngram_counts(words, n).items():
-            correct[len(gram) - 1] += min(max_counts.get(gram, 0), count)
-        total_test += test_len
-        total_ref += ref_len
-        value = 1.0
-        for k in range(n):
-            total_guess[k] += guess[k]
-            total_correct[k] += correct[k]
-            value *= (float(correct[k]) + _BLEU_TINY) / (float(guess[k]) + _BLEU_SMALL)
-            per_image[k].append(value ** (1.0 / (k + 1)))
-        ratio = (test_len + _BLEU_TINY) / (ref_len + _BLEU_SMALL)
-        if ratio < 1:
-            for k in range(n):
-                per_image[k][-1] *= math.exp(1 - 1 / ratio)
-
-    corpus: list[float] = []
-    value = 1.0
-    for k in range(n):
-        value *= float(total_correct[k] + _BLEU_TINY) / (total_guess[k] + _BLEU_SMALL)
-        corpus.append(value ** (1.0 / (k + 1)))
-    ratio = (total_test + _BLEU_TINY) / (total_ref + _BLEU_SMALL)
-    if ratio < 1:
-        corpus = [c * math.exp(1 - 1 / ratio) for c in corpus]
-    return [MetricScores(corpus[k], per_image[k]) for k in range(n)]
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (one-row dynamic programme)."""
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diagonal = 0
-        for j, y in enumerate(b, start=1):
-            above = row[j]
-            row[j] = diagonal + 1 if x == y else max(above, row[j - 1])
-            diagonal = above
-    return row[len(b)]
-
-
-def rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], beta: float = 1.2) -> MetricScores:
-    """ROUGE-L as pycocoevalcap's ``Rouge``: per image, the LCS-based precision and recall are
-    each maximised over the references (separately), then F = (1+b^2)PR / (R + b^2 P); the corpus
-    value is the mean over images. Tokens come from ``split(" ")`` as there, so an empty caption
-    is one empty token."""
-    _check_aligned(references, hypotheses)
-    scores: list[float] = []
-    for refs, hyp in zip(references, hypotheses):
-        cand = hyp.split(" ")
-        precisions, recalls = [], []
-        for ref in refs:
-            tokens = ref.split(" ")
-            lcs = _lcs_length(tokens, cand)
-            precisions.append(lcs / float(len(cand)))
-            recalls.append(lcs / float(len(tokens)))
-        p, r = max(precisions), max(recalls)
-        if p != 0 and r != 0:
-            scores.append(((1 + beta**2) * p * r) / float(r + beta**2 * p))
-        else:
-            scores.append(0.0)
-    return MetricScores(math.fsum(scores) / len(scores) if scores else 0.0, scores)
-
-
-def cider_d(
-    references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int = 4, sigma: float = 6.0
-) -> MetricScores:
-    """CIDEr as pycocoevalcap's ``Cider`` (the COCO server's "CIDEr", which is CIDEr-D).
-
-    TF-IDF vectors per n-gram order 1..n with document frequencies counted over the references
-    of *this* evaluation set (so a single image gives IDF 0 everywhere and CIDEr 0), clipped
-    cosine similarity min(hyp, ref) * ref, a Gaussian length penalty exp(-delta^2 / (2 sigma^2)),
-    mean over orders and references, x10. As in pycocoevalcap, the "length" in delta is the
-    number of bigrams, not of words.
-    """
-    _check_aligned(references, hypotheses)
-    ref_counts = [[_ngram_counts(ref.split(), n) for ref in refs] for refs in references]
-    doc_freq: dict[tuple[str, ...], float] = {}
-    for image_refs in ref_counts:
-        for gram in {gram for counts in image_refs for gram in counts}:
-            doc_freq[gram] = doc_freq.get(gram, 0.0) + 1.0
-    log_n_images = math.log(float(len(references))) if references else 0.0
-
-    def to_vector(counts: dict[tuple[str, ...], int]) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
-        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(n)]
-        norm = [0.0] * n
-        length = 0
-        for gram, term_freq in counts.items():
-            order = len(gram) - 1
-            idf_log = math.log(max(1.0, doc_freq.get(gram, 0.0)))
-            vec[order][gram] = float(term_freq) * (log_n_images - idf_log)
-            norm[order] += vec[order][gram] ** 2
-            if order == 1:
-                length += term_freq
-        return vec, [math.sqrt(x) for x in norm], length
-
-    penalty_denominator = 2 * sigma**2
-    scores: list[float] = []
-    for image_refs, hyp in zip(ref_counts, hypotheses):
-        vec_h, norm_h, len_h = to_vector(_ngram_counts(hyp.split(), n))
-        total = [0.0] * n
-        for counts in image_refs:
-            vec_r, norm_r, len_r = to_vector(counts)
-            delta = float(len_h - len_r)
-            for k in range(n):
-                val = 0.0
-                for gram, weight in vec_h[k].items():
-                    ref_weight = vec_r[k].get(gram, 0.0)
-                    val += min(weight, ref_weight) * ref_weight
-                if norm_h[k] != 0 and norm_r[k] != 0:
-                    val /= norm_h[k] * norm_r[k]
-                val *= math.e ** (-(delta**2) / penalty_denominator)
-                total[k] += val
-        scores.append(sum(total) / n / len(image_refs) * 10.0)
-    return MetricScores(math.fsum(scores) / len(scores) if scores else 0.0, scores)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
 TOO_LONG_TODAY = {
     "evaluation.py": 1026,
-    "metrics.py": 990,
+    "metrics.py": 660,
     "features.py": 820,
     "download.py": 815,
     "sharded.py": 640,
