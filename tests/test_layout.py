@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipcap_cli"
 MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
 TOO_LONG_TODAY = {
-    "evaluation.py": 1026,
+    "evaluation.py": 605,
     "metrics.py": 660,
     "features.py": 820,
     "download.py": 815,
