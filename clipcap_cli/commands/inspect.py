@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, List, Optional
 
@@ -77,10 +76,12 @@ def command(
             normalize_prefix=normalize_prefix,
             device=device,
         )
-        records = _inspect(sources, model_args, top)
+        records = [_finite(r) for r in _inspect(sources, model_args, top)]
         if jsonl or not _is_terminal():
+            from clipcap_cli.records import dumps
+
             for record in records:
-                print(json.dumps(record, ensure_ascii=False))
+                print(dumps(record))
         else:
             _render(records)
         failed = [r for r in records if r["error"] is not None]
@@ -90,6 +91,21 @@ def command(
             for record in failed:
                 warn(f"{record['path']}: {record['error']}")
             raise typer.Exit(EXIT_PARTIAL)
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """A record whose cosines are not all finite numbers becomes an error (JSON output never holds NaN)."""
+    import math
+
+    cosines = [t["cosine"] for p in record.get("prefix") or [] for t in p["tokens"]]
+    if all(math.isfinite(c) for c in cosines):
+        return record
+    return {
+        **record,
+        "caption": None,
+        "prefix": None,
+        "error": "non-finite prefix: the model produced NaN or infinity; check its weights",
+    }
 
 
 def _is_terminal() -> bool:
