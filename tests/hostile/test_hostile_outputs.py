@@ -306,3 +306,10 @@ def test_output_dir_naming_a_file_is_one_line(tmp_path, tiny_checkpoint, pics):
     line = _one_line(caption(tiny_checkpoint, str(pics["rgb"]), "--output-dir", str(file)), 2)
     assert str(file) in line and "is a file" in line and "--output-dir" in line
     assert file.read_text() == "keep me"
+
+
+def test_inspect_on_a_nan_model_writes_strict_json(nan_checkpoint, pics):
+    result = runner.invoke(app, ["inspect", str(pics["rgb"]), "--model", str(nan_checkpoint), "--jsonl"])
+    assert result.exit_code == 3, result.output
+    [record] = [_strict(line) for line in result.stdout.splitlines()]
+    assert record["prefix"] is None and "non-finite prefix" in record["error"]
