@@ -7,7 +7,8 @@ files to find them but never open image pixels.
 
 Formats: COCO caption annotations (``captions_train2014.json``), the Karpathy split file
 (``dataset_coco.json``), the original ClipCap ``train_caption.json`` list, CSV/TSV and JSON Lines
-manifests, and a plain folder of images.
+manifests, a folder of images (with sidecar caption files: ``collection.py``), and webdataset tar
+shards (``tars.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from clipcap_cli.collection import Unpaired
 from clipcap_cli.errors import UsageError
-from clipcap_cli.images import is_image_path
 
-FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "csv", "tsv", "jsonl", "folder")
+FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "csv", "tsv", "jsonl", "folder", "webdataset")
 KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval", "train+restval")
 # Where COCO-style datasets keep their images below the root (the original used DIR/train2014, DIR/val2014).
 COCO_SUBDIRS: tuple[str, ...] = ("train2014", "val2014", "train2017", "val2017", "test2014", "test2015", "test2017")
@@ -43,6 +44,7 @@ class Dataset:
     images_root: Path
     split: str | None = None
     _make: Callable[[], Iterator[dict]] = field(default=lambda: iter(()), repr=False)
+    unpaired: Unpaired = field(default_factory=Unpaired)  # what a collection holds that is not paired
 
     def records(self) -> Iterator[dict]:
         return self._make()
@@ -116,9 +118,11 @@ def read_dataset(
         split: Karpathy split filter (``train``, ``val``, ``test``, ``restval``, ``train+restval``).
         recursive: for folders, include subfolders.
     """
-    source = Path(source).expanduser()
     if fmt not in FORMATS:
         raise UsageError(f"unknown dataset format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "webdataset" or (fmt == "auto" and _names_shards(str(source))):
+        return _webdataset(str(source), images)
+    source = Path(source).expanduser()
     if not source.exists():
         raise UsageError(f"dataset not found: {source}")
     if split is not None and split not in KARPATHY_SPLITS and split != "all":
@@ -126,8 +130,11 @@ def read_dataset(
     if source.is_dir():
         if fmt not in ("auto", "folder"):
             raise UsageError(f"{source} is a folder; --format {fmt} needs a file")
-        root = Path(images).expanduser() if images else source
-        return Dataset(source, "folder", root.resolve(), None, lambda: _folder(source, root.resolve(), recursive))
+        from clipcap_cli.collection import folder_records
+
+        root = (Path(images).expanduser() if images else source).resolve()
+        records, unpaired = folder_records(source, root, recursive)
+        return Dataset(source, "folder", root, None, lambda: iter(records), unpaired)
 
     root = (Path(images).expanduser() if images else source.parent).resolve()
     if images and not root.is_dir():
@@ -501,13 +508,18 @@ def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
     yield from grouper.groups.values()
 
 
-def _folder(folder: Path, root: Path, recursive: bool) -> Iterator[dict]:
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(
-        p
-        for p in pattern
-        if p.is_file() and is_image_path(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    resolver = ImageResolver(root)
-    for path in files:
-        yield {"image": resolver.relative(path.resolve()), "image_id": None, "captions": []}
+def _names_shards(source: str) -> bool:
+    """A tar, or a glob / brace range of tars (``shards/{000..009}.tar``)."""
+    from clipcap_cli.tars import is_tar_name
+
+    return is_tar_name(source.rstrip("}")) and not Path(source).expanduser().is_dir()
+
+
+def _webdataset(pattern: str, images: str | Path | None) -> Dataset:
+    from clipcap_cli.collection import shard_records
+    from clipcap_cli.tars import expand
+
+    first = expand(pattern)[0]
+    root = (Path(images).expanduser() if images else first.parent).resolve()
+    records, unpaired, _ = shard_records([pattern], root)
+    return Dataset(Path(pattern), "webdataset", root, None, lambda: iter(records), unpaired)

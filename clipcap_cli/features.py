@@ -76,6 +76,15 @@ def _store_dir(path: str | Path) -> Path:
     return path
 
 
+def is_store(path: Path) -> bool:
+    """Whether ``path`` names a features store (complete, or being extracted) rather than images.
+    An original ClipCap pickle counts: loading it says how to convert it."""
+    folder = _store_dir(path)
+    if folder.suffix in (".pkl", ".pickle"):
+        return True
+    return folder.is_dir() and ((folder / META_FILE).is_file() or (folder / PARTS_DIR / "settings.json").is_file())
+
+
 def _check_record(i: int, record: dict) -> dict:
     if not isinstance(record, dict) or "image" not in record or "captions" not in record:
         raise FeaturesError(f"record {i} needs 'image' and 'captions' keys, got {record!r:.80}")

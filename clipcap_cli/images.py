@@ -25,6 +25,8 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     scaled to 8 bits instead of clipped.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and "::" in name and not Path(source).exists():
+        source = _tar_member(name)  # SHARD.tar::MEMBER, an image inside a webdataset shard
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     except OSError as exc:
@@ -40,6 +42,18 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
             raise ImageError(f"{name}: not an image Pillow can read") from exc
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageError(f"{name}: unreadable image ({exc})") from exc
+
+
+def _tar_member(name: str) -> str | bytes:
+    from clipcap_cli import tars
+
+    where = tars.parse_location(name)
+    if where is None:
+        return name
+    try:
+        return tars.read_member(*where)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{name}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

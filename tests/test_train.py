@@ -512,6 +512,6 @@ def test_cli_trains_resumes_and_reports(tmp_path, store, tiny_gpt2_dir):
     assert again.exit_code == 0 and again.stdout == "" and "nothing left to train" in again.stderr
 
     missing = runner.invoke(app, ["train", "--out", str(tmp_path / "other")])
-    assert missing.exit_code == 2 and "--data is required" in missing.stderr
+    assert missing.exit_code == 2 and "give DATA" in missing.stderr
     bad_mapping = runner.invoke(app, ["train", "--data", str(store), "--out", str(tmp_path / "x"), "--mapping", "lstm"])
     assert bad_mapping.exit_code == 2 and "unknown mapping" in bad_mapping.stderr

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from clipcap_cli.commands.options import deprecated_alias
+from clipcap_cli.commands.options import ClipPretrainedOption, deprecated_alias
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.features import ExtractOptions
 from clipcap_cli.train import StartInfo, StepInfo, TrainCallback, TrainOptions
 
-HELP = """Train a ClipCap model on CLIP features made by [bold]clipcap extract[/].
+HELP = """Train a ClipCap model on your images and captions, or on a features store from [bold]clipcap extract[/].
+
+DATA is a folder of images with sidecar captions (photo.jpg + photo.txt, one caption per line), a
+CSV/JSON Lines manifest, a COCO or Karpathy file, webdataset shards (a .tar, a glob or shards-{000..009}.tar),
+or several of these; their images are encoded with CLIP once into a cached store (keyed by the data and
+the CLIP), so a second run or a resume does not encode again. DATA may also be one features store.
 
 Writes RUN/epoch-NNN.safetensors (usable as [bold]clipcap caption --model[/] with no other flags),
 RUN/metrics.jsonl, RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
 it with the same schedule and data order. Defaults are the original ClipCap's (MLP, K=10, lr 2e-5,
-5000 warm-up steps, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU).
+5000 warm-up steps, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU) on a store.
 
-Example: [bold]clipcap train --data feats/coco-train --out runs/mlp[/]
-Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train --data feats/coco-train --out runs/tf --mapping transformer --only-prefix --prefix-length 40 --clip-length 40[/]
+Example: [bold]clipcap train photos/ --out runs/mine --epochs 5[/]
+Example: [bold]clipcap train feats/coco-train --out runs/mlp[/]
+Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train feats/coco-train --out runs/tf --mapping transformer --only-prefix --prefix-length 40 --clip-length 40[/]
 """
 
 DATA, MODEL, OPTIM, RUN = "Data", "Model", "Optimisation", "Run"
 D, M = TrainOptions, ModelConfig  # the one home of the defaults (the model's are in config.py)
+E = ExtractOptions  # the CLIP that encodes images
 
 
 def command(
@@ -35,21 +45,71 @@ def command(
             "--out", "-o", help="Run folder for checkpoints, metrics and the resume state.", rich_help_panel=DATA
         ),
     ],
+    sources: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            metavar="DATA...",
+            help="Images with captions (folder, manifest, COCO/Karpathy file, webdataset shards), or one features store.",
+            show_default=False,
+        ),
+    ] = None,
     data: Annotated[
-        Optional[Path],
+        Optional[list[str]],
         typer.Option(
             "--data",
             "-d",
-            help="Features store from `clipcap extract` (a folder). Optional with --resume.",
+            help="DATA given as an option (repeatable). Optional with --resume.",
             rich_help_panel=DATA,
         ),
     ] = None,
     val_data: Annotated[
-        Optional[Path],
+        Optional[list[str]],
         typer.Option(
-            "--val-data", help="A separate features store to compute the validation loss on.", rich_help_panel=DATA
+            "--val-data",
+            help="Separate validation data (images with captions, or a features store) instead of --val-fraction.",
+            rich_help_panel=DATA,
         ),
     ] = None,
+    images: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--images", "-i", help="Images root for manifests (default: the file's folder).", rich_help_panel=DATA
+        ),
+    ] = None,
+    dataset_format: Annotated[
+        str,
+        typer.Option(
+            "--dataset-format",
+            help="auto, coco, karpathy, caption-list, csv, tsv, jsonl, folder or webdataset.",
+            rich_help_panel=DATA,
+        ),
+    ] = "auto",
+    split: Annotated[
+        Optional[str],
+        typer.Option("--split", help="Karpathy split to train on (e.g. train+restval).", rich_help_panel=DATA),
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Image folders: include subfolders.", rich_help_panel=DATA)
+    ] = False,
+    features_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--features",
+            metavar="DIR",
+            help="Where the stores extracted from DATA are cached (default: clipcap's data directory).",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    clip: Annotated[
+        Optional[str],
+        typer.Option(
+            "--clip",
+            help=f"CLIP that encodes DATA's images (open_clip name or local-dir:PATH) \\[default: {E.clip_model}].",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    clip_pretrained: ClipPretrainedOption = None,
     val_fraction: Annotated[
         float,
         typer.Option(
@@ -207,7 +267,7 @@ def command(
             "grad_accum": grad_accum,
             "seed": seed,
             "val_fraction": val_fraction,
-            "val_data": str(val_data) if val_data else None,
+            "val_data": None,
             "max_tokens": max_tokens,
             "num_workers": deprecated_alias("--num-workers", "--workers", num_workers, workers, D.num_workers),
             "save_every": save_every,
@@ -216,6 +276,11 @@ def command(
             "device": device,
             "precision": precision,
         }
+        given = list(sources or []) + list(data or [])
+        if not resume:
+            from clipcap_cli.train.state import check_out_dir
+
+            check_out_dir(out, resume)  # before encoding: a run that cannot start should say so at once
         if resume:
             # The run's own options, with only what was typed on this command line changed (the core
             # refuses changes that would alter the trajectory).
@@ -223,11 +288,27 @@ def command(
             params = {"num_workers": ("workers", "num_workers")}  # the option's parameters, old spelling included
             typed = {k: v for k, v in values.items() if any(_typed(ctx, n) for n in params.get(k, (k,)))}
             opts = saved.replace(**typed)
-            data = data or saved_data
         else:
-            if data is None:
-                raise UsageError("--data is required (the features folder from `clipcap extract`)")
+            if not given:
+                raise UsageError(
+                    "give DATA: images with captions (e.g. a folder of photo.jpg + photo.txt) or a features store"
+                )
             opts = TrainOptions.create(**values)
+        clip_opts = ExtractOptions(
+            clip_model=clip or E.clip_model,
+            clip_pretrained=_clip_tag(clip, clip_pretrained),
+            device=device,
+            shard=(0, 1),
+        )
+        reading = {"images": images, "fmt": dataset_format, "split": split, "recursive": recursive}
+        store = (
+            _store(given, clip_opts, reading, features_dir, out, "training", quiet) if given else saved_data  # type: ignore[possibly-undefined]
+        )
+        if val_data:
+            if _typed(ctx, "val_fraction") and val_fraction > 0:
+                raise UsageError("give either --val-fraction or --val-data, not both")
+            vstore = _store(val_data, clip_opts, reading, features_dir, out, "validation", quiet)
+            opts = opts.replace(val_data=str(vstore), val_fraction=0.0)
 
         from clipcap_cli import distributed
 
@@ -235,7 +316,7 @@ def command(
         display = _Display(quiet=quiet or rank != 0)
         try:
             with display:
-                result = core.train(opts, data, out, resume=resume, callback=display)
+                result = core.train(opts, store, out, resume=resume, callback=display)
         except core.TrainingInterrupted as exc:
             if rank == 0:
                 stderr.print(f"[yellow]{exc}[/]", highlight=False)
@@ -243,6 +324,76 @@ def command(
             raise typer.Exit(exc.exit_code) from None
         if rank == 0 and result.checkpoints:
             print(result.checkpoints[-1])
+
+
+def _clip_tag(clip: str | None, tag: str | None) -> str | None:
+    if clip and clip.startswith("local-dir:"):
+        return None
+    if tag is None:
+        return E.clip_pretrained if not clip or clip == E.clip_model else None
+    return None if tag.strip().lower() in ("", "none") else tag
+
+
+def _store(
+    given: list[str],
+    clip_opts: ExtractOptions,
+    reading: dict[str, Any],
+    stores: Path | None,
+    out: Path,
+    role: str,
+    quiet: bool,
+) -> Path:
+    """The features store to train on: ``given`` itself when it is one store, else ``given``'s captioned
+    images encoded with CLIP into a cached store (progress on stderr, what was unpaired reported)."""
+    from clipcap_cli import collection, distributed
+    from clipcap_cli.errors import UsageError
+    from clipcap_cli.features import is_store
+    from clipcap_cli.ui import item_progress, say, stderr, warn
+
+    stores_given = [g for g in given if is_store(Path(g).expanduser())]
+    if stores_given:
+        if len(given) > 1:
+            raise UsageError(f"give one features store ({stores_given[0]}) or images with captions, not both")
+        return Path(given[0]).expanduser()
+    place = distributed.env()
+    coll = collection.read_collection(given, **reading)
+    n_unpaired = sum(coll.unpaired.counts().values())
+    if n_unpaired and place.rank == 0:
+        what = ", ".join(f"{n} {name}" for name, n in coll.unpaired.counts().items() if n)
+        listed = out / f"unpaired-{role}.json"
+        from clipcap_cli.fsutil import write_text_atomic
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(listed, json.dumps(coll.unpaired.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        if not quiet:
+            warn(f"{role} data: skipped {what} (listed in {listed})")
+    say(f"{role} data: {len(coll.records)} captioned images, {coll.captions} captions")
+    clip_opts = dataclasses.replace(clip_opts, shard=(place.rank, place.world_size))
+    progress = item_progress("images", quiet or place.rank != 0)
+    task = progress.add_task(f"encoding {role} images", total=None)
+    started = False
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            progress.start()
+            progress.reset(task, total=total, completed=done, base=done)
+            started = True
+        progress.update(task, completed=done, total=total)
+
+    try:
+        result = collection.encode_collection(coll, clip_opts, stores=stores, on_progress=on_progress)
+    except KeyboardInterrupt:
+        progress.stop()
+        stderr.print("[red]interrupted[/]: the images encoded so far are kept; run the same command to continue")
+        raise typer.Exit(130) from None
+    finally:
+        progress.stop()
+    if result.noop:
+        say(f"{role} features: reusing {result.out}")
+    elif result.skipped and not quiet:
+        warn(f"{role} data: {len(result.skipped)} unreadable images skipped (listed in {result.out}/skipped.jsonl)")
+    return result.out
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

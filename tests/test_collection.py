@@ -1,0 +1,168 @@
+"""A user's own collection: sidecar caption folders, webdataset shards, and the cached store `train DATA` makes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clipcap_cli import collection, tars
+from clipcap_cli.datasets import read_dataset
+from clipcap_cli.errors import UsageError
+from clipcap_cli.features import ExtractOptions
+from clipcap_cli.images import open_rgb
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: dict[str, bytes | str]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            raw = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_sidecar_folder_pairs_images_with_their_caption_files(tmp_path: Path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("c", (0, 0, 255)), ("d", (9, 9, 9))):
+        (folder / f"{name}.png").write_bytes(_png(colour))
+    (folder / "a.txt").write_text("a red square\n\n  a red thing  \n")  # two captions, blank line dropped
+    (folder / "b.caption").write_text("a green square")
+    (folder / "c.txt").write_text("\n \n")  # empty: counted, not fatal
+    (folder / "orphan.txt").write_text("a caption with no image")
+    (folder / ".hidden.png").write_bytes(_png((1, 1, 1)))  # hidden files are not part of the collection
+
+    ds = read_dataset(folder)
+    records = {Path(r["image"]).name: r["captions"] for r in ds.records()}
+    assert records == {"a.png": ["a red square", "a red thing"], "b.png": ["a green square"], "c.png": [], "d.png": []}
+    assert ds.unpaired.no_caption == ["d.png"]
+    assert ds.unpaired.no_image == ["orphan.txt"]
+    assert ds.unpaired.empty_caption == ["c.txt"]
+
+    coll = collection.read_collection([folder])
+    assert sorted(Path(r["image"]).name for r in coll.records) == ["a.png", "b.png"]
+    assert all(Path(r["image"]).is_absolute() for r in coll.records)
+    assert coll.captions == 3
+    assert coll.unpaired.counts() == {
+        "images without captions": 1,
+        "captions without images": 1,
+        "empty caption files": 1,
+    }
+
+
+def test_webdataset_shard_pairs_by_key_and_reads_images_at_their_offsets(tmp_path: Path):
+    shard = _tar(
+        tmp_path / "train-000.tar",
+        {
+            "x/0001.jpg": _png((255, 0, 0)),  # (PNG bytes under .jpg: Pillow reads by content)
+            "x/0001.txt": "a red square",
+            "x/0002.png": _png((0, 255, 0)),
+            "x/0002.json": json.dumps({"caption": "a green square", "width": 8}),
+            "x/0003.png": _png((0, 0, 255)),  # no caption: skipped and reported
+            "x/0004.txt": "a caption without an image",
+            "x/0005.png": _png((5, 5, 5)),
+            "x/0005.txt": "",  # empty caption
+            "x/0006.seg.png": _png((7, 7, 7)),  # the key stops at the first dot of the file name
+            "x/0006.txt": "first caption\nsecond caption",
+        },
+    )
+    ds = read_dataset(shard)
+    assert ds.format == "webdataset"
+    by_key = {r["image_id"]: r for r in ds.records()}
+    assert {k: r["captions"] for k, r in by_key.items()} == {
+        "x/0001": ["a red square"],
+        "x/0002": ["a green square"],
+        "x/0003": [],
+        "x/0005": [],
+        "x/0006": ["first caption", "second caption"],
+    }
+    assert ds.unpaired.no_caption == ["train-000.tar::x/0003"]
+    assert ds.unpaired.no_image == ["train-000.tar::x/0004"]
+    assert ds.unpaired.empty_caption == ["train-000.tar::x/0005"]
+
+    green = open_rgb(str(ds.images_root / by_key["x/0002"]["image"]))  # the real image pipeline's opener
+    assert green.getpixel((3, 3)) == (0, 255, 0)
+    assert open_rgb(tars.location(shard, "x/0006.seg.png")).getpixel((0, 0)) == (7, 7, 7)
+
+    coll = collection.read_collection([shard])
+    assert sorted(r["image_id"] for r in coll.records) == ["x/0001", "x/0002", "x/0006"]
+
+
+def test_shards_by_brace_range_and_glob(tmp_path: Path):
+    for i in range(3):
+        _tar(tmp_path / f"s-{i:03d}.tar", {f"{i}.png": _png((i, i, i)), f"{i}.txt": f"caption {i}"})
+    by_range = collection.read_collection([str(tmp_path / "s-{000..002}.tar")])
+    by_glob = collection.read_collection([str(tmp_path / "s-*.tar")])
+    assert [r["captions"] for r in by_range.records] == [["caption 0"], ["caption 1"], ["caption 2"]]
+    assert [r["image"] for r in by_glob.records] == [r["image"] for r in by_range.records]
+    assert tars.expand(str(tmp_path / "s-{000,002}.tar")) == [tmp_path / "s-000.tar", tmp_path / "s-002.tar"]
+
+    with pytest.raises(UsageError, match=r"shard .*s-003.tar not found"):
+        tars.expand(str(tmp_path / "s-{000..003}.tar"))
+    (tmp_path / "z.tar.gz").write_bytes(b"")
+    with pytest.raises(UsageError, match="decompress it first"):
+        read_dataset(tmp_path / "z.tar.gz")
+    (tmp_path / "bad.tar").write_bytes(b"this is not a tar" * 100)
+    with pytest.raises(UsageError, match="bad.tar: not a readable tar"):
+        read_dataset(tmp_path / "bad.tar")
+
+
+def test_a_member_missing_from_its_shard_is_an_image_error(tmp_path: Path):
+    from clipcap_cli.images import ImageError
+
+    shard = _tar(tmp_path / "s.tar", {"1.png": _png((1, 2, 3))})
+    with pytest.raises(ImageError, match="2.png is not in"):
+        open_rgb(tars.location(shard, "2.png"))
+
+
+def test_collection_merges_sources_and_refuses_one_without_captions(tmp_path: Path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png((1, 1, 1)))
+    (folder / "a.txt").write_text("one")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"image": "f/a.png", "caption": "two"}) + "\n" + json.dumps({"image": "f/b.png"}) + "\n"
+    )
+    coll = collection.read_collection([folder, manifest])
+    assert [r["captions"] for r in coll.records] == [["one", "two"]]  # the same image once, all its captions
+    assert coll.unpaired.no_caption == ["f/b.png"]
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "x.png").write_bytes(_png((2, 2, 2)))
+    with pytest.raises(UsageError, match="no captioned images in .*bare: put each image's captions beside it"):
+        collection.read_collection([bare])
+
+
+def test_the_cache_key_follows_the_data_and_the_clip(tmp_path: Path, tiny_clip_dir: Path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png((1, 1, 1)))
+    (folder / "a.txt").write_text("one")
+    opts = ExtractOptions(clip_model=f"local-dir:{tiny_clip_dir}", clip_pretrained=None)
+    key = collection.collection_key(collection.read_collection([folder]).records, opts)
+    assert collection.collection_key(collection.read_collection([folder]).records, opts) == key
+
+    (folder / "a.png").write_bytes(_png((200, 1, 1)))  # the same name, other pixels
+    st = (folder / "a.png").stat()
+    os.utime(folder / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = collection.collection_key(collection.read_collection([folder]).records, opts)
+    assert changed != key
+    (folder / "a.txt").write_text("two")
+    assert collection.collection_key(collection.read_collection([folder]).records, opts) != changed
+    other_clip = ExtractOptions(clip_model="RN50", clip_pretrained=None)
+    assert collection.collection_key(collection.read_collection([folder]).records, other_clip) != changed
