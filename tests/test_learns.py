@@ -20,6 +20,8 @@ Padding that leaks into the loss is caught by the unit tests in test_train.py, n
 
 from __future__ import annotations
 
+import io
+import json
 import re
 from pathlib import Path
 
@@ -158,3 +160,56 @@ def test_training_learns_image_conditioned_captions(tmp_path, tiny_clip_dir, tin
     assert all(c.startswith("a ") and c.endswith(".") for c in learned), learned[:5]
     assert accuracy(learned, test_fs.records) >= 0.8, learned
     assert accuracy(control, test_fs.records) <= 0.4, control
+
+
+def _to_shard(path: Path, folder: Path, records: list[dict]) -> None:
+    """webdataset layout: KEY.png and KEY.txt (one caption per line), in the records' order."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, r in enumerate(records):
+            key = f"{i:05d}"
+            tar.add(folder / r["image"], arcname=f"{key}.png")
+            text = "\n".join(r["captions"]).encode()
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+
+
+@pytest.mark.slow
+def test_clipcap_train_on_a_sidecar_folder_and_tar_shards_learns(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    """The one-command path: `clipcap train FOLDER SHARDS --out RUN`, then `clipcap caption --model RUN/...`
+    with no other flag. Red images come as a sidecar folder, green ones in shard 0 and blue ones in shard 1,
+    so a reader that pairs images with the wrong captions fails its own colour (chance per colour: 1/3)."""
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+
+    clip_dir = calibrated_clip(tiny_clip_dir, tmp_path / "clip")
+    records = write_images(tmp_path / "all", per_class=8, seed=0)
+    sidecars = tmp_path / "photos"
+    sidecars.mkdir()
+    by_colour: dict[str, list[dict]] = {c: [r for r in records if r["image"].startswith(c)] for c in COLOURS}
+    for r in by_colour["red"]:
+        (tmp_path / "all" / r["image"]).rename(sidecars / r["image"])
+        (sidecars / r["image"]).with_suffix(".txt").write_text("\n".join(r["captions"]) + "\n")
+    _to_shard(tmp_path / "shard-0.tar", tmp_path / "all", by_colour["green"])
+    _to_shard(tmp_path / "shard-1.tar", tmp_path / "all", by_colour["blue"])
+    test_records = write_images(tmp_path / "test", per_class=4, seed=1000)
+
+    runner = CliRunner()
+    args = ["train", str(sidecars), str(tmp_path / "shard-{0..1}.tar"), "--out", str(tmp_path / "run")]
+    args += ["--clip", f"local-dir:{clip_dir}", "--gpt2", str(tiny_gpt2_dir), "--features", str(tmp_path / "stores")]
+    args += ["--prefix-length", "8", "--epochs", "15", "--batch-size", "8", "--lr", "1e-2", "--warmup", "10"]
+    args += ["--val-fraction", "0", "--workers", "0"]
+    trained = runner.invoke(app, args)
+    assert trained.exit_code == 0, trained.output
+    assert "72 captioned images, 144 captions" in trained.stderr
+    checkpoint = Path(trained.stdout.strip().splitlines()[-1])
+
+    captioned = runner.invoke(app, ["caption", "--model", str(checkpoint), str(tmp_path / "test"), "--format", "jsonl"])
+    assert captioned.exit_code == 0, captioned.output
+    rows = {Path(r["path"]).name: r["caption"] for r in map(json.loads, captioned.stdout.splitlines())}
+    for colour in COLOURS:
+        group = [r for r in test_records if r["image"].startswith(colour)]
+        assert accuracy([rows[r["image"]] for r in group], group) >= 0.75, (colour, rows)

@@ -367,7 +367,8 @@ def _store(
         write_text_atomic(listed, json.dumps(coll.unpaired.to_dict(), indent=1, ensure_ascii=False) + "\n")
         if not quiet:
             warn(f"{role} data: skipped {what} (listed in {listed})")
-    say(f"{role} data: {len(coll.records)} captioned images, {coll.captions} captions")
+    if not quiet and place.rank == 0:
+        stderr.print(f"{role} data: {len(coll.records)} captioned images, {coll.captions} captions", highlight=False)
     clip_opts = dataclasses.replace(clip_opts, shard=(place.rank, place.world_size))
     progress = item_progress("images", quiet or place.rank != 0)
     task = progress.add_task(f"encoding {role} images", total=None)
