@@ -166,3 +166,93 @@ def test_the_cache_key_follows_the_data_and_the_clip(tmp_path: Path, tiny_clip_d
     assert collection.collection_key(collection.read_collection([folder]).records, opts) != changed
     other_clip = ExtractOptions(clip_model="RN50", clip_pretrained=None)
     assert collection.collection_key(collection.read_collection([folder]).records, other_clip) != changed
+
+
+def _captioned_folder(folder: Path, n: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(_png((40 * i, 0, 0)))
+        (folder / f"{i}.txt").write_text(f"a photo number {i}\n")
+    return folder
+
+
+def _train_args(tmp_path: Path, tiny_clip_dir: Path, tiny_gpt2_dir: Path, out: str) -> list[str]:
+    return [
+        "--out", str(tmp_path / out), "--clip", f"local-dir:{tiny_clip_dir}", "--gpt2", str(tiny_gpt2_dir),
+        "--features", str(tmp_path / "stores"), "--epochs", "1", "--batch-size", "2", "--prefix-length", "2",
+        "--warmup", "1", "--val-fraction", "0",
+    ]  # fmt: skip
+
+
+def test_train_from_images_reports_caches_and_refuses_changed_data_on_resume(
+    tmp_path: Path, tiny_clip_dir: Path, tiny_gpt2_dir: Path
+):
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+
+    runner = CliRunner()
+    photos = _captioned_folder(tmp_path / "photos")
+    (photos / "extra.png").write_bytes(_png((1, 2, 3)))  # no caption
+    (photos / "lost.txt").write_text("no image for me")
+
+    first = runner.invoke(app, ["train", str(photos), *_train_args(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "run")])
+    assert first.exit_code == 0, first.output
+    assert "6 captioned images, 6 captions" in first.stderr
+    assert "skipped 1 images without captions, 1 captions without images" in " ".join(first.stderr.split())
+    listed = json.loads((tmp_path / "run" / "unpaired-training.json").read_text())
+    assert listed["no_caption"] == ["extra.png"] and listed["no_image"] == ["lost.txt"]
+    stores = list((tmp_path / "stores").iterdir())
+    assert len(stores) == 1 and (stores[0] / "meta.json").is_file()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert Path(config["data"]) == stores[0].resolve()
+
+    # A second run on the same data encodes nothing: the store is reused.
+    second = runner.invoke(app, ["train", str(photos), *_train_args(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "run2")])
+    assert second.exit_code == 0, second.output
+    assert "reusing" in second.stderr and "encoding" not in second.stderr
+    assert len(list((tmp_path / "stores").iterdir())) == 1
+
+    # The same names with other pixels: another store, and the run refuses to resume on it.
+    (photos / "0.png").write_bytes(_png((0, 0, 250)))
+    st = (photos / "0.png").stat()
+    os.utime(photos / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    resumed = runner.invoke(
+        app, ["train", str(photos), "--out", str(tmp_path / "run"), "--resume",
+              "--clip", f"local-dir:{tiny_clip_dir}", "--features", str(tmp_path / "stores")],
+    )  # fmt: skip
+    assert resumed.exit_code == 2, resumed.output
+    assert len(list((tmp_path / "stores").iterdir())) == 2
+    assert "changed since this run started" in resumed.stderr.strip().splitlines()[-1]
+
+
+def test_train_data_mistakes_are_one_line_errors(tmp_path: Path, tiny_clip_dir: Path, tiny_gpt2_dir: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+
+    runner = CliRunner()
+    photos = _captioned_folder(tmp_path / "photos", n=3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "x.png").write_bytes(_png((1, 1, 1)))
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text("{}")
+    args = _train_args(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "run")
+
+    cases = {
+        "no captioned images in": [str(bare)],
+        "give one features store": [str(store), str(photos)],
+        "no shard matches": [str(tmp_path / "none-*.tar")],
+    }
+    for message, data in cases.items():
+        result = runner.invoke(app, ["train", *data, *args])
+        assert result.exit_code == 2 and message in result.stderr, (message, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = runner.invoke(app, ["train", str(photos), *args])
+    assert result.exit_code == 2 and "extract the features first" in result.stderr, result.output

@@ -348,7 +348,7 @@ def _store(
     from clipcap_cli import collection, distributed
     from clipcap_cli.errors import UsageError
     from clipcap_cli.features import is_store
-    from clipcap_cli.ui import item_progress, say, stderr, warn
+    from clipcap_cli.ui import item_progress, stderr, warn
 
     stores_given = [g for g in given if is_store(Path(g).expanduser())]
     if stores_given:
@@ -390,8 +390,8 @@ def _store(
         raise typer.Exit(130) from None
     finally:
         progress.stop()
-    if result.noop:
-        say(f"{role} features: reusing {result.out}")
+    if result.noop and not quiet and place.rank == 0:
+        stderr.print(f"{role} features: reusing {result.out} (encoded before)", highlight=False)
     elif result.skipped and not quiet:
         warn(f"{role} data: {len(result.skipped)} unreadable images skipped (listed in {result.out}/skipped.jsonl)")
     return result.out
