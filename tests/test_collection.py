@@ -256,3 +256,31 @@ def test_train_data_mistakes_are_one_line_errors(tmp_path: Path, tiny_clip_dir: 
     monkeypatch.setenv("LOCAL_RANK", "0")
     result = runner.invoke(app, ["train", str(photos), *args])
     assert result.exit_code == 2 and "extract the features first" in result.stderr, result.output
+
+
+def test_extract_reads_webdataset_shards(tmp_path: Path, tiny_clip_dir: Path):
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+    from clipcap_cli.features import load_features
+
+    for i in range(2):
+        _tar(
+            tmp_path / f"s-{i}.tar",
+            {f"{i}a.png": _png((i, 0, 0)), f"{i}a.txt": f"caption {i}a", f"{i}b.png": _png((0, i, 0))},
+        )
+    result = CliRunner().invoke(
+        app,
+        ["extract", str(tmp_path / "s-{0..1}.tar"), "--out", str(tmp_path / "store"),
+         "--clip", f"local-dir:{tiny_clip_dir}", "--workers", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2 images without captions" in result.stderr
+    fs = load_features(tmp_path / "store")
+    assert [(r["image_id"], r["captions"]) for r in fs.records] == [
+        ("0a", ["caption 0a"]),
+        ("0b", []),
+        ("1a", ["caption 1a"]),
+        ("1b", []),
+    ]
+    assert fs.embeddings.shape[0] == 4 and fs.meta["dataset_format"] == "webdataset"

@@ -16,7 +16,9 @@ from clipcap_cli.features import ExtractOptions
 HELP = """Encode a dataset's images with CLIP once per image and write a features store for `train` and `eval`.
 
 DATASET is a COCO captions file, a Karpathy split file (dataset_coco.json), the original ClipCap
-train_caption.json, a CSV/TSV/JSON Lines manifest (image or path column, caption), or a folder of images.
+train_caption.json, a CSV/TSV/JSON Lines manifest (image or path column, caption), a folder of images
+(captions from sidecar files: photo.jpg + photo.txt), or webdataset shards (a .tar, a glob, or a brace
+range such as 'shards/{000..009}.tar'; KEY.jpg with KEY.txt or a caption in KEY.json).
 Interrupted runs continue where they stopped when the same command is run again.
 Unreadable images are listed in OUT/skipped.jsonl (exit code 3).
 
@@ -34,7 +36,9 @@ SHOW_SKIPPED = 5
 
 
 def command(
-    dataset: Annotated[Optional[Path], typer.Argument(help="Dataset file or image folder.", show_default=False)] = None,
+    dataset: Annotated[
+        Optional[Path], typer.Argument(help="Dataset file, image folder or webdataset shards.", show_default=False)
+    ] = None,
     images: Annotated[
         Optional[Path],
         typer.Option("--images", "-i", help="Images root (default: the dataset file's folder).", rich_help_panel=DATA),
@@ -46,7 +50,7 @@ def command(
         str,
         typer.Option(
             "--dataset-format",
-            help="auto, coco, karpathy, caption-list, csv, tsv, jsonl or folder.",
+            help="auto, coco, karpathy, caption-list, csv, tsv, jsonl, folder or webdataset.",
             rich_help_panel=DATA,
         ),
     ] = "auto",
@@ -219,8 +223,13 @@ def _extract(
     say(
         f"{ds.format} dataset {ds.source}: {len(records)} images, {sum(len(r['captions']) for r in records)} captions; images under {ds.images_root}"
     )
-    if ds.format != "folder":
+    if ds.format not in ("folder", "webdataset"):
         _check_images_exist(records, ds.images_root)
+    if ds.unpaired and any(r["captions"] for r in records):
+        what = ", ".join(f"{n} {name}" for name, n in ds.unpaired.counts().items() if n)
+        from clipcap_cli.ui import warn
+
+        warn(f"{ds.source}: {what}")
     if overwrite:
         features.clear_store(out)
 
