@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from clipcap_cli.collection import Unpaired
 from clipcap_cli.errors import UsageError
+from clipcap_cli.images import ImageResolver
+from clipcap_cli.sidecars import Unpaired
 
 FORMATS: tuple[str, ...] = ("auto", "coco", "karpathy", "caption-list", "csv", "tsv", "jsonl", "folder", "webdataset")
 KARPATHY_SPLITS: tuple[str, ...] = ("train", "val", "test", "restval", "train+restval")
@@ -58,50 +59,6 @@ class Dataset:
         }
 
 
-class ImageResolver:
-    """Finds an image among candidate relative paths under ``root``, remembering which subfolder hit."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._last_subdir: str | None = None
-
-    def relative(self, path: str | Path) -> str:
-        """``path`` relative to the root when it lies below it, else as given (posix separators)."""
-        p = Path(path)
-        if p.is_absolute():
-            try:
-                return p.relative_to(self.root).as_posix()
-            except ValueError:
-                return p.as_posix()
-        return p.as_posix()
-
-    def find(self, name: str, subdirs: tuple[str, ...] = ()) -> str:
-        """The first of ``name``, ``<subdir>/name`` that exists; ``name`` itself when none does."""
-        candidates = [name]
-        ordered = ([self._last_subdir] if self._last_subdir in subdirs else []) + [
-            s for s in subdirs if s != self._last_subdir
-        ]
-        candidates += [f"{s}/{name}" for s in ordered]
-        for cand in candidates:
-            if (self.root / cand).is_file():
-                head = cand.split("/", 1)[0]
-                if head in subdirs and cand != name:
-                    self._last_subdir = head
-                return self.relative(cand)
-        return self.relative(name)
-
-    def existing(self, candidates: list[str]) -> str | None:
-        """The first candidate that is a file under the root (relative), or None."""
-        for cand in candidates:
-            if (self.root / Path(cand).expanduser()).is_file():
-                return self.relative(cand)
-        return None
-
-    def first_existing(self, candidates: list[str]) -> str:
-        found = self.existing(candidates)
-        return found if found is not None else self.relative(candidates[0])
-
-
 def read_dataset(
     source: str | Path,
     images: str | Path | None = None,
@@ -130,7 +87,7 @@ def read_dataset(
     if source.is_dir():
         if fmt not in ("auto", "folder"):
             raise UsageError(f"{source} is a folder; --format {fmt} needs a file")
-        from clipcap_cli.collection import folder_records
+        from clipcap_cli.sidecars import folder_records
 
         root = (Path(images).expanduser() if images else source).resolve()
         records, unpaired = folder_records(source, root, recursive)
@@ -510,13 +467,13 @@ def _jsonl(source: Path, resolver: ImageResolver) -> Iterator[dict]:
 
 def _names_shards(source: str) -> bool:
     """A tar, or a glob / brace range of tars (``shards/{000..009}.tar``)."""
-    from clipcap_cli.tars import is_tar_name
+    from clipcap_cli.images import is_tar_name
 
     return is_tar_name(source.rstrip("}")) and not Path(source).expanduser().is_dir()
 
 
 def _webdataset(pattern: str, images: str | Path | None) -> Dataset:
-    from clipcap_cli.collection import shard_records
+    from clipcap_cli.sidecars import shard_records
     from clipcap_cli.tars import expand
 
     first = expand(pattern)[0]

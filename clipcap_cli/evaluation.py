@@ -557,7 +557,8 @@ def _caption_files(
 def _locate(ref: RefImage, root: Path) -> Path | None:
     """The reference image's file: its path under ``root``, or where its COCO id says (the dataset
     readers' rule: ``datasets.coco_id_candidates`` through an ``ImageResolver``)."""
-    from clipcap_cli.datasets import ImageResolver, coco_id_candidates
+    from clipcap_cli.datasets import coco_id_candidates
+    from clipcap_cli.images import ImageResolver
 
     if ref.image:
         candidates = [ref.image]

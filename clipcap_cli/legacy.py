@@ -167,8 +167,9 @@ def import_original_pickle(
     import torch
 
     from clipcap_cli.config import CLIP_FOR_DIM
-    from clipcap_cli.datasets import ImageResolver, group_caption_entries
+    from clipcap_cli.datasets import group_caption_entries
     from clipcap_cli.features import load_features, save_features
+    from clipcap_cli.images import ImageResolver
 
     path = Path(path).expanduser()
     data = load_original_pickle(path)

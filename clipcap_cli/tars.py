@@ -3,15 +3,14 @@
 A shard is a plain (uncompressed) tar. Files belong to one sample when they share a key: the member's
 path up to the first dot of its file name (``dir/000123.jpg`` and ``dir/000123.txt`` -> ``dir/000123``).
 A sample's image is read straight from the tar at its offset, so any loader worker can decode any
-sample without unpacking the shard: its location is ``SHARD.tar::MEMBER`` (see ``images.open_rgb``).
+sample without unpacking the shard: its location is ``SHARD.tar::MEMBER`` (``images.location``; ``images.open_rgb``
+reads it).
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -19,22 +18,16 @@ from pathlib import Path
 from typing import Iterator
 
 from clipcap_cli.errors import UsageError
-from clipcap_cli.images import IMAGE_SUFFIXES
+from clipcap_cli.images import COMPRESSED_SUFFIXES, IMAGE_SUFFIXES, MEMBER_SEP, is_tar_name, location
 
-MEMBER_SEP = "::"  # SHARD.tar::MEMBER, an image inside a shard
-TAR_SUFFIXES = (".tar",)
-COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+__all__ = ["MEMBER_SEP", "is_tar_name", "location", "expand", "read_shard", "iter_shards", "split_key"]
+
 TEXT_EXTENSIONS = ("txt", "caption", "cap", "text")
 JSON_CAPTION_FIELDS = ("caption", "captions", "text", "txt")
 
 
 class TarError(UsageError):
     """A shard that cannot be read: the message names it."""
-
-
-def is_tar_name(name: str) -> bool:
-    low = name.lower()
-    return low.endswith(TAR_SUFFIXES) or low.endswith(COMPRESSED_SUFFIXES)
 
 
 def expand(pattern: str) -> list[Path]:
@@ -159,40 +152,6 @@ def _json_captions(path: Path, member: str, text: str) -> list[str]:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return [v.strip() for v in value if v.strip()]
     return []
-
-
-# --------------------------------------------------------------------------- reading a member
-
-
-def location(shard: Path, member: str) -> str:
-    return f"{shard}{MEMBER_SEP}{member}"
-
-
-def parse_location(value: str) -> tuple[str, str] | None:
-    """(shard, member) when ``value`` names an image inside an existing tar, else None."""
-    shard, sep, member = value.partition(MEMBER_SEP)
-    if not sep or not member or not is_tar_name(shard) or not os.path.isfile(shard):
-        return None
-    return shard, member
-
-
-def read_member(shard: str, member: str) -> bytes:
-    """The bytes of ``member``, read at its offset (the shard's index is built once per process)."""
-    st = os.stat(shard)
-    where = _index(shard, st.st_size, st.st_mtime_ns).get(member)
-    if where is None:
-        raise FileNotFoundError(f"{member} is not in {shard}")
-    offset, size = where
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-@functools.lru_cache(maxsize=64)
-def _index(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
-    """member -> (data offset, size); keyed by the shard's size and mtime, so a rewritten shard is re-read."""
-    with tarfile.open(shard, "r:") as tar:
-        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
 
 
 def iter_shards(patterns: list[str]) -> Iterator[Path]:
