@@ -8,7 +8,6 @@ command line, so a caption run imports no training or evaluation code); ``app`` 
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Optional
 
@@ -46,10 +45,10 @@ def root(
     ctx.obj = RunSettings(verbose=verbose, offline=offline)
     show_core_warnings()
     if offline:
-        # The libraries below read these (huggingface_hub: HF_HUB_OFFLINE); clipcap's own checks
-        # (paths.offline_requested) read CLIPCAP_OFFLINE, the variable --offline stands for.
-        os.environ["CLIPCAP_OFFLINE"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        from clipcap_cli import paths
+
+        # Every download asks the cache first and goes to the network only when paths.can_download().
+        paths.set_offline(True)
 
 
 def make_app(only: str | None = None) -> typer.Typer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,9 +72,29 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in TRUE_VALUES
 
 
+@dataclass
+class NetworkPolicy:
+    """Whether this process may use the network. The one place that state lives: ``--offline`` sets
+    ``offline`` here (``set_offline``); the environment (``CLIPCAP_OFFLINE``, ``HF_HUB_OFFLINE``) is read
+    as well, so library users and child processes get the same answer."""
+
+    offline: bool = False
+
+    def offline_requested(self) -> bool:
+        return self.offline or env_flag("CLIPCAP_OFFLINE") or env_flag("HF_HUB_OFFLINE")
+
+
+NETWORK = NetworkPolicy()
+
+
+def set_offline(offline: bool = True) -> None:
+    """Forbid (or allow again) downloads for the rest of this process; what ``--offline`` calls."""
+    NETWORK.offline = offline
+
+
 def offline_requested() -> bool:
-    """True when the user asked for offline mode (``--offline`` sets ``CLIPCAP_OFFLINE=1``)."""
-    return env_flag("CLIPCAP_OFFLINE") or env_flag("HF_HUB_OFFLINE")
+    """True when the user asked for offline mode (``--offline``, ``set_offline``, or the environment)."""
+    return NETWORK.offline_requested()
 
 
 @lru_cache(maxsize=8)

@@ -60,6 +60,9 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("CLIPCAP_HOME", str(home))
     monkeypatch.setenv("CLIPCAP_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from clipcap_cli import paths
+
+    monkeypatch.setattr(paths.NETWORK, "offline", False)  # what an in-process `clipcap --offline` set is undone
     return home
 
 

@@ -472,3 +472,23 @@ def test_offline_with_valid_cache_returns_it(server: Server, dest: Path) -> None
     dest.parent.mkdir(parents=True)
     dest.write_bytes(PAYLOAD)
     assert fetch([server.url()], dest, sha256=SHA, offline=True) == dest
+
+
+def test_offline_flag_is_held_by_the_network_policy_not_the_environment(monkeypatch):
+    import os
+
+    from typer.testing import CliRunner
+
+    from clipcap_cli import paths
+    from clipcap_cli.cli import app
+
+    monkeypatch.delenv("CLIPCAP_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert not paths.offline_requested()
+    result = CliRunner().invoke(app, ["--offline", "info", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"offline": true' in result.stdout
+    assert paths.NETWORK.offline and paths.offline_requested() and not paths.can_download()
+    assert "CLIPCAP_OFFLINE" not in os.environ and "HF_HUB_OFFLINE" not in os.environ
+    paths.set_offline(False)
+    assert not paths.offline_requested()
