@@ -40,17 +40,22 @@ def resolve(opts: TrainOptions, config: ModelConfig) -> TrainOptions:
     return opts.replace(noise_variance=default_variance(config.from_text))
 
 
+def add_noise(x: torch.Tensor, variance: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` + N(0, ``variance``) on every coordinate (std = sqrt(variance)); no normalisation."""
+    import torch
+
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + noise * math.sqrt(variance)
+
+
 def inject_noise(prefix: torch.Tensor, variance: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, D) CLIP embeddings -> normalised, plus N(0, ``variance``) noise, normalised again.
 
     Draws from ``generator`` or, by default, the global torch RNG of the prefix's device (saved in
     ``resume.pt``, so a resumed run draws the same noise as an uninterrupted one).
     """
-    import torch
     from torch.nn import functional as F
 
     if variance == 0:
         return prefix  # as CapDec: no noise, no change (the model normalises when normalize_prefix is set)
-    x = F.normalize(prefix.float(), dim=-1)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return F.normalize(x + noise * math.sqrt(variance), dim=-1)
+    return F.normalize(add_noise(F.normalize(prefix.float(), dim=-1), variance, generator), dim=-1)

@@ -105,8 +105,8 @@ class TrainOptions:
 def resume_conflicts(saved: TrainOptions, new: TrainOptions) -> list[str]:
     """Options that differ between a run and its resumption and would change its trajectory."""
     old, now = saved.flat(), new.flat()
-    if old["noise_variance"] is None:  # saved before noise existed: those runs trained without it
-        old["noise_variance"] = 0.0
+    if old["noise_variance"] is None and now["noise_variance"] is not None:
+        old["noise_variance"] = 0.0  # a state saved before --noise-variance existed: it trained without noise
     return [name for name in old if name not in RESUMABLE_CHANGES and old[name] != now[name]]
 
 
