@@ -40,7 +40,7 @@ class TextExtractOptions:
 
     clip_model: str = DEFAULT_CLIP_MODEL  # open_clip name, or local-dir:PATH
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # None = random weights (tests)
-    batch_size: int = 256  # captions per encode_text call
+    batch_size: int = 64  # captions per encode_text call (the CLI passes extract's --batch-size)
     device: str | None = None  # None = CUDA, then MPS, then CPU
 
     def __post_init__(self) -> None:

@@ -325,6 +325,8 @@ def test_a_mapper_trained_on_text_captions_images(tmp_path, tiny_gpt2_dir):
     control = caption_images(tmp_path / "f-shuffled", tmp_path / "run-shuffled")
     with safe_open(str(tmp_path / "run" / "epoch-012.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["noise_variance"]) == 0.016
-    # chance: 1/4 (a model that ignores the image names one colour for every image)
-    assert colour_accuracy(learned, truth) >= 0.75, learned
+    # Chance: 1/4 (a model that ignores the image names one colour for every image). While developing
+    # (seeds 0-2 for CLIP, data and training): 0.875, 0.75, 1.0 with the automatic noise (0.016); the
+    # control named one colour for everything (0.25 each time); noise 0 gave 1.0, 0.625, 1.0.
+    assert colour_accuracy(learned, truth) >= 0.6, learned
     assert colour_accuracy(control, truth) <= 0.5, control

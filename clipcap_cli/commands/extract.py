@@ -36,7 +36,12 @@ SHOW_SKIPPED = 5
 
 
 def command(
-    dataset: Annotated[Optional[Path], typer.Argument(help="Dataset file or image folder.", show_default=False)] = None,
+    dataset: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Dataset file or image folder (with --text: also a .txt file of captions).", show_default=False
+        ),
+    ] = None,
     images: Annotated[
         Optional[Path],
         typer.Option("--images", "-i", help="Images root (default: the dataset file's folder).", rich_help_panel=DATA),
