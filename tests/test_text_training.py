@@ -330,3 +330,14 @@ def test_a_mapper_trained_on_text_captions_images(tmp_path, tiny_gpt2_dir):
     # control named one colour for everything (0.25 each time); noise 0 gave 1.0, 0.625, 1.0.
     assert colour_accuracy(learned, truth) >= 0.6, learned
     assert colour_accuracy(control, truth) <= 0.5, control
+
+
+def test_runs_saved_before_noise_existed_resume_as_noiseless():
+    from clipcap_cli.train import resume_conflicts
+
+    old = train.TrainOptions()  # a resume state of clipcap < this feature: noise_variance missing (None)
+    assert resume_conflicts(old, train.TrainOptions(noise_variance=0.0)) == []
+    assert resume_conflicts(old, train.TrainOptions(noise_variance=0.016)) == ["noise_variance"]
+    assert resume_conflicts(train.TrainOptions(noise_variance=0.016), train.TrainOptions(noise_variance=0.0)) == [
+        "noise_variance"
+    ]
