@@ -48,6 +48,7 @@ class ModelConfig:
     num_layers: int = 8  # transformer mapper only
     prefix_size: int = 512  # CLIP embedding width (512 ViT-B/32, 640 RN50x4)
     normalize_prefix: bool = False  # L2-normalise the CLIP embedding before the mapper
+    from_text: bool = False  # trained on CLIP text embeddings (CapDec): expects normalised image embeddings
     only_prefix: bool = False  # GPT-2 frozen (trained mapper only)
     clip_model: str = DEFAULT_CLIP_MODEL  # open_clip name, or "local-dir:PATH"
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag (None for local-dir models)

@@ -25,6 +25,8 @@ Unreadable images are listed in OUT/skipped.jsonl (exit code 3).
 Example: [bold]clipcap extract annotations/captions_train2014.json --images coco/ --out feats/coco-vitb32[/]
 
 Sharded: [bold]clipcap extract data.csv --out feats --shard 0/2[/] and [bold]--shard 1/2[/], then [bold]clipcap extract --merge feats[/]
+
+Text only (CapDec): [bold]clipcap extract captions.txt --text --out feats/text[/], then [bold]clipcap train --data feats/text[/]
 """
 
 D = ExtractOptions()
@@ -37,7 +39,11 @@ SHOW_SKIPPED = 5
 
 def command(
     dataset: Annotated[
-        Optional[Path], typer.Argument(help="Dataset file, image folder or webdataset shards.", show_default=False)
+        Optional[Path],
+        typer.Argument(
+            help="Dataset file, image folder or webdataset shards (with --text: also a .txt file of captions).",
+            show_default=False,
+        ),
     ] = None,
     images: Annotated[
         Optional[Path],
@@ -67,6 +73,15 @@ def command(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Folders: include subfolders.", rich_help_panel=DATA)
     ] = False,
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text",
+            help="Encode the captions with CLIP's text tower instead (CapDec text-only training): one row per"
+            " caption; images need not exist. DATASET may also be a .txt file, one caption per line.",
+            rich_help_panel=DATA,
+        ),
+    ] = False,
     clip: Annotated[
         Optional[str],
         typer.Option(
@@ -88,7 +103,10 @@ def command(
         Optional[str], typer.Option("--pretrained", hidden=True, help="Old spelling of --clip-pretrained.")
     ] = None,  # before 0.3: --clip-pretrained
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Images per CLIP forward pass.", rich_help_panel=MODEL)
+        int,
+        typer.Option(
+            "--batch-size", "-b", help="Images (with --text: captions) per CLIP forward pass.", rich_help_panel=MODEL
+        ),
     ] = D.batch_size,
     workers: Annotated[
         Optional[int],
@@ -149,6 +167,8 @@ def command(
         format_ = deprecated_alias("--format", "--dataset-format", format_, dataset_format, "auto")
         if sum(x is not None for x in (merge, import_pickle)) + (dataset is not None) != 1:
             raise UsageError("give one of: a DATASET, --merge DIR, or --import-pickle FILE")
+        if text and dataset is None:
+            raise UsageError("--text encodes the captions of a DATASET: --merge and --import-pickle do not apply")
         if import_pickle is not None:
             _import(import_pickle, out, images, clip, pretrained, export_pickle, json_)
             return
@@ -159,6 +179,17 @@ def command(
             return
         if out is None:
             raise UsageError("--out DIR is required")
+        if text:
+            if shard or export_pickle:
+                raise UsageError("--text stores are written in one go: --shard and --export-pickle do not apply")
+            from clipcap_cli.commands.extract_text import extract_text_command
+
+            clip = clip or D.clip_model
+            pretrained = D.clip_pretrained if pretrained is None else _tag(pretrained)
+            extract_text_command(
+                dataset, images, out, format_, split, clip, pretrained, batch_size, device, overwrite, json_, quiet
+            )
+            return
         from clipcap_cli.fsutil import check_folder, refuse_inputs
 
         check_folder(out)

@@ -166,6 +166,16 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = M.normalize_prefix,
+    noise_variance: Annotated[
+        Optional[float],
+        typer.Option(
+            "--noise-variance",
+            help="CapDec: Gaussian noise variance added to the normalised CLIP embedding in training only"
+            " (forces --normalize-prefix) \\[default: 0.016 on a text store (extract --text), else 0].",
+            show_default=False,
+            rich_help_panel=MODEL,
+        ),
+    ] = D.noise_variance,
     gpt2: Annotated[
         str,
         typer.Option(
@@ -259,6 +269,7 @@ def command(
             "num_layers": num_layers,
             "normalize_prefix": normalize_prefix,
             "gpt2": gpt2,
+            "noise_variance": noise_variance,
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,

@@ -27,7 +27,7 @@ from clipcap_cli import backbones
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
-from clipcap_cli.train import state
+from clipcap_cli.train import noise, state
 from clipcap_cli.train.callbacks import Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
 from clipcap_cli.train.data import Batch, TrainData, load_data, loader
 from clipcap_cli.train.options import TrainOptions
@@ -157,6 +157,7 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
     tokenizer = backbones.load_tokenizer(opts.model.gpt2)
     gpt = backbones.load_gpt2(opts.model.gpt2)
     run_data = load_data(opts, data, tokenizer, gpt.config, dist, cb)
+    opts = noise.resolve(opts, run_data.config)  # --noise-variance auto: from the store's modality
 
     device = dist.device
     torch.manual_seed(opts.seed)  # the mapper's initial weights: the same on every rank
@@ -340,6 +341,7 @@ def train_step(t: Trainer, batches: Iterator[Batch]) -> tuple[torch.Tensor, torc
         batch = next(batches)
         ids.append(batch.index)
         batch = batch.to(t.dist.device)
+        batch = batch._replace(prefix=noise.inject_noise(batch.prefix, t.opts.noise_variance or 0.0))  # CapDec
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         sync = micro == accum - 1 or not t.dist.enabled
         with contextlib.nullcontext() if sync else t.ddp.no_sync():

@@ -14,6 +14,7 @@ from clipcap_cli import backbones
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
 from clipcap_cli.errors import UsageError, check_number
 from clipcap_cli.precision import PRECISIONS
+from clipcap_cli.train.noise import check_variance
 
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
 # the features store's, and stop_token is decoding's.
@@ -51,6 +52,9 @@ class TrainOptions:
     log_every: int = 10  # one metrics.jsonl line every this many optimizer steps
     device: str | None = None  # None = best available; under torchrun each process uses cuda:LOCAL_RANK
     precision: str = "auto"  # auto = bf16 autocast on CUDA (fp16 + loss scaling without bf16), fp32 elsewhere
+    # CapDec: Gaussian noise of this variance on the normalised prefix, in training only. None = auto:
+    # 0.016 (CapDec) on a text store (`clipcap extract --text`), 0 on image features.
+    noise_variance: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "save_every", "checkpoint_every", "log_every"):
@@ -65,6 +69,7 @@ class TrainOptions:
             raise UsageError("give either --val-fraction or --val-data, not both")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"max-tokens must be at least 1, got {self.max_tokens}")
+        check_variance(self.noise_variance)
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
@@ -100,16 +105,27 @@ class TrainOptions:
 def resume_conflicts(saved: TrainOptions, new: TrainOptions) -> list[str]:
     """Options that differ between a run and its resumption and would change its trajectory."""
     old, now = saved.flat(), new.flat()
+    if old["noise_variance"] is None and now["noise_variance"] is not None:
+        old["noise_variance"] = 0.0  # a state saved before --noise-variance existed: it trained without noise
     return [name for name in old if name not in RESUMABLE_CHANGES and old[name] != now[name]]
 
 
 def model_config(opts: TrainOptions, meta: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of a run: the mapper and LM from ``opts``, the CLIP side from the features' meta."""
+    """The ModelConfig of a run: the mapper and LM from ``opts``, the CLIP side from the features' meta.
+
+    A text store (``meta["modality"] == "text"``) or a noise variance > 0 forces ``normalize_prefix``,
+    so that captioning normalises image embeddings as training normalised the text ones.
+    """
     gpt2 = opts.model.gpt2
     if backbones.is_local(gpt2):  # checkpoints must find a local LM from any working directory
         gpt2 = str(Path(gpt2).expanduser().resolve())
+    # A text store (CapDec) and any noise need the normalised prefix, in training and at inference.
+    from_text = meta.get("modality") == "text"
+    normalize = opts.model.normalize_prefix or from_text or bool(opts.noise_variance)
     return dataclasses.replace(
         opts.model,
+        normalize_prefix=normalize,
+        from_text=from_text,
         prefix_size=int(meta["embed_dim"]),
         clip_model=str(meta.get("clip_model") or DEFAULT_CLIP_MODEL),
         clip_pretrained=meta.get("clip_pretrained"),

@@ -77,7 +77,14 @@ def save_epoch_checkpoint(model: ClipCaptionModel, path: Path, epoch: int, step:
     """An epoch's checkpoint: usable by ``clipcap caption --model`` with no other flags."""
     from clipcap_cli import checkpoint
 
-    extra = {"epoch": str(epoch), "step": str(step), "train_options": json.dumps(opts.to_dict())}
+    extra = {
+        "epoch": str(epoch),
+        "step": str(step),
+        "train_options": json.dumps(opts.to_dict()),
+        # CapDec: trained on text embeddings, and with how much noise (resolved: never "auto" here)
+        "from_text": json.dumps(model.config.from_text),
+        "noise_variance": json.dumps(opts.noise_variance),
+    }
     return checkpoint.save(model, path, extra_metadata=extra)
 
 
