@@ -18,6 +18,7 @@ from clipcap_cli.sidecars import Unpaired
 
 if TYPE_CHECKING:
     from clipcap_cli.features import ExtractOptions, ExtractResult
+    from clipcap_cli.text_features import TextExtractOptions, TextExtractResult
 
 # --------------------------------------------------------------------------- a collection, encoded once
 
@@ -129,3 +130,36 @@ def encode_collection(
     out = (stores if stores is not None else paths.home() / STORES_DIR) / key[:24]
     source = {"source": [s["source"] for s in collection.sources], "dataset_format": "collection"}
     return features.extract(collection.records, "/", out, options, source=source, on_progress=on_progress)
+
+
+def encode_captions(
+    sources: Sequence[str | Path],
+    options: TextExtractOptions,
+    *,
+    reading: dict[str, Any] | None = None,
+    stores: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> TextExtractResult:
+    """Text-only training's store (CapDec): every caption of ``sources`` (``.txt`` files of lines, or any
+    dataset file; no image is read) encoded by CLIP's text tower into ``stores/text-KEY``, where KEY
+    covers the captions and the CLIP. A complete store with the same key is reused."""
+    from clipcap_cli import paths, text_features
+    from clipcap_cli.backbones import clip_activation
+    from clipcap_cli.features import clip_weights_sha256
+
+    reading = reading or {}
+    records, described = [], []
+    for source in sources:
+        rows, about = text_features.read_caption_source(
+            source, reading.get("images"), reading.get("fmt", "auto"), reading.get("split")
+        )
+        records += rows
+        described.append(about["source"])
+    h = hashlib.sha256()
+    clip = [options.clip_model, options.clip_pretrained, clip_activation(options.clip_model, options.clip_pretrained)]
+    h.update(json.dumps([*clip, clip_weights_sha256(options.clip_model, options.clip_pretrained)]).encode())
+    for r in records:
+        h.update(json.dumps(r["captions"], ensure_ascii=False).encode())
+    out = (stores if stores is not None else paths.home() / STORES_DIR) / f"text-{h.hexdigest()[:24]}"
+    source = {"source": described, "dataset_format": "captions"}
+    return text_features.extract_text(records, out, options, source=source, on_progress=on_progress)

@@ -73,6 +73,20 @@ def read_caption_lines(path: str | Path) -> list[dict]:
     return [{"image": "", "image_id": i, "captions": [line.strip()]} for i, line in enumerate(text.splitlines())]
 
 
+def read_caption_source(
+    source: str | Path, images: str | Path | None = None, fmt: str = "auto", split: str | None = None
+) -> tuple[list[dict], dict]:
+    """(records, description) of a caption source: a ``.txt`` file of lines, or any dataset
+    ``datasets.read_dataset`` reads (its images are not read, and need not exist)."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in TEXT_SUFFIXES and fmt == "auto":
+        return read_caption_lines(path), {"source": str(path.resolve()), "dataset_format": "lines"}
+    from clipcap_cli.datasets import read_dataset
+
+    ds = read_dataset(source, images, fmt, split)
+    return list(ds.records()), ds.describe()
+
+
 def caption_records(records: Iterable[dict]) -> tuple[list[dict], int]:
     """(one record per non-empty caption, the number of empty captions left out)."""
     out, empty = [], 0

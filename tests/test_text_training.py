@@ -342,3 +342,26 @@ def test_runs_saved_before_noise_existed_resume_as_noiseless():
     assert resume_conflicts(train.TrainOptions(noise_variance=0.016), train.TrainOptions(noise_variance=0.0)) == [
         "noise_variance"
     ]
+
+
+def test_clipcap_train_from_text_encodes_captions_once_and_records_capdec(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+
+    lines = tmp_path / "captions.txt"
+    lines.write_text("".join(f"a {c} square.\n" for c in COLOURS * 3) + "\n")
+    args = ["train", str(lines), "--from-text", "--clip", f"local-dir:{tiny_clip_dir}", "--gpt2", str(tiny_gpt2_dir)]
+    args += ["--features", str(tmp_path / "stores"), "--epochs", "1", "--batch-size", "4", "--prefix-length", "2"]
+    args += ["--warmup", "1", "--val-fraction", "0"]
+    runner = CliRunner()
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert first.exit_code == 0, first.output
+    assert f"training captions: {len(COLOURS) * 3} (encoded" in first.stderr
+    store = next((tmp_path / "stores").iterdir())
+    assert store.name.startswith("text-") and features.load_features(store).meta["modality"] == "text"
+    with safe_open(first.stdout.strip().splitlines()[-1], framework="pt") as f:
+        assert json.loads(f.metadata()["noise_variance"]) == 0.016
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "run2")])
+    assert second.exit_code == 0 and "(reusing" in second.stderr, second.output
+    assert len(list((tmp_path / "stores").iterdir())) == 1

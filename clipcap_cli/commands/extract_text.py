@@ -21,18 +21,10 @@ def extract_text_command(
     quiet: bool,
 ) -> None:
     from clipcap_cli import features, text_features
-    from clipcap_cli.datasets import read_dataset
     from clipcap_cli.ui import item_progress, say, stderr, stdout
 
-    if dataset.suffix.lower() in text_features.TEXT_SUFFIXES and fmt == "auto":
-        records = text_features.read_caption_lines(dataset)
-        source = {"source": str(dataset.expanduser().resolve()), "dataset_format": "lines"}
-        say(f"text file {dataset}: {len(records)} lines")
-    else:
-        ds = read_dataset(dataset, images, fmt, split)
-        records = list(ds.records())
-        source = ds.describe()
-        say(f"{ds.format} dataset {ds.source}: {sum(len(r['captions']) for r in records)} captions (images not read)")
+    records, source = text_features.read_caption_source(dataset, images, fmt, split)
+    say(f"{source['dataset_format']} {dataset}: {sum(len(r['captions']) for r in records)} captions (images not read)")
     options = text_features.TextExtractOptions(
         clip_model=clip,
         clip_pretrained=None if clip.startswith("local-dir:") else pretrained,

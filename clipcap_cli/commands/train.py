@@ -166,6 +166,15 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = M.normalize_prefix,
+    from_text: Annotated[
+        bool,
+        typer.Option(
+            "--from-text",
+            help="Text-only training (CapDec): DATA's captions (.txt lines, manifests, COCO...; no image is read) are"
+            " encoded by CLIP's text tower and trained on with noise; the model then captions images.",
+            rich_help_panel=MODEL,
+        ),
+    ] = False,
     noise_variance: Annotated[
         Optional[float],
         typer.Option(
@@ -313,12 +322,12 @@ def command(
         )
         reading = {"images": images, "fmt": dataset_format, "split": split, "recursive": recursive}
         store = (
-            _store(given, clip_opts, reading, features_dir, out, "training", quiet) if given else saved_data  # type: ignore[possibly-undefined]
+            _store(given, clip_opts, reading, features_dir, out, "training", quiet, from_text) if given else saved_data  # type: ignore[possibly-undefined]
         )
         if val_data:
             if _typed(ctx, "val_fraction") and val_fraction > 0:
                 raise UsageError("give either --val-fraction or --val-data, not both")
-            vstore = _store(val_data, clip_opts, reading, features_dir, out, "validation", quiet)
+            vstore = _store(val_data, clip_opts, reading, features_dir, out, "validation", quiet, from_text)
             opts = opts.replace(val_data=str(vstore), val_fraction=0.0)
 
         from clipcap_cli import distributed
@@ -353,6 +362,7 @@ def _store(
     out: Path,
     role: str,
     quiet: bool,
+    from_text: bool = False,
 ) -> Path:
     """The features store to train on: ``given`` itself when it is one store, else ``given``'s captioned
     images encoded with CLIP into a cached store (progress on stderr, what was unpaired reported)."""
@@ -367,6 +377,8 @@ def _store(
             raise UsageError(f"give one features store ({stores_given[0]}) or images with captions, not both")
         return Path(given[0]).expanduser()
     place = distributed.env()
+    if from_text:
+        return _text_store(given, clip_opts, reading, stores, role, quiet)
     coll = collection.read_collection(given, **reading)
     n_unpaired = sum(coll.unpaired.counts().values())
     if n_unpaired and place.rank == 0:
@@ -405,6 +417,39 @@ def _store(
         stderr.print(f"{role} features: reusing {result.out} (encoded before)", highlight=False)
     elif result.skipped and not quiet:
         warn(f"{role} data: {len(result.skipped)} unreadable images skipped (listed in {result.out}/skipped.jsonl)")
+    return result.out
+
+
+def _text_store(
+    given: list[str], clip_opts: ExtractOptions, reading: dict[str, Any], stores: Path | None, role: str, quiet: bool
+) -> Path:
+    """``--from-text``: DATA's captions as a cached CLIP text store (CapDec)."""
+    from clipcap_cli import collection
+    from clipcap_cli.text_features import TextExtractOptions
+    from clipcap_cli.ui import item_progress, stderr
+
+    options = TextExtractOptions(
+        clip_model=clip_opts.clip_model, clip_pretrained=clip_opts.clip_pretrained, device=clip_opts.device
+    )
+    progress = item_progress("captions", quiet)
+    task = progress.add_task(f"encoding {role} captions", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.start()
+        progress.update(task, completed=done, total=total)
+
+    try:
+        result = collection.encode_captions(
+            given, options, reading={k: reading[k] for k in ("images", "fmt", "split")}, stores=stores,
+            on_progress=on_progress,
+        )  # fmt: skip
+    finally:
+        progress.stop()
+    if not quiet:
+        what = "reusing" if result.noop else "encoded"
+        stderr.print(f"{role} captions: {result.captions} ({what} {result.out})", highlight=False)
+        if result.empty:
+            stderr.print(f"[yellow]warning:[/] skipped {result.empty} empty caption(s)", highlight=False)
     return result.out
 
 
