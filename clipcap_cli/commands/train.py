@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import typer
 from typing_extensions import Annotated
 
 from clipcap_cli.commands.options import deprecated_alias
 from clipcap_cli.config import ModelConfig
-from clipcap_cli.train import StartInfo, StepInfo, TrainCallback, TrainOptions
+from clipcap_cli.train import Sample, StartInfo, StepInfo, TrainCallback, TrainOptions, TrainResult
+from clipcap_cli.train.options import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES
 
 HELP = """Train a ClipCap model on CLIP features made by [bold]clipcap extract[/].
 
 Writes RUN/epoch-NNN.safetensors (usable as [bold]clipcap caption --model[/] with no other flags),
-RUN/metrics.jsonl, RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
+RUN/best.safetensors (the lowest held-out loss), RUN/metrics.jsonl, RUN/samples.jsonl (captions of a few
+held-out images at each epoch's end), RUN/report.html (loss curves and samples), RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
 it with the same schedule and data order. Defaults are the original ClipCap's (MLP, K=10, lr 2e-5,
 5000 warm-up steps, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU).
 
@@ -23,7 +25,7 @@ Example: [bold]clipcap train --data feats/coco-train --out runs/mlp[/]
 Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train --data feats/coco-train --out runs/tf --mapping transformer --only-prefix --prefix-length 40 --clip-length 40[/]
 """
 
-DATA, MODEL, OPTIM, RUN = "Data", "Model", "Optimisation", "Run"
+DATA, MODEL, OPTIM, RUN, WATCH = "Data", "Model", "Optimisation", "Run", "Watching"
 D, M = TrainOptions, ModelConfig  # the one home of the defaults (the model's are in config.py)
 
 
@@ -51,10 +53,12 @@ def command(
         ),
     ] = None,
     val_fraction: Annotated[
-        float,
+        Optional[float],
         typer.Option(
             "--val-fraction",
-            help="Share of the images held out for validation (instead of --val-data).",
+            help="Share of the images held out for validation (instead of --val-data); 0 = none. Default: "
+            f"{AUTO_VAL_FRACTION:g} of the images (at least 1) when the store has {AUTO_VAL_MIN_IMAGES}+ images, else none.",
+            show_default=False,
             rich_help_panel=DATA,
         ),
     ] = D.val_fraction,
@@ -169,6 +173,22 @@ def command(
             rich_help_panel=RUN,
         ),
     ] = D.device,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            help="Held-out images captioned (greedy) at each epoch's end, shown and kept in samples.jsonl; 0 = none.",
+            rich_help_panel=WATCH,
+        ),
+    ] = D.samples,
+    early_stop: Annotated[
+        int,
+        typer.Option(
+            "--early-stop",
+            help="Stop when the held-out loss has not improved for N epochs (needs a validation split); 0 = never.",
+            rich_help_panel=WATCH,
+        ),
+    ] = D.early_stop,
     resume: Annotated[
         bool,
         typer.Option(
@@ -215,6 +235,8 @@ def command(
             "log_every": log_every,
             "device": device,
             "precision": precision,
+            "samples": samples,
+            "early_stop": early_stop,
         }
         if resume:
             # The run's own options, with only what was typed on this command line changed (the core
@@ -305,6 +327,11 @@ class _Display(TrainCallback):
         if info.start_step >= info.total_steps:
             self._print(f"{info.out_dir} is complete ({info.total_steps} steps): nothing left to train")
             return
+        if info.stopped_early:
+            self._print(
+                f"{info.out_dir} was stopped by --early-stop: nothing left to train (raise --early-stop to go on)"
+            )
+            return
         what = f"resuming at step {info.start_step}" if info.start_step else "training"
         self._print(
             f"{what}: {info.train_samples} captions ({info.val_samples} for validation), {info.epochs} epoch(s) x "
@@ -336,6 +363,29 @@ class _Display(TrainCallback):
             self._print(f"saved {path}")
         else:
             say(f"saved resume state {path}")
+
+    def on_samples(self, epoch: int, step: int, samples: Sequence[Sample]) -> None:
+        if self.quiet:
+            return
+        from rich.table import Table
+
+        held_out = samples[0].split == "val" if samples else True
+        where = "held-out images" if held_out else "training images: the run has no held-out split"
+        table = Table(title=f"epoch {epoch} samples ({where})", title_justify="left", show_lines=False)
+        table.add_column("image", style="dim", overflow="fold", max_width=28)
+        table.add_column("generated", style="bold", overflow="fold")
+        table.add_column("reference", overflow="fold")
+        for s in samples:
+            table.add_row(s.image, s.caption.strip(), s.references[0] if s.references else "")
+        self.progress.console.print(table)
+
+    def on_end(self, result: TrainResult, model: Any) -> None:
+        if result.stopped_early:
+            self._print(f"stopped early: the held-out loss has not improved since epoch {result.best_epoch}")
+        if result.best is not None:
+            self._print(f"best: {result.best} (epoch {result.best_epoch}, held-out loss {result.best_val_loss:.4f})")
+        if result.report is not None:
+            self._print(f"report: {result.report}")
 
     def on_warning(self, message: str) -> None:
         from clipcap_cli.ui import warn
