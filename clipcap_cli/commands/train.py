@@ -368,6 +368,7 @@ class _Display(TrainCallback):
         if self.quiet:
             return
         from rich.table import Table
+        from rich.text import Text  # captions and paths are data, not rich markup
 
         held_out = samples[0].split == "val" if samples else True
         where = "held-out images" if held_out else "training images: the run has no held-out split"
@@ -376,7 +377,7 @@ class _Display(TrainCallback):
         table.add_column("generated", style="bold", overflow="fold")
         table.add_column("reference", overflow="fold")
         for s in samples:
-            table.add_row(s.image, s.caption.strip(), s.references[0] if s.references else "")
+            table.add_row(Text(s.image), Text(s.caption.strip()), Text(s.references[0] if s.references else ""))
         self.progress.console.print(table)
 
     def on_end(self, result: TrainResult, model: Any) -> None:

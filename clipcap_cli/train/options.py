@@ -45,7 +45,7 @@ class TrainOptions:
     warmup: int = 5000  # optimizer steps of linear warm-up, then linear decay to 0 at the last step
     weight_decay: float = 0.0  # AdamW decoupled weight decay (the original: none)
     grad_accum: int = 1  # micro-batches per optimizer step
-    seed: int = 0  # mapper init, data order, dropout, validation split
+    seed: int = 0  # mapper init, data order, dropout, validation split, sample images
     # data
     val_fraction: float | None = None  # share of the images (with their captions) held out; None = auto (below)
     val_data: str | None = None  # a separate features store for validation (instead of val_fraction)
