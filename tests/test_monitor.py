@@ -294,9 +294,9 @@ def test_cli_shows_samples_best_and_report(tmp_path, image_store, tiny_gpt2_dir)
 
 
 def test_the_samples_table_shows_captions_as_text_not_markup(capsys):
-    from clipcap_cli.commands.train import _Display
+    from clipcap_cli.commands.train_display import Display
 
-    with _Display(quiet=False) as display:
+    with Display(quiet=False) as display:
         display.on_samples(3, 9, [Sample("img/[x].jpg", ("[red]ref[/red]",), "[/oops] [bold]x", "train")])
     err = capsys.readouterr().err
     assert "epoch 3 samples (training images: the run has no held-out split)" in err
