@@ -143,9 +143,17 @@ def test_training_learns_image_conditioned_captions(tmp_path, tiny_clip_dir, tin
     features.save_features(tmp_path / "f-shuffled", train_fs.embeddings, shuffled, train_fs.meta)
 
     # Full fine-tuning of the tiny GPT-2 (it starts random, so it must learn the language too):
-    # 15 epochs x 18 steps of 8 captions. K=8 gives the image more room than K=4.
+    # 15 epochs x 18 steps of 8 captions. K=8 gives the image more room than K=4. All 72 images train
+    # (val_fraction 0: no automatic held-out split; the test set is separate).
     opts = train.TrainOptions.create(
-        prefix_length=8, gpt2=str(tiny_gpt2_dir), epochs=15, batch_size=8, lr=1e-2, warmup=10, seed=seed
+        prefix_length=8,
+        gpt2=str(tiny_gpt2_dir),
+        epochs=15,
+        batch_size=8,
+        lr=1e-2,
+        warmup=10,
+        seed=seed,
+        val_fraction=0.0,
     )
     tokenizer = backbones.load_tokenizer(str(tiny_gpt2_dir))
 

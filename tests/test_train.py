@@ -269,7 +269,16 @@ def test_train_writes_a_run_whose_checkpoints_need_no_flags(tmp_path, store, tin
     assert rec.start.steps_per_epoch == 4 and rec.start.total_steps == 12 and result.step == 12
     assert rec.start.train_samples == 18 and rec.start.val_samples == 6
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "epoch-002.safetensors", "epoch-003.safetensors", "metrics.jsonl", "resume.pt"]
+    assert names == [
+        "best.safetensors",
+        "config.json",
+        "epoch-002.safetensors",
+        "epoch-003.safetensors",
+        "metrics.jsonl",
+        "report.html",
+        "resume.pt",
+        "samples.jsonl",
+    ]
     assert [p.name for p in result.checkpoints] == ["epoch-002.safetensors", "epoch-003.safetensors"]
     assert [v[:2] for v in rec.validations] == [(1, 4), (2, 8), (3, 12)]
     # Even on random pairs it learns the words: the held-out loss falls every epoch.

@@ -87,7 +87,9 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_data(tmp_path: Path, tiny_cl
         "epoch-001.safetensors",
         "epoch-002.safetensors",
         "metrics.jsonl",
+        "report.html",
         "resume.pt",
+        "samples.jsonl",
     ]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # 24 captions / 2 processes / batch 4 = 3 steps per epoch, once each

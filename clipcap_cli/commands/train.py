@@ -11,9 +11,11 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli.commands.options import ClipPretrainedOption, deprecated_alias
+from clipcap_cli.commands.train_display import Display
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.features import ExtractOptions
-from clipcap_cli.train import StartInfo, StepInfo, TrainCallback, TrainOptions
+from clipcap_cli.train import TrainOptions
+from clipcap_cli.train.options import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES
 
 HELP = """Train a ClipCap model on your images and captions, or on a features store from [bold]clipcap extract[/].
 
@@ -23,7 +25,8 @@ or several of these; their images are encoded with CLIP once into a cached store
 the CLIP), so a second run or a resume does not encode again. DATA may also be one features store.
 
 Writes RUN/epoch-NNN.safetensors (usable as [bold]clipcap caption --model[/] with no other flags),
-RUN/metrics.jsonl, RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
+RUN/best.safetensors (the lowest held-out loss), RUN/metrics.jsonl, RUN/samples.jsonl (captions of a few
+held-out images at each epoch's end), RUN/report.html (loss curves and samples), RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
 it with the same schedule and data order. Defaults are the original ClipCap's (MLP, K=10, lr 2e-5,
 5000 warm-up steps, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU) on a store.
 
@@ -32,7 +35,7 @@ Example: [bold]clipcap train feats/coco-train --out runs/mlp[/]
 Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train feats/coco-train --out runs/tf --mapping transformer --only-prefix --prefix-length 40 --clip-length 40[/]
 """
 
-DATA, MODEL, OPTIM, RUN = "Data", "Model", "Optimisation", "Run"
+DATA, MODEL, OPTIM, RUN, WATCH = "Data", "Model", "Optimisation", "Run", "Watching"
 D, M = TrainOptions, ModelConfig  # the one home of the defaults (the model's are in config.py)
 E = ExtractOptions  # the CLIP that encodes images
 
@@ -111,10 +114,12 @@ def command(
     ] = None,
     clip_pretrained: ClipPretrainedOption = None,
     val_fraction: Annotated[
-        float,
+        Optional[float],
         typer.Option(
             "--val-fraction",
-            help="Share of the images held out for validation (instead of --val-data).",
+            help="Share of the images held out for validation (instead of --val-data); 0 = none. Default: "
+            f"{AUTO_VAL_FRACTION:g} of the images (at least 1) when the store has {AUTO_VAL_MIN_IMAGES}+ images, else none.",
+            show_default=False,
             rich_help_panel=DATA,
         ),
     ] = D.val_fraction,
@@ -248,6 +253,22 @@ def command(
             rich_help_panel=RUN,
         ),
     ] = D.device,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            help="Held-out images captioned (greedy) at each epoch's end, shown and kept in samples.jsonl; 0 = none.",
+            rich_help_panel=WATCH,
+        ),
+    ] = D.samples,
+    early_stop: Annotated[
+        int,
+        typer.Option(
+            "--early-stop",
+            help="Stop when the held-out loss has not improved for N epochs (needs a validation split); 0 = never.",
+            rich_help_panel=WATCH,
+        ),
+    ] = D.early_stop,
     resume: Annotated[
         bool,
         typer.Option(
@@ -295,6 +316,8 @@ def command(
             "log_every": log_every,
             "device": device,
             "precision": precision,
+            "samples": samples,
+            "early_stop": early_stop,
         }
         given = list(sources or []) + list(data or [])
         if not resume:
@@ -325,7 +348,7 @@ def command(
             _store(given, clip_opts, reading, features_dir, out, "training", quiet, from_text) if given else saved_data  # type: ignore[possibly-undefined]
         )
         if val_data:
-            if _typed(ctx, "val_fraction") and val_fraction > 0:
+            if _typed(ctx, "val_fraction") and (val_fraction or 0) > 0:
                 raise UsageError("give either --val-fraction or --val-data, not both")
             vstore = _store(val_data, clip_opts, reading, features_dir, out, "validation", quiet, from_text)
             opts = opts.replace(val_data=str(vstore), val_fraction=0.0)
@@ -333,7 +356,7 @@ def command(
         from clipcap_cli import distributed
 
         rank = distributed.env().rank
-        display = _Display(quiet=quiet or rank != 0)
+        display = Display(quiet=quiet or rank != 0)
         try:
             with display:
                 result = core.train(opts, store, out, resume=resume, callback=display)
@@ -458,99 +481,3 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     # By name: Typer may use its own vendored copy of click's ParameterSource enum.
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-
-class _Display(TrainCallback):
-    """The core's TrainCallback, drawn with rich on stderr: a bar with epoch, loss, lr, samples/s, ETA."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.progress: Any = None
-        self.task: Any = None
-        self.tok_task: Any = None
-        self.samples_per_s: float | None = None
-
-    def __enter__(self) -> _Display:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        from clipcap_cli.ui import stderr
-
-        self.progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=self.quiet,
-        )
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    # the TrainCallback hooks
-    def on_tokenize(self, done: int, total: int) -> None:
-        if self.tok_task is None:
-            self.tok_task = self.progress.add_task("tokenising captions", total=total, stats="")
-        self.progress.update(self.tok_task, completed=done)
-
-    def on_start(self, info: StartInfo) -> None:
-        from clipcap_cli.ui import say
-
-        if self.tok_task is not None:
-            self.progress.remove_task(self.tok_task)
-        if info.start_step >= info.total_steps:
-            self._print(f"{info.out_dir} is complete ({info.total_steps} steps): nothing left to train")
-            return
-        what = f"resuming at step {info.start_step}" if info.start_step else "training"
-        self._print(
-            f"{what}: {info.train_samples} captions ({info.val_samples} for validation), {info.epochs} epoch(s) x "
-            f"{info.steps_per_epoch} steps of {info.global_batch}, {info.trainable_params / 1e6:.1f}M trainable parameters, "
-            f"{info.device}"
-            + (f" x {info.world_size} processes" if info.world_size > 1 else "")
-            + f", {info.precision}"
-        )
-        say(f"run folder {info.out_dir}; captions truncated to {info.max_tokens} tokens: {info.truncated}")
-        self.task = self.progress.add_task("training", total=info.total_steps, completed=info.start_step, stats="")
-
-    def on_step(self, info: StepInfo) -> None:
-        if self.task is None:
-            return
-        sps = info.samples_per_s
-        self.samples_per_s = sps if self.samples_per_s is None else 0.9 * self.samples_per_s + 0.1 * sps
-        stats = f"loss {info.loss_ema:.3f} lr {info.lr:.1e} {self.samples_per_s:,.0f}/s"
-        self.progress.update(
-            self.task, completed=info.step, description=f"epoch {info.epoch}/{info.epochs}", stats=stats
-        )
-
-    def on_validation(self, epoch: int, step: int, loss: float) -> None:
-        self._print(f"epoch {epoch}: validation loss {loss:.4f} (step {step})")
-
-    def on_checkpoint(self, path: Path, kind: str) -> None:
-        from clipcap_cli.ui import say
-
-        if kind == "epoch":
-            self._print(f"saved {path}")
-        else:
-            say(f"saved resume state {path}")
-
-    def on_warning(self, message: str) -> None:
-        from clipcap_cli.ui import warn
-
-        if not self.quiet:
-            warn(message)
-
-    def _print(self, message: str) -> None:
-        if not self.quiet:
-            self.progress.console.print(message, highlight=False)

@@ -4,7 +4,9 @@
 - ``data``: the captions as cached GPT-2 tokens, one sample per caption, each epoch's batches;
 - ``state``: the run folder: config, epoch checkpoints, and the exact resume state;
 - ``callbacks``: the hooks the loop reports through, and the ``metrics.jsonl`` writer;
-- ``loop``: ``train()``, which sets a run up, and ``fit()``, the training loop itself.
+- ``loop``: ``train()``, which sets a run up, and ``fit()``, the training loop itself;
+- ``monitor``: what each epoch's end watches (samples, warnings, best checkpoint, early stop),
+  and ``report``: the run's ``report.html``.
 
 ``from clipcap_cli.train import TrainOptions`` imports no torch (``clipcap --help`` stays fast);
 the torch-side names below load their module on first use.
@@ -19,6 +21,7 @@ from clipcap_cli.train.callbacks import (
     METRICS_FILE,
     Callbacks,
     MetricsLog,
+    Sample,
     StartInfo,
     StepInfo,
     TrainCallback,
@@ -59,6 +62,7 @@ __all__ = [
     "METRICS_FILE",
     "Callbacks",
     "MetricsLog",
+    "Sample",
     "StartInfo",
     "StepInfo",
     "TrainCallback",

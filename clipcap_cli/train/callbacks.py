@@ -42,6 +42,7 @@ class StartInfo:
     # The metrics log's open window (losses and seconds since its last line), kept in the resume
     # state so that a resumed run writes the same lines as an uninterrupted one. Mutable: shared.
     log_window: dict[str, Any] = field(default_factory=lambda: {"losses": [], "seconds": 0.0})
+    stopped_early: bool = False  # a resumed run that --early-stop had already ended
 
 
 @dataclass
@@ -66,6 +67,24 @@ class TrainResult:
     step: int
     train_loss: float | None  # smoothed loss at the end
     val_loss: float | None  # last validation loss
+    best: Path | None = None  # best.safetensors: the lowest held-out loss so far (None without validation)
+    best_val_loss: float | None = None
+    best_epoch: int = 0  # 1-based; 0 = none
+    stopped_early: bool = False  # --early-stop ended the run before its last epoch
+    report: Path | None = None  # report.html
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image captioned at an epoch's end, to see what the model says (``samples.jsonl``)."""
+
+    image: str  # the store's record "image" (relative to the store's images_root)
+    references: tuple[str, ...]  # the record's captions
+    caption: str  # generated, greedy
+    split: str = "val"  # "val": a held-out image; "train": a training image (the run has no held-out split)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "references": list(self.references), "caption": self.caption, "split": self.split}
 
 
 class TrainCallback:
@@ -73,7 +92,7 @@ class TrainCallback:
 
     They run on the main process (rank 0) only, unless ``all_ranks`` is True: then on every
     process of a torchrun job (each sees its own ``caption_ids`` and its own model), except
-    ``on_tokenize`` and ``on_checkpoint``, which report work only rank 0 does. An exception in a
+    ``on_tokenize``, ``on_checkpoint`` and ``on_samples``, which report work only rank 0 does. An exception in a
     hook stops the run on every process, with its message.
     """
 
@@ -83,7 +102,8 @@ class TrainCallback:
     def on_start(self, info: StartInfo) -> None: ...
     def on_step(self, info: StepInfo) -> None: ...
     def on_validation(self, epoch: int, step: int, loss: float) -> None: ...
-    def on_checkpoint(self, path: Path, kind: str) -> None: ...  # kind: "epoch" | "resume"
+    def on_checkpoint(self, path: Path, kind: str) -> None: ...  # kind: "epoch" | "resume" | "best"
+    def on_samples(self, epoch: int, step: int, samples: Sequence[Sample]) -> None: ...  # after validation
     def on_warning(self, message: str) -> None: ...
     def on_end(self, result: TrainResult, model: ClipCaptionModel) -> None: ...  # after the last epoch
 
@@ -112,6 +132,9 @@ class Callbacks(TrainCallback):
 
     def on_checkpoint(self, path: Path, kind: str) -> None:
         self._each("on_checkpoint", path, kind)
+
+    def on_samples(self, epoch: int, step: int, samples: Sequence[Sample]) -> None:
+        self._each("on_samples", epoch, step, samples)
 
     def on_warning(self, message: str) -> None:
         self._each("on_warning", message)

@@ -274,7 +274,7 @@ def load_data(
         raise UsageError(
             f"the tokenizer of {opts.model.gpt2} makes ids beyond the LM's vocabulary ({gpt_config.vocab_size})"
         )
-    train_ids, val_ids = split_ids(caps, len(fs.records), opts.val_fraction, opts.seed)
+    train_ids, val_ids = split_ids(caps, len(fs.records), opts.held_out_fraction(len(fs.records)), opts.seed)
     train = CaptionDataset(fs.embeddings, caps, train_ids, max_tokens)
     val = CaptionDataset(fs.embeddings, caps, val_ids, max_tokens)
     if opts.val_data:

@@ -27,7 +27,7 @@ from clipcap_cli import backbones
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
-from clipcap_cli.train import noise, state
+from clipcap_cli.train import monitor, noise, state
 from clipcap_cli.train.callbacks import Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
 from clipcap_cli.train.data import Batch, TrainData, load_data, loader
 from clipcap_cli.train.options import TrainOptions
@@ -158,6 +158,7 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
     gpt = backbones.load_gpt2(opts.model.gpt2)
     run_data = load_data(opts, data, tokenizer, gpt.config, dist, cb)
     opts = noise.resolve(opts, run_data.config)  # --noise-variance auto: from the store's modality
+    monitor.check_options(opts, run_data)
 
     device = dist.device
     torch.manual_seed(opts.seed)  # the mapper's initial weights: the same on every rank
@@ -229,9 +230,10 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
     opts, dist, pos = t.opts, t.dist, t.pos
     _start(t, cb)
     checkpoints: list[Path] = []
+    mon = monitor.Monitor(t)
     t.model.train()
     with _StopFlag().installed() as stop:
-        while pos.epoch < opts.epochs:
+        while pos.epoch < opts.epochs and not monitor.early_stopped(opts, pos):
             # This epoch's batches in their seeded order, minus those a resumed run already did.
             batches = t.data.epoch_batches(pos.epoch, opts.batch_size, opts.grad_accum)[pos.batch :]
             it = iter(loader(t.data.train, batches, opts.num_workers, dist.device, opts.seed))
@@ -254,6 +256,7 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
                 pos.loss_ema = (
                     loss_value if pos.loss_ema is None else LOSS_EMA * pos.loss_ema + (1 - LOSS_EMA) * loss_value
                 )
+                monitor.add_step_loss(pos, loss_value)
                 info = StepInfo(
                     step=pos.step,
                     total_steps=t.total_steps,
@@ -278,8 +281,19 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
                     )
                 if pos.step % opts.checkpoint_every == 0:
                     save_resume(t, cb)
-            checkpoints += _end_epoch(t, cb)
-    result = TrainResult(t.out, checkpoints, pos.step, pos.loss_ema, pos.val_loss)
+            checkpoints += _end_epoch(t, cb, mon)
+    result = TrainResult(
+        t.out,
+        checkpoints,
+        pos.step,
+        pos.loss_ema,
+        pos.val_loss,
+        best=t.out / monitor.BEST_FILE if pos.best_epoch else None,
+        best_val_loss=pos.best_val_loss,
+        best_epoch=pos.best_epoch,
+        stopped_early=monitor.early_stopped(opts, pos) and pos.epoch < opts.epochs,
+        report=mon.report,
+    )
     with dist.fail_together():
         cb.on_end(result, t.model)
     return result
@@ -324,6 +338,7 @@ def _start(t: Trainer, cb: TrainCallback) -> None:
                 truncated=t.data.truncated,
                 max_tokens=t.data.max_tokens,
                 log_window=t.pos.log_window,
+                stopped_early=monitor.early_stopped(t.opts, t.pos),
             )
         )
 
@@ -382,8 +397,9 @@ def validate(t: Trainer) -> float | None:
     return float(sums[0] / sums[1]) if sums[1] > 0 else None
 
 
-def _end_epoch(t: Trainer, cb: TrainCallback) -> list[Path]:
-    """Validate, write the epoch checkpoint when due, save the resume state; the checkpoints written."""
+def _end_epoch(t: Trainer, cb: TrainCallback, mon: monitor.Monitor) -> list[Path]:
+    """Validate, write the epoch checkpoint when due, watch (samples, best checkpoint, report: see
+    monitor.py), save the resume state; the checkpoints written."""
     pos = t.pos
     pos.epoch += 1
     pos.batch = 0
@@ -392,14 +408,18 @@ def _end_epoch(t: Trainer, cb: TrainCallback) -> list[Path]:
     if pos.val_loss is not None:
         with t.dist.fail_together():
             cb.on_validation(pos.epoch, pos.step, pos.val_loss)
+    improved = monitor.close_epoch(pos, pos.val_loss)
     written = []
-    if pos.epoch % t.opts.save_every == 0 or pos.epoch == t.opts.epochs:
+    last = pos.epoch == t.opts.epochs or monitor.early_stopped(t.opts, pos)
+    if pos.epoch % t.opts.save_every == 0 or last:
         path = t.out / f"epoch-{pos.epoch:03d}.safetensors"
         with t.dist.fail_together():
             if t.dist.main:
                 state.save_epoch_checkpoint(t.model, path, pos.epoch, pos.step, t.opts)
                 cb.on_checkpoint(path, "epoch")
         written.append(path)
+    with t.dist.fail_together():  # rank 0 captions its samples while the others wait in this all-reduce
+        mon.end_epoch(t, cb, improved)
     save_resume(t, cb)
     return written
 

@@ -20,7 +20,13 @@ from clipcap_cli.train.noise import check_variance
 # the features store's, and stop_token is decoding's.
 MODEL_FIELDS = ("mapping", "only_prefix", "prefix_length", "clip_length", "num_layers", "normalize_prefix", "gpt2")
 # Options that may change when a run is resumed: they do not touch the trajectory of the weights.
-RESUMABLE_CHANGES = frozenset({"device", "num_workers", "save_every", "checkpoint_every", "log_every", "precision"})
+RESUMABLE_CHANGES = frozenset(
+    {"device", "num_workers", "save_every", "checkpoint_every", "log_every", "precision", "samples", "early_stop"}
+)
+# val_fraction None (the default): AUTO_VAL_FRACTION of the images, at least 1, when the store has at least
+# AUTO_VAL_MIN_IMAGES images and there is no --val-data; else no held-out split.
+AUTO_VAL_FRACTION = 0.05
+AUTO_VAL_MIN_IMAGES = 20
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,9 @@ class TrainOptions:
     warmup: int = 5000  # optimizer steps of linear warm-up, then linear decay to 0 at the last step
     weight_decay: float = 0.0  # AdamW decoupled weight decay (the original: none)
     grad_accum: int = 1  # micro-batches per optimizer step
-    seed: int = 0  # mapper init, data order, dropout, validation split
+    seed: int = 0  # mapper init, data order, dropout, validation split, sample images
     # data
-    val_fraction: float = 0.0  # share of the images (with all their captions) held out for validation
+    val_fraction: float | None = None  # share of the images (with their captions) held out; None = auto (below)
     val_data: str | None = None  # a separate features store for validation (instead of val_fraction)
     max_tokens: int | None = None  # longest caption in tokens; None = GPT-2's window minus the prefix
     num_workers: int = 0  # DataLoader worker processes (batches are cheap to build: 0 is usually best)
@@ -55,6 +61,9 @@ class TrainOptions:
     # CapDec: Gaussian noise of this variance on the normalised prefix, in training only. None = auto:
     # 0.016 (CapDec) on a text store (`clipcap extract --text`), 0 on image features.
     noise_variance: float | None = None
+    # watching the run (monitor.py)
+    samples: int = 8  # held-out images captioned (greedy) at each epoch end; 0 = none
+    early_stop: int = 0  # stop when the held-out loss has not improved for this many epochs; 0 = never
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "save_every", "checkpoint_every", "log_every"):
@@ -62,10 +71,13 @@ class TrainOptions:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         check_number("lr", self.lr, low=0, low_open=True)
         check_number("weight-decay", self.weight_decay, low=0)
-        check_number("val-fraction", self.val_fraction, low=0, high=1, high_open=True)
+        if self.val_fraction is not None:
+            check_number("val-fraction", self.val_fraction, low=0, high=1, high_open=True)
         if self.warmup < 0 or self.num_workers < 0:
             raise UsageError("warmup and num-workers cannot be negative")
-        if self.val_fraction > 0 and self.val_data:
+        if self.samples < 0 or self.early_stop < 0:
+            raise UsageError("samples and early-stop cannot be negative")
+        if self.val_fraction and self.val_data:
             raise UsageError("give either --val-fraction or --val-data, not both")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"max-tokens must be at least 1, got {self.max_tokens}")
@@ -89,6 +101,12 @@ class TrainOptions:
         out = {k: getattr(self.model, k) for k in MODEL_FIELDS}
         out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "model")
         return out
+
+    def held_out_fraction(self, n_images: int) -> float:
+        """The share of a store's ``n_images`` held out for validation (``val_fraction``, or the auto rule)."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return AUTO_VAL_FRACTION if not self.val_data and n_images >= AUTO_VAL_MIN_IMAGES else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,6 +37,14 @@ class Position:
     elapsed: float = 0.0  # seconds of training, across resumes
     # metrics.jsonl's open window: losses and seconds since its last line (see StartInfo.log_window)
     log_window: dict[str, Any] = field(default_factory=lambda: {"losses": [], "seconds": 0.0})
+    # the monitor's (monitor.py): the best held-out loss, for best.safetensors and --early-stop ...
+    best_val_loss: float | None = None
+    best_epoch: int = 0  # the epoch (1-based) that reached it; 0 = none yet
+    stale_epochs: int = 0  # epochs since the held-out loss last improved
+    # ... and the training loss by epoch, for the "not moving" warning
+    epoch_losses: list[float] = field(default_factory=list)  # mean training loss of each finished epoch
+    epoch_loss_sum: float = 0.0  # the current epoch's step losses so far
+    epoch_loss_steps: int = 0
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -73,7 +81,9 @@ def read_run(out_dir: str | Path) -> tuple[TrainOptions, Path]:
     return TrainOptions.from_dict(saved["train_options"]), Path(saved["data"])
 
 
-def save_epoch_checkpoint(model: ClipCaptionModel, path: Path, epoch: int, step: int, opts: TrainOptions) -> Path:
+def save_epoch_checkpoint(
+    model: ClipCaptionModel, path: Path, epoch: int, step: int, opts: TrainOptions, val_loss: float | None = None
+) -> Path:
     """An epoch's checkpoint: usable by ``clipcap caption --model`` with no other flags."""
     from clipcap_cli import checkpoint
 
@@ -85,6 +95,8 @@ def save_epoch_checkpoint(model: ClipCaptionModel, path: Path, epoch: int, step:
         "from_text": json.dumps(model.config.from_text),
         "noise_variance": json.dumps(opts.noise_variance),
     }
+    if val_loss is not None:
+        extra["val_loss"] = repr(float(val_loss))
     return checkpoint.save(model, path, extra_metadata=extra)
 
 
@@ -123,6 +135,12 @@ def save_resume_state(
             "losses": [float(x) for x in pos.log_window["losses"]],
             "seconds": float(pos.log_window["seconds"]),
         },
+        "best_val_loss": pos.best_val_loss,
+        "best_epoch": pos.best_epoch,
+        "stale_epochs": pos.stale_epochs,
+        "epoch_losses": [float(x) for x in pos.epoch_losses],
+        "epoch_loss_sum": float(pos.epoch_loss_sum),
+        "epoch_loss_steps": pos.epoch_loss_steps,
         "model": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -191,6 +209,13 @@ def load_resume_state(
         state["val_loss"],
         state["elapsed"],
         {"losses": list(window["losses"]), "seconds": float(window["seconds"])},
+        # states saved before the monitor existed have none of its fields: the defaults
+        best_val_loss=state.get("best_val_loss"),
+        best_epoch=int(state.get("best_epoch", 0)),
+        stale_epochs=int(state.get("stale_epochs", 0)),
+        epoch_losses=[float(x) for x in state.get("epoch_losses", [])],
+        epoch_loss_sum=float(state.get("epoch_loss_sum", 0.0)),
+        epoch_loss_steps=int(state.get("epoch_loss_steps", 0)),
     )
 
 
