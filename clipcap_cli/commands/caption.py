@@ -24,6 +24,7 @@ from clipcap_cli.inputs import CPU_WORKERS, URL_DEADLINE, WORKERS
 from clipcap_cli.output import available_formats
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.sharded import ShardedOptions
+from clipcap_cli.sidecar_out import SidecarOptions
 
 HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin;
 with --output-dir, also webdataset tar shards, in sharded, resumable runs over many processes.
@@ -48,6 +49,8 @@ DECODING = "Decoding"
 OUTPUT = "Output"
 SHARDED = "Sharded output (--output-dir)"
 RUN = "Run"
+SIDECARS = "Caption files (--sidecar)"
+EMBEDDINGS = "Stored embeddings (--embeddings)"
 S = ShardedOptions  # defaults of the sharded options
 
 
@@ -226,6 +229,60 @@ def command(
             rich_help_panel=SHARDED,
         ),
     ] = S.save_embeddings,
+    sidecar: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sidecar",
+            metavar="EXT",
+            help="Also write each caption to a file beside its image, e.g. --sidecar .txt: photo.jpg -> photo.txt (what diffusion-model trainers read).",
+            rich_help_panel=SIDECARS,
+            show_default=False,
+        ),
+    ] = None,
+    sidecar_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--sidecar-dir",
+            metavar="DIR",
+            help="Write the caption files into DIR, a tree mirroring the input folders, instead of beside the images (implies --sidecar .txt).",
+            rich_help_panel=SIDECARS,
+            show_default=False,
+        ),
+    ] = None,
+    sidecar_exists: Annotated[
+        str,
+        typer.Option(
+            "--sidecar-exists",
+            metavar="MODE",
+            help="When a caption file exists: skip (its image is not captioned: a rerun resumes), overwrite, append or prepend (joined by a space).",
+            rich_help_panel=SIDECARS,
+        ),
+    ] = SidecarOptions.exists,
+    prefix: Annotated[
+        str,
+        typer.Option(
+            "--prefix",
+            metavar="TEXT",
+            help="Caption files: text before the caption, e.g. a trigger word: --prefix 'sks dog, '.",
+            rich_help_panel=SIDECARS,
+        ),
+    ] = SidecarOptions.prefix,
+    suffix: Annotated[
+        str,
+        typer.Option(
+            "--suffix", metavar="TEXT", help="Caption files: text after the caption.", rich_help_panel=SIDECARS
+        ),
+    ] = SidecarOptions.suffix,
+    embeddings: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--embeddings",
+            metavar="PATH",
+            help="Caption stored CLIP embeddings instead of images (no image is read): a clip-retrieval output folder (img_emb/*.npy + metadata/*.parquet), a clipcap features store, or NAME.emb.safetensors from --save-embeddings. Repeatable.",
+            rich_help_panel=EMBEDDINGS,
+            show_default=False,
+        ),
+    ] = None,
     url_timeout: Annotated[
         float,
         typer.Option(
@@ -320,22 +377,37 @@ def command(
             "--retry-failed": retry_failed,
             "--save-embeddings": save_embeddings,
         }
+        sidecars = _sidecar_options(sidecar, sidecar_dir, sidecar_exists, prefix, suffix)
+        if sidecars is not None and (output_dir is not None or embeddings):
+            raise UsageError(
+                "--sidecar, --sidecar-dir: not with --output-dir or --embeddings (caption files go beside images)"
+            )
+        if embeddings and inputs:
+            raise UsageError("--embeddings PATH captions stored embeddings: give no image inputs with it")
         if output_dir is None:
             if any(sharded_given.values()):
                 raise UsageError(f"{', '.join(k for k, on in sharded_given.items() if on)}: only with --output-dir DIR")
             fmt = _pick_format(format_, json_, jsonl, output)
             check_model_argument(model)  # a typo in --model is a usage error before any input is read
-            failed = _run(
-                inputs or [],
-                options,
-                fmt,
-                output,
-                quiet,
-                (recursive, url_timeout),
-                batch_size,
-                workers,
-                {**model_args, "device": device},
-            )
+            if embeddings:
+                from clipcap_cli.embeddings_in import caption_embeddings
+
+                failed = caption_embeddings(
+                    embeddings, options, fmt, output, quiet, batch_size, {**model_args, "device": device}, _load
+                )
+            else:
+                failed = _run(
+                    inputs or [],
+                    options,
+                    fmt,
+                    output,
+                    quiet,
+                    (recursive, url_timeout),
+                    batch_size,
+                    workers,
+                    {**model_args, "device": device},
+                    sidecars,
+                )
         else:
             stdout_options = [
                 flag
@@ -360,6 +432,34 @@ def command(
             from clipcap_cli.errors import EXIT_PARTIAL
 
             raise typer.Exit(EXIT_PARTIAL)
+
+
+def _sidecar_options(
+    extension: str | None, folder: Path | None, exists: str, prefix: str, suffix: str
+) -> SidecarOptions | None:
+    """--sidecar and its companions, or None when no caption files are asked for."""
+    from clipcap_cli.errors import UsageError
+
+    if extension is None and folder is None:
+        given = [
+            flag
+            for flag, on in (
+                ("--sidecar-exists", exists != SidecarOptions.exists),
+                ("--prefix", prefix != SidecarOptions.prefix),
+                ("--suffix", suffix != SidecarOptions.suffix),
+            )
+            if on
+        ]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --sidecar EXT or --sidecar-dir DIR")
+        return None
+    return SidecarOptions(
+        extension=extension or SidecarOptions.extension,
+        folder=folder.expanduser().absolute() if folder is not None else None,
+        exists=exists,
+        prefix=prefix,
+        suffix=suffix,
+    )
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -397,8 +497,10 @@ def _run(
     batch_size: int | None,
     workers: int | None,
     model_args: dict[str, Any],
+    sidecar: SidecarOptions | None = None,
 ) -> int:
-    """Caption everything, streaming records to the writer; returns how many inputs failed."""
+    """Caption everything, streaming records to the writer (and caption files with ``sidecar``);
+    returns how many inputs failed."""
     from clipcap_cli import inputs, ui
     from clipcap_cli import output as out
     from clipcap_cli.errors import UsageError
@@ -419,6 +521,12 @@ def _run(
     from clipcap_cli.fsutil import refuse_inputs
 
     refuse_inputs(output, (s.location for s in sources if s.location and not inputs.is_url(s.location)), "--output")
+    files = None
+    if sidecar is not None:
+        from clipcap_cli.sidecar_out import Sidecars
+
+        files = Sidecars.plan(sidecar, sources, args)
+        sources = files.pending(sources)  # skip: an existing caption file means its image is done
 
     # No model is loaded when every input already failed (e.g. missing files).
     captioner = _load(model_args, options, quiet) if any(s.error is None for s in sources) else None
@@ -443,6 +551,8 @@ def _run(
         pending: list[dict] = []
         for i, error, result in outcomes:
             record = make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None)
+            if files is not None:
+                record["error"] = files.write(sources[i], record["caption"]) or record["error"]
             if record["error"] is not None:
                 failed += 1
                 if not quiet:
@@ -459,6 +569,8 @@ def _run(
         summary = f"captioned {done - failed} of {done} images in {seconds:.1f} s ({(done - failed) / max(seconds, 1e-9):.2f} images/s)"
         if output:
             summary += f"; wrote {output}"
+        if files is not None:
+            summary += f"; {files.counts.line()}"
         stderr.print(summary + (f"; [red]{failed} failed[/]" if failed else ""), highlight=False)
     return failed
 

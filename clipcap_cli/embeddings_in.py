@@ -1,0 +1,1 @@
+"""Placeholder: captions from stored embeddings (in progress)."""
