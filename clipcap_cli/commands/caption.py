@@ -390,7 +390,7 @@ def command(
             fmt = _pick_format(format_, json_, jsonl, output)
             check_model_argument(model)  # a typo in --model is a usage error before any input is read
             if embeddings:
-                from clipcap_cli.embeddings_in import caption_embeddings
+                from clipcap_cli.commands.caption_embeddings import caption_embeddings
 
                 failed = caption_embeddings(
                     embeddings, options, fmt, output, quiet, batch_size, {**model_args, "device": device}, _load
@@ -424,10 +424,12 @@ def command(
                 shard_size=shard_size,
                 shard=_parse_shard(shard),
                 batch_size=batch_size,
-                workers=workers,
+                workers=0 if embeddings and workers is None else workers,  # stored embeddings need no decoding
             )
             check_model_argument(model)
-            failed = _run_sharded(inputs or [], options, sharded, quiet, (recursive, url_timeout), model_args, device)
+            failed = _run_sharded(
+                inputs or [], options, sharded, quiet, (recursive, url_timeout), model_args, device, embeddings
+            )
         if failed:
             from clipcap_cli.errors import EXIT_PARTIAL
 
@@ -593,6 +595,7 @@ def _run_sharded(
     reading: tuple[bool, float],
     model_args: dict[str, Any],
     device: str | None,
+    embeddings: list[str] | None = None,
 ) -> int:
     """Caption shards into sidecar files (see ``clipcap_cli.sharded``); returns how many of this
     process's samples failed (0 under torchrun, where another exit code reads as a crash)."""
@@ -603,13 +606,19 @@ def _run_sharded(
     from clipcap_cli.ui import stderr
 
     recursive, url_timeout = reading  # --recursive, --url-timeout
-    job = shards.discover(
-        args,
-        recursive=recursive,
-        stdin=sys.stdin if "-" in args else None,
-        shard_size=sharded.shard_size,
-        url_deadline=url_timeout,
-    )
+    if embeddings:
+        from clipcap_cli import embeddings_in
+
+        job = embeddings_in.discover(embeddings, sharded.shard_size)
+        embeddings_in.refuse_output(job, sharded.output_dir)
+    else:
+        job = shards.discover(
+            args,
+            recursive=recursive,
+            stdin=sys.stdin if "-" in args else None,
+            shard_size=sharded.shard_size,
+            url_deadline=url_timeout,
+        )
     settings = {
         "model": _model_identity(model_args),
         "weights": _weights(model_args),  # contents, not names: other weights at the same path are refused
@@ -624,7 +633,10 @@ def _run_sharded(
     quiet = quiet or not main  # one progress bar and one summary: rank 0's
 
     def load() -> Any:
-        return _load({**model_args, "device": str(dist.device) if dist else device}, options, quiet)
+        captioner = _load({**model_args, "device": str(dist.device) if dist else device}, options, quiet)
+        if embeddings:
+            embeddings_in.check(job, captioner.config)  # before any shard is captioned: one line, exit 2
+        return captioner
 
     progress = ui.item_progress("images", quiet)
     task = progress.add_task("captioning", total=None)
