@@ -163,3 +163,29 @@ def _mirror_root(args: Iterable[str], locations: Sequence[str]) -> str:
         if not any(image.startswith(f.rstrip(os.sep) + os.sep) for f in folders):
             bases.append(os.path.dirname(image))
     return os.path.commonpath(bases)
+
+
+def from_flags(
+    extension: str | None, folder: Path | None, exists: str, prefix: str, suffix: str
+) -> SidecarOptions | None:
+    """--sidecar and its companions as options, or None when no caption files are asked for."""
+    if extension is None and folder is None:
+        given = [
+            flag
+            for flag, on in (
+                ("--sidecar-exists", exists != SidecarOptions.exists),
+                ("--prefix", prefix != SidecarOptions.prefix),
+                ("--suffix", suffix != SidecarOptions.suffix),
+            )
+            if on
+        ]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --sidecar EXT or --sidecar-dir DIR")
+        return None
+    return SidecarOptions(
+        extension=extension or SidecarOptions.extension,
+        folder=folder.expanduser().absolute() if folder is not None else None,
+        exists=exists,
+        prefix=prefix,
+        suffix=suffix,
+    )
