@@ -249,6 +249,13 @@ def _load_one(item: Any, transform: Callable[[Any], torch.Tensor]) -> tuple[Any,
             info = item.info()
         except Exception:  # extra fields are a courtesy: never a reason to fail the image
             info = None
+    stored = getattr(item, "embedding", None)
+    if stored is not None:  # a stored CLIP embedding (--embeddings): no image to read
+        if isinstance(stored, torch.Tensor):
+            return None, stored.float(), None, info
+        import numpy as np
+
+        return None, torch.from_numpy(np.array(stored, dtype=np.float32)), None, info
     name = str(item) if isinstance(item, (str, Path)) else str(getattr(item, "location", None) or "")
     try:
         return transform(open_input(item)), None, None, info

@@ -116,6 +116,11 @@ class CsvWriter(Writer):
         self.stream.flush()
 
 
+def name_of(record: Record) -> str:
+    """What names a record's input: its ``path``, or the ``key`` of a sharded or stored-embedding record."""
+    return str(record["path"] if "path" in record else record.get("key"))
+
+
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
@@ -131,7 +136,7 @@ class TextWriter(Writer):
         for record in records:
             captions = record.get("captions") or [record.get("caption") or ""]
             for caption in captions:
-                self.stream.write(f"{record['path']}\t{caption}\n")
+                self.stream.write(f"{name_of(record)}\t{caption}\n")
         self.stream.flush()
 
 
@@ -153,7 +158,7 @@ class TableWriter(CollectingWriter):
             table.add_column("CLIP-S", justify="right")
         for r in self.records:
             if r["error"] is not None:
-                table.add_row(escape(r["path"]), f"[red]{escape(r['error'])}[/]", "", *([""] if clip else []))
+                table.add_row(escape(name_of(r)), f"[red]{escape(r['error'])}[/]", "", *([""] if clip else []))
                 continue
             captions = r.get("captions") or [r["caption"]]
             scores = r.get("scores") or [r["score"]]
@@ -161,7 +166,7 @@ class TableWriter(CollectingWriter):
             for k, (caption, score) in enumerate(zip(captions, scores)):  # one row per caption: scores line up
                 extra = [f"{clip_scores[k]:.3f}"] if clip else []
                 table.add_row(
-                    escape(r["path"]) if k == 0 else "",
+                    escape(name_of(r)) if k == 0 else "",
                     escape(caption),
                     f"{score:.3f}",
                     *extra,

@@ -367,7 +367,7 @@ class _Job:
         self._write_errors(records)
         stats = {
             "shard": self.name,
-            "source": self.shard.tar,
+            "source": self.shard.source,
             "records": self.opts.records_file(self.name).name,
             "embeddings": self.opts.embeddings_file(self.name).name if self.opts.save_embeddings else None,
             "samples": len(records),

@@ -48,6 +48,8 @@ class Sample:
     members: tuple[tuple[str, int, int], ...] = ()  # (extension, byte offset, size) in ``tar``
     source: Source | None = None  # list shards: where the image is
     error: str | None = None  # known before reading (no image member, missing file)
+    embedding: Any = None  # a stored CLIP embedding (D,) to caption instead of an image (--embeddings)
+    meta: tuple[tuple[str, Any], ...] = ()  # record fields a stored embedding's metadata gives (url, ...)
 
     @property
     def location(self) -> str | None:
@@ -77,6 +79,8 @@ class Sample:
 
         from clipcap_cli.inputs import is_url
 
+        if self.meta:
+            return dict(self.meta)
         out: dict[str, Any] = {}
         if self.source is not None and self.source.location and is_url(self.source.location):
             out["url"] = self.source.location
@@ -116,6 +120,12 @@ class Shard:
     index: int  # position in the job's shard list: shard i goes to worker i mod n
     tar: str | None = None  # a tar shard's file
     sources: tuple[Source, ...] = ()  # a list shard's images
+    embeddings: Any = None  # an ``embeddings_in.EmbeddingFile``: stored embeddings, captioned row by row
+
+    @property
+    def source(self) -> str | None:
+        """The file the shard reads (a tar, an embeddings file); None for a list shard."""
+        return self.tar or (self.embeddings.path if self.embeddings is not None else None)
 
     def samples(self) -> tuple[list[Sample], str | None]:
         """The shard's samples in order, and why the shard could not be read to its end (or None).
@@ -123,13 +133,15 @@ class Shard:
         A tar sample without an image member, or a list entry that is already known to be bad,
         is a sample with an ``error``: it still gets its record.
         """
+        if self.embeddings is not None:
+            return self.embeddings.samples(self.name)
         if self.tar is None:
             return [Sample(self.name, s.name, i, source=s, error=s.error) for i, s in enumerate(self.sources)], None
         return _tar_samples(self.name, self.tar)
 
     def list_keys_sha256(self) -> str | None:
         """A list shard's fingerprint (its images, in order); None for a tar shard."""
-        if self.tar is not None:
+        if self.tar is not None or self.embeddings is not None:
             return None
         return keys_sha256(s.name for s in self.sources)
 

@@ -69,3 +69,19 @@ def test_device_check_dry_run():
     agreement = report["gpu_cpu_identical"]
     assert agreement["images"] == 4 and agreement["greedy"] == agreement["beam5"] == 4  # the CPU against itself
     assert report["ddp_step"] == {"backend": "gloo", "ok": True, "seconds": report["ddp_step"]["seconds"]}
+
+
+def test_embeddings_benchmark_dry_run():
+    """benchmarks/bench_embeddings.py --dry-run: both paths run on the tiny models and agree caption for caption."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_embeddings.py"), "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["dry_run"] is True and report["images"] == 8 and report["cpu"]
+    assert report["images_per_s"]["jpeg"] > 0 and report["images_per_s"]["embeddings"] > 0
+    assert report["identical_captions"] == 8  # stored embeddings give the images' own captions

@@ -11,6 +11,14 @@ from typing import Any, List, Optional
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli.commands.caption_options import (
+    EmbeddingsOption,
+    PrefixOption,
+    SidecarDirOption,
+    SidecarExistsOption,
+    SidecarOption,
+    SuffixOption,
+)
 from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
@@ -24,6 +32,7 @@ from clipcap_cli.inputs import CPU_WORKERS, URL_DEADLINE, WORKERS
 from clipcap_cli.output import available_formats
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.sharded import ShardedOptions
+from clipcap_cli.sidecar_out import SidecarOptions, from_flags
 
 HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin;
 with --output-dir, also webdataset tar shards, in sharded, resumable runs over many processes.
@@ -34,6 +43,10 @@ A bad input never stops the run: it gets a record with its error.
 With --output-dir DIR each shard NAME (a tar file, or --shard-size images of a list) gets DIR/NAME.jsonl
 (or .parquet) and, last, DIR/NAME.stats.json: the same command again skips finished shards and redoes the rest.
 Under torchrun the shards are split by rank; --shard i/n splits them for Slurm arrays or plain processes.
+
+With --sidecar .txt each caption also goes to a file beside its image (photo.txt; --sidecar-dir DIR: a mirrored tree);
+existing files are skipped (their images not captioned), so a rerun resumes. --embeddings PATH captions stored CLIP
+embeddings (clip-retrieval output, features stores, --save-embeddings files) without reading any image.
 
 Exit codes: 0 all captioned, 1 fatal error (e.g. the model is missing), 2 usage error (no inputs, bad options), 3 some inputs failed
 (under torchrun 0, since torchrun takes any other code for a crash: see DIR/_summary.json).
@@ -226,6 +239,12 @@ def command(
             rich_help_panel=SHARDED,
         ),
     ] = S.save_embeddings,
+    sidecar: SidecarOption = None,
+    sidecar_dir: SidecarDirOption = None,
+    sidecar_exists: SidecarExistsOption = SidecarOptions.exists,
+    prefix: PrefixOption = SidecarOptions.prefix,
+    suffix: SuffixOption = SidecarOptions.suffix,
+    embeddings: EmbeddingsOption = None,
     url_timeout: Annotated[
         float,
         typer.Option(
@@ -320,22 +339,37 @@ def command(
             "--retry-failed": retry_failed,
             "--save-embeddings": save_embeddings,
         }
+        sidecars = from_flags(sidecar, sidecar_dir, sidecar_exists, prefix, suffix)
+        if sidecars is not None and (output_dir is not None or embeddings):
+            raise UsageError(
+                "--sidecar, --sidecar-dir: not with --output-dir or --embeddings (caption files go beside images)"
+            )
+        if embeddings and inputs:
+            raise UsageError("--embeddings PATH captions stored embeddings: give no image inputs with it")
         if output_dir is None:
             if any(sharded_given.values()):
                 raise UsageError(f"{', '.join(k for k, on in sharded_given.items() if on)}: only with --output-dir DIR")
             fmt = _pick_format(format_, json_, jsonl, output)
             check_model_argument(model)  # a typo in --model is a usage error before any input is read
-            failed = _run(
-                inputs or [],
-                options,
-                fmt,
-                output,
-                quiet,
-                (recursive, url_timeout),
-                batch_size,
-                workers,
-                {**model_args, "device": device},
-            )
+            if embeddings:
+                from clipcap_cli.commands.caption_embeddings import caption_embeddings
+
+                failed = caption_embeddings(
+                    embeddings, options, fmt, output, quiet, batch_size, {**model_args, "device": device}, _load
+                )
+            else:
+                failed = _run(
+                    inputs or [],
+                    options,
+                    fmt,
+                    output,
+                    quiet,
+                    (recursive, url_timeout),
+                    batch_size,
+                    workers,
+                    {**model_args, "device": device},
+                    sidecars,
+                )
         else:
             stdout_options = [
                 flag
@@ -352,10 +386,14 @@ def command(
                 shard_size=shard_size,
                 shard=_parse_shard(shard),
                 batch_size=batch_size,
-                workers=workers,
+                workers=0 if embeddings and workers is None else workers,  # stored embeddings need no decoding
             )
             check_model_argument(model)
-            failed = _run_sharded(inputs or [], options, sharded, quiet, (recursive, url_timeout), model_args, device)
+            from clipcap_cli.commands.caption_sharded import run_sharded
+
+            failed = run_sharded(
+                inputs or [], options, sharded, quiet, (recursive, url_timeout), model_args, device, embeddings, _load
+            )
         if failed:
             from clipcap_cli.errors import EXIT_PARTIAL
 
@@ -397,8 +435,10 @@ def _run(
     batch_size: int | None,
     workers: int | None,
     model_args: dict[str, Any],
+    sidecar: SidecarOptions | None = None,
 ) -> int:
-    """Caption everything, streaming records to the writer; returns how many inputs failed."""
+    """Caption everything, streaming records to the writer (and caption files with ``sidecar``);
+    returns how many inputs failed."""
     from clipcap_cli import inputs, ui
     from clipcap_cli import output as out
     from clipcap_cli.errors import UsageError
@@ -419,6 +459,12 @@ def _run(
     from clipcap_cli.fsutil import refuse_inputs
 
     refuse_inputs(output, (s.location for s in sources if s.location and not inputs.is_url(s.location)), "--output")
+    files = None
+    if sidecar is not None:
+        from clipcap_cli.sidecar_out import Sidecars
+
+        files = Sidecars.plan(sidecar, sources, args)
+        sources = files.pending(sources)  # skip: an existing caption file means its image is done
 
     # No model is loaded when every input already failed (e.g. missing files).
     captioner = _load(model_args, options, quiet) if any(s.error is None for s in sources) else None
@@ -443,6 +489,8 @@ def _run(
         pending: list[dict] = []
         for i, error, result in outcomes:
             record = make_record(sources[i].name, result, error, alternatives, clip=options.rerank is not None)
+            if files is not None:
+                record["error"] = files.write(sources[i], record["caption"]) or record["error"]
             if record["error"] is not None:
                 failed += 1
                 if not quiet:
@@ -459,6 +507,8 @@ def _run(
         summary = f"captioned {done - failed} of {done} images in {seconds:.1f} s ({(done - failed) / max(seconds, 1e-9):.2f} images/s)"
         if output:
             summary += f"; wrote {output}"
+        if files is not None:
+            summary += f"; {files.counts.line()}"
         stderr.print(summary + (f"; [red]{failed} failed[/]" if failed else ""), highlight=False)
     return failed
 
@@ -471,128 +521,6 @@ def _load(model_args: dict[str, Any], options: DecodingOptions, quiet: bool) -> 
         captioner = load_model(**model_args, download_progress=progress_cb)
     say(f"model {model_args['name_or_path']}: {captioner!r}; decoding {options}")
     return captioner
-
-
-def _run_sharded(
-    args: list[str],
-    options: DecodingOptions,
-    sharded: ShardedOptions,
-    quiet: bool,
-    reading: tuple[bool, float],
-    model_args: dict[str, Any],
-    device: str | None,
-) -> int:
-    """Caption shards into sidecar files (see ``clipcap_cli.sharded``); returns how many of this
-    process's samples failed (0 under torchrun, where another exit code reads as a crash)."""
-    import dataclasses
-
-    from clipcap_cli import distributed, shards, ui
-    from clipcap_cli import sharded as runner
-    from clipcap_cli.ui import stderr
-
-    recursive, url_timeout = reading  # --recursive, --url-timeout
-    job = shards.discover(
-        args,
-        recursive=recursive,
-        stdin=sys.stdin if "-" in args else None,
-        shard_size=sharded.shard_size,
-        url_deadline=url_timeout,
-    )
-    settings = {
-        "model": _model_identity(model_args),
-        "weights": _weights(model_args),  # contents, not names: other weights at the same path are refused
-        "decoding": dataclasses.asdict(options),
-        "output_format": sharded.output_format,
-        "save_embeddings": sharded.save_embeddings,
-        "shard_size": sharded.shard_size,
-    }
-    place = distributed.env()
-    dist = distributed.Distributed.setup(device or distributed.local_device()) if place.launched else None
-    main = place.rank == 0
-    quiet = quiet or not main  # one progress bar and one summary: rank 0's
-
-    def load() -> Any:
-        return _load({**model_args, "device": str(dist.device) if dist else device}, options, quiet)
-
-    progress = ui.item_progress("images", quiet)
-    task = progress.add_task("captioning", total=None)
-
-    def show(p: runner.Progress) -> None:
-        if not p.shards:
-            return  # nothing to do here: no bar
-        if not progress.live.is_started:  # from the first count on: after the model has loaded
-            progress.start()
-            progress.reset(task)  # the rate's clock starts now, not before the model was loaded
-        progress.update(
-            task,
-            completed=p.samples,
-            total=p.expected or None,
-            description=f"shard {p.shards_done}/{p.shards}" + (f", {p.failed} failed" if p.failed else ""),
-        )
-
-    try:
-        outcome = runner.run(job, load, options, settings, sharded, dist=dist, on_progress=show)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-        if dist is not None:
-            dist.close()
-    if not quiet:
-        stderr.print(_summary_line(outcome.summary, sharded), highlight=False)
-    return 0 if dist is not None else outcome.failed_here
-
-
-def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
-    """The model settings an output folder records: ``model_args`` with a checkpoint file's full path."""
-    identity = dict(model_args)
-    path = Path(str(identity["name_or_path"])).expanduser()
-    if path.is_file():
-        identity["name_or_path"] = str(path.resolve())
-    return identity
-
-
-def _weights(model_args: dict[str, Any]) -> dict[str, str | None]:
-    """sha256 fingerprints of the weights the model is made of (checkpoint; a local CLIP or GPT-2 folder)."""
-    from clipcap_cli.backbones import LOCAL_DIR
-    from clipcap_cli.fingerprint import weights_fingerprint
-
-    found = {"checkpoint": weights_fingerprint(str(model_args["name_or_path"]))}
-    clip, gpt2 = model_args.get("clip_model"), model_args.get("gpt2")
-    if clip and str(clip).startswith(LOCAL_DIR):
-        found["clip"] = weights_fingerprint(str(clip)[len(LOCAL_DIR) :])
-    if gpt2 and Path(str(gpt2)).expanduser().is_dir():
-        found["gpt2"] = weights_fingerprint(str(gpt2))
-    return found
-
-
-def _summary_line(summary: dict, sharded: ShardedOptions) -> str:
-    """The one line on stderr at the end: this run, then the output folder's state."""
-    from rich.markup import escape
-
-    run = summary["this_run"]
-    rate = run["samples"] / max(run["seconds"], 1e-9)
-    worked = run["samples"] or run["shards_done"]
-    parts = [
-        f"captioned {run['samples'] - run['failed']} of {run['samples']} samples in {run['shards_done']} shards "
-        f"in {run['seconds']:.1f} s ({rate:.2f} images/s)"
-        if worked
-        else "nothing to do"
-    ]
-    if run["shards_skipped"]:
-        parts.append(f"{run['shards_skipped']} shards were already done")
-    line = "; ".join(parts)
-    if run["retried"]:
-        line += f"; retried {run['retried']}"
-    state = "complete" if summary["complete"] else f"{summary['shards_done']} of {summary['shards']} shards done"
-    line += f"; {escape(str(sharded.output_dir))}: {state}, {summary['ok']} ok"
-    problems = summary["failed"] + len(summary["unreadable_shards"])
-    if problems:
-        logs = ", ".join(summary["error_logs"]) or "the records"
-        line += f", [red]{summary['failed']} failed[/]"
-        if summary["unreadable_shards"]:
-            line += f", [red]{len(summary['unreadable_shards'])} unreadable shards[/]"
-        line += f" (see {logs}; --retry-failed tries them again)"
-    return line
 
 
 @contextlib.contextmanager
