@@ -104,7 +104,10 @@ def test_defaults_are_the_original_recipe():
         8,
         False,
     )
-    assert (o.epochs, o.batch_size, o.lr, o.warmup, o.weight_decay, o.save_every, m.gpt2) == (
+    from clipcap_cli.train.loop import auto_warmup
+
+    assert auto_warmup(o.warmup, 10 * 10_000) == 5000  # on COCO-sized runs (below: a tenth of shorter ones)
+    assert (o.epochs, o.batch_size, o.lr, auto_warmup(o.warmup, 100_000), o.weight_decay, o.save_every, m.gpt2) == (
         10,
         40,
         2e-5,
@@ -524,3 +527,12 @@ def test_cli_trains_resumes_and_reports(tmp_path, store, tiny_gpt2_dir):
     assert missing.exit_code == 2 and "give DATA" in missing.stderr
     bad_mapping = runner.invoke(app, ["train", "--data", str(store), "--out", str(tmp_path / "x"), "--mapping", "lstm"])
     assert bad_mapping.exit_code == 2 and "unknown mapping" in bad_mapping.stderr
+
+
+def test_default_warmup_is_the_originals_but_never_most_of_a_short_run():
+    from clipcap_cli.train.loop import auto_warmup
+
+    assert auto_warmup(None, 100_000) == 5000  # COCO-sized runs keep the original's schedule exactly
+    assert auto_warmup(None, 300) == 30  # a small collection reaches its peak learning rate
+    assert auto_warmup(None, 5) == 1
+    assert auto_warmup(0, 300) == 0 and auto_warmup(7000, 300) == 7000  # given: as given

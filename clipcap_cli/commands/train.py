@@ -28,7 +28,7 @@ Writes RUN/epoch-NNN.safetensors (usable as [bold]clipcap caption --model[/] wit
 RUN/best.safetensors (the lowest held-out loss), RUN/metrics.jsonl, RUN/samples.jsonl (captions of a few
 held-out images at each epoch's end), RUN/report.html (loss curves and samples), RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
 it with the same schedule and data order. Defaults are the original ClipCap's (MLP, K=10, lr 2e-5,
-5000 warm-up steps, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU) on a store.
+5000 warm-up steps or a tenth of a shorter run, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU) on a store.
 
 Example: [bold]clipcap train photos/ --out runs/mine --epochs 5[/]
 Example: [bold]clipcap train feats/coco-train --out runs/mlp[/]
@@ -206,7 +206,14 @@ def command(
     ] = D.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=OPTIM)] = D.lr,
     warmup: Annotated[
-        int, typer.Option("--warmup", help="Linear warm-up steps; then linear decay to 0.", rich_help_panel=OPTIM)
+        Optional[int],
+        typer.Option(
+            "--warmup",
+            help="Linear warm-up steps; then linear decay to 0 \\[default: 5000 (the original's), or a tenth of the"
+            " run's steps when that is fewer].",
+            show_default=False,
+            rich_help_panel=OPTIM,
+        ),
     ] = D.warmup,
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay (the original: 0).", rich_help_panel=OPTIM)

@@ -43,7 +43,7 @@ class TrainOptions:
     epochs: int = 10
     batch_size: int = 40  # per process and per micro-batch; global = batch_size * grad_accum * processes
     lr: float = 2e-5  # peak learning rate
-    warmup: int = 5000  # optimizer steps of linear warm-up, then linear decay to 0 at the last step
+    warmup: int | None = None  # linear warm-up steps, then linear decay to 0; None = 5000, or a tenth of a shorter run
     weight_decay: float = 0.0  # AdamW decoupled weight decay (the original: none)
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # mapper init, data order, dropout, validation split, sample images
@@ -73,7 +73,7 @@ class TrainOptions:
         check_number("weight-decay", self.weight_decay, low=0)
         if self.val_fraction is not None:
             check_number("val-fraction", self.val_fraction, low=0, high=1, high_open=True)
-        if self.warmup < 0 or self.num_workers < 0:
+        if (self.warmup is not None and self.warmup < 0) or self.num_workers < 0:
             raise UsageError("warmup and num-workers cannot be negative")
         if self.samples < 0 or self.early_stop < 0:
             raise UsageError("samples and early-stop cannot be negative")
