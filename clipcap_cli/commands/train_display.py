@@ -83,7 +83,9 @@ class Display(TrainCallback):
             return
         sps = info.samples_per_s
         self.samples_per_s = sps if self.samples_per_s is None else 0.9 * self.samples_per_s + 0.1 * sps
-        stats = f"loss {info.loss_ema:.3f} lr {info.lr:.1e} {self.samples_per_s:,.0f}/s"
+        rate = self.samples_per_s
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # a slow CPU run is not "0/s"
+        stats = f"loss {info.loss_ema:.3f} lr {info.lr:.1e} {shown} captions/s"
         self.progress.update(
             self.task, completed=info.step, description=f"epoch {info.epoch}/{info.epochs}", stats=stats
         )
