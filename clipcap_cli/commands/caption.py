@@ -22,13 +22,15 @@ from clipcap_cli.commands.caption_options import (
 from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
+    DeviceOption,
     Gpt2Option,
+    ImageWorkersOption,
     ModelOption,
     NormalizePrefixOption,
     QuietOption,
 )
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
-from clipcap_cli.inputs import CPU_WORKERS, URL_DEADLINE, WORKERS
+from clipcap_cli.inputs import URL_DEADLINE, WORKERS
 from clipcap_cli.output import available_formats
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.sharded import ShardedOptions
@@ -270,25 +272,8 @@ def command(
             show_default=False,
         ),
     ] = None,
-    workers: Annotated[
-        Optional[int],
-        typer.Option(
-            "--workers",
-            "-j",
-            help=f"Worker processes that read and decode images (0 = in this process). Default: the CPU count on CUDA (shared by torchrun's processes), {CPU_WORKERS} elsewhere.",
-            rich_help_panel=RUN,
-            show_default=False,
-        ),
-    ] = WORKERS,
-    device: Annotated[
-        Optional[str],
-        typer.Option(
-            "--device",
-            help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun cuda:LOCAL_RANK).",
-            rich_help_panel=RUN,
-            show_default=False,
-        ),
-    ] = None,
+    workers: ImageWorkersOption = WORKERS,
+    device: DeviceOption = None,
 ) -> None:
     """Caption images."""
     from clipcap_cli.ui import cli_errors

@@ -9,6 +9,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli.commands.options import JsonOption
+
 HELP = """Download pretrained ClipCap models (and the CLIP and GPT-2 files they need) into the data directory.
 
 Downloads resume after a dropped connection, are verified, and are shared by every command.
@@ -36,7 +38,7 @@ def command(
     list_: Annotated[
         bool, typer.Option("--list", "-l", help="List the known models, their sizes and whether they are cached.")
     ] = False,
-    json_: Annotated[bool, typer.Option("--json", help="With --list: print JSON instead of a table.")] = False,
+    json_: JsonOption = False,
     path: Annotated[
         Optional[str],
         typer.Option(

@@ -11,6 +11,7 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli.clipscore import METRIC_NAMES as CLIP_METRICS
+from clipcap_cli.commands.options import DeviceOption, ImageWorkersOption, JsonOption
 from clipcap_cli.decoding import DecodingOptions
 from clipcap_cli.evaluation import EvalOptions
 from clipcap_cli.precision import PRECISIONS
@@ -147,24 +148,8 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    workers: Annotated[
-        Optional[int],
-        typer.Option(
-            "--workers",
-            "-j",
-            help="Worker processes that read and decode images (0 = in this process) \\[default: as clipcap caption].",
-            show_default=False,
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    device: Annotated[
-        Optional[str],
-        typer.Option(
-            help="cpu, cuda, cuda:N or mps, for --model and for CLIPScore \\[default: best available].",
-            show_default=False,
-            rich_help_panel=MODEL,
-        ),
-    ] = D.device,
+    workers: ImageWorkersOption = None,
+    device: DeviceOption = D.device,
     save_predictions: Annotated[
         Optional[Path],
         typer.Option(
@@ -238,9 +223,7 @@ def command(
             rich_help_panel=OUTPUT,
         ),
     ] = None,
-    json_: Annotated[
-        bool, typer.Option("--json", help="JSON on stdout even on a terminal.", rich_help_panel=OUTPUT)
-    ] = False,
+    json_: JsonOption = False,
     output: Annotated[
         Optional[Path],
         typer.Option(

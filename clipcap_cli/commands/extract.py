@@ -10,7 +10,7 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli import distributed
-from clipcap_cli.commands.options import QuietOption, deprecated_alias
+from clipcap_cli.commands.options import DeviceOption, ImageWorkersOption, JsonOption, QuietOption, deprecated_alias
 from clipcap_cli.features import ExtractOptions
 
 HELP = """Encode a dataset's images with CLIP once per image and write a features store for `train` and `eval`.
@@ -108,19 +108,8 @@ def command(
             "--batch-size", "-b", help="Images (with --text: captions) per CLIP forward pass.", rich_help_panel=MODEL
         ),
     ] = D.batch_size,
-    workers: Annotated[
-        Optional[int],
-        typer.Option(
-            "--workers",
-            "-j",
-            help="Image-decoding worker processes (0 = in this process) \\[default: as clipcap caption: the CPU count on CUDA, 0 elsewhere].",
-            show_default=False,
-            rich_help_panel=MODEL,
-        ),
-    ] = D.workers,
-    device: Annotated[
-        Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps \\[default: best available].", rich_help_panel=MODEL)
-    ] = D.device,
+    workers: ImageWorkersOption = D.workers,
+    device: DeviceOption = D.device,
     shard: Annotated[
         Optional[str],
         typer.Option(
@@ -155,7 +144,7 @@ def command(
         ),
     ] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", hidden=True, help="Images per part file.")] = D.chunk_size,
-    json_: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.", rich_help_panel=RUN)] = False,
+    json_: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     from clipcap_cli.ui import cli_errors

@@ -7,7 +7,7 @@ import platform
 import sys
 from importlib import metadata
 
-import typer
+from clipcap_cli.commands.options import JsonOption
 
 HELP = """Show versions, the device clipcap would use, and the cache directory.
 
@@ -52,7 +52,7 @@ def collect() -> dict:
 
 
 def command(
-    json_: bool = typer.Option(False, "--json", help="Print the information as JSON."),
+    json_: JsonOption = False,
 ) -> None:
     from clipcap_cli.ui import cli_errors, stdout
 

@@ -12,6 +12,7 @@ from clipcap_cli.captioner import BATCH_SIZE
 from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
+    DeviceOption,
     Gpt2Option,
     ModelOption,
     NormalizePrefixOption,
@@ -49,10 +50,7 @@ def command(
         ),
     ] = TOP,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="JSON Lines even on a terminal.")] = False,
-    device: Annotated[
-        Optional[str],
-        typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best available).", show_default=False),
-    ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Show the nearest GPT-2 tokens of each prefix position."""
     from clipcap_cli.ui import cli_errors

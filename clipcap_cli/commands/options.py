@@ -15,6 +15,7 @@ from typing_extensions import Annotated
 from clipcap_cli.ui import complete_model
 
 MODEL = "Model"
+SPEED = "Device and speed"
 
 ModelOption = Annotated[
     str,
@@ -59,6 +60,28 @@ NormalizePrefixOption = Annotated[
         "--normalize-prefix/--no-normalize-prefix",
         help="L2-normalise CLIP embeddings before the mapper (default: what the checkpoint implies).",
         rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON on stdout (also on a terminal).", show_default=False)]
+DeviceOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device",
+        help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun cuda:LOCAL_RANK).",
+        rich_help_panel=SPEED,
+        show_default=False,
+    ),
+]
+# The image loader's one worker rule (inputs.default_workers); CPU_WORKERS is its CPU value.
+ImageWorkersOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--workers",
+        "-j",
+        help="Worker processes that read and decode images (0 = in this process). Default: the CPU count on CUDA"
+        " (shared by torchrun's processes), none elsewhere.",
+        rich_help_panel=SPEED,
         show_default=False,
     ),
 ]
