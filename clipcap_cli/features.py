@@ -137,39 +137,16 @@ def save_features(path: str | Path, embeddings: torch.Tensor, records: list[dict
 
 
 def load_features(path: str | Path) -> FeatureSet:
-    """Load the store at ``path`` (the directory, or its ``meta.json``)."""
+    """Load the whole store at ``path`` (the directory, or its ``meta.json``), either layout
+    (``store.py`` reads a sharded one shard by shard)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = _store_dir(path)
-    if folder.is_file() and folder.suffix in (".pkl", ".pickle"):
-        raise UsageError(
-            f"{folder} is an original ClipCap pickle: convert it with `clipcap extract --import-pickle {folder} --out DIR`"
-        )
-    if not folder.is_dir():
-        raise UsageError(f"features directory not found: {folder}")
-    meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        hint = (
-            " (an unfinished extraction: rerun the same `clipcap extract` command to finish it)"
-            if (folder / PARTS_DIR).is_dir()
-            else ""
-        )
-        raise FeaturesError(f"{folder} is not a complete features store: no {META_FILE}{hint}")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FeaturesError(
-            f"{meta_file}: unreadable ({exc}): the store is damaged; extract it again (clipcap extract ... --overwrite)"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FeaturesError(
-            f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})"
-        )
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise FeaturesError(
-            f"{folder} uses features format {meta['format_version']}, this clipcap ({__version__}) reads up to {FORMAT_VERSION}: upgrade clipcap"
-        )
+    from clipcap_cli.store import is_sharded, open_store, read_meta
+
+    folder, meta = read_meta(path)
+    if is_sharded(meta):  # format 2: every shard, concatenated
+        return open_store(folder).load_all()
     try:
         embeddings = load_file(str(folder / EMBEDDINGS_FILE))[EMBEDDINGS_KEY]
     except (OSError, SafetensorError, KeyError) as exc:
