@@ -162,10 +162,6 @@ class Store:
 
     def read_records(self, i: int) -> list[dict]:
         """Shard ``i``'s records alone (its index file, checked against ``meta.json``)."""
-        if not self.sharded:
-            from clipcap_cli.features import load_features
-
-            return load_features(self.path).records
         info = self.shards[i]
         index_file = self.shard_files(i)[1]
         try:
@@ -183,13 +179,8 @@ class Store:
             raise FeaturesError(f"{self._where(i)}: {index_file.name} does not hold the counts {META_FILE} lists")
         return [_check_record(j, r) for j, r in enumerate(records)]
 
-    def read_shard(self, i: int) -> tuple[torch.Tensor, list[dict]]:
-        """(embeddings [images, D], records) of shard ``i``, and nothing of the other shards."""
-        if not self.sharded:
-            from clipcap_cli.features import load_features
-
-            fs = load_features(self.path)
-            return fs.embeddings, fs.records
+    def read_embeddings(self, i: int) -> torch.Tensor:
+        """Shard ``i``'s embeddings [images, D], checked against ``meta.json`` (and nothing else)."""
         from safetensors import SafetensorError, safe_open
 
         file = self.shard_files(i)[0]
@@ -201,20 +192,25 @@ class Store:
                 embeddings = f.get_tensor(EMBEDDINGS_KEY)
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
             raise FeaturesError(f"{self._where(i)}: {file.name} is unreadable ({exc}): {self._damaged}") from None
-        mixed = [k for k in _CLIP_KEYS if k in header and header[k] != str(self.meta.get(k))]
-        if mixed:
-            k = mixed[0]
-            raise FeaturesError(
-                f"{self._where(i)} was extracted with {k} {header[k]!r}, the store with {self.meta.get(k)!r}: "
-                "features of different CLIPs cannot be mixed"
-            )
+        if self.sharded:
+            mixed = [k for k in _CLIP_KEYS if k in header and header[k] != str(self.meta.get(k))]
+            if mixed:
+                k = mixed[0]
+                raise FeaturesError(
+                    f"{self._where(i)} was extracted with {k} {header[k]!r}, the store with {self.meta.get(k)!r}: "
+                    "features of different CLIPs cannot be mixed"
+                )
         info = self.shards[i]
         if embeddings.ndim != 2 or embeddings.shape != (info.images, self.embed_dim):
             raise FeaturesError(
                 f"{self._where(i)}: {file.name} holds {tuple(embeddings.shape)} embeddings, {META_FILE} lists "
                 f"({info.images}, {self.embed_dim}): {self._damaged}"
             )
-        return embeddings, self.read_records(i)
+        return embeddings
+
+    def read_shard(self, i: int) -> tuple[torch.Tensor, list[dict]]:
+        """(embeddings [images, D], records) of shard ``i``, and nothing of the other shards."""
+        return self.read_embeddings(i), self.read_records(i)
 
     def load_all(self) -> FeatureSet:
         """Every shard, concatenated (for eval and inspect on stores that fit in memory)."""
@@ -246,7 +242,7 @@ class Store:
         return h.hexdigest()
 
     def _where(self, i: int) -> str:
-        return f"shard {self.shards[i].name} of {self.path}"
+        return f"shard {self.shards[i].name} of {self.path}" if self.sharded else str(self.path)
 
     @property
     def _damaged(self) -> str:
