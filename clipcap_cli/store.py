@@ -308,6 +308,7 @@ def write_shard(folder: str | Path, index: int, embeddings: torch.Tensor, record
     name = shard_name(index)
     (folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     index_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    meta = with_clip_activation(meta)
     header = {"format": FORMAT, "shard": name, **{k: str(meta.get(k)) for k in _CLIP_KEYS}}
     tensor = embeddings.detach().to("cpu").contiguous()
     atomic_write(
