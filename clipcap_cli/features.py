@@ -229,11 +229,16 @@ class ExtractOptions:
     device: str | None = None  # None = CUDA, then MPS, then CPU
     chunk_size: int = 1024  # images per part file: the most work an interruption can lose
     shard: tuple[int, int] = (0, 1)  # (i, n): this process encodes chunks c with c % n == i
+    shard_size: int | None = None  # images per shard of a sharded store (store.py); None = one file
 
     def __post_init__(self) -> None:
         check_loading(self.batch_size, self.workers)
         if self.chunk_size < 1:
             raise UsageError("--chunk-size must be at least 1")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise UsageError("--shard-size must be at least 1")
+        if self.shard_size is not None:  # each chunk becomes one shard
+            object.__setattr__(self, "chunk_size", self.shard_size)
         check_shard(*self.shard)
 
 
@@ -291,7 +296,8 @@ def clear_store(out: Path) -> None:
 
     for name in (META_FILE, EMBEDDINGS_FILE, INDEX_FILE, SKIPPED_FILE, TOKENS_FILE):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    for folder in (PARTS_DIR, "shards", "tokens"):  # a sharded store's (store.py) and its token caches
+        shutil.rmtree(out / folder, ignore_errors=True)
 
 
 def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOptions, dtype: str, source: dict) -> dict:
@@ -305,6 +311,7 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
         "clip_weights_sha256": clip_weights_sha256(options.clip_model, options.clip_pretrained),
         "dtype": dtype,
         "chunk_size": options.chunk_size,
+        **({"layout": "sharded"} if options.shard_size else {}),
         "records": len(records),
         "records_sha256": _sha256_json(list(records)),
         "images_root": str(images_root),
@@ -643,7 +650,8 @@ def _load_clip(options: ExtractOptions, device: Any) -> tuple[Any, Any]:
 
 
 def merge_parts(out: str | Path) -> ExtractResult:
-    """Join the part files in ``out/parts`` (from one or several shards) into the final store."""
+    """Join the part files in ``out/parts`` (from one or several shards) into the final store
+    (with ``--shard-size``: turn each into one shard of a sharded store)."""
     import torch
     from safetensors.torch import load_file
 
@@ -668,6 +676,10 @@ def merge_parts(out: str | Path) -> ExtractResult:
         raise FeaturesError(
             f"cannot merge {out}: {len(missing)} of {n_chunks} chunks are not done yet (chunks {shown}); finish every shard first"
         )
+    if settings.get("layout") == "sharded":  # each chunk becomes a shard, none is joined
+        from clipcap_cli.store import shards_from_parts
+
+        return shards_from_parts(out, settings, records, done)
     tensors, kept, skipped, runs = [], [], [], {}
     for c in range(n_chunks):
         header = done[c]

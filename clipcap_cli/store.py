@@ -372,3 +372,41 @@ def save_sharded(path: str | Path, shards: Iterable[tuple[Any, list[dict]]], met
     if len({e["embed_dim"] for e in entries if e["images"]}) > 1:
         raise FeaturesError(f"the shards of {folder} disagree on the embedding width (mixed CLIPs?)")
     return finish_sharded(folder, entries, meta)
+
+
+def shards_from_parts(out: Path, settings: dict, records: list[dict], done: dict[int, dict]) -> Any:
+    """Finish an extraction with ``--shard-size``: chunk c of ``out/parts`` becomes shard c, one at a
+    time (the chunks are complete: ``done`` holds every chunk's header); ``meta.json`` goes in last."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clipcap_cli.features import (
+        ExtractResult,
+        _chunk_path,
+        _settings_sha,
+        _store_meta,
+        write_skipped,
+    )
+
+    parts = out / PARTS_DIR
+    (out / META_FILE).unlink(missing_ok=True)
+    entries, kept, skipped, runs = [], [], [], {}
+    dtype = getattr(torch, settings["dtype"])
+    for c in range(len(done)):
+        header = done[c]
+        emb = load_file(str(_chunk_path(parts, c)))[EMBEDDINGS_KEY]
+        if not emb.shape[0]:  # a chunk whose images were all skipped: an empty shard of the store's width
+            emb = torch.empty(0, int(header.get("embed_dim") or 0), dtype=dtype)
+        shard_records = [records[i] for i in header["indices"]]
+        entries.append(write_shard(out, c, emb.to(dtype), shard_records, settings))
+        kept.extend(shard_records)
+        skipped.extend(header["skipped"])
+        runs[header["run_id"]] = runs.get(header["run_id"], 0) + len(header["indices"]) + len(header["skipped"])
+    meta = _store_meta(settings, done[0], records, kept, skipped, len(done), runs)
+    meta["settings_sha256"] = _settings_sha(settings)
+    write_skipped(out, skipped)
+    finish_sharded(out, entries, meta)
+    shutil.rmtree(parts, ignore_errors=True)
+    return ExtractResult(out, complete=True, records=len(records), skipped=skipped, chunks_total=len(done))
