@@ -220,3 +220,16 @@ def test_resume_refuses_a_changed_shard(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     # Another buffer changes the order: refused as a changed option.
     with pytest.raises(UsageError, match="buffer_shards"):
         train.train(opts.replace(buffer_shards=3), folder, tmp_path / "run", resume=True)
+
+
+def test_a_reader_process_yields_the_same_batches(tmp_path, tiny_clip_dir, tok):
+    import functools
+
+    from clipcap_cli.train.stream import batches
+
+    folder = sharded_store(tmp_path / "s", tiny_clip_dir)
+    s = stream(folder, tok, buffer_shards=2)
+    make = functools.partial(s.epoch_batches, 0, 0, 4, 8, 2)
+    here, there = list(batches(make, 0, torch.device("cpu"))), list(batches(make, 2, torch.device("cpu")))
+    assert len(here) == len(there) == 6
+    assert all(type(b) is type(a) and all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(here, there))

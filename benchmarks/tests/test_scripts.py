@@ -69,3 +69,25 @@ def test_device_check_dry_run():
     agreement = report["gpu_cpu_identical"]
     assert agreement["images"] == 4 and agreement["greedy"] == agreement["beam5"] == 4  # the CPU against itself
     assert report["ddp_step"] == {"backend": "gloo", "ok": True, "seconds": report["ddp_step"]["seconds"]}
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_quick_run(tmp_path: Path):
+    """benchmarks/streaming.py on two tiny sharded stores: a JSON line per store and the ratios line."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "streaming.py"), "--work", str(tmp_path), "--captions", "2000,4000"]
+        + ["--steps", "5", "--shard-images", "100"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    header, small, big, ratios = lines
+    assert header["cpu"] and header["cpu_capability"]
+    assert (small["captions"], small["shards"], big["captions"], big["shards"]) == (2000, 4, 4000, 8)
+    assert small["steps"] == big["steps"] == 5 and small["steps_per_s"] > 0 and not small["tokens_cached_before"]
+    assert small["peak_rss_mb"] >= small["rss_at_start_mb"] > 0
+    assert ratios["peak_rss_ratio"] == pytest.approx(big["peak_rss_mb"] / small["peak_rss_mb"], abs=1e-3)
+    assert (tmp_path / "store-4000" / "tokens" / "shard-000007.safetensors").is_file()  # cached for a rerun
