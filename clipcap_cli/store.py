@@ -6,7 +6,8 @@ Two layouts share the ``clipcap-features`` format (``features.py`` writes and lo
   ONE shard (shard 0 is the whole file).
 * sharded (``format_version`` 2)::
 
-      meta.json                       ..., "shards": [{"name", "images", "captions", "index_sha256"}]
+      meta.json                       ..., "shards": [{"name", "images", "captions", "index_sha256",
+                                                       "embeddings_sha256"}]
       shards/shard-NNNNNN.safetensors "embeddings": [images, D], the shard's rows
       shards/shard-NNNNNN.jsonl       row i <-> line i: {"image", "image_id", "captions"}
 
@@ -45,7 +46,7 @@ from clipcap_cli.features import (
     _check_record,
     _store_dir,
 )
-from clipcap_cli.fsutil import atomic_write, write_text_atomic
+from clipcap_cli.fsutil import atomic_write, sha256_file, write_text_atomic
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ShardInfo:
     images: int
     captions: int
     index_sha256: str | None = None
+    embeddings_sha256: str | None = None  # of the shard's safetensors file, checked when it is read
 
 
 # --------------------------------------------------------------------------- reading
@@ -184,12 +186,18 @@ class Store:
         from safetensors import SafetensorError, safe_open
 
         file = self.shard_files(i)[0]
+        info = self.shards[i]
         if not file.is_file():
             raise FeaturesError(f"{self._where(i)}: {file.name} is missing: {self._damaged}")
         try:
-            with safe_open(str(file), framework="pt") as f:
-                header = f.metadata() or {}
-                embeddings = f.get_tensor(EMBEDDINGS_KEY)
+            if info.embeddings_sha256:  # read once: checked, then parsed from the same bytes
+                data = file.read_bytes()
+                header, embeddings = _parse_safetensors(data)
+            else:
+                data = None
+                with safe_open(str(file), framework="pt") as f:
+                    header = f.metadata() or {}
+                    embeddings = f.get_tensor(EMBEDDINGS_KEY)
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
             raise FeaturesError(f"{self._where(i)}: {file.name} is unreadable ({exc}): {self._damaged}") from None
         if self.sharded:
@@ -200,7 +208,8 @@ class Store:
                     f"{self._where(i)} was extracted with {k} {header[k]!r}, the store with {self.meta.get(k)!r}: "
                     "features of different CLIPs cannot be mixed"
                 )
-        info = self.shards[i]
+        if data is not None and hashlib.sha256(data).hexdigest() != info.embeddings_sha256:
+            raise FeaturesError(f"{self._where(i)}: {file.name} does not belong to this {META_FILE}: {self._damaged}")
         if embeddings.ndim != 2 or embeddings.shape != (info.images, self.embed_dim):
             raise FeaturesError(
                 f"{self._where(i)}: {file.name} holds {tuple(embeddings.shape)} embeddings, {META_FILE} lists "
@@ -234,6 +243,10 @@ class Store:
             file = self.path / EMBEDDINGS_FILE
             return file_sha256(file) if file.is_file() else None
         h = hashlib.sha256(b"clipcap-shards\n")
+        if all(info.embeddings_sha256 for info in self.shards):  # recorded by write_shard, checked on every read
+            for info in self.shards:
+                h.update(f"{info.name}:{info.embeddings_sha256}\n".encode())
+            return h.hexdigest()
         for i, info in enumerate(self.shards):
             file = self.shard_files(i)[0]
             if not file.is_file():
@@ -247,6 +260,15 @@ class Store:
     @property
     def _damaged(self) -> str:
         return "the store is damaged; extract it again (clipcap extract ... --overwrite)"
+
+
+def _parse_safetensors(data: bytes) -> tuple[dict, torch.Tensor]:
+    """(header metadata, the embeddings) of a safetensors file's bytes."""
+    from safetensors.torch import load
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    return header, load(data)[EMBEDDINGS_KEY]
 
 
 def _starts(counts: Iterable[int]) -> list[int]:
@@ -275,7 +297,11 @@ def open_store(path: str | Path) -> Store:
     for j, entry in enumerate(listed):
         try:
             info = ShardInfo(
-                str(entry["name"]), int(entry["images"]), int(entry["captions"]), entry.get("index_sha256")
+                str(entry["name"]),
+                int(entry["images"]),
+                int(entry["captions"]),
+                entry.get("index_sha256"),
+                entry.get("embeddings_sha256"),
             )
         except (KeyError, TypeError, ValueError):
             raise FeaturesError(f"{folder / META_FILE}: shard entry {j} is malformed ({entry!r:.80})") from None
@@ -321,6 +347,7 @@ def write_shard(folder: str | Path, index: int, embeddings: torch.Tensor, record
         "images": len(records),
         "captions": sum(len(r["captions"]) for r in records),
         "index_sha256": hashlib.sha256(index_text.encode("utf-8")).hexdigest(),
+        "embeddings_sha256": sha256_file(folder / SHARDS_DIR / f"{name}.safetensors"),
         "embed_dim": int(tensor.shape[1]),
         "dtype": str(tensor.dtype).removeprefix("torch."),
     }
@@ -343,7 +370,9 @@ def finish_sharded(folder: str | Path, entries: list[dict], meta: dict) -> Path:
         dtype=dtypes.pop() if dtypes else str(meta.get("dtype", "float16")),
         normalized=bool(meta.get("normalized", False)),
         num_captions=sum(e["captions"] for e in entries),
-        shards=[{k: e[k] for k in ("name", "images", "captions", "index_sha256")} for e in entries],
+        shards=[
+            {k: e[k] for k in ("name", "images", "captions", "index_sha256", "embeddings_sha256")} for e in entries
+        ],
         store_id=uuid.uuid4().hex,
     )
     full.setdefault("clipcap_version", __version__)

@@ -71,6 +71,22 @@ def test_single_file_store_is_one_shard(tmp_path, tiny_clip_dir):
     assert store.embeddings_sha256() and store.embeddings_sha256() == store.embeddings_sha256()
 
 
+def test_the_embeddings_fingerprint_comes_from_meta_and_is_checked_on_read(tmp_path, tiny_clip_dir):
+    from clipcap_cli.fingerprint import file_sha256
+
+    folder = make_sharded(tmp_path / "s", tiny_clip_dir)
+    store = open_store(folder)
+    assert all(s.embeddings_sha256 == file_sha256(store.shard_files(i)[0]) for i, s in enumerate(store.shards))
+    before = store.embeddings_sha256()
+    entries = json.loads((folder / "meta.json").read_text())["shards"]
+    for e in entries:
+        e.pop("embeddings_sha256")
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "shards": entries}))
+    old = open_store(folder)  # a store without recorded hashes: the files are hashed, to the same fingerprint
+    assert old.embeddings_sha256() == before and old.read_shard(1)[0].shape == (2, D)
+
+
 @pytest.mark.parametrize("damage", ["missing-emb", "missing-index", "torn-emb", "edited-index", "wrong-rows"])
 def test_a_damaged_shard_is_one_line_error(tmp_path, tiny_clip_dir, damage):
     folder = make_sharded(tmp_path / "s", tiny_clip_dir)

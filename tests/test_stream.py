@@ -209,12 +209,15 @@ def test_resume_refuses_a_changed_shard(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     folder = sharded_store(tmp_path / "s", tiny_clip_dir)
     opts = tiny_opts(tiny_gpt2_dir, epochs=1, buffer_shards=2)
     train.train(opts, folder, tmp_path / "run")
-    # Same captions, other embeddings in one shard: refused by the shards' fingerprint.
-    store = open_store(folder)
-    emb, records = store.read_shard(2)
-    from clipcap_cli.store import write_shard
+    # Same captions, other embeddings in one shard (re-extracted): refused by the shards' fingerprint.
+    from clipcap_cli.store import finish_sharded, write_shard
 
-    write_shard(folder, 2, emb + 1, records, store.meta)
+    store = open_store(folder)
+    entries = []
+    for i in range(len(store.shards)):
+        emb, records = store.read_shard(i)
+        entries.append(write_shard(folder, i, emb + (i == 2), records, store.meta))
+    finish_sharded(folder, entries, store.meta)
     with pytest.raises(UsageError, match="embeddings .* changed"):
         train.train(opts, folder, tmp_path / "run", resume=True)
     # Another buffer changes the order: refused as a changed option.
