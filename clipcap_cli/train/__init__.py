@@ -1,7 +1,8 @@
 """Training a ClipCap model on a features store (``clipcap train``), as a small package:
 
 - ``options``: ``TrainOptions`` (the model to train is a ``ModelConfig`` inside it);
-- ``data``: the captions as cached GPT-2 tokens, one sample per caption, each epoch's batches;
+- ``data``: the captions as cached GPT-2 tokens, one sample per caption, a run's data planned from counts;
+- ``stream``: the captions streamed from the store a group of shards at a time, each epoch's batches;
 - ``state``: the run folder: config, epoch checkpoints, and the exact resume state;
 - ``callbacks``: the hooks the loop reports through, and the ``metrics.jsonl`` writer;
 - ``loop``: ``train()``, which sets a run up, and ``fit()``, the training loop itself.

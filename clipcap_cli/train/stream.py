@@ -234,6 +234,9 @@ class CaptionStream:
     def count(self) -> CaptionStream:
         """Read every shard's tokens once (one at a time) to count the selected captions; returns self."""
         self.counts, self.truncated, self.max_id = [], 0, -1
+        if self.select == "val" and self.val_image is None:  # nothing held out: nothing to read
+            self.counts = [0] * len(self.store.shards)
+            return self
         for i in range(len(self.store.shards)):
             tc = self.tokens.load(i)
             sel = self._selected(i, tc)
