@@ -49,9 +49,11 @@ _LAZY = {
         "Batch",
         "CaptionDataset",
         "split_ids",
+        "split_images",
         "TrainData",
         "load_data",
     ),
+    "stream": ("CaptionStream", "ShardTokens"),
     "state": ("Position", "read_run", "RESUME_FILE", "CONFIG_FILE"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
