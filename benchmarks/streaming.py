@@ -14,6 +14,7 @@ one with the ratios (1 M / 10 k; the target is a peak RSS ratio within 1.10).
 
     python benchmarks/streaming.py --work /tmp/clipcap-stream             # 10 k vs 1 M, 300 steps
     python benchmarks/streaming.py --work /tmp/s --captions 2000,4000 --steps 5    # a quick check
+    python benchmarks/streaming.py --work /tmp/clipcap-stream --compare-whole  # + load_features' RSS per store
 """
 
 from __future__ import annotations
@@ -87,6 +88,34 @@ def build_store(folder: Path, captions: int, per_image: int, shard_images: int) 
         emb = torch.randn(len(ids), D, generator=g).half()
         entries.append(write_shard(folder, s, emb, records, meta))
     return finish_sharded(folder, entries, meta)
+
+
+def whole(args: argparse.Namespace) -> None:
+    """For comparison, in a fresh process: the peak RSS of loading the store whole (``load_features``:
+    all embeddings and records, as training did before it streamed; its tokens not included)."""
+    import open_clip  # noqa: F401  (imports are not the store's: measured before it is read)
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    from clipcap_cli import backbones  # noqa: F401
+    from clipcap_cli.features import load_features
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    fs = load_features(args.store)
+    print(
+        json.dumps(
+            {
+                "whole_store_images": len(fs),
+                "whole_load_s": round(time.perf_counter() - t, 2),
+                "whole_load_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "whole_load_rss_added_mb": round(
+                    (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, 1
+                ),
+            }
+        ),
+        flush=True,
+    )
 
 
 def child(args: argparse.Namespace) -> None:
@@ -166,7 +195,11 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=None, help="untimed first steps (default: steps // 10)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--compare-whole", action="store_true", help="also measure loading each store whole (the pre-streaming way)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--gpt2", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -174,6 +207,9 @@ def main() -> None:
     args.warm = max(1, args.steps // 10) if args.warm is None else args.warm
     if args.warm >= args.steps:
         parser.error("--warm must be below --steps")
+    if args.whole:
+        whole(args)
+        return
     if args.child:
         child(args)
         return
@@ -220,6 +256,12 @@ def main() -> None:
             raise SystemExit(f"the run on {store} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["store_build_s"] = round(built_s, 2)
+        if args.compare_whole:
+            cmd = [sys.executable, __file__, "--whole", "--store", str(store)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"loading {store} whole failed:\n{done.stderr[-3000:]}")
+            result.update(json.loads(done.stdout.strip().splitlines()[-1]))
         results.append(result)
         print(json.dumps(result), flush=True)
     if len(results) >= 2:

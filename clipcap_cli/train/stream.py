@@ -342,12 +342,12 @@ class CaptionStream:
         have, base = 0, 0
         for i in range(len(self.store.shards)):
             n = self.counts[i]
-            if not n or base + n <= rank:
-                base += n
-                continue
-            group = self._load_group([i])
-            pos = torch.arange((rank - base) % world, n, world)
+            first = (rank - base) % world  # this rank's: global positions rank, rank + world, ...
+            pos = torch.arange(first, max(first, n), world)
             base += n
+            if not len(pos):
+                continue  # not read
+            group = self._load_group([i])
             while len(pos):
                 take, pos = pos[: batch_size - have], pos[batch_size - have :]
                 pending.append((group, take))
