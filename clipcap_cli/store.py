@@ -32,29 +32,26 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from clipcap_cli.errors import UsageError
-from clipcap_cli.features import (
+from clipcap_cli.fsutil import atomic_write, sha256_file, write_text_atomic
+from clipcap_cli.store_format import (
     EMBEDDINGS_FILE,
     EMBEDDINGS_KEY,
     FORMAT,
     INDEX_FILE,
     META_FILE,
-    PARTS_DIR,
+    SHARDED_FORMAT_VERSION,
     FeaturesError,
     FeatureSet,
     _check_activation,
     _check_record,
-    _store_dir,
+    is_sharded,
+    read_meta,
 )
-from clipcap_cli.fsutil import atomic_write, sha256_file, write_text_atomic
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
-SINGLE_FORMAT_VERSION = 1
-SHARDED_FORMAT_VERSION = 2
-READ_FORMAT_VERSION = 2  # the newest layout this clipcap reads
 SHARDS_DIR = "shards"
 SHARD_PREFIX = "shard-"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a file name stem, never a path
@@ -77,44 +74,6 @@ class ShardInfo:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def read_meta(path: str | Path) -> tuple[Path, dict]:
-    """(the store's folder, its checked ``meta.json``) for either layout; one-line errors otherwise."""
-    folder = _store_dir(path)
-    if folder.is_file() and folder.suffix in (".pkl", ".pickle"):
-        raise UsageError(
-            f"{folder} is an original ClipCap pickle: convert it with `clipcap extract --import-pickle {folder} --out DIR`"
-        )
-    if not folder.is_dir():
-        raise UsageError(f"features directory not found: {folder}")
-    meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        hint = (
-            " (an unfinished extraction: rerun the same `clipcap extract` command to finish it)"
-            if (folder / PARTS_DIR).is_dir()
-            else ""
-        )
-        raise FeaturesError(f"{folder} is not a complete features store: no {META_FILE}{hint}")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FeaturesError(
-            f"{meta_file}: unreadable ({exc}): the store is damaged; extract it again (clipcap extract ... --overwrite)"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FeaturesError(
-            f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})"
-        )
-    if int(meta.get("format_version", 0)) > READ_FORMAT_VERSION:
-        raise FeaturesError(
-            f"{folder} uses features format {meta['format_version']}, this clipcap ({__version__}) reads up to {READ_FORMAT_VERSION}: upgrade clipcap"
-        )
-    return folder, meta
-
-
-def is_sharded(meta: dict) -> bool:
-    return int(meta.get("format_version", 0)) >= SHARDED_FORMAT_VERSION
 
 
 @dataclass
@@ -166,6 +125,15 @@ class Store:
         """Shard ``i``'s records alone (its index file, checked against ``meta.json``)."""
         info = self.shards[i]
         index_file = self.shard_files(i)[1]
+        records = self._index(i)
+        if len(records) != info.images or sum(len(r.get("captions", [])) for r in records) != info.captions:
+            raise FeaturesError(f"{self._where(i)}: {index_file.name} does not hold the counts {META_FILE} lists")
+        return [_check_record(j, r) for j, r in enumerate(records)]
+
+    def _index(self, i: int) -> list[dict]:
+        """Shard ``i``'s index lines, checked against the sha256 ``meta.json`` lists."""
+        info = self.shards[i]
+        index_file = self.shard_files(i)[1]
         try:
             data = index_file.read_bytes()
             records = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
@@ -177,9 +145,7 @@ class Store:
             raise FeaturesError(
                 f"{self._where(i)}: {index_file.name} does not belong to this {META_FILE}: {self._damaged}"
             )
-        if len(records) != info.images or sum(len(r.get("captions", [])) for r in records) != info.captions:
-            raise FeaturesError(f"{self._where(i)}: {index_file.name} does not hold the counts {META_FILE} lists")
-        return [_check_record(j, r) for j, r in enumerate(records)]
+        return records
 
     def read_embeddings(self, i: int) -> torch.Tensor:
         """Shard ``i``'s embeddings [images, D], checked against ``meta.json`` (and nothing else)."""
@@ -285,10 +251,8 @@ def open_store(path: str | Path) -> Store:
     if not is_sharded(meta):
         count, captions = meta.get("count"), meta.get("num_captions")
         if count is None or captions is None:  # older stores: count from the index
-            from clipcap_cli.features import load_features
-
-            fs = load_features(folder)
-            count, captions = len(fs), fs.num_captions
+            records = Store(folder, meta, [ShardInfo("embeddings", -1, -1, meta.get("index_sha256"))])._index(0)
+            count, captions = len(records), sum(len(r.get("captions", [])) for r in records)
         return Store(folder, meta, [ShardInfo("embeddings", int(count), int(captions), meta.get("index_sha256"))])
     listed = meta.get("shards")
     if not isinstance(listed, list) or "embed_dim" not in meta:
@@ -401,41 +365,3 @@ def save_sharded(path: str | Path, shards: Iterable[tuple[Any, list[dict]]], met
     if len({e["embed_dim"] for e in entries if e["images"]}) > 1:
         raise FeaturesError(f"the shards of {folder} disagree on the embedding width (mixed CLIPs?)")
     return finish_sharded(folder, entries, meta)
-
-
-def shards_from_parts(out: Path, settings: dict, records: list[dict], done: dict[int, dict]) -> Any:
-    """Finish an extraction with ``--shard-size``: chunk c of ``out/parts`` becomes shard c, one at a
-    time (the chunks are complete: ``done`` holds every chunk's header); ``meta.json`` goes in last."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file
-
-    from clipcap_cli.features import (
-        ExtractResult,
-        _chunk_path,
-        _settings_sha,
-        _store_meta,
-        write_skipped,
-    )
-
-    parts = out / PARTS_DIR
-    (out / META_FILE).unlink(missing_ok=True)
-    entries, kept, skipped, runs = [], [], [], {}
-    dtype = getattr(torch, settings["dtype"])
-    for c in range(len(done)):
-        header = done[c]
-        emb = load_file(str(_chunk_path(parts, c)))[EMBEDDINGS_KEY]
-        if not emb.shape[0]:  # a chunk whose images were all skipped: an empty shard of the store's width
-            emb = torch.empty(0, int(header.get("embed_dim") or 0), dtype=dtype)
-        shard_records = [records[i] for i in header["indices"]]
-        entries.append(write_shard(out, c, emb.to(dtype), shard_records, settings))
-        kept.extend(shard_records)
-        skipped.extend(header["skipped"])
-        runs[header["run_id"]] = runs.get(header["run_id"], 0) + len(header["indices"]) + len(header["skipped"])
-    meta = _store_meta(settings, done[0], records, kept, skipped, len(done), runs)
-    meta["settings_sha256"] = _settings_sha(settings)
-    write_skipped(out, skipped)
-    finish_sharded(out, entries, meta)
-    shutil.rmtree(parts, ignore_errors=True)
-    return ExtractResult(out, complete=True, records=len(records), skipped=skipped, chunks_total=len(done))

@@ -29,8 +29,9 @@ from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.train import state
 from clipcap_cli.train.callbacks import Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
-from clipcap_cli.train.data import Batch, TrainData, load_data
+from clipcap_cli.train.data import Batch
 from clipcap_cli.train.options import TrainOptions
+from clipcap_cli.train.rundata import TrainData, load_data
 from clipcap_cli.train.state import RESUME_FILE, Position
 
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
