@@ -56,7 +56,7 @@ def build_store(folder: Path, captions: int, per_image: int, shard_images: int) 
 
     from clipcap_cli.store import finish_sharded, write_shard
 
-    recipe = {"captions": captions, "per_image": per_image, "shard_images": shard_images, "d": D, "version": 1}
+    recipe = {"captions": captions, "per_image": per_image, "shard_images": shard_images, "d": D, "version": 2}
     meta_file = folder / "meta.json"
     if meta_file.is_file() and json.loads(meta_file.read_text()).get("bench_recipe") == recipe:
         return folder
