@@ -236,3 +236,18 @@ def test_a_reader_process_yields_the_same_batches(tmp_path, tiny_clip_dir, tok):
     here, there = list(batches(make, 0, torch.device("cpu"))), list(batches(make, 2, torch.device("cpu")))
     assert len(here) == len(there) == 6
     assert all(type(b) is type(a) and all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(here, there))
+
+
+def test_pick_images_draws_as_the_in_memory_split_did(tmp_path, tiny_clip_dir, tok):
+    """The monitor's samples: n images with a caption in the split, randperm(seed) over their sorted
+    rows, as ``torch.unique(ds.image_rows[ds.ids])`` drew them from an in-memory CaptionDataset."""
+    folder = sharded_store(tmp_path / "s", tiny_clip_dir)
+    fs = load_features(folder)
+    tc = tokenize_captions(fs, tok)
+    _, val_ids = split_ids(tc, len(fs), 0.3, seed=2)
+    rows = torch.unique(tc.image_rows[val_ids])
+    want = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(7))[:3]].sort().values
+    v = stream(folder, tok, select="val", val_fraction=0.3, seed=2)
+    embeddings, records = v.pick_images(3, seed=7)
+    assert [r["image"] for r in records] == [fs.records[int(i)]["image"] for i in want]
+    assert torch.equal(embeddings, fs.embeddings[want].float())

@@ -361,6 +361,31 @@ class CaptionStream:
         if pending:
             yield _collate(pending, self.max_tokens)
 
+    # ---------------------------------------------------------------- a few images
+
+    def pick_images(self, n: int, seed: int) -> tuple[torch.Tensor, list[dict]]:
+        """(embeddings [k, D] float32, records) of ``n`` images with a selected caption, drawn with
+        ``seed`` (randperm over them, sorted by index), reading only the shards that hold them: the
+        same images as drawing from the in-memory split did (``train.monitor``'s samples)."""
+        rows = []
+        for i in range(len(self.store.shards)):
+            if self.counts and not self.counts[i]:
+                continue
+            tc = self.tokens.load(i)
+            rows.append(torch.unique(tc.image_rows[self._selected(i, tc)]) + self.store.image_starts[i])
+        rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        g = torch.Generator().manual_seed(seed)
+        picked = rows_t[torch.randperm(len(rows_t), generator=g)[:n]].sort().values
+        shard_of = torch.bucketize(picked, torch.tensor(self.store.image_starts[1:]), right=True)
+        embeddings, records = [], []
+        for i in torch.unique(shard_of).tolist():
+            local = picked[shard_of == i] - self.store.image_starts[i]
+            emb, recs = self.store.read_shard(i)
+            embeddings.append(emb[local].float())
+            records += [recs[int(r)] for r in local]
+        d = self.store.embed_dim
+        return (torch.cat(embeddings) if embeddings else torch.zeros(0, d)), records
+
 
 class BatchStream(torch.utils.data.IterableDataset):
     """A stream's batches as a DataLoader dataset: ``num_workers=1`` reads the shards in a worker
