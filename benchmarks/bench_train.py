@@ -76,7 +76,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
 class OriginalStep:
     """The original train.py's per-batch work, on our ClipCaptionModel (same weights layout)."""
 
-    def __init__(self, run, only_prefix: bool):
+    def __init__(self, run, whole, only_prefix: bool):
         import torch
 
         from clipcap_cli.model import ClipCaptionModel
@@ -94,11 +94,11 @@ class OriginalStep:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=run.opts.lr, eps=1e-6, weight_decay=0.0)
         self.model.train()
-        lengths = run.data.train.offsets[1:] - run.data.train.offsets[:-1]
+        lengths = whole.offsets[1:] - whole.offsets[:-1]
         lengths = lengths.float()
         # ClipCocoDataset: max_seq_len = min(int(mean + 10 * std), int(max)), over all captions
         self.max_seq_len = min(int(lengths.mean() + 10 * lengths.std()), int(lengths.max()))
-        self.dataset = run.data.train
+        self.dataset = whole
 
     def batch(self, ids: list[int]):
         """pad_tokens for each item: pad with -1 to max_seq_len, mask = [1]*K + (tokens >= 0), pads -> 0."""
@@ -135,9 +135,10 @@ def bench(
 ) -> dict:
     import torch
 
-    from clipcap_cli import train
+    from clipcap_cli import backbones, train
     from clipcap_cli.distributed import Distributed
-    from clipcap_cli.train.data import loader
+    from clipcap_cli.features import load_features
+    from clipcap_cli.train.data import CaptionDataset, tokenize_captions
 
     only_prefix = mode == "only-prefix"
     opts = train.TrainOptions.create(
@@ -155,10 +156,14 @@ def bench(
     cpu = torch.device("cpu")
     run = train.prepare(opts, store, root / f"run-{mode}", False, Distributed(cpu), train.TrainCallback())
     run.model.train()
-    baseline = OriginalStep(run, only_prefix)
+    # The whole store in memory, for the baseline's dataset-wide padding (train streams it).
+    fs = load_features(store)
+    tc = tokenize_captions(fs, backbones.load_tokenizer(str(gpt_dir)))
+    whole = CaptionDataset(fs.embeddings, tc, torch.arange(len(tc.lengths)), run.data.max_tokens)
+    baseline = OriginalStep(run, whole, only_prefix)
     batches = run.data.epoch_batches(0, batch_size, 1)
     assert len(batches) >= warm + steps, "not enough captions for the requested steps"
-    ours_iter = iter(loader(run.data.train, batches, 0, cpu, 0))
+    ours_iter = run.data.batches(0, 0, batch_size, 1)
     # Warm-up (allocator, first-call overheads) on both; then alternate blocks of `block` steps.
     for i in range(warm):
         train.train_step(run, ours_iter)
@@ -170,7 +175,7 @@ def bench(
         span = batches[done : min(done + block, warm + steps)]
         t = time.perf_counter()
         for ids in span:
-            widths_ours.append(max(int(run.data.train.offsets[c + 1] - run.data.train.offsets[c]) for c in ids))
+            widths_ours.append(max(int(whole.offsets[c + 1] - whole.offsets[c]) for c in ids))
             train.train_step(run, ours_iter)
             run.pos.step += 1
         t_ours += time.perf_counter() - t

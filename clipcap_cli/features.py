@@ -9,7 +9,9 @@ A store is a directory::
     skipped.jsonl             inputs that could not be read, with the reason (optional)
     parts/                    chunks of an unfinished run (removed once the store is complete)
 
-``meta.json`` is written last, so a store without it is incomplete and is never loaded.
+``meta.json`` is written last, so a store without it is incomplete and is never loaded. With
+``ExtractOptions.shard_size`` the store is sharded instead (``store.py``: ``shards/`` and a
+``meta.json`` listing them); the format's names and ``meta.json`` checks are in ``store_format.py``.
 """
 
 from __future__ import annotations
@@ -24,56 +26,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-from clipcap_cli.errors import ClipCapError, UsageError
+from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import atomic_write as _atomic_write
 from clipcap_cli.fsutil import check_folder, create_exclusive, remove_stale_temps, write_text_atomic
 from clipcap_cli.inputs import check_loading, default_workers
 from clipcap_cli.shards import check_shard
+from clipcap_cli.store_format import (  # the format's names, re-exported: features is where callers look
+    EMBEDDINGS_FILE,
+    EMBEDDINGS_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    PARTS_DIR,
+    SKIPPED_FILE,
+    TOKENS_FILE,
+    FeaturesError,
+    FeatureSet,
+    _check_activation,
+    _check_record,
+    _store_dir,
+    is_sharded,
+    read_meta,
+    with_activation,
+)
 from clipcap_cli.version import __version__
 
 if TYPE_CHECKING:
     import torch
-
-FORMAT = "clipcap-features"
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-EMBEDDINGS_FILE = "embeddings.safetensors"
-INDEX_FILE = "index.jsonl"
-SKIPPED_FILE = "skipped.jsonl"
-TOKENS_FILE = "tokens.safetensors"  # the train command's cache, derived from this store
-PARTS_DIR = "parts"
-EMBEDDINGS_KEY = "embeddings"
-
-
-class FeaturesError(ClipCapError):
-    """A features store that is missing, incomplete or inconsistent."""
-
-
-# --------------------------------------------------------------------------- the store
-
-
-@dataclass
-class FeatureSet:
-    """A loaded features store: ``embeddings[i]`` is the CLIP embedding of ``records[i]``."""
-
-    embeddings: torch.Tensor  # [N_images, D], fp16 or fp32 as stored
-    records: list[dict]  # {"image": str, "image_id": int | str | None, "captions": list[str]}
-    meta: dict
-    path: Path
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def num_captions(self) -> int:
-        return sum(len(r["captions"]) for r in self.records)
-
-
-def _store_dir(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.name in (META_FILE, EMBEDDINGS_FILE, INDEX_FILE) and not path.is_dir():
-        return path.parent
-    return path
 
 
 def is_store(path: Path) -> bool:
@@ -83,17 +63,6 @@ def is_store(path: Path) -> bool:
     if folder.suffix in (".pkl", ".pickle"):
         return True
     return folder.is_dir() and ((folder / META_FILE).is_file() or (folder / PARTS_DIR / "settings.json").is_file())
-
-
-def _check_record(i: int, record: dict) -> dict:
-    if not isinstance(record, dict) or "image" not in record or "captions" not in record:
-        raise FeaturesError(f"record {i} needs 'image' and 'captions' keys, got {record!r:.80}")
-    if not isinstance(record["captions"], list):
-        raise FeaturesError(f"record {i}: 'captions' must be a list of strings")
-    out = dict(record)
-    out["image"] = str(record["image"])
-    out.setdefault("image_id", None)
-    return out
 
 
 def save_features(path: str | Path, embeddings: torch.Tensor, records: list[dict], meta: dict) -> Path:
@@ -146,39 +115,16 @@ def save_features(path: str | Path, embeddings: torch.Tensor, records: list[dict
 
 
 def load_features(path: str | Path) -> FeatureSet:
-    """Load the store at ``path`` (the directory, or its ``meta.json``)."""
+    """Load the whole store at ``path`` (the directory, or its ``meta.json``), either layout
+    (``store.py`` reads a sharded one shard by shard)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = _store_dir(path)
-    if folder.is_file() and folder.suffix in (".pkl", ".pickle"):
-        raise UsageError(
-            f"{folder} is an original ClipCap pickle: convert it with `clipcap extract --import-pickle {folder} --out DIR`"
-        )
-    if not folder.is_dir():
-        raise UsageError(f"features directory not found: {folder}")
-    meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        hint = (
-            " (an unfinished extraction: rerun the same `clipcap extract` command to finish it)"
-            if (folder / PARTS_DIR).is_dir()
-            else ""
-        )
-        raise FeaturesError(f"{folder} is not a complete features store: no {META_FILE}{hint}")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FeaturesError(
-            f"{meta_file}: unreadable ({exc}): the store is damaged; extract it again (clipcap extract ... --overwrite)"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FeaturesError(
-            f"{meta_file} is not a clipcap features store (format {meta.get('format') if isinstance(meta, dict) else None!r})"
-        )
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise FeaturesError(
-            f"{folder} uses features format {meta['format_version']}, this clipcap ({__version__}) reads up to {FORMAT_VERSION}: upgrade clipcap"
-        )
+    from clipcap_cli.store import open_store
+
+    folder, meta = read_meta(path)
+    if is_sharded(meta):  # format 2: every shard, concatenated
+        return open_store(folder).load_all()
     try:
         embeddings = load_file(str(folder / EMBEDDINGS_FILE))[EMBEDDINGS_KEY]
     except (OSError, SafetensorError, KeyError) as exc:
@@ -198,38 +144,6 @@ def load_features(path: str | Path) -> FeatureSet:
     if expected_sha and hashlib.sha256(index_bytes).hexdigest() != expected_sha:
         raise FeaturesError(f"{folder}: {INDEX_FILE} does not belong to this {META_FILE} (files from different runs)")
     return FeatureSet(embeddings=embeddings, records=records, meta=meta, path=folder)
-
-
-def with_activation(settings: dict) -> dict:
-    """``settings`` (a store's meta or run settings) with the CLIP activation its features were made
-    with. clipcap 0.1 recorded none: it built the architecture's own activation, because open_clip
-    ignores a pretrained tag's QuickGELU (OpenAI's ViTs got GELU)."""
-    if settings.get("clip_activation") or not settings.get("clip_model"):
-        return settings
-    from clipcap_cli.backbones import clip_activation
-
-    try:
-        then = clip_activation(str(settings["clip_model"]), None)
-    except ClipCapError:
-        return settings  # a CLIP this installation does not know: nothing to compare with
-    return {**settings, "clip_activation": then}
-
-
-def _check_activation(meta: dict, folder: Path) -> None:
-    """Refuse a store whose image features came from the wrong activation (clipcap 0.1's ViTs)."""
-    if meta.get("clip_activation") or not meta.get("clip_model"):
-        return
-    from clipcap_cli.backbones import clip_spec
-
-    try:
-        spec = clip_spec(str(meta["clip_model"]), meta.get("clip_pretrained"))
-    except ClipCapError:
-        return
-    if spec.activation != with_activation(meta)["clip_activation"] and spec.image_tower_has_gelu:
-        raise FeaturesError(
-            f"{folder} was extracted by clipcap 0.1, which ran {meta['clip_model']} ({meta.get('clip_pretrained')}) "
-            "with GELU instead of its QuickGELU: re-extract it (the same `clipcap extract` command with --overwrite)"
-        )
 
 
 def read_skipped(path: str | Path) -> list[dict]:
@@ -261,11 +175,16 @@ class ExtractOptions:
     device: str | None = None  # None = CUDA, then MPS, then CPU
     chunk_size: int = 1024  # images per part file: the most work an interruption can lose
     shard: tuple[int, int] = (0, 1)  # (i, n): this process encodes chunks c with c % n == i
+    shard_size: int | None = None  # images per shard of a sharded store (store.py); None = one file
 
     def __post_init__(self) -> None:
         check_loading(self.batch_size, self.workers)
         if self.chunk_size < 1:
             raise UsageError("--chunk-size must be at least 1")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise UsageError("--shard-size must be at least 1")
+        if self.shard_size is not None:  # each chunk becomes one shard
+            object.__setattr__(self, "chunk_size", self.shard_size)
         check_shard(*self.shard)
 
 
@@ -323,7 +242,8 @@ def clear_store(out: Path) -> None:
 
     for name in (META_FILE, EMBEDDINGS_FILE, INDEX_FILE, SKIPPED_FILE, TOKENS_FILE):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    for folder in (PARTS_DIR, "shards", "tokens"):  # a sharded store's (store.py) and its token caches
+        shutil.rmtree(out / folder, ignore_errors=True)
 
 
 def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOptions, dtype: str, source: dict) -> dict:
@@ -337,6 +257,7 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
         "clip_weights_sha256": clip_weights_sha256(options.clip_model, options.clip_pretrained),
         "dtype": dtype,
         "chunk_size": options.chunk_size,
+        **({"layout": "sharded"} if options.shard_size else {}),
         "records": len(records),
         "records_sha256": _sha256_json(list(records)),
         "images_root": str(images_root),
@@ -675,7 +596,8 @@ def _load_clip(options: ExtractOptions, device: Any) -> tuple[Any, Any]:
 
 
 def merge_parts(out: str | Path) -> ExtractResult:
-    """Join the part files in ``out/parts`` (from one or several shards) into the final store."""
+    """Join the part files in ``out/parts`` (from one or several shards) into the final store
+    (with ``--shard-size``: turn each into one shard of a sharded store)."""
     import torch
     from safetensors.torch import load_file
 
@@ -700,6 +622,8 @@ def merge_parts(out: str | Path) -> ExtractResult:
         raise FeaturesError(
             f"cannot merge {out}: {len(missing)} of {n_chunks} chunks are not done yet (chunks {shown}); finish every shard first"
         )
+    if settings.get("layout") == "sharded":  # each chunk becomes a shard, none is joined
+        return _shards_from_parts(out, settings, records, done)
     tensors, kept, skipped, runs = [], [], [], {}
     for c in range(n_chunks):
         header = done[c]
@@ -778,3 +702,35 @@ def write_skipped(out: Path, skipped: list[dict]) -> None:
         json.dumps({"image": s["image"], "reason": s["reason"]}, ensure_ascii=False) + "\n" for s in skipped
     )
     write_text_atomic(file, lines)
+
+
+def _shards_from_parts(out: Path, settings: dict, records: list[dict], done: dict[int, dict]) -> ExtractResult:
+    """Finish an extraction with ``--shard-size``: chunk c of ``out/parts`` becomes shard c, one at a
+    time (the chunks are complete: ``done`` holds every chunk's header); ``meta.json`` goes in last."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clipcap_cli.store import finish_sharded, write_shard
+
+    parts = out / PARTS_DIR
+    (out / META_FILE).unlink(missing_ok=True)
+    entries, kept, skipped, runs = [], [], [], {}
+    dtype = getattr(torch, settings["dtype"])
+    for c in range(len(done)):
+        header = done[c]
+        emb = load_file(str(_chunk_path(parts, c)))[EMBEDDINGS_KEY]
+        if not emb.shape[0]:  # a chunk whose images were all skipped: an empty shard of the store's width
+            emb = torch.empty(0, int(header.get("embed_dim") or 0), dtype=dtype)
+        shard_records = [records[i] for i in header["indices"]]
+        entries.append(write_shard(out, c, emb.to(dtype), shard_records, settings))
+        kept.extend(shard_records)
+        skipped.extend(header["skipped"])
+        runs[header["run_id"]] = runs.get(header["run_id"], 0) + len(header["indices"]) + len(header["skipped"])
+    meta = _store_meta(settings, done[0], records, kept, skipped, len(done), runs)
+    meta["settings_sha256"] = _settings_sha(settings)
+    write_skipped(out, skipped)
+    finish_sharded(out, entries, meta)
+    shutil.rmtree(parts, ignore_errors=True)
+    return ExtractResult(out, complete=True, records=len(records), skipped=skipped, chunks_total=len(done))

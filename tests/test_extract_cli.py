@@ -330,3 +330,44 @@ def test_resume_after_a_real_interruption(tmp_path: Path, tiny_clip_dir: Path, h
     a, b = load_features(out), load_features(tmp_path / "clean")
     assert torch.equal(a.embeddings, b.embeddings) and a.records == b.records
     assert sorted(a.meta["extraction"]["runs"].values()) == [4, 5]
+
+
+def test_shard_size_writes_a_sharded_store_equal_to_the_single_file(
+    tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from clipcap_cli.store import open_store
+
+    src = _coco_dataset(tmp_path / "coco", n=7)
+    base = [src, "--images", tmp_path / "coco", *_clip(tiny_clip_dir)]
+    assert _invoke([*base, "--out", tmp_path / "single", "--chunk-size", "3"]).exit_code == 0
+    out = tmp_path / "sharded"
+    res = _invoke([*base, "--out", out, "--shard-size", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (
+        json.loads(res.stdout)["complete"]
+        and not (out / "parts").exists()
+        and not (out / "embeddings.safetensors").exists()
+    )
+    store = open_store(out)
+    assert store.sharded and [(s.name, s.images, s.captions) for s in store.shards] == [
+        ("shard-000000", 3, 6),
+        ("shard-000001", 3, 6),
+        ("shard-000002", 1, 2),
+    ]
+    a, b = load_features(tmp_path / "single"), load_features(out)
+    assert torch.equal(a.embeddings, b.embeddings) and a.records == b.records
+    again = _invoke([*base, "--out", out, "--shard-size", "3", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["noop"]
+    other = _invoke([*base, "--out", out])  # another layout is another store
+    assert other.exit_code == 2 and "--overwrite" in other.stderr
+    redo = _invoke([*base, "--out", out, "--overwrite"])
+    assert redo.exit_code == 0 and not (out / "shards").exists() and not open_store(out).sharded
+
+    # Across processes (--shard i/n), the merge step writes the shards.
+    multi = tmp_path / "multi"
+    for i in (0, 1):
+        assert _invoke([*base, "--out", multi, "--shard-size", "3", "--shard", f"{i}/2"]).exit_code == 0
+    assert not (multi / "meta.json").exists()
+    assert _invoke(["--merge", multi]).exit_code == 0
+    c = load_features(multi)
+    assert open_store(multi).sharded and torch.equal(c.embeddings, a.embeddings) and c.records == a.records

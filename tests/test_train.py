@@ -310,13 +310,11 @@ def test_train_writes_a_run_whose_checkpoints_need_no_flags(tmp_path, store, tin
 
 
 def test_only_prefix_trains_the_mapper_alone(tmp_path, store, tiny_gpt2_dir):
-    from clipcap_cli.train.data import loader
-
     opts = tiny_opts(tiny_gpt2_dir, only_prefix=True, mapping="transformer", num_layers=1, clip_length=2, epochs=1)
     run = train.prepare(opts, store, tmp_path / "run", False, Distributed(torch.device("cpu")), train.TrainCallback())
     mapper = {id(p) for p in run.model.clip_project.parameters()}
     assert {id(p) for g in run.optimizer.param_groups for p in g["params"]} == mapper
-    batches = iter(loader(run.data.train, run.data.epoch_batches(0, 4, 1), 0, torch.device("cpu"), 0))
+    batches = run.data.batches(0, 0, 4, 1)
     before = {k: v.clone() for k, v in run.model.gpt.state_dict().items()}
     run.pos.step = 3  # past the warm-up: a real update
     train.train_step(run, batches)

@@ -134,3 +134,29 @@ def test_a_failure_on_rank_0_stops_rank_1_at_once_with_its_message(tmp_path: Pat
     assert message in " ".join(proc.stderr.split()), proc.stderr[-3000:]  # printed by rank 1
     assert elapsed < 120, elapsed
     assert not (tmp_path / "probe").exists()  # no rank got to the end
+
+
+@pytest.mark.slow
+def test_two_processes_stream_a_sharded_store_disjointly(
+    tmp_path: Path, tiny_clip_dir, tiny_gpt2_dir, gpt2_tokenizer_dir
+):
+    """A sharded store read in groups of 2 of its 7 shards: each rank trains on exactly its share of
+    the stream (``CaptionStream.order``), the shares are disjoint, and the weights stay identical."""
+    from test_stream import sharded_store, stream
+
+    from clipcap_cli import backbones
+
+    store = sharded_store(tmp_path / "feats", tiny_clip_dir)  # 35 captions with tokens
+    out, debug = tmp_path / "run", tmp_path / "debug"
+    args = train_args(store, out, tiny_gpt2_dir, "--buffer-shards", "2", "--only-prefix", "--seed", "3")
+    proc = torchrun(str(ENTRY), str(debug), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step"] for r in ranks] == [8, 8]  # 35 // 2 = 17 captions per rank: 4 batches of 4 per epoch
+    s = stream(store, backbones.load_tokenizer(str(gpt2_tokenizer_dir)), buffer_shards=2)
+    for epoch in (0, 1):
+        seen = [r["indices"][epoch * 16 : (epoch + 1) * 16] for r in ranks]
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(set(seen[1])) == 16
+        for rank in (0, 1):
+            assert seen[rank] == s.order(3, epoch, rank, 2).tolist()[:16]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]

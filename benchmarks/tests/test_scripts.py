@@ -85,3 +85,25 @@ def test_embeddings_benchmark_dry_run():
     assert report["dry_run"] is True and report["images"] == 8 and report["cpu"]
     assert report["images_per_s"]["jpeg"] > 0 and report["images_per_s"]["embeddings"] > 0
     assert report["identical_captions"] == 8  # stored embeddings give the images' own captions
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_quick_run(tmp_path: Path):
+    """benchmarks/streaming.py on two tiny sharded stores: a JSON line per store and the ratios line."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "streaming.py"), "--work", str(tmp_path), "--captions", "2000,4000"]
+        + ["--steps", "5", "--shard-images", "100"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    header, small, big, ratios = lines
+    assert header["cpu"] and header["cpu_capability"]
+    assert (small["captions"], small["shards"], big["captions"], big["shards"]) == (2000, 4, 4000, 8)
+    assert small["steps"] == big["steps"] == 5 and small["steps_per_s"] > 0 and not small["tokens_cached_before"]
+    assert small["peak_rss_mb"] >= small["rss_at_start_mb"] > 0
+    assert ratios["peak_rss_ratio"] == pytest.approx(big["peak_rss_mb"] / small["peak_rss_mb"], abs=1e-3)
+    assert (tmp_path / "store-4000" / "tokens" / "shard-000007.safetensors").is_file()  # cached for a rerun

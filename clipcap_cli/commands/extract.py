@@ -143,6 +143,15 @@ def command(
             rich_help_panel=ORIGINAL,
         ),
     ] = None,
+    shard_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--shard-size",
+            metavar="N",
+            help="Write a sharded store of N images per shard, which `clipcap train` streams (for stores larger than memory).",
+            rich_help_panel=RUN,
+        ),
+    ] = D.shard_size,
     chunk_size: Annotated[int, typer.Option("--chunk-size", hidden=True, help="Images per part file.")] = D.chunk_size,
     json_: JsonOption = False,
     quiet: QuietOption = False,
@@ -193,6 +202,7 @@ def command(
             device=device or distributed.local_device(),
             chunk_size=chunk_size,
             shard=_parse_shard(shard),
+            shard_size=shard_size,
         )
         _extract(dataset, images, out, format_, split, recursive, options, overwrite, export_pickle, json_, quiet)
 

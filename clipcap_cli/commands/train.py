@@ -137,6 +137,14 @@ def command(
     num_workers: Annotated[
         Optional[int], typer.Option("--num-workers", hidden=True, help="Old spelling of --workers.")
     ] = None,  # before 0.3: --workers
+    buffer_shards: Annotated[
+        int,
+        typer.Option(
+            "--buffer-shards",
+            help="Shards of a sharded store shuffled together, and held in memory, at a time.",
+            rich_help_panel=DATA,
+        ),
+    ] = D.buffer_shards,
     mapping: Annotated[
         str, typer.Option("--mapping", help="Mapper: mlp or transformer.", rich_help_panel=MODEL)
     ] = M.mapping,
@@ -318,6 +326,7 @@ def command(
             "val_data": None,
             "max_tokens": max_tokens,
             "num_workers": deprecated_alias("--num-workers", "--workers", num_workers, workers, D.num_workers),
+            "buffer_shards": buffer_shards,
             "save_every": save_every,
             "checkpoint_every": checkpoint_every,
             "log_every": log_every,

@@ -1,7 +1,9 @@
 """Training a ClipCap model on a features store (``clipcap train``), as a small package:
 
 - ``options``: ``TrainOptions`` (the model to train is a ``ModelConfig`` inside it);
-- ``data``: the captions as cached GPT-2 tokens, one sample per caption, each epoch's batches;
+- ``data``: the captions as cached GPT-2 tokens, one sample per caption;
+- ``stream``: the captions streamed from the store a group of shards at a time, each epoch's batches;
+- ``rundata``: a run's data (``load_data``): the streams, planned from per-shard counts;
 - ``state``: the run folder: config, epoch checkpoints, and the exact resume state;
 - ``callbacks``: the hooks the loop reports through, and the ``metrics.jsonl`` writer;
 - ``loop``: ``train()``, which sets a run up, and ``fit()``, the training loop itself;
@@ -51,9 +53,10 @@ _LAZY = {
         "Batch",
         "CaptionDataset",
         "split_ids",
-        "TrainData",
-        "load_data",
+        "split_images",
     ),
+    "rundata": ("TrainData", "load_data"),
+    "stream": ("CaptionStream", "ShardTokens"),
     "state": ("Position", "read_run", "RESUME_FILE", "CONFIG_FILE"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

@@ -1,5 +1,6 @@
-"""A run's captions: GPT-2 tokens cached beside the features, one sample per caption, and the
-batches of each epoch (padded to their own longest caption, the same order on resume).
+"""A run's captions: GPT-2 tokens cached beside the features, one sample per caption, batches
+padded to their own longest caption, and the validation split by image. ``stream.py`` streams
+them from the store; ``rundata.py`` plans a run's data.
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from clipcap_cli.config import ModelConfig
-from clipcap_cli.distributed import Distributed
-from clipcap_cli.errors import UsageError
-from clipcap_cli.features import TOKENS_FILE, FeatureSet, load_features
+from clipcap_cli.features import TOKENS_FILE, FeatureSet
 from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.train.callbacks import TrainCallback
-from clipcap_cli.train.options import TrainOptions, model_config
 from clipcap_cli.version import __version__
 
 TOKENS_FORMAT = "clipcap-tokens"
@@ -76,23 +73,7 @@ def tokenize_captions(
         cached = _read_token_cache(path, key)
         if cached is not None:
             return cached
-
-    captions = [str(c) for record in fs.records for c in record["captions"]]
-    rows = [row for row, record in enumerate(fs.records) for _ in record["captions"]]
-    flat: list[int] = []
-    offsets = [0]
-    for start in range(0, len(captions), chunk):
-        for seq in tokenizer(captions[start : start + chunk], add_special_tokens=False)["input_ids"]:
-            flat.extend(seq)
-            offsets.append(len(flat))
-        if callback is not None:
-            callback.on_tokenize(min(start + chunk, len(captions)), len(captions))
-    result = TokenizedCaptions(
-        tokens=torch.tensor(flat, dtype=torch.int32),
-        offsets=torch.tensor(offsets, dtype=torch.int64),
-        image_rows=torch.tensor(rows, dtype=torch.int64),
-        key=key,
-    )
+    result = encode_captions(fs.records, tokenizer, key, callback, chunk)
     for path in _token_cache_paths(fs.path, key):
         try:
             _write_token_cache(path, result)
@@ -103,13 +84,36 @@ def tokenize_captions(
     return result
 
 
+def encode_captions(
+    records: Sequence[dict], tokenizer: Any, key: str, callback: TrainCallback | None = None, chunk: int = 8192
+) -> TokenizedCaptions:
+    """Every caption of ``records`` as tokens (``tokenizer.encode``: no BOS/EOS, no leading space)."""
+    captions = [str(c) for record in records for c in record["captions"]]
+    rows = [row for row, record in enumerate(records) for _ in record["captions"]]
+    flat: list[int] = []
+    offsets = [0]
+    for start in range(0, len(captions), chunk):
+        for seq in tokenizer(captions[start : start + chunk], add_special_tokens=False)["input_ids"]:
+            flat.extend(seq)
+            offsets.append(len(flat))
+        if callback is not None:
+            callback.on_tokenize(min(start + chunk, len(captions)), len(captions))
+    return TokenizedCaptions(
+        tokens=torch.tensor(flat, dtype=torch.int32),
+        offsets=torch.tensor(offsets, dtype=torch.int64),
+        image_rows=torch.tensor(rows, dtype=torch.int64),
+        key=key,
+    )
+
+
 def _token_cache_paths(store: Path, key: str) -> list[Path]:
     from clipcap_cli import paths
 
     return [store / TOKENS_FILE, paths.home() / "tokens" / f"{key[:32]}.safetensors"]
 
 
-def _read_token_cache(path: Path, key: str) -> TokenizedCaptions | None:
+def _read_token_cache(path: Path, key: str, header_only: bool = False) -> TokenizedCaptions | bool | None:
+    """The cache at ``path`` if it holds ``key`` (``header_only``: True, without reading the tensors)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -120,6 +124,8 @@ def _read_token_cache(path: Path, key: str) -> TokenizedCaptions | None:
             meta = f.metadata() or {}
         if meta.get("format") != TOKENS_FORMAT or meta.get("key") != key:
             return None  # stale (other captions or tokenizer): rebuilt by the caller
+        if header_only:
+            return True
         t = load_file(str(path))
         return TokenizedCaptions(t["tokens"], t["offsets"], t["image_rows"], key, path)
     except (OSError, SafetensorError, KeyError, ValueError):
@@ -133,15 +139,6 @@ def _write_token_cache(path: Path, tc: TokenizedCaptions) -> None:
     meta = {"format": TOKENS_FORMAT, "key": tc.key, "clipcap_version": __version__}
     tensors = {"tokens": tc.tokens, "offsets": tc.offsets, "image_rows": tc.image_rows}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def _tokenize_main_first(
-    fs: FeatureSet, tokenizer: Any, dist: Distributed, callback: TrainCallback
-) -> TokenizedCaptions:
-    """Rank 0 tokenises and writes the cache while the others wait; then they read the cache."""
-    with dist.fail_together():
-        captions = tokenize_captions(fs, tokenizer, callback) if dist.main else None
-    return captions if captions is not None else tokenize_captions(fs, tokenizer)  # the others: from the cache
 
 
 # --------------------------------------------------------------------------- samples and batches
@@ -207,11 +204,7 @@ def split_ids(
     """(train, val) caption ids. Captions without tokens are dropped. The split is by image, so
     no image has captions on both sides."""
     keep = captions.lengths > 0
-    val_image = torch.zeros(n_images, dtype=torch.bool)
-    if val_fraction > 0:
-        n_val = max(1, round(n_images * val_fraction))
-        order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
-        val_image[order[:n_val]] = True
+    val_image = split_images(n_images, val_fraction, seed)
     is_val = val_image[captions.image_rows]
     ids = torch.arange(len(captions.lengths))
     return ids[keep & ~is_val], ids[keep & is_val]
@@ -232,93 +225,11 @@ def loader(
     )
 
 
-# --------------------------------------------------------------------------- a run's data
-
-
-@dataclass
-class TrainData:
-    """Everything a run needs from its features store(s)."""
-
-    path: Path  # the training features store, resolved
-    config: ModelConfig  # the model to train: the mapper from the options, the CLIP side from the store
-    train: CaptionDataset
-    val: CaptionDataset  # may be empty
-    key: str  # cache key of the training captions: a resume must see the same ones
-    max_tokens: int  # longer captions are cut
-    truncated: int  # how many were
-    sampler: torch.utils.data.DistributedSampler  # this process's share of the shuffled training captions
-    steps_per_epoch: int  # optimizer steps
-    embeddings_sha256: str | None = None  # the store's embeddings: a resume must see the same ones
-
-    def epoch_batches(self, epoch: int, batch_size: int, grad_accum: int) -> list[list[int]]:
-        """This process's micro-batches of ``epoch``: a seeded order (seed + epoch), as on any resume."""
-        self.sampler.set_epoch(epoch)
-        order = list(self.sampler)
-        return [order[i * batch_size : (i + 1) * batch_size] for i in range(self.steps_per_epoch * grad_accum)]
-
-
-def load_data(
-    opts: TrainOptions, store: Path, tokenizer: Any, gpt_config: Any, dist: Distributed, callback: TrainCallback
-) -> TrainData:
-    """Read the store, tokenise its captions (cached), split off validation and plan the epochs."""
-    fs = load_features(store)
-    if not fs.records:
-        raise UsageError(f"{fs.path} holds no images")
-    caps = _tokenize_main_first(fs, tokenizer, dist, callback)
-    k = opts.model.prefix_length
-    window = int(gpt_config.n_positions) - k
-    max_tokens = opts.max_tokens or window
-    if max_tokens > window:
-        raise UsageError(f"max-tokens {max_tokens} does not fit GPT-2's window ({gpt_config.n_positions} - K={k})")
-    if len(caps.tokens) and int(caps.tokens.max()) >= gpt_config.vocab_size:
-        raise UsageError(
-            f"the tokenizer of {opts.model.gpt2} makes ids beyond the LM's vocabulary ({gpt_config.vocab_size})"
-        )
-    train_ids, val_ids = split_ids(caps, len(fs.records), opts.held_out_fraction(len(fs.records)), opts.seed)
-    train = CaptionDataset(fs.embeddings, caps, train_ids, max_tokens)
-    val = CaptionDataset(fs.embeddings, caps, val_ids, max_tokens)
-    if opts.val_data:
-        val = _separate_validation(opts.val_data, fs, tokenizer, max_tokens, dist)
-    truncated = int((train.lengths() > max_tokens).sum() + (val.lengths() > max_tokens).sum())
-
-    # DistributedSampler for one process too: the same seeded order (seed + epoch) either way.
-    sampler = torch.utils.data.DistributedSampler(
-        train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=opts.seed, drop_last=True
-    )
-    # Like the original's drop_last: an incomplete last batch (and, with --grad-accum, an
-    # incomplete last group of micro-batches) is left out of the epoch.
-    steps_per_epoch = len(sampler) // opts.batch_size // opts.grad_accum
-    if steps_per_epoch < 1:
-        raise UsageError(
-            f"{len(train_ids)} training captions are too few for one step of {opts.batch_size} x {opts.grad_accum}"
-            f" x {dist.world_size} process(es): lower --batch-size or --grad-accum"
-        )
-    from clipcap_cli.features import EMBEDDINGS_FILE
-    from clipcap_cli.fingerprint import file_sha256
-
-    emb_file = fs.path / EMBEDDINGS_FILE
-    return TrainData(
-        fs.path.resolve(),
-        model_config(opts, fs.meta),
-        train,
-        val,
-        caps.key,
-        max_tokens,
-        truncated,
-        sampler,
-        steps_per_epoch,
-        file_sha256(emb_file) if emb_file.is_file() else None,
-    )
-
-
-def _separate_validation(
-    path: str, fs: FeatureSet, tokenizer: Any, max_tokens: int, dist: Distributed
-) -> CaptionDataset:
-    """``--val-data``: every caption of another store (extracted with the same CLIP)."""
-    vfs = load_features(path)
-    if int(vfs.meta["embed_dim"]) != int(fs.meta["embed_dim"]) or vfs.meta.get("clip_model") != fs.meta.get(
-        "clip_model"
-    ):
-        raise UsageError(f"--val-data {vfs.path} was extracted with another CLIP than {fs.path}")
-    caps = _tokenize_main_first(vfs, tokenizer, dist, TrainCallback())
-    return CaptionDataset(vfs.embeddings, caps, torch.nonzero(caps.lengths > 0).flatten(), max_tokens)
+def split_images(n_images: int, val_fraction: float, seed: int) -> torch.Tensor:
+    """(n_images,) bool: the images held out for validation (as ``split_ids``)."""
+    val_image = torch.zeros(n_images, dtype=torch.bool)
+    if val_fraction > 0:
+        n_val = max(1, round(n_images * val_fraction))
+        order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
+        val_image[order[:n_val]] = True
+    return val_image

@@ -29,8 +29,9 @@ from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.train import monitor, noise, state
 from clipcap_cli.train.callbacks import Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
-from clipcap_cli.train.data import Batch, TrainData, load_data, loader
+from clipcap_cli.train.data import Batch
 from clipcap_cli.train.options import TrainOptions
+from clipcap_cli.train.rundata import TrainData, load_data
 from clipcap_cli.train.state import RESUME_FILE, Position
 
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
@@ -247,9 +248,8 @@ def fit(t: Trainer, cb: TrainCallback) -> TrainResult:
     t.model.train()
     with _StopFlag().installed() as stop:
         while pos.epoch < opts.epochs and not monitor.early_stopped(opts, pos):
-            # This epoch's batches in their seeded order, minus those a resumed run already did.
-            batches = t.data.epoch_batches(pos.epoch, opts.batch_size, opts.grad_accum)[pos.batch :]
-            it = iter(loader(t.data.train, batches, opts.num_workers, dist.device, opts.seed))
+            # This epoch's batches in their seeded order, from the first a resumed run has not done.
+            it = t.data.batches(pos.epoch, pos.batch, opts.batch_size, opts.grad_accum, opts.num_workers, dist.device)
             while pos.batch < t.batches_per_epoch:
                 t0 = time.perf_counter()
                 lr = t.lr(pos.step)
@@ -392,13 +392,10 @@ def validate(t: Trainer) -> float | None:
     val = t.data.val
     if len(val) == 0:
         return None
-    shard = val.subset(val.ids[t.dist.rank :: t.dist.world_size])
-    b = t.opts.batch_size
-    batches = [list(range(i, min(i + b, len(shard)))) for i in range(0, len(shard), b)]
     sums = torch.zeros(2, dtype=torch.float64, device=t.dist.device)  # (sum of token losses, tokens)
     t.model.eval()
     try:
-        for batch in loader(shard, batches, t.opts.num_workers, t.dist.device, t.opts.seed):
+        for batch in t.data.val_batches(t.opts.batch_size, t.opts.num_workers, t.dist.device):
             batch = batch.to(t.dist.device)
             with t.autocast():  # the model itself, not DDP: there are no gradients to sync
                 _, loss = t.model(batch.tokens, batch.prefix, batch.mask, targets=batch.tokens)

@@ -206,13 +206,9 @@ class Monitor:
             data = t.data
             held_out = len(data.val) > 0
             ds = data.val if held_out else data.train
-            store = Path(t.opts.val_data) if held_out and t.opts.val_data else data.path
-            rows = torch.unique(ds.image_rows[ds.ids])  # images with a caption in this split, sorted
-            g = torch.Generator().manual_seed(t.opts.seed)
-            picked = rows[torch.randperm(len(rows), generator=g)[: t.opts.samples]].sort().values
-            records, root = _read_records(store)
-            chosen = [records[int(r)] for r in picked]
-            self._chosen = (ds.embeddings[picked].float(), chosen, root, "val" if held_out else "train")
+            embeddings, chosen = ds.pick_images(t.opts.samples, t.opts.seed)  # reads only their shards
+            root = ds.store.meta.get("images_root")
+            self._chosen = (embeddings, chosen, Path(root) if root else ds.store.path, "val" if held_out else "train")
         return self._chosen
 
     # ------------------------------------------------------------------ report
@@ -256,17 +252,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         if isinstance(record, dict):
             out.append(record)
     return out
-
-
-def _read_records(store: Path) -> tuple[list[dict], Path]:
-    """A features store's index records (not its embeddings) and where its images are."""
-    from clipcap_cli.features import INDEX_FILE, META_FILE
-
-    folder = store.parent if store.is_file() else store
-    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    records = _read_jsonl(folder / INDEX_FILE)
-    root = meta.get("images_root")
-    return records, Path(root) if root else folder
 
 
 def _thumbnail(root: Path, image: str) -> str | None:

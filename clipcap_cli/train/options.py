@@ -52,6 +52,7 @@ class TrainOptions:
     val_data: str | None = None  # a separate features store for validation (instead of val_fraction)
     max_tokens: int | None = None  # longest caption in tokens; None = GPT-2's window minus the prefix
     num_workers: int = 0  # DataLoader worker processes (batches are cheap to build: 0 is usually best)
+    buffer_shards: int = 4  # shards of a sharded store shuffled together (and held in memory) at once
     # run
     save_every: int = 1  # write epoch-NNN.safetensors every this many epochs (and after the last)
     checkpoint_every: int = 1000  # write the resume state every this many optimizer steps (and each epoch)
@@ -66,7 +67,15 @@ class TrainOptions:
     early_stop: int = 0  # stop when the held-out loss has not improved for this many epochs; 0 = never
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "save_every", "checkpoint_every", "log_every"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "save_every",
+            "checkpoint_every",
+            "log_every",
+            "buffer_shards",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         check_number("lr", self.lr, low=0, low_open=True)
