@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- a collection, encoded once
 
 STORES_DIR = "features"  # under clipcap's data directory: the stores `train DATA...` extracts
+SHARD_IMAGES = 4096  # images per shard of those stores: training streams them a few shards at a time
 
 
 @dataclass
@@ -126,6 +127,10 @@ def encode_collection(
             "training straight from images runs in one process: under torchrun, extract the features first "
             "(torchrun ... -m clipcap_cli extract DATA --out STORE), then train on STORE"
         )
+    import dataclasses
+
+    # Sharded, so that training holds a few shards in memory, never the whole collection (train/stream.py).
+    options = dataclasses.replace(options, shard_size=options.shard_size or SHARD_IMAGES)
     key = collection_key(collection.records, options)
     out = (stores if stores is not None else paths.home() / STORES_DIR) / key[:24]
     source = {"source": [s["source"] for s in collection.sources], "dataset_format": "collection"}

@@ -204,6 +204,9 @@ def test_train_from_images_reports_caches_and_refuses_changed_data_on_resume(
     assert listed["no_caption"] == ["extra.png"] and listed["no_image"] == ["lost.txt"]
     stores = list((tmp_path / "stores").iterdir())
     assert len(stores) == 1 and (stores[0] / "meta.json").is_file()
+    from clipcap_cli.store import open_store
+
+    assert open_store(stores[0]).sharded  # streamed a few shards at a time, however large the collection
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert Path(config["data"]) == stores[0].resolve()
 
