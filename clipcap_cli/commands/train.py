@@ -416,6 +416,10 @@ def _store(
             raise UsageError(f"give one features store ({stores_given[0]}) or images with captions, not both")
         return Path(given[0]).expanduser()
     place = distributed.env()
+    if stores is None:
+        from clipcap_cli import paths
+
+        paths.home()  # where the encoded store goes: an unusable data directory says so before any work
     if from_text:
         return _text_store(given, clip_opts, reading, stores, role, quiet)
     coll = collection.read_collection(given, **reading)

@@ -44,7 +44,7 @@ def test_completion_never_depends_on_the_data_directory(bad_home):
 
 
 @pytest.mark.parametrize(
-    "args", [["info"], ["download", "--list"], ["download", "coco"], ["train", "--data", ".", "--out", "RUN"]]
+    "args", [["info"], ["download", "--list"], ["download", "coco"], ["train", "PHOTOS", "--out", "RUN"]]
 )
 def test_commands_that_need_it_say_so_in_one_line(bad_home, tmp_path, args, monkeypatch):
     from typer.testing import CliRunner
@@ -52,7 +52,11 @@ def test_commands_that_need_it_say_so_in_one_line(bad_home, tmp_path, args, monk
     from clipcap_cli.cli import app
 
     monkeypatch.setenv("CLIPCAP_HOME", str(bad_home))
-    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
+    photos = tmp_path / "photos"  # captioned images: their features are cached under the data directory
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"not decoded before the cache is needed")
+    (photos / "a.txt").write_text("a caption")
+    args = [str(tmp_path / "run") if a == "RUN" else str(photos) if a == "PHOTOS" else a for a in args]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     [line] = result.stderr.strip().splitlines()
