@@ -13,13 +13,14 @@ from typing import Any
 from clipcap_cli import backbones
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
 from clipcap_cli.errors import UsageError, check_number
-from clipcap_cli.precision import PRECISIONS
+from clipcap_cli.precision import TRAIN_PRECISIONS
 
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
 # the features store's, and stop_token is decoding's.
 MODEL_FIELDS = ("mapping", "only_prefix", "prefix_length", "clip_length", "num_layers", "normalize_prefix", "gpt2")
 # Options that may change when a run is resumed: they do not touch the trajectory of the weights.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "save_every", "checkpoint_every", "log_every", "precision"})
+PRECISIONS = TRAIN_PRECISIONS  # what --precision takes for training (int8 and fast are for captioning)
 
 
 @dataclass(frozen=True)
