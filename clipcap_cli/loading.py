@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from clipcap_cli import backbones, checkpoint, pretrained
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.errors import CheckpointError
-from clipcap_cli.precision import DEFAULT_PRECISION, apply_precision, dtype_of, resolve_precision
+from clipcap_cli.precision import DEFAULT_PRECISION, apply_clip_precision, apply_precision, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -70,14 +70,8 @@ def load_model(
     model = load_network(name_or_path, dev, download_progress=download_progress, **user)
     apply_precision(model, resolved)  # int8: quantised here, once
     config = model.config
-    clip_dtype = (
-        dtype_of(resolved) if resolved == "bf16" and dev.type == "cpu" else None
-    )  # None: fp16 on CUDA, else fp32
-    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev, dtype=clip_dtype)  # 5.
-    if resolved == "int8":  # CLIP's MLP layers: 1.9x at CLIP's shapes (quantize.py), embeddings' cosine 0.9998
-        from clipcap_cli.quantize import quantize_int8
-
-        quantize_int8(clip)
+    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev)  # 5.
+    apply_clip_precision(clip, resolved, dev)  # bf16 on the CPU, or int8
     tokenizer = backbones.load_tokenizer(config.gpt2)
     return Captioner(model, clip, preprocess, tokenizer, dev)
 

@@ -19,7 +19,7 @@ torch is imported inside functions.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.errors import UsageError
 
@@ -119,3 +119,18 @@ def apply_precision(model: ClipCaptionModel, precision: str = DEFAULT_PRECISION)
     else:
         model.gpt.to(dtype_of(resolved))
     return resolved
+
+
+def apply_clip_precision(clip: Any, precision: str, device: torch.device | str) -> Any:
+    """CLIP's image tower for a resolved ``precision`` (in place; returns it): bf16 on the CPU (most of
+    bf16's speed-up comes from CLIP there), int8's linear layers (1.9x at CLIP's shapes, issue 24),
+    and as loaded otherwise (fp16 on CUDA, fp32 elsewhere: ``backbones.clip_dtype``)."""
+    import torch
+
+    if precision == "bf16" and torch.device(device).type == "cpu":
+        return clip.to(torch.bfloat16)
+    if precision == "int8":
+        from clipcap_cli.quantize import quantize_int8
+
+        return quantize_int8(clip)
+    return clip
