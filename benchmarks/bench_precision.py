@@ -11,7 +11,9 @@ It prints the CPU's capability (``cpu.capability()``), images/s for each precisi
 the others (bf16 on a CPU with native bf16, int8 elsewhere): its row is that precision's run.
 
     python benchmarks/bench_precision.py                        # 32 images, batch 32, greedy and beam 5
-    CLIPCAP_CPU_CAPABILITY=AVX2 python benchmarks/bench_precision.py   # what an AVX2-only CPU gets
+    CLIPCAP_CPU_CAPABILITY=AVX2 python benchmarks/bench_precision.py   # the choices an AVX2-only CPU gets
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 CLIPCAP_CPU_CAPABILITY=AVX2 \
+        python benchmarks/bench_precision.py                    # ... and, roughly, its kernels (see ISA_LIMITS)
     python benchmarks/bench_precision.py --dry-run --json       # tiny shapes, seconds (the test)
 """
 
@@ -41,6 +43,9 @@ from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.precision import apply_clip_precision, apply_precision, resolve_precision  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "fast")
+# Set to approximate an AVX2-only CPU on a newer one: torch's own kernels, oneDNN (bf16 then runs
+# emulated) and MKL keep to AVX2; fbgemm's int8 kernels still pick the best the CPU has.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "CLIPCAP_CPU_CAPABILITY")
 
 
 def with_precision(base: Captioner, precision: str) -> Captioner:
@@ -90,7 +95,8 @@ def main() -> None:
     print(
         f"CPU: {cpu_name()}; torch reports {cap.isa}, native bf16: {cap.native_bf16} ({cap.source}); "
         f"fast = {resolved['fast']}, bf16 = {resolved['bf16']}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {load_start:.2f}",
+        f"{torch.get_num_threads()} threads, load average {load_start:.2f}; "
+        f"limits: {' '.join(f'{k}={os.environ[k]}' for k in ISA_LIMITS if k in os.environ) or 'none'}",
         file=sys.stderr,
     )
     report: dict = {
@@ -102,6 +108,7 @@ def main() -> None:
         "max_length": max_length,
         "dry_run": args.dry_run,
         "resolved": resolved,
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
         "results": {},
     }
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -147,8 +154,10 @@ def print_table(report: dict) -> None:
         f"{cpu['name']} (torch: {cpu['isa']}, native bf16: {cpu['native_bf16']}), {report['threads']} threads, "
         f"torch {report['torch']}; random weights ({'tiny models' if report['dry_run'] else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); load average "
         f"{report['load_average'][0]} at the start, {report['load_average'][1]} at the end. Times include reading, "
-        "preprocessing and CLIP.\n"
+        "preprocessing and CLIP."
     )
+    limits = " ".join(f"{k}={v}" for k, v in report["isa_limits"].items())
+    print(f"Limits: {limits or 'none (the CPU as it is)'}\n")
     print("| decoding | precision | runs as | images/s | x fp32 | identical captions vs fp32 |")
     print("|---|---|---|---:|---:|---:|")
     for label, rows in report["results"].items():
