@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from clipcap_cli.errors import ClipCapError
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
 FIRST_POSITIONS = 24  # generated positions a CPU cache holds at first; it doubles (rarely) up to max_length
 REFINED_LOGITS = 16  # bf16/fp16 LM head: each row's highest logits recomputed in fp32 (see StaticGPT2._logits)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-GRAPHED_ATTR = "_clipcap_graphed_steppers"  # where a GPT-2 keeps its CUDA-graphed stepper (one shape at a time)  # GPT-2's activation; fused as F.gelu(approximate="tanh")
+GRAPHED_ATTR = "_clipcap_graphed_steppers"  # where a GPT-2 keeps its CUDA-graphed stepper (one shape at a time)
+GRAPHS_OFF_ATTR = "_clipcap_cuda_graphs_off"  # set on a GPT-2 whose graphs failed their check: eager from then on
+GRAPH_TOLERANCE = {"float": 1e-3, "half": 2e-2}  # graphed vs eager logits: max |diff| / max(1, max |eager|)
+log = logging.getLogger(__name__)
 
 
 def open_inference(gpt: Any, rows: int, positions: int, cuda_graphs: bool | None = None) -> StaticGPT2 | ForwardStepper:
@@ -44,7 +49,7 @@ def open_inference(gpt: Any, rows: int, positions: int, cuda_graphs: bool | None
         return ForwardStepper(gpt)
     if cuda_graphs is None:
         cuda_graphs = gpt.transformer.wte.weight.device.type == "cuda"
-    if not cuda_graphs:
+    if not cuda_graphs or GRAPHS_OFF_ATTR in gpt.__dict__:  # graphs that failed their check stay off
         return StaticGPT2(gpt, rows, positions)
     key = (_bucket(rows), positions, gpt.transformer.wte.weight.dtype, gpt.transformer.wte.weight.device)
     kept = gpt.__dict__.setdefault(GRAPHED_ATTR, {})  # owned by the model: it goes when the model goes
@@ -122,6 +127,13 @@ class StaticGPT2:
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # bucket -> (graph, input, output)
         self._at: torch.Tensor | None = None  # (1,) the position being written, for the fixed-shape step
         self._pool: Any = None
+        # The graphed step: padded input (b, E) -> ``_fixed_blocks``'s output (b, E). On CUDA, a
+        # captured graph's replay; None runs the fixed-shape step eagerly (the CPU). Tests inject
+        # their own. Each bucket's first replay is checked against the eager step (``_checked``).
+        self.replay: Callable[[torch.Tensor], torch.Tensor] | None = (
+            self._replay_cuda if cuda_graphs and self.device.type == "cuda" else None
+        )
+        self._checked: set[int] = set()
 
     # ---- the three calls
 
@@ -259,8 +271,10 @@ class StaticGPT2:
     def _graphed_blocks(self, x: torch.Tensor, at: int) -> torch.Tensor:
         """``_fixed_blocks`` for n rows padded to a bucket; on CUDA replayed from a captured graph.
 
-        UNVERIFIED on a GPU: no GPU was available where this was written. On the CPU (tests) the
-        same fixed-shape step runs eagerly.
+        The graphs are unverified on a GPU (none was available where this was written), so they
+        check themselves: each bucket's first replay is compared with the eager step on the same
+        input (``_check_replay``), and a mismatch, or any error capturing or replaying, turns the
+        graphs off for the rest of the run (this model's later batches too) with one warning.
         """
         import torch
 
@@ -269,15 +283,49 @@ class StaticGPT2:
         if self._at is None:
             self._at = torch.zeros(1, dtype=torch.long, device=x.device)
         self._at.fill_(at)
-        if x.device.type != "cuda":
-            padded = torch.zeros(b, x.shape[1], dtype=x.dtype, device=x.device)
-            padded[:n] = x
+        padded = torch.zeros(b, x.shape[1], dtype=x.dtype, device=x.device)
+        padded[:n] = x
+        if self.replay is None:
             return self._fixed_blocks(padded, self._at)[:n]
+        try:
+            out = self.replay(padded)
+        except Exception as exc:  # noqa: BLE001 - any capture or replay failure: the eager step is always right
+            self._graphs_off(f"capturing or replaying it failed ({type(exc).__name__}: {exc})")
+            return self._fixed_blocks(padded, self._at)[:n]
+        if b not in self._checked:
+            eager = self._fixed_blocks(padded, self._at)  # rewrites the cache at ``at`` with the eager values
+            problem = self._check_replay(out[:n], eager[:n])
+            if problem:
+                self._graphs_off(problem)
+                return eager[:n]
+            self._checked.add(b)
+        return out[:n]
+
+    def _check_replay(self, graphed: torch.Tensor, eager: torch.Tensor) -> str | None:
+        """Why the graphed step's logits disagree with the eager step's (None: they agree)."""
+        a, b = self._logits(graphed).float(), self._logits(eager).float()
+        scale = max(1.0, float(b.abs().max()))
+        diff = float((a - b).abs().max())
+        tolerance = GRAPH_TOLERANCE["half" if self.half else "float"] * scale
+        if not diff <= tolerance:  # NaN included
+            return f"its logits differ from the eager step's by {diff:.3g} (tolerance {tolerance:.3g})"
+        return None
+
+    def _graphs_off(self, why: str) -> None:
+        """Run the eager step from now on, for this stepper and every later one of this model."""
+        self.replay = None
+        self._graphs.clear()
+        self.gpt.__dict__[GRAPHS_OFF_ATTR] = why
+        self.gpt.__dict__.pop(GRAPHED_ATTR, None)
+        log.warning(f"CUDA graphs turned off, decoding runs the eager step: the graphed step failed its check, {why}")
+
+    def _replay_cuda(self, padded: torch.Tensor) -> torch.Tensor:
+        """Replay bucket ``padded.shape[0]``'s graph (captured on first use) on ``padded``."""
+        b = padded.shape[0]
         graph, static_in, static_out = self._graphs.get(b) or self._capture(b)
-        static_in[:n].copy_(x)
-        static_in[n:].zero_()
+        static_in.copy_(padded)
         graph.replay()
-        return static_out[:n].clone()  # the next replay overwrites static_out
+        return static_out.clone()  # the next replay overwrites static_out
 
     def _capture(self, b: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Capture ``_fixed_blocks`` for bucket ``b`` (CUDA only). Warm-up runs write rows < b at

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from clipcap_cli import backbones, checkpoint, pretrained
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.errors import CheckpointError
-from clipcap_cli.precision import DEFAULT_PRECISION, apply_precision, dtype_of, resolve_precision
+from clipcap_cli.precision import DEFAULT_PRECISION, apply_clip_precision, apply_precision, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +51,10 @@ def load_model(
         device: "cpu", "cuda", "cuda:1", "mps"; None picks the best available.
         clip_model, clip_pretrained, gpt2, normalize_prefix: override what the checkpoint
             (or the registry entry) implies; None keeps it.
-        precision: "auto" (fp32: exact), "fp32", "bf16" or "fp16" (CUDA) for GPT-2 (``precision.py``);
-            with bf16 on the CPU, CLIP runs in bf16 too (most of its speed-up comes from there).
+        precision: "auto" (fp32: exact), "fp32", "bf16", "fp16" (CUDA), "int8" (CPU) or "fast" (the
+            fastest of these on this hardware), see ``precision.py``. With bf16 on the CPU, CLIP runs in
+            bf16 too (most of its speed-up comes from there); with int8, CLIP's linear layers are int8 too.
+            bf16 on a CPU without native bf16 runs in fp32, with a warning.
         download_progress: ``progress(done_bytes, total_bytes)`` while a registry model downloads.
     """
     from clipcap_cli.device import pick_device
@@ -66,12 +68,10 @@ def load_model(
         "normalize_prefix": normalize_prefix,
     }
     model = load_network(name_or_path, dev, download_progress=download_progress, **user)
-    apply_precision(model, resolved)
+    apply_precision(model, resolved)  # int8: quantised here, once
     config = model.config
-    clip_dtype = (
-        dtype_of(resolved) if resolved == "bf16" and dev.type == "cpu" else None
-    )  # None: fp16 on CUDA, else fp32
-    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev, dtype=clip_dtype)  # 5.
+    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev)  # 5.
+    apply_clip_precision(clip, resolved, dev)  # bf16 on the CPU, or int8
     tokenizer = backbones.load_tokenizer(config.gpt2)
     return Captioner(model, clip, preprocess, tokenizer, dev)
 

@@ -141,7 +141,8 @@ class ClipCaptionModel(nn.Module):
 
     def embed_prefix(self, clip_embedding: torch.Tensor) -> torch.Tensor:
         """(B, prefix_size) CLIP embeddings -> (B, K, E) GPT-2 input embeddings."""
-        x = clip_embedding.to(dtype=next(self.clip_project.parameters()).dtype)
+        weight = next(self.clip_project.parameters(), None)  # None: an int8 mapper (quantize.py) holds no parameters
+        x = clip_embedding.to(dtype=weight.dtype if weight is not None else torch.float32)
         if self.config.normalize_prefix:
             x = x / x.norm(p=2, dim=-1, keepdim=True)
         return self.clip_project(x).view(-1, self.prefix_length, self.gpt_embedding_size)

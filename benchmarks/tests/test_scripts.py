@@ -107,3 +107,27 @@ def test_streaming_benchmark_quick_run(tmp_path: Path):
     assert small["peak_rss_mb"] >= small["rss_at_start_mb"] > 0
     assert ratios["peak_rss_ratio"] == pytest.approx(big["peak_rss_mb"] / small["peak_rss_mb"], abs=1e-3)
     assert (tmp_path / "store-4000" / "tokens" / "shard-000007.safetensors").is_file()  # cached for a rerun
+
+
+def test_precision_benchmark_dry_run(monkeypatch):
+    """benchmarks/bench_precision.py --dry-run: the capability, every precision's speed, ratio and agreement
+    in one JSON; with a faked AVX2-only CPU, fast runs int8 and bf16 runs fp32 (never emulated bf16)."""
+    monkeypatch.setenv("CLIPCAP_CPU_CAPABILITY", "AVX2")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_precision.py"), "--dry-run", "--json", "--images", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["cpu"]["isa"] == "AVX2" and report["cpu"]["native_bf16"] is False
+    assert report["resolved"] == {"fp32": "fp32", "bf16": "fp32", "int8": "int8", "fast": "int8"}
+    assert "no native bf16" in done.stderr  # the one warning line, for the bf16 row
+    for strategy in ("greedy", "beam5"):
+        rows = report["results"][strategy]
+        assert set(rows) == {"fp32", "bf16", "int8", "fast"}
+        assert rows["fp32"]["x_fp32"] == 1 and rows["fp32"]["identical_to_fp32"] == 3
+        assert rows["fast"] == rows["int8"] and rows["bf16"] == rows["fp32"] | {"runs_as": "fp32"}
+        assert all(r["images_per_s"] > 0 and 0 <= r["identical_to_fp32"] <= 3 for r in rows.values())

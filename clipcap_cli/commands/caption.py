@@ -83,7 +83,7 @@ def command(
         str,
         typer.Option(
             "--precision",
-            help=f"GPT-2's precision: {', '.join(PRECISIONS)}. auto = fp32, exact (the original's captions); bf16 is about 2x faster on CPUs with AVX512-BF16/AMX (CLIP in bf16 too) and changes some captions; fp16 on CUDA only. E.g. --precision bf16.",
+            help=f"The model's precision: {', '.join(PRECISIONS)}. auto = fp32, exact (the original's captions). fast = the fastest good mode on this hardware: bf16 on a CPU with native bf16 (AVX512-BF16/AMX; see clipcap info), int8 on other CPUs, bf16/fp16 on CUDA; some captions differ from fp32's. bf16 on a CPU without native bf16 runs in fp32 (emulated bf16 is many times slower), with a warning. int8 (CPU): GPT-2, mapper and CLIP quantised. fp16: CUDA only. E.g. --precision fast.",
             rich_help_panel=MODEL,
         ),
     ] = DEFAULT_PRECISION,

@@ -9,7 +9,7 @@ from importlib import metadata
 
 from clipcap_cli.commands.options import JsonOption
 
-HELP = """Show versions, the device clipcap would use, and the cache directory.
+HELP = """Show versions, the device clipcap would use, the CPU's capability (native bf16 or not), and the cache directory.
 
 Example: [bold]clipcap info --json[/]
 """
@@ -26,6 +26,7 @@ def collect() -> dict:
     import torch
 
     from clipcap_cli import paths
+    from clipcap_cli.cpu import capability
     from clipcap_cli.device import pick_device
     from clipcap_cli.version import __version__
 
@@ -45,6 +46,7 @@ def collect() -> dict:
         },
         "device": str(pick_device()),
         "cuda_available": torch.cuda.is_available(),
+        "cpu": capability().as_dict(),  # torch's ISA report and native bf16: what --precision fast picks
         "home": str(home),
         "offline": paths.offline_requested(),
         "cached_files": cached,
@@ -66,7 +68,7 @@ def command(
         table = Table(show_header=False, box=None)
         for key, value in info.items():
             if isinstance(value, dict):
-                value = ", ".join(f"{k} {v or '-'}" for k, v in value.items())
+                value = ", ".join(f"{k} {'-' if v is None else v}" for k, v in value.items())
             elif isinstance(value, list):
                 value = "\n".join(value) or "(nothing cached)"
             table.add_row(f"[bold]{key}[/]", str(value))

@@ -239,7 +239,8 @@ def command(
         str,
         typer.Option(
             "--precision",
-            help="auto (bf16 autocast on CUDA, fp16 without bf16; fp32 elsewhere), fp32, bf16 or fp16.",
+            help="auto (bf16 autocast on CUDA, fp16 without bf16; fp32 elsewhere), fp32, bf16 or fp16. "
+            "bf16 on a CPU without native bf16 (AVX512-BF16/AMX; see clipcap info) trains in fp32, with a warning.",
             rich_help_panel=OPTIM,
         ),
     ] = D.precision,

@@ -11,6 +11,7 @@ Nothing here prints: progress goes to ``TrainCallback`` hooks (``commands/train.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import signal
@@ -34,6 +35,7 @@ from clipcap_cli.train.options import TrainOptions
 from clipcap_cli.train.rundata import TrainData, load_data
 from clipcap_cli.train.state import RESUME_FILE, Position
 
+log = logging.getLogger(__name__)
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
 ADAM_EPS = 1e-6
 DEFAULT_WARMUP = 5000  # the original's warm-up steps (see auto_warmup)
@@ -229,6 +231,12 @@ def _mixed_precision(device: torch.device, precision: str) -> tuple[torch.dtype 
         if device.type != "cuda":
             raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32)")
         return torch.float16, True
+    if device.type == "cpu":
+        from clipcap_cli.precision import bf16_fallback_message, cpu_has_bf16
+
+        if not cpu_has_bf16():  # emulated bf16 autocast: many times slower than fp32
+            log.warning(bf16_fallback_message(instead="the default, fp32"))
+            return None, False
     return torch.bfloat16, False
 
 

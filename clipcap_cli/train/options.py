@@ -13,7 +13,7 @@ from typing import Any
 from clipcap_cli import backbones
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
 from clipcap_cli.errors import UsageError, check_number
-from clipcap_cli.precision import PRECISIONS
+from clipcap_cli.precision import TRAIN_PRECISIONS
 from clipcap_cli.train.noise import check_variance
 
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = frozenset(
 # AUTO_VAL_MIN_IMAGES images and there is no --val-data; else no held-out split.
 AUTO_VAL_FRACTION = 0.05
 AUTO_VAL_MIN_IMAGES = 20
+PRECISIONS = TRAIN_PRECISIONS  # what --precision takes for training (int8 and fast are for captioning)
 
 
 @dataclass(frozen=True)
