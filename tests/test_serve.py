@@ -269,3 +269,89 @@ def test_without_the_extra_serve_says_how_to_install_it(monkeypatch, tiny_checkp
 def test_bad_server_options_are_usage_errors(tiny_checkpoint):
     result = runner.invoke(cli_app, ["serve", "--model", str(tiny_checkpoint), "--max-batch", "0"])
     assert result.exit_code == 2 and "max-batch" in result.stderr
+
+
+# --------------------------------------------------------------------------- the batcher alone
+
+
+def test_the_batcher_groups_by_options_drops_cancelled_jobs_and_survives_failures():
+    from clipcap_cli.decoding import DecodingOptions
+
+    seen: list[tuple[list[int], DecodingOptions]] = []
+    gate = threading.Event()
+
+    def run(pixels, options):
+        gate.wait(5)  # the first batch holds the worker while the rest queue up
+        seen.append((list(pixels), options))
+        if -1 in pixels:
+            raise ValueError("bad batch")
+        return [f"{p}:{options.strategy}" for p in pixels]
+
+    greedy, beam = DecodingOptions(), DecodingOptions(strategy="beam")
+    with Batcher(run, max_batch=3, max_wait_ms=0) as batcher:
+        first = batcher.submit(0, greedy)
+        time.sleep(0.2)  # the worker has taken it and waits at the gate
+        futures = [batcher.submit(i, greedy if i % 2 else beam) for i in range(1, 9)]
+        dropped = batcher.submit(99, greedy)
+        assert dropped.cancel()
+        failing = batcher.submit(-1, DecodingOptions(max_length=5))  # options of its own: a batch alone
+        gate.set()
+        results = [f.result(5) for f in [first, *futures]]
+        with pytest.raises(ValueError, match="bad batch"):
+            failing.result(5)
+        after = batcher.submit(10, greedy).result(5)  # the worker outlived the failure
+    assert results == [f"{i}:{'greedy' if i % 2 or i == 0 else 'beam'}" for i in range(9)] and after == "10:greedy"
+    batches = [pixels for pixels, _ in seen]
+    assert [0] in batches and [1, 3, 5] in batches and [2, 4, 6] in batches  # queued work fills whole batches
+    assert all(len(b) <= 3 for b in batches) and not any(99 in b for b in batches)
+
+
+def test_the_batcher_waits_up_to_max_wait_for_a_batch_to_fill():
+    from clipcap_cli.decoding import DecodingOptions
+
+    sizes = []
+    with Batcher(lambda p, o: sizes.append(len(p)) or list(p), max_batch=4, max_wait_ms=2000) as batcher:
+        start = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            futures = list(pool.map(lambda i: batcher.submit(i, DecodingOptions()), range(4)))
+        assert [f.result(10) for f in futures] == [0, 1, 2, 3]
+        full = time.monotonic() - start
+    assert sizes == [4] and full < 2.0  # a full batch runs at once, without waiting out max_wait
+    assert batcher.stats.mean_batch_size == 4.0
+
+
+# --------------------------------------------------------------------------- the command in a process
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_request_in_flight(tiny_checkpoint):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "clipcap_cli", "serve", "--model", str(tiny_checkpoint), "--port", "0"]
+    proc = subprocess.Popen([*cmd, "--max-wait-ms", "2000"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert found, line + proc.stderr.read()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                httpx.post,
+                f"{found[1]}/caption",
+                files={"image": ("a.png", png())},
+                data={"max_length": "4"},
+                timeout=60,
+            )
+            time.sleep(0.7)  # the request waits in the batcher (up to 2 s for others)
+            proc.send_signal(signal.SIGTERM)
+            answer = pending.result(60)
+        assert answer.status_code == 200 and answer.json()["caption"]
+        assert proc.wait(60) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -304,9 +304,17 @@ async def _from_form(
 
 def make_server(app: Any, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> Any:
     """A uvicorn server for ``app`` on ``options.host:port`` (port 0: a free one); ``on_ready(url)`` once it listens."""
+    import signal
+
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # As uvicorn's, less re-raising the signal once stopped: a server stopped on purpose exits 0.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl+C: stop without waiting
+            self.should_exit = True
+
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             if self.started and on_ready is not None:
