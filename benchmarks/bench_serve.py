@@ -2,7 +2,8 @@
 next to `clipcap caption`'s images/s on the same model, images and machine.
 
 A checkpoint is written first (tiny: the test suite's tiny CLIP and GPT-2; full: open_clip ViT-B-32
-+ GPT-2 124M + MLP mapper K=10, random weights; nothing is downloaded). Then:
++ GPT-2 124M + MLP mapper K=10, random weights saved to files, so that both processes load the same
+ones; nothing is downloaded). Then:
 - `clipcap caption IMAGES` in a subprocess: its own summary line gives images/s (model load excluded);
 - `clipcap serve` in a subprocess on a free loopback port: after a few warm-up requests, --requests
   multipart uploads from --threads client threads (httpx); wall time -> requests/s, each request's
@@ -74,16 +75,34 @@ def write_checkpoint(size: str, tmp: Path) -> Path:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         tok_dir = write_gpt2_tokenizer(tmp / "gpt2-tokenizer")
+        clip_dir = write_random_clip("ViT-B-32", tmp / "clip")
         config = ModelConfig(
             mapping="mlp",
             prefix_length=10,
             prefix_size=512,
-            clip_model="ViT-B-32",
+            clip_model=f"local-dir:{clip_dir}",
             clip_pretrained=None,
             gpt2=str(tok_dir),
         )
         gpt = GPT2LMHeadModel(GPT2Config())
     return checkpoint.save(ClipCaptionModel(config, gpt).eval(), tmp / f"{size}.safetensors")
+
+
+def write_random_clip(name: str, folder: Path) -> Path:
+    """open_clip ``name`` with random weights as a ``local-dir:`` folder: the CLI's process and the server's
+    then load the same CLIP (``pretrained=None`` would draw other random weights in each)."""
+    import open_clip
+    import torch
+    from conftest import OPENAI_MEAN, OPENAI_STD
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -156,6 +175,7 @@ def run_server(ckpt: Path, paths: list[Path], args: argparse.Namespace, expected
         latencies: list[float] = []
         errors: list[str] = []
         same = [0]
+        differ: list[dict] = []
         lock = threading.Lock()
         counter = iter(range(args.requests))
 
@@ -177,6 +197,8 @@ def run_server(ckpt: Path, paths: list[Path], args: argparse.Namespace, expected
                             errors.append(detail)
                         elif r.json()["caption"] == expected[name]:
                             same[0] += 1
+                        elif len(differ) < 3:
+                            differ.append({"image": name, "cli": expected[name], "server": r.json()["caption"]})
 
         threads = [threading.Thread(target=client_thread) for _ in range(args.threads)]
         start = time.perf_counter()
@@ -205,6 +227,7 @@ def run_server(ckpt: Path, paths: list[Path], args: argparse.Namespace, expected
         "mean_batch_size": round((after["images"] - before["images"]) / max(batches, 1), 3),
         "largest_batch": after["largest_batch"],
         "same_caption_as_cli": same[0],
+        "first_differences": differ,
         "exit_code_after_sigterm": code,
     }
 

@@ -123,11 +123,17 @@ def test_json_base64_and_url_give_the_same_record_fields(server, photos, monkeyp
             by_b64 = client.post("/caption", json={"base64": base64.b64encode(data).decode(), "max_length": 6})
             by_url = client.post("/caption", json={"url": url, "max_length": 6})
             beams = client.post("/caption", json={"url": url, "max_length": 6, "strategy": "beam", "num_captions": 2})
+            part = {"type": "image_url", "image_url": {"url": url}}
+            chat = client.post(
+                "/v1/chat/completions",
+                json={"model": "tiny", "messages": [{"role": "user", "content": [part]}], "max_tokens": 6},
+            )
     finally:
         httpd.shutdown()
     assert by_b64.status_code == by_url.status_code == beams.status_code == 200, (by_b64.text, by_url.text)
     assert by_b64.json()["path"] is None and by_url.json()["path"] == url
     assert by_b64.json()["caption"] == by_url.json()["caption"]
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == by_url.json()["caption"]
     assert set(beams.json()) == {"path", "caption", "score", "error", "captions", "scores"}  # the CLI's -n record
     assert len(beams.json()["captions"]) == 2
 
