@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny", help="the model (random weights)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--threads", type=int, default=16, help="client threads sending at once")
-    parser.add_argument("--images", type=int, default=32, help="distinct images, cycled through by the requests")
+    parser.add_argument("--images", type=int, default=64, help="distinct images, cycled through by the requests")
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)

@@ -2,7 +2,7 @@
 
 ``ServeOptions`` holds every server default (the CLI reads them from here). ``batcher.Batcher`` is the
 one thread that owns the model: requests put their preprocessed image in its queue, and it captions
-whatever arrived together as one batch. ``requests`` turns request bodies into images and decoding
+whatever arrived together as one batch. ``protocol`` turns request bodies into images and decoding
 options (no web framework in it); ``app`` is the FastAPI application over both. FastAPI, uvicorn and
 python-multipart come with the ``serve`` extra (``pip install 'clipcap-cli[serve]'``).
 """
@@ -36,6 +36,11 @@ class ServeOptions:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The most bytes a request body may have: base64 is 4/3 of the image, plus 64 KB for the form or JSON."""
+        return self.max_upload_bytes * 4 // 3 + 65536
 
     def check(self) -> None:
         """Raise ``UsageError`` for values that cannot work."""

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clipcap_cli.records import make_record
 from clipcap_cli.serve import ServeOptions
 from clipcap_cli.serve.batcher import Batcher, BatcherClosed, captioner_runner
-from clipcap_cli.serve.requests import (
+from clipcap_cli.serve.protocol import (
     RequestError,
     chat_completion,
     decode_base64,
@@ -62,7 +62,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = _error(RequestError(413, self._message(), param="body"))
+            response = _error(body_too_large(self.max_bytes))
             return await response(scope, receive, send)
         seen = 0
 
@@ -77,8 +77,11 @@ class BodyLimit:
 
         return await self.app(scope, limited, send)
 
-    def _message(self) -> str:
-        return f"request body too large: at most {self.max_bytes / (1024 * 1024):.1f} MB here (--max-upload-mb)"
+
+def body_too_large(limit: int) -> RequestError:
+    return RequestError(
+        413, f"request body too large: at most {limit / (1024 * 1024):.2f} MB here (--max-upload-mb)", param="body"
+    )
 
 
 def _error(exc: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -120,7 +123,6 @@ def create_app(
             raise RequestError(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error")
 
     app = FastAPI(title="clipcap", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
     guarded = [Depends(authorize)]
 
     @app.exception_handler(RequestError)
@@ -130,14 +132,7 @@ def create_app(
 
     @app.exception_handler(_BodyTooLarge)
     async def _too_large(_: Request, exc: _BodyTooLarge) -> JSONResponse:
-        limit = options.max_upload_bytes * 4 // 3 + 65536
-        return _error(
-            RequestError(
-                413,
-                f"request body too large: at most {limit / (1024 * 1024):.1f} MB here (--max-upload-mb)",
-                param="body",
-            )
-        )
+        return _error(body_too_large(options.max_body_bytes))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -189,6 +184,7 @@ def create_app(
             "model": model,
             "device": str(captioner.device),
             "queued": batcher.waiting,
+            "in_flight": batcher.in_flight,
             "batches": s.batches,
             "images": s.images,
             "mean_batch_size": round(s.mean_batch_size, 3),
@@ -235,7 +231,7 @@ def create_app(
             raise RequestError(500, "the model produced a non-finite score: check its weights", "server_error")
         return JSONResponse(chat_completion(result, model, asked.options, captioner.config.prefix_length))
 
-    return BodyLimit(app, options.max_upload_bytes * 4 // 3 + 65536)  # base64 is 4/3 of the bytes, plus the form
+    return BodyLimit(app, options.max_body_bytes)
 
 
 def _finite(x: float) -> bool:

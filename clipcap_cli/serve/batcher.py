@@ -78,6 +78,7 @@ class Batcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._open = 0  # submitted, not yet answered
         self._thread = threading.Thread(target=self._work, name="clipcap-batcher", daemon=True)
 
     def start(self) -> Batcher:
@@ -96,6 +97,12 @@ class Batcher:
         with self._cond:
             return len(self._queue)
 
+    @property
+    def in_flight(self) -> int:
+        """Jobs submitted and not answered yet (queued, being gathered, or running)."""
+        with self._cond:
+            return self._open
+
     def submit(self, pixels: torch.Tensor, options: DecodingOptions) -> Future:
         """Queue one image; the future's result is its ``DecodingResult``. ``future.cancel()`` drops a
         job the worker has not taken yet (a request that timed out)."""
@@ -104,8 +111,14 @@ class Batcher:
             if self._closing:
                 raise BatcherClosed("the server is shutting down")
             self._queue.append(job)
+            self._open += 1
             self._cond.notify()
+        job.future.add_done_callback(self._answered)
         return job.future
+
+    def _answered(self, _: Future) -> None:
+        with self._cond:
+            self._open -= 1
 
     def close(self, timeout: float | None = None) -> None:
         """Take no new jobs, finish the queued ones, and stop the worker."""
