@@ -50,6 +50,7 @@ def _field_types() -> dict[str, tuple[type, bool]]:
 
 
 OPTION_TYPES = _field_types()
+WANT = {str: "a string", int: "an integer", float: "a number"}  # for error messages
 OPTION_FIELDS = tuple(OPTION_TYPES)
 
 
@@ -65,7 +66,7 @@ def _convert(name: str, value: Any, from_text: bool) -> Any:
         except ValueError:
             raise RequestError(
                 400,
-                f"{name} must be {kind.__name__ == 'int' and 'an integer' or 'a number'}, got {value!r}",
+                f"{name} must be {WANT[kind]}, got {value!r}",
                 param=name,
             ) from None
     if kind is str and isinstance(value, str):
@@ -74,8 +75,7 @@ def _convert(name: str, value: Any, from_text: bool) -> Any:
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    want = {"str": "a string", "int": "an integer", "float": "a number"}[kind.__name__]
-    raise RequestError(400, f"{name} must be {want}, got {value!r}", param=name)
+    raise RequestError(400, f"{name} must be {WANT[kind]}, got {value!r}", param=name)
 
 
 def decoding_options(
