@@ -131,3 +131,26 @@ def test_precision_benchmark_dry_run(monkeypatch):
         assert rows["fp32"]["x_fp32"] == 1 and rows["fp32"]["identical_to_fp32"] == 3
         assert rows["fast"] == rows["int8"] and rows["bf16"] == rows["fp32"] | {"runs_as": "fp32"}
         assert all(r["images_per_s"] > 0 and 0 <= r["identical_to_fp32"] <= 3 for r in rows.values())
+
+
+def test_serve_benchmark_dry_run():
+    """benchmarks/bench_serve.py --dry-run: the tiny model served under 4 client threads, no error, the
+    CLI's captions, batches formed, and a clean exit on SIGTERM."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    server = report["server"]
+    assert report["dry_run"] is True and report["model"] == "tiny" and report["cpu"]
+    assert server["requests"] == 24 and server["errors"] == 0, server["first_errors"]
+    assert server["same_caption_as_cli"] == 24  # every answer is the CLI's caption for that image
+    assert 1 <= server["mean_batch_size"] <= server["largest_batch"] <= report["max_batch"]
+    assert 0 < server["p50_ms"] <= server["p95_ms"] and server["requests_per_s"] > 0 and report["cli_images_per_s"] > 0
+    assert server["exit_code_after_sigterm"] == 0

@@ -14,6 +14,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("caption", "caption"),
     ("eval", "eval"),
     ("inspect", "inspect"),
+    ("serve", "serve"),
     ("info", "info"),
 ]
 
