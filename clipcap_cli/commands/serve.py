@@ -10,6 +10,7 @@ from typing_extensions import Annotated
 from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
+    DeviceOption,
     Gpt2Option,
     ModelOption,
     NormalizePrefixOption,
@@ -46,15 +47,7 @@ def command(
             rich_help_panel="Model",
         ),
     ] = DEFAULT_PRECISION,
-    device: Annotated[
-        Optional[str],
-        typer.Option(
-            "--device",
-            help="cpu, cuda, cuda:N or mps (default: the best available).",
-            rich_help_panel="Model",
-            show_default=False,
-        ),
-    ] = None,
+    device: DeviceOption = None,
     host: Annotated[
         str,
         typer.Option(
