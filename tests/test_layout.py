@@ -12,12 +12,12 @@ MAX_LINES = 520  # "about 500 lines"
 TOO_LONG_TODAY = {
     "evaluation.py": 605,
     "metrics.py": 660,
-    "features.py": 820,
+    "features.py": 740,
     "download.py": 815,
     "sharded.py": 640,
     "decoding.py": 620,
-    "caption.py": 620,
-    "eval.py": 540,
+    "caption.py": 530,
+    "eval.py": 525,
 }
 
 
