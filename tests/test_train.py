@@ -348,7 +348,7 @@ def test_long_captions_are_truncated_with_one_warning(tmp_path, tiny_clip_dir, t
     rec = Recorder()
     train.train(tiny_opts(tiny_gpt2_dir, epochs=1), folder, tmp_path / "run", callback=rec)
     # tiny GPT-2 has a 128-position window; K=4 leaves 124 tokens for a caption
-    assert rec.warnings == ["3 caption(s) longer than 124 tokens were truncated"]
+    assert [w for w in rec.warnings if "truncated" in w] == ["3 caption(s) longer than 124 tokens were truncated"]
     assert len(rec.losses) == 2 and all(math.isfinite(x) for x in rec.losses.values())
 
 
@@ -534,3 +534,13 @@ def test_default_warmup_is_the_originals_but_never_most_of_a_short_run():
     assert auto_warmup(None, 300) == 30  # a small collection reaches its peak learning rate
     assert auto_warmup(None, 5) == 1
     assert auto_warmup(0, 300) == 0 and auto_warmup(7000, 300) == 7000  # given: as given
+
+
+def test_a_run_of_few_steps_says_so_once(store, tmp_path, tiny_gpt2_dir):
+    rec = Recorder()
+    train.train(tiny_opts(tiny_gpt2_dir, epochs=1), store, tmp_path / "run", callback=rec)
+    [few] = [w for w in rec.warnings if "optimizer step" in w]
+    assert few.startswith(f"this run has only {rec.start.total_steps} optimizer step(s)") and "--batch-size" in few
+    resumed = Recorder()
+    train.train(tiny_opts(tiny_gpt2_dir, epochs=1), store, tmp_path / "run", resume=True, callback=resumed)
+    assert not [w for w in resumed.warnings if "optimizer step" in w]  # said at the start only

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
 ADAM_EPS = 1e-6
 DEFAULT_WARMUP = 5000  # the original's warm-up steps (see auto_warmup)
+FEW_STEPS = 100  # a run with fewer optimizer steps is warned that it will learn little
 LOSS_EMA = 0.95  # smoothing of the loss shown while training
 
 
@@ -342,6 +343,12 @@ def _start(t: Trainer, cb: TrainCallback) -> None:
             )
         if t.data.truncated:
             cb.on_warning(f"{t.data.truncated} caption(s) longer than {t.data.max_tokens} tokens were truncated")
+        if t.total_steps < FEW_STEPS and t.pos.step == 0:
+            cb.on_warning(
+                f"this run has only {t.total_steps} optimizer step(s) ({len(t.data.train)} captions, "
+                f"{t.global_batch} a step, {t.opts.epochs} epoch(s)): a small collection learns little that way; "
+                "lower --batch-size or raise --epochs"
+            )
         cb.on_start(
             StartInfo(
                 out_dir=t.out,
