@@ -55,6 +55,11 @@ def read_collection(
     by_location: dict[str, dict] = {}
     unpaired, described = Unpaired(), []
     for source in sources:
+        if fmt == "auto" and Path(source).suffix.lower() == ".txt" and Path(source).is_file():
+            raise UsageError(
+                f"{source} is a text file: to train on captions alone (no images) add --from-text; for images, "
+                "give a folder of images with sidecar captions, a manifest, a COCO file or webdataset shards"
+            )
         ds = read_dataset(source, images, fmt, split, recursive)
         described.append(ds.describe())
         unpaired.extend(ds.unpaired)
@@ -160,6 +165,8 @@ def encode_captions(
         )
         records += rows
         described.append(about["source"])
+    if not text_features.caption_records(records)[0]:
+        raise UsageError(f"no captions in {', '.join(str(s) for s in sources)}: nothing to train on")
     h = hashlib.sha256()
     clip = [options.clip_model, options.clip_pretrained, clip_activation(options.clip_model, options.clip_pretrained)]
     h.update(json.dumps([*clip, clip_weights_sha256(options.clip_model, options.clip_pretrained)]).encode())

@@ -287,3 +287,17 @@ def test_extract_reads_webdataset_shards(tmp_path: Path, tiny_clip_dir: Path):
         ("1b", []),
     ]
     assert fs.embeddings.shape[0] == 4 and fs.meta["dataset_format"] == "webdataset"
+
+
+def test_a_caption_file_without_from_text_and_a_source_without_captions_with_it(tmp_path: Path):
+    from clipcap_cli.text_features import TextExtractOptions
+
+    lines = tmp_path / "captions.txt"
+    lines.write_text("a cat.\n")
+    with pytest.raises(UsageError, match="captions.txt is a text file: to train on captions alone .* add --from-text"):
+        collection.read_collection([lines])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "x.png").write_bytes(_png((1, 1, 1)))
+    with pytest.raises(UsageError, match="no captions in .*bare: nothing to train on"):  # before any CLIP is loaded
+        collection.encode_captions([bare], TextExtractOptions(clip_model="ViT-B-32", clip_pretrained="openai"))
