@@ -25,10 +25,11 @@ or several of these; their images are encoded with CLIP once into a cached store
 the CLIP), so a second run or a resume does not encode again. DATA may also be one features store.
 
 Writes RUN/epoch-NNN.safetensors (usable as [bold]clipcap caption --model[/] with no other flags),
-RUN/best.safetensors (the lowest held-out loss), RUN/metrics.jsonl, RUN/samples.jsonl (captions of a few
-held-out images at each epoch's end), RUN/report.html (loss curves and samples), RUN/config.json and RUN/resume.pt. Ctrl-C saves the run; [bold]--resume[/] continues
-it with the same schedule and data order. Defaults are the original ClipCap's (MLP, K=10, lr 2e-5,
-5000 warm-up steps or a tenth of a shorter run, batch 40, 10 epochs). Multi-GPU: launch with torchrun (one process per GPU) on a store.
+RUN/best.safetensors (the lowest held-out loss), RUN/metrics.jsonl, RUN/samples.jsonl (captions of a few held-
+out images at each epoch's end), RUN/report.html (loss curves and samples), RUN/config.json and RUN/resume.pt.
+Ctrl-C saves the run; [bold]--resume[/] continues it with the same schedule and data order. Defaults are the
+original ClipCap's (MLP, K=10, lr 2e-5, 5000 warm-up steps or a tenth of a shorter run, batch 40, 10 epochs).
+Multi-GPU: launch with torchrun (one process per GPU) on a store.
 
 Example: [bold]clipcap train photos/ --out runs/mine --epochs 5[/]
 Example: [bold]clipcap train feats/coco-train --out runs/mlp[/]
