@@ -122,24 +122,38 @@ def encode_collection(
     *,
     stores: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    poll: float = 2.0,
 ) -> ExtractResult:
     """The features store of ``collection``: extracted into ``stores/KEY`` (clipcap's data directory
-    by default) unless a complete one is there already. Interrupted, it resumes like ``extract``."""
-    from clipcap_cli import features, paths
+    by default) unless a complete one is there already. Interrupted, it resumes like ``extract``.
 
-    if options.shard[1] > 1:
-        raise UsageError(
-            "training straight from images runs in one process: under torchrun, extract the features first "
-            "(torchrun ... -m clipcap_cli extract DATA --out STORE), then train on STORE"
-        )
+    With ``options.shard = (i, n)`` (the processes of a torchrun job) each process encodes its share of
+    the chunks; process 0 then joins them into the store once every share is written, and the others
+    wait for the store (checking every ``poll`` seconds). torchrun stops the whole job if one fails.
+    """
     import dataclasses
+    import time
+
+    from clipcap_cli import features, paths
 
     # Sharded, so that training holds a few shards in memory, never the whole collection (train/stream.py).
     options = dataclasses.replace(options, shard_size=options.shard_size or SHARD_IMAGES)
     key = collection_key(collection.records, options)
     out = (stores if stores is not None else paths.home() / STORES_DIR) / key[:24]
     source = {"source": [s["source"] for s in collection.sources], "dataset_format": "collection"}
-    return features.extract(collection.records, "/", out, options, source=source, on_progress=on_progress)
+    first, n = options.shard[0] == 0, options.shard[1]
+    while True:
+        result = features.extract(
+            collection.records, "/", out, options, source=source, on_progress=on_progress, merge=first
+        )
+        if result.complete or n == 1:
+            return result
+        on_progress = None  # this process's share is done: the rest is waiting for the others
+        while not first and not features.store_is_complete(out):
+            time.sleep(poll)
+        if not first:
+            return features.ExtractResult(out, complete=True, noop=True, records=len(collection.records))
+        time.sleep(poll)
 
 
 def encode_captions(

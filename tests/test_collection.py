@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -254,12 +255,6 @@ def test_train_data_mistakes_are_one_line_errors(tmp_path: Path, tiny_clip_dir: 
         assert result.exit_code == 2 and message in result.stderr, (message, result.output)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    result = runner.invoke(app, ["train", str(photos), *args])
-    assert result.exit_code == 2 and "extract the features first" in result.stderr, result.output
-
 
 def test_extract_reads_webdataset_shards(tmp_path: Path, tiny_clip_dir: Path):
     from typer.testing import CliRunner
@@ -301,3 +296,36 @@ def test_a_caption_file_without_from_text_and_a_source_without_captions_with_it(
     (bare / "x.png").write_bytes(_png((1, 1, 1)))
     with pytest.raises(UsageError, match="no captions in .*bare: nothing to train on"):  # before any CLIP is loaded
         collection.encode_captions([bare], TextExtractOptions(clip_model="ViT-B-32", clip_pretrained="openai"))
+
+
+def test_processes_of_a_job_encode_their_shares_and_the_first_joins_them(tmp_path: Path, tiny_clip_dir: Path):
+    """What `train DATA` does under torchrun: process i encodes chunks c % n == i; process 0 writes the
+    store once every share is there; the others wait for it. The store equals one process's."""
+    import threading
+
+    import torch
+
+    from clipcap_cli.features import load_features
+
+    coll = collection.read_collection([_captioned_folder(tmp_path / "photos", n=7)])
+    opts = ExtractOptions(clip_model=f"local-dir:{tiny_clip_dir}", clip_pretrained=None, workers=0, device="cpu")
+    alone = collection.encode_collection(coll, replace(opts, shard_size=2), stores=tmp_path / "one")
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def process(i: int) -> None:
+        try:
+            part = replace(opts, shard_size=2, shard=(i, 2))
+            results[i] = collection.encode_collection(coll, part, stores=tmp_path / "two", poll=0.05)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in (1, 0)]  # the waiting one starts first
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and all(r.complete for r in results.values()), (errors, results)
+    together, single = load_features(results[0].out), load_features(alone.out)
+    assert results[0].out.name == alone.out.name  # the same key: the same data and CLIP
+    assert torch.equal(together.embeddings, single.embeddings) and together.records == single.records

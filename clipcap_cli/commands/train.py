@@ -437,7 +437,9 @@ def _store(
             warn(f"{role} data: skipped {what} (listed in {listed})")
     if not quiet and place.rank == 0:
         stderr.print(f"{role} data: {len(coll.records)} captioned images, {coll.captions} captions", highlight=False)
-    clip_opts = dataclasses.replace(clip_opts, shard=(place.rank, place.world_size))
+    # Under torchrun every process encodes its share of the images, then the first joins them (collection.py).
+    device = clip_opts.device or distributed.local_device()
+    clip_opts = dataclasses.replace(clip_opts, shard=(place.rank, place.world_size), device=device)
     progress = item_progress("images", quiet or place.rank != 0)
     task = progress.add_task(f"encoding {role} images", total=None)
     started = False
