@@ -163,10 +163,15 @@ def encode_captions(
     reading: dict[str, Any] | None = None,
     stores: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    place: tuple[int, int] = (0, 1),
+    poll: float = 2.0,
 ) -> TextExtractResult:
     """Text-only training's store (CapDec): every caption of ``sources`` (``.txt`` files of lines, or any
     dataset file; no image is read) encoded by CLIP's text tower into ``stores/text-KEY``, where KEY
-    covers the captions and the CLIP. A complete store with the same key is reused."""
+    covers the captions and the CLIP. A complete store with the same key is reused.
+
+    ``place = (rank, world)``: in a torchrun job the first process encodes (text is fast) while the
+    others wait for its store, checking every ``poll`` seconds."""
     from clipcap_cli import paths, text_features
     from clipcap_cli.backbones import clip_activation
     from clipcap_cli.features import clip_weights_sha256
@@ -188,4 +193,12 @@ def encode_captions(
         h.update(json.dumps(r["captions"], ensure_ascii=False).encode())
     out = (stores if stores is not None else paths.home() / STORES_DIR) / f"text-{h.hexdigest()[:24]}"
     source = {"source": described, "dataset_format": "captions"}
+    if place[0] != 0:
+        import time
+
+        from clipcap_cli.features import store_is_complete
+
+        while not store_is_complete(out):
+            time.sleep(poll)
+        on_progress = None
     return text_features.extract_text(records, out, options, source=source, on_progress=on_progress)

@@ -329,3 +329,24 @@ def test_processes_of_a_job_encode_their_shares_and_the_first_joins_them(tmp_pat
     together, single = load_features(results[0].out), load_features(alone.out)
     assert results[0].out.name == alone.out.name  # the same key: the same data and CLIP
     assert torch.equal(together.embeddings, single.embeddings) and together.records == single.records
+
+
+def test_text_stores_are_encoded_by_the_first_process_while_the_others_wait(tmp_path: Path, tiny_clip_dir: Path):
+    import threading
+
+    from clipcap_cli.text_features import TextExtractOptions
+
+    lines = tmp_path / "captions.txt"
+    lines.write_text("a red square.\na blue circle.\n")
+    opts = TextExtractOptions(clip_model=f"local-dir:{tiny_clip_dir}", clip_pretrained=None, device="cpu")
+    results: dict[int, object] = {}
+
+    def process(rank: int) -> None:
+        results[rank] = collection.encode_captions([lines], opts, stores=tmp_path / "s", place=(rank, 2), poll=0.05)
+
+    waiting = threading.Thread(target=process, args=(1,))
+    waiting.start()
+    process(0)
+    waiting.join(timeout=60)
+    assert not results[0].noop and results[1].noop and results[0].out == results[1].out  # encoded once
+    assert results[1].captions == 2

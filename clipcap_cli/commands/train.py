@@ -423,7 +423,7 @@ def _store(
 
         paths.home()  # where the encoded store goes: an unusable data directory says so before any work
     if from_text:
-        return _text_store(given, clip_opts, reading, stores, role, quiet)
+        return _text_store(given, clip_opts, reading, stores, role, quiet or place.rank != 0, place)
     coll = collection.read_collection(given, **reading)
     n_unpaired = sum(coll.unpaired.counts().values())
     if n_unpaired and place.rank == 0:
@@ -468,7 +468,13 @@ def _store(
 
 
 def _text_store(
-    given: list[str], clip_opts: ExtractOptions, reading: dict[str, Any], stores: Path | None, role: str, quiet: bool
+    given: list[str],
+    clip_opts: ExtractOptions,
+    reading: dict[str, Any],
+    stores: Path | None,
+    role: str,
+    quiet: bool,
+    place: Any,
 ) -> Path:
     """``--from-text``: DATA's captions as a cached CLIP text store (CapDec)."""
     from clipcap_cli import collection
@@ -488,7 +494,7 @@ def _text_store(
     try:
         result = collection.encode_captions(
             given, options, reading={k: reading[k] for k in ("images", "fmt", "split")}, stores=stores,
-            on_progress=on_progress,
+            on_progress=on_progress, place=(place.rank, place.world_size),
         )  # fmt: skip
     finally:
         progress.stop()
