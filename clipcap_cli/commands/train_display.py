@@ -114,7 +114,11 @@ class Display(TrainCallback):
         table.add_column("generated", style="bold", overflow="fold")
         table.add_column("reference", overflow="fold")
         for s in samples:
-            table.add_row(Text(s.image), Text(s.caption.strip()), Text(s.references[0] if s.references else ""))
+            table.add_row(
+                Text(_short(s.image)),
+                Text(_short(s.caption.strip())),
+                Text(_short(s.references[0] if s.references else "")),
+            )
         self.progress.console.print(table)
 
     def on_end(self, result: TrainResult, model: Any) -> None:
@@ -134,3 +138,11 @@ class Display(TrainCallback):
     def _print(self, message: str) -> None:
         if not self.quiet:
             self.progress.console.print(message, highlight=False)
+
+
+SHOWN_CHARS = 100  # a sample cell on the terminal (samples.jsonl and report.html keep the whole text)
+
+
+def _short(text: str) -> str:
+    """An untrained model repeats a word up to the length limit: the table shows the start of it."""
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
