@@ -104,7 +104,7 @@ def test_defaults_are_the_original_recipe():
         8,
         False,
     )
-    from clipcap_cli.train.loop import auto_warmup
+    from clipcap_cli.train.options import auto_warmup
 
     assert auto_warmup(o.warmup, 10 * 10_000) == 5000  # on COCO-sized runs (below: a tenth of shorter ones)
     assert (o.epochs, o.batch_size, o.lr, auto_warmup(o.warmup, 100_000), o.weight_decay, o.save_every, m.gpt2) == (
@@ -528,7 +528,7 @@ def test_cli_trains_resumes_and_reports(tmp_path, store, tiny_gpt2_dir):
 
 
 def test_default_warmup_is_the_originals_but_never_most_of_a_short_run():
-    from clipcap_cli.train.loop import auto_warmup
+    from clipcap_cli.train.options import auto_warmup
 
     assert auto_warmup(None, 100_000) == 5000  # COCO-sized runs keep the original's schedule exactly
     assert auto_warmup(None, 300) == 30  # a small collection reaches its peak learning rate

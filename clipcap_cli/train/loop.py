@@ -31,14 +31,13 @@ from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.train import monitor, noise, state
 from clipcap_cli.train.callbacks import Callbacks, MetricsLog, StartInfo, StepInfo, TrainCallback, TrainResult
 from clipcap_cli.train.data import Batch
-from clipcap_cli.train.options import TrainOptions
+from clipcap_cli.train.options import TrainOptions, auto_warmup
 from clipcap_cli.train.rundata import TrainData, load_data
 from clipcap_cli.train.state import RESUME_FILE, Position
 
 log = logging.getLogger(__name__)
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
 ADAM_EPS = 1e-6
-DEFAULT_WARMUP = 5000  # the original's warm-up steps (see auto_warmup)
 FEW_STEPS = 100  # a run with fewer optimizer steps is warned that it will learn little
 LOSS_EMA = 0.95  # smoothing of the loss shown while training
 
@@ -56,17 +55,6 @@ class TrainingInterrupted(ClipCapError):
         super().__init__(message)
         self.out_dir = out_dir
         self.step = step
-
-
-def auto_warmup(warmup: int | None, total_steps: int) -> int:
-    """``--warmup`` as given, or by default the original's 5000 steps, cut to a tenth of a shorter run.
-
-    The original's 5000 suits COCO (about 100 k steps in 10 epochs; unchanged here). A run of a few hundred
-    steps would otherwise end before its learning rate got anywhere near ``--lr``.
-    """
-    if warmup is not None:
-        return warmup
-    return min(DEFAULT_WARMUP, max(1, total_steps // 10))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
