@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -33,20 +32,11 @@ from bench_caption import build, make_images  # noqa: E402  (the caption benchma
 from bench_sharded import build_tiny, timed  # noqa: E402
 
 from clipcap_cli import embeddings_in, output, records  # noqa: E402
+from clipcap_cli.cpu import cpu_name  # noqa: E402
 from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.inputs import Source  # noqa: E402
 from clipcap_cli.sharded import make_record  # noqa: E402
 from clipcap_cli.shards import seed_id  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def store(captioner, paths: list[Path], root: Path) -> Path:

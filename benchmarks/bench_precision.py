@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_check import build  # noqa: E402  (full-size or tiny random models, the real tokenizer)
 
 from clipcap_cli.captioner import Captioner  # noqa: E402
-from clipcap_cli.cpu import capability  # noqa: E402
+from clipcap_cli.cpu import capability, cpu_name  # noqa: E402
 from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.precision import apply_clip_precision, apply_precision, resolve_precision  # noqa: E402
 
@@ -54,16 +53,6 @@ def with_precision(base: Captioner, precision: str) -> Captioner:
     resolved = apply_precision(model, precision)
     apply_clip_precision(clip, resolved, base.device)
     return Captioner(model, clip, base.preprocess_image, base.tokenizer, base.device)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

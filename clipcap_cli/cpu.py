@@ -79,3 +79,16 @@ def _linux_flags() -> set[str] | None:
         if key.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the lines that report a measured speed (Linux: /proc/cpuinfo)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
