@@ -350,3 +350,14 @@ def test_text_stores_are_encoded_by_the_first_process_while_the_others_wait(tmp_
     waiting.join(timeout=60)
     assert not results[0].noop and results[1].noop and results[0].out == results[1].out  # encoded once
     assert results[1].captions == 2
+
+
+def test_the_dataset_format_option_names_every_format_the_readers_take():
+    """Declared once for extract and train (commands/options.py); its help must not drift from datasets.FORMATS."""
+    from typing import get_args
+
+    from clipcap_cli.commands.options import DatasetFormatOption
+    from clipcap_cli.datasets import FORMATS
+
+    help_text = get_args(DatasetFormatOption)[1].help
+    assert [f for f in FORMATS if f not in help_text] == []

@@ -10,7 +10,17 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli import distributed
-from clipcap_cli.commands.options import DeviceOption, ImageWorkersOption, JsonOption, QuietOption, deprecated_alias
+from clipcap_cli.commands.options import (
+    DatasetFormatOption,
+    DeviceOption,
+    ImagesRootOption,
+    ImageWorkersOption,
+    JsonOption,
+    QuietOption,
+    RecursiveOption,
+    SplitOption,
+    deprecated_alias,
+)
 from clipcap_cli.features import ExtractOptions
 
 HELP = """Encode a dataset's images with CLIP once per image and write a features store for `train` and `eval`.
@@ -45,34 +55,16 @@ def command(
             show_default=False,
         ),
     ] = None,
-    images: Annotated[
-        Optional[Path],
-        typer.Option("--images", "-i", help="Images root (default: the dataset file's folder).", rich_help_panel=DATA),
-    ] = None,
+    images: ImagesRootOption = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Features directory to write.", rich_help_panel=RUN)
     ] = None,
-    dataset_format: Annotated[
-        str,
-        typer.Option(
-            "--dataset-format",
-            help="auto, coco, karpathy, caption-list, csv, tsv, jsonl, folder or webdataset.",
-            rich_help_panel=DATA,
-        ),
-    ] = "auto",
+    dataset_format: DatasetFormatOption = "auto",
     format_: Annotated[
         Optional[str], typer.Option("--format", hidden=True, help="Old spelling of --dataset-format.")
     ] = None,  # before 0.3: --dataset-format
-    split: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Karpathy split: train, val, test, restval, train+restval (ClipCap's 'train') or all.",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    recursive: Annotated[
-        bool, typer.Option("--recursive", "-r", help="Folders: include subfolders.", rich_help_panel=DATA)
-    ] = False,
+    split: SplitOption = None,
+    recursive: RecursiveOption = False,
     text: Annotated[
         bool,
         typer.Option(

@@ -7,6 +7,7 @@ merges it into the new one and says so on stderr.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -84,6 +85,33 @@ ImageWorkersOption = Annotated[
         rich_help_panel=SPEED,
         show_default=False,
     ),
+]
+# How a dataset is read (extract, and train given images): datasets.read_dataset's arguments.
+DATASET = "Dataset"
+ImagesRootOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--images", "-i", help="Images root for dataset files (default: the file's folder).", rich_help_panel=DATASET
+    ),
+]
+DatasetFormatOption = Annotated[
+    str,
+    typer.Option(
+        "--dataset-format",
+        help="auto, coco, karpathy, caption-list, csv, tsv, jsonl, folder or webdataset.",
+        rich_help_panel=DATASET,
+    ),
+]
+SplitOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--split",
+        help="Karpathy split: train, val, test, restval, train+restval (ClipCap's 'train') or all.",
+        rich_help_panel=DATASET,
+    ),
+]
+RecursiveOption = Annotated[
+    bool, typer.Option("--recursive", "-r", help="Image folders: include subfolders.", rich_help_panel=DATASET)
 ]
 QuietOption = Annotated[
     bool,

@@ -10,7 +10,14 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from clipcap_cli.commands.options import ClipPretrainedOption, deprecated_alias
+from clipcap_cli.commands.options import (
+    ClipPretrainedOption,
+    DatasetFormatOption,
+    ImagesRootOption,
+    RecursiveOption,
+    SplitOption,
+    deprecated_alias,
+)
 from clipcap_cli.commands.train_display import Display
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.features import ExtractOptions
@@ -74,27 +81,10 @@ def command(
             rich_help_panel=DATA,
         ),
     ] = None,
-    images: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--images", "-i", help="Images root for manifests (default: the file's folder).", rich_help_panel=DATA
-        ),
-    ] = None,
-    dataset_format: Annotated[
-        str,
-        typer.Option(
-            "--dataset-format",
-            help="auto, coco, karpathy, caption-list, csv, tsv, jsonl, folder or webdataset.",
-            rich_help_panel=DATA,
-        ),
-    ] = "auto",
-    split: Annotated[
-        Optional[str],
-        typer.Option("--split", help="Karpathy split to train on (e.g. train+restval).", rich_help_panel=DATA),
-    ] = None,
-    recursive: Annotated[
-        bool, typer.Option("--recursive", "-r", help="Image folders: include subfolders.", rich_help_panel=DATA)
-    ] = False,
+    images: ImagesRootOption = None,
+    dataset_format: DatasetFormatOption = "auto",
+    split: SplitOption = None,
+    recursive: RecursiveOption = False,
     features_dir: Annotated[
         Optional[Path],
         typer.Option(
