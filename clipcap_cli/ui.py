@@ -143,11 +143,18 @@ class WarningsToStderr(logging.Handler):
 
 
 def show_core_warnings() -> None:
+    """Route the core's log warnings to stderr. The logger's own level is set, so that a library that
+    raises the root logger's level (or disables existing loggers) cannot hide them."""
     logger = logging.getLogger("clipcap_cli")
     if not any(isinstance(h, WarningsToStderr) for h in logger.handlers):
         handler = WarningsToStderr(level=logging.WARNING)
         logger.addHandler(handler)
         logger.propagate = False
+    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    for name, child in logging.Logger.manager.loggerDict.items():
+        if name.startswith("clipcap_cli") and isinstance(child, logging.Logger):
+            child.disabled = False
 
 
 def complete_model(incomplete: str) -> list[str]:

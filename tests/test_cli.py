@@ -176,3 +176,20 @@ def test_inspect_takes_the_model_options():
     help_text = CliRunner().invoke(app, ["inspect", "--help"], env={"COLUMNS": "200"}).stdout
     for flag in ("--clip", "--clip-pretrained", "--gpt2", "--normalize-prefix"):
         assert flag in help_text
+
+
+def test_core_warnings_reach_stderr_when_a_library_raises_the_root_level(capsys):
+    """A library that sets the root logger to ERROR (one did, in the suite) must not hide clipcap's warnings."""
+    import logging
+
+    from clipcap_cli.ui import show_core_warnings
+
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        show_core_warnings()
+        logging.getLogger("clipcap_cli.some_module").warning("the user should know this")
+    finally:
+        root.setLevel(saved)
+    assert "warning: the user should know this" in capsys.readouterr().err
