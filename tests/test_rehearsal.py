@@ -66,13 +66,15 @@ def _records(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("extra", [[], ["--model", "conceptual"], ["--model", "coco-transformer"]])
+# The MLP and the transformer mapper; "conceptual" is the same MLP architecture in another file (its
+# registry entry differs from coco's only in its file name and hash, and the conversion is the same code).
+@pytest.mark.parametrize("extra", [[], ["--model", "coco-transformer"]])
 def test_readme_caption_commands_work_offline_on_the_real_layouts(run, planted: Path, extra: list[str]):
     """`clipcap caption photo.jpg` exactly as in the README (the first use converts the download)."""
     [record] = _records(run("caption", "photo.jpg", *extra))
     assert record["path"] == "photo.jpg" and record["error"] is None
     assert isinstance(record["caption"], str) and record["caption"]
-    name = {"": "coco_weights", "conceptual": "conceptual_weights", "coco-transformer": "coco_transformer_weights"}
+    name = {"": "coco_weights", "coco-transformer": "coco_transformer_weights"}
     assert (planted / "models" / f"{name[extra[1] if extra else '']}.safetensors").is_file()  # converted once
 
 
