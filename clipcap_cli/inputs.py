@@ -149,23 +149,31 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
 
 
 def fetch_url(
-    url: str, max_bytes: int = MAX_URL_BYTES, timeout: tuple[float, float] = URL_TIMEOUT, deadline: float = URL_DEADLINE
+    url: str,
+    max_bytes: int = MAX_URL_BYTES,
+    timeout: tuple[float, float] = URL_TIMEOUT,
+    deadline: float = URL_DEADLINE,
+    public_only: bool = False,
 ) -> bytes:
     """The body of an http(s) image URL; ``InputError`` for offline mode, HTTP errors, a
     non-image Content-Type, more than ``max_bytes``, or a download that takes over ``deadline``
-    seconds in all (a server that trickles bytes is cut off, not waited for)."""
+    seconds in all (a server that trickles bytes is cut off, not waited for). ``public_only``:
+    refuse hosts (redirects included) that are not public addresses (``netguard``), as the
+    server does for URLs its clients name."""
     if paths.offline_requested():
         raise InputError("offline mode is on: URLs are not fetched")
     import requests
 
     from clipcap_cli.download import read_available
+    from clipcap_cli.netguard import BlockedAddressError, public_session
     from clipcap_cli.version import __version__
 
     end = time.monotonic() + deadline
     # No single wait past the deadline: the read timeout bounds each gap between bytes.
     waits = (min(timeout[0], deadline), min(timeout[1], deadline))
+    get = public_session().get if public_only else requests.get
     try:
-        with requests.get(url, stream=True, timeout=waits, headers={"User-Agent": f"clipcap/{__version__}"}) as r:
+        with get(url, stream=True, timeout=waits, headers={"User-Agent": f"clipcap/{__version__}"}) as r:
             _check_response(r, max_bytes)
             body = bytearray()
             while chunk := read_available(r.raw, 1 << 16):
@@ -178,6 +186,8 @@ def fetch_url(
                         "the server is too slow (--url-timeout sets the limit)"
                     )
             return bytes(body)
+    except BlockedAddressError as exc:
+        raise InputError(str(exc)) from None
     except requests.RequestException as exc:
         if time.monotonic() > end:
             raise InputError(

@@ -43,8 +43,9 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(captioner):
-    """The tiny model served as "tiny", batches gathered for up to 150 ms."""
-    options = ServeOptions(port=0, max_batch=8, max_wait_ms=150)
+    """The tiny model served as "tiny", batches gathered for up to 150 ms; URLs on loopback allowed
+    (the tests' image server listens there)."""
+    options = ServeOptions(port=0, max_batch=8, max_wait_ms=150, urls="any")
     with serving_in_thread(create_app(captioner, "tiny", options), options) as url:
         yield url
 

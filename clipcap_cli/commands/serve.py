@@ -21,7 +21,7 @@ from clipcap_cli.serve import INSTALL_HINT, ServeOptions
 _HINT = INSTALL_HINT.replace("[", "\\[")  # rich markup: a literal [
 HELP = f"""Serve captions over HTTP: POST /caption, an OpenAI-compatible POST /v1/chat/completions, GET /v1/models, GET /health.
 
-The model is loaded once; one worker thread captions concurrent requests together, in batches of up to --max-batch images gathered for at most --max-wait-ms. Bad images get a 4xx JSON error. SIGTERM or Ctrl+C finishes the requests in flight, then stops. Listens on 127.0.0.1 unless --host says otherwise.
+The model is loaded once; one worker thread captions concurrent requests together, in batches of up to --max-batch images gathered for at most --max-wait-ms. Bad images get a 4xx JSON error. SIGTERM or Ctrl+C finishes the requests in flight, then stops. Listens on 127.0.0.1 unless --host says otherwise. Image URLs are fetched from public addresses only unless --urls says otherwise.
 
 Needs the serve extra: {_HINT}. See docs/serving.md.
 
@@ -94,6 +94,15 @@ def command(
             rich_help_panel=LIMITS,
         ),
     ] = D.max_pixels,
+    urls: Annotated[
+        str,
+        typer.Option(
+            "--urls",
+            help="Image URLs requests may name: public (public addresses only, redirects included), "
+            "any (also loopback, LAN and cloud-metadata addresses), off (no URL is fetched).",
+            rich_help_panel=LIMITS,
+        ),
+    ] = D.urls,
     timeout: Annotated[
         float,
         typer.Option(
@@ -119,6 +128,7 @@ def command(
             max_upload_mb=max_upload_mb,
             max_pixels=max_pixels,
             timeout=timeout,
+            urls=urls,
         )
         _check(options)
         from clipcap_cli.pretrained import check_model_argument

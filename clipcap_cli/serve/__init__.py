@@ -32,6 +32,7 @@ class ServeOptions:
     timeout: float = 60.0  # seconds one request may take in all (URL download, queue, captioning)
     max_length: int = 256  # most tokens a request may ask for per caption
     max_beams: int = 32  # most beams (beam_size) or captions (num_captions) a request may ask for
+    urls: str = "public"  # image URLs: "public" addresses only, "any" (private and loopback too), or "off"
 
     @property
     def max_upload_bytes(self) -> int:
@@ -55,6 +56,10 @@ class ServeOptions:
             raise UsageError(f"max_pixels must be at least 1, got {self.max_pixels}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port must be 0-65535, got {self.port}")
+        from clipcap_cli.netguard import URL_POLICIES
+
+        if self.urls not in URL_POLICIES:
+            raise UsageError(f"urls must be one of {', '.join(URL_POLICIES)}, got {self.urls!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("api_key must not be empty")
 

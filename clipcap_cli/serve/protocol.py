@@ -151,13 +151,23 @@ def decode_base64(text: Any, param: str = "base64") -> bytes:
 
 
 def fetch_image_bytes(url: str, limits: ServeOptions, deadline: float) -> bytes:
-    """The body of an http(s) image URL, within the upload limit and ``deadline`` seconds."""
+    """The body of an http(s) image URL, within the upload limit and ``deadline`` seconds, from the
+    addresses ``limits.urls`` allows (public ones by default: see ``netguard``)."""
     from clipcap_cli.inputs import InputError, fetch_url
 
     if not url.lower().startswith(("http://", "https://")):
         raise RequestError(400, "url must be http(s) (or use base64 / a data: URL)", param="url")
+    if limits.urls == "off":
+        raise RequestError(
+            400, "this server does not fetch URLs: send the image as base64, a data: URL or an upload", param="url"
+        )
     try:
-        return fetch_url(url, max_bytes=limits.max_upload_bytes, deadline=max(deadline, 0.001))
+        return fetch_url(
+            url,
+            max_bytes=limits.max_upload_bytes,
+            deadline=max(deadline, 0.001),
+            public_only=limits.urls == "public",
+        )
     except InputError as exc:
         raise RequestError(400, f"{url}: {exc}", param="url") from None
 
