@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from clipcap_cli import lora
 from clipcap_cli.config import CLIP_FOR_DIM, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ModelConfig
 from clipcap_cli.errors import CheckpointError
 from clipcap_cli.fsutil import atomic_write
@@ -323,6 +324,7 @@ def build_model(
         if lm is None:
             raise CheckpointError("this checkpoint holds only its mapper: the pretrained GPT-2's weights are needed")
         state.update(lm)
+    state = lora.merge_state(state, raw.metadata)  # a LoRA file's adapters, merged into the LM's weights
     model = _meta_model(config, gpt2_arch or gpt2_architecture(raw, lm=lm))
     tied = model.gpt.config.tie_word_embeddings
     if tied and TIED_LM_HEAD in state and not _same_tensor(state[TIED_LM_HEAD], state["gpt.transformer.wte.weight"]):
@@ -380,18 +382,25 @@ def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
             )
 
 
-def save(model: ClipCaptionModel, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as safetensors with its config embedded, atomically (temp file + rename)."""
+def save(
+    model: ClipCaptionModel,
+    path: str | Path,
+    extra_metadata: dict[str, str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` as safetensors with its config embedded, atomically (temp file + rename).
+
+    ``tensors``: what to write instead of the model's weights (a LoRA run's mapper and adapters, lora.py)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
-    state = model.state_dict()
+    state = model.state_dict() if tensors is None else dict(tensors)
     gpt = model.gpt
-    if config.only_prefix:
+    if tensors is None and config.only_prefix:
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
-    elif gpt.config.tie_word_embeddings:
+    elif tensors is None and gpt.config.tie_word_embeddings:
         state.pop(TIED_LM_HEAD, None)  # shared with wte; safetensors refuses aliased tensors
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     metadata = {
