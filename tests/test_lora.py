@@ -175,6 +175,7 @@ def lora_run(tmp_path_factory, store, tiny_gpt2_dir):
     return rec, out
 
 
+@pytest.mark.slow
 def test_a_lora_checkpoint_holds_the_mapper_and_adapters_and_its_settings(lora_run):
     rec, out = lora_run
     raw = checkpoint.read(out / "epoch-001.safetensors")
@@ -189,6 +190,7 @@ def test_a_lora_checkpoint_holds_the_mapper_and_adapters_and_its_settings(lora_r
     assert (out / "samples.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_a_lora_run_exactly(tmp_path, store, tiny_gpt2_dir, lora_run):
     reference, ref_out = lora_run
     out = tmp_path / "run"
@@ -215,6 +217,7 @@ def test_resume_continues_a_lora_run_exactly(tmp_path, store, tiny_gpt2_dir, lor
     assert train.resume_conflicts(opts, opts.replace(lora=2, lora_targets=("c_attn",))) == ["lora", "lora_targets"]
 
 
+@pytest.mark.slow
 def test_the_checkpoint_loads_merged_and_captions_as_the_unmerged_peft_model(lora_run, tmp_path, tiny_gpt2_dir):
     rec, out = lora_run
     path = out / "epoch-001.safetensors"
