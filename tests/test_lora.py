@@ -111,12 +111,17 @@ def test_options_refuse_lora_with_only_prefix_and_bad_values():
     assert TrainOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts
 
 
-def test_cli_refuses_lora_with_only_prefix_in_one_line(tmp_path):
-    result = CliRunner().invoke(
-        app, ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--lora", "4", "--only-prefix"]
-    )
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--lora", "4", "--only-prefix"], ("--lora", "--only-prefix")),
+        (["--lora", "4", "--lora-alpha", "-1"], ("lora-alpha",)),
+    ],
+)
+def test_the_cli_refuses_bad_lora_options_in_one_line(tmp_path, args, words):
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "run"), *args])
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code != 0 and len(lines) == 1 and "--only-prefix" in lines[0] and "--lora" in lines[0]
+    assert result.exit_code != 0 and len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
 
 
 def test_missing_peft_is_one_clear_line(monkeypatch):

@@ -194,7 +194,7 @@ def command(
         int,
         typer.Option(
             "--lora",
-            help="Train rank-R LoRA adapters on the LM (peft; pip install 'clipcap-cli[lora]'), its own weights"
+            help="Train rank-R LoRA adapters on the LM (peft; pip install 'clipcap-cli\\[lora]'), its own weights"
             " frozen: between --only-prefix and the whole LM. Checkpoints hold the mapper and adapters, merged at"
             " load time. 0 = off.",
             rich_help_panel=LORA,
