@@ -13,6 +13,7 @@ images are a seeded 20 % of the images.
 
     .venv/bin/python benchmarks/bench_lora.py                    # 64-wide 2-layer GPT-2, 6 epochs
     .venv/bin/python benchmarks/bench_lora.py --rank 4 --lr 2e-3 --json
+    .venv/bin/python benchmarks/bench_lora.py --lora-lr 5e-3     # and a fourth row: LoRA at its own lr
     .venv/bin/python benchmarks/bench_lora.py --quick            # a few steps: that it runs (the test)
 """
 
@@ -105,13 +106,14 @@ def run_mode(mode: str, gpt_dir: Path, store: Path, out: Path, args: argparse.Na
         def on_start(self, info):
             Start.info = info
 
-    extra = {"only-prefix": {"only_prefix": True}, "lora": {"lora": args.rank}, "full": {}}[mode]
+    extra = {"only-prefix": {"only_prefix": True}, "full": {}}.get(mode, {"lora": args.rank})
+    lr = args.lora_lr if mode == "lora-lr" else args.lr
     opts = train.TrainOptions.create(
         gpt2=str(gpt_dir),
         prefix_length=4,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=lr,
         warmup=args.warmup,
         val_fraction=0.2,
         samples=0,
@@ -124,7 +126,8 @@ def run_mode(mode: str, gpt_dir: Path, store: Path, out: Path, args: argparse.Na
     seconds = time.perf_counter() - t0
     last = result.checkpoints[-1]
     return {
-        "mode": mode,
+        "mode": f"lora, lr {lr:g}" if mode == "lora-lr" else mode,
+        "lr": lr,
         "trainable_params": Start.info.trainable_params,
         "checkpoint_mb": round(last.stat().st_size / 1e6, 3),
         "held_out_loss": round(result.val_loss, 4),
@@ -154,6 +157,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--lr", type=float, default=1e-3, help="the same peak learning rate for every mode")
+    p.add_argument("--lora-lr", type=float, default=None, help="add a LoRA row at this learning rate")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup", type=int, default=10)
@@ -180,7 +184,8 @@ def main() -> None:
         from transformers import GPT2LMHeadModel
 
         lm_params = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(gpt_dir).parameters())
-        rows = [run_mode(mode, gpt_dir, store, root / mode, args) for mode in MODES]
+        modes = MODES + (("lora-lr",) if args.lora_lr else ())
+        rows = [run_mode(mode, gpt_dir, store, root / mode, args) for mode in modes]
     names = ("rank", "lr", "epochs", "batch_size", "per_class", "width", "layers", "pretrain_steps")
     settings = {k: getattr(args, k) for k in names}
     if args.json:
