@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli.commands import train_lora
 from clipcap_cli.commands.options import (
     ClipPretrainedOption,
     DatasetFormatOption,
@@ -19,6 +20,7 @@ from clipcap_cli.commands.options import (
     deprecated_alias,
 )
 from clipcap_cli.commands.train_display import Display
+from clipcap_cli.commands.train_lora import LoraAlphaOption, LoraDropoutOption, LoraOption, LoraTargetsOption
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.features import ExtractOptions
 from clipcap_cli.train import TrainOptions
@@ -44,7 +46,7 @@ Example: [bold]clipcap train feats/coco-train --out runs/lora --lora 8 --lr 1e-4
 Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train feats/coco-train --out runs/tf --mapping transformer --only-prefix --prefix-length 40 --clip-length 40[/]
 """
 
-DATA, MODEL, LORA, OPTIM, RUN, WATCH = "Data", "Model", "LoRA", "Optimisation", "Run", "Watching"
+DATA, MODEL, OPTIM, RUN, WATCH = "Data", "Model", "Optimisation", "Run", "Watching"
 D, M = TrainOptions, ModelConfig  # the one home of the defaults (the model's are in config.py)
 E = ExtractOptions  # the CLIP that encodes images
 
@@ -190,38 +192,10 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = D.noise_variance,
-    lora: Annotated[
-        int,
-        typer.Option(
-            "--lora",
-            help="Train rank-R LoRA adapters on the LM (peft; pip install 'clipcap-cli\\[lora]'), its own weights"
-            " frozen: between --only-prefix and the whole LM. Checkpoints hold the mapper and adapters, merged at"
-            " load time. 0 = off.",
-            rich_help_panel=LORA,
-        ),
-    ] = D.lora,
-    lora_alpha: Annotated[
-        Optional[float],
-        typer.Option(
-            "--lora-alpha",
-            help="LoRA scale numerator: adapters add (B @ A) * alpha / rank \\[default: the rank (a scale of 1)].",
-            show_default=False,
-            rich_help_panel=LORA,
-        ),
-    ] = D.lora_alpha,
-    lora_dropout: Annotated[
-        float, typer.Option("--lora-dropout", help="Dropout on the adapters' input.", rich_help_panel=LORA)
-    ] = D.lora_dropout,
-    lora_targets: Annotated[
-        Optional[str],
-        typer.Option(
-            "--lora-targets",
-            help="Comma-separated LM module names to adapt \\[default: by LM type: GPT-2 c_attn,c_proj,c_fc;"
-            " OPT q_proj,k_proj,v_proj,out_proj; Llama-style q_proj,k_proj,v_proj,o_proj].",
-            show_default=False,
-            rich_help_panel=LORA,
-        ),
-    ] = None,
+    lora: LoraOption = D.lora,
+    lora_alpha: LoraAlphaOption = D.lora_alpha,
+    lora_dropout: LoraDropoutOption = D.lora_dropout,
+    lora_targets: LoraTargetsOption = None,
     gpt2: Annotated[
         str,
         typer.Option(
@@ -342,7 +316,7 @@ def command(
             "lora": lora,
             "lora_alpha": lora_alpha,
             "lora_dropout": lora_dropout,
-            "lora_targets": tuple(lora_targets.split(",")) if lora_targets else None,
+            "lora_targets": train_lora.targets(lora_targets),
             "noise_variance": noise_variance,
             "epochs": epochs,
             "batch_size": batch_size,
