@@ -319,12 +319,12 @@ def build_model(
     is the GPT-2 to build (default: ``gpt2_architecture(raw)``); ``lm`` gives GPT-2's weights for a
     frozen-LM file that holds only its mapper (``lm_state`` of the pretrained model's tensors).
     """
+    raw, lm = lora.merge_checkpoint(raw, lm)  # a LoRA file: its adapters merged into the LM's weights
     state = dict(raw.state)
     if not raw.has_lm:
         if lm is None:
             raise CheckpointError("this checkpoint holds only its mapper: the pretrained GPT-2's weights are needed")
         state.update(lm)
-    state = lora.merge_state(state, raw.metadata)  # a LoRA file's adapters, merged into the LM's weights
     model = _meta_model(config, gpt2_arch or gpt2_architecture(raw, lm=lm))
     tied = model.gpt.config.tie_word_embeddings
     if tied and TIED_LM_HEAD in state and not _same_tensor(state[TIED_LM_HEAD], state["gpt.transformer.wte.weight"]):
@@ -398,9 +398,9 @@ def save(
     config = model.config
     state = model.state_dict() if tensors is None else dict(tensors)
     gpt = model.gpt
-    if tensors is None and config.only_prefix:
+    if config.only_prefix:
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
-    elif tensors is None and gpt.config.tie_word_embeddings:
+    elif gpt.config.tie_word_embeddings:
         state.pop(TIED_LM_HEAD, None)  # shared with wte; safetensors refuses aliased tensors
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     metadata = {

@@ -12,6 +12,7 @@ model is a plain LM: decoding runs at its usual speed and does not need peft.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,17 @@ def load_trainable_state(model: ClipCaptionModel, state: dict[str, torch.Tensor]
             f"e.g. {(missing or extra)[0]}): resume with the run's own --lora options"
         )
     model.load_state_dict(state, strict=False)
+
+
+def merge_checkpoint(raw: Any, lm: dict[str, torch.Tensor] | None) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """``checkpoint.build_model``'s inputs with a LoRA file's adapters merged (``merge_state``): ``raw`` (a
+    ``checkpoint.RawCheckpoint``) without its ``lora.*`` tensors, and the LM's tensors (``lm``: the pretrained
+    LM's, for a file without them) merged. Anything else comes back as it is."""
+    if METADATA_KEY not in raw.metadata:
+        return raw, lm
+    merged = merge_state({**raw.state, **(lm or {})}, raw.metadata)
+    own = {k: merged[k] for k in raw.state if k in merged}  # the file's tensors (a full LM, if it holds one)
+    return dataclasses.replace(raw, state=own), (None if lm is None else {k: merged[k] for k in lm})
 
 
 def merge_state(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
