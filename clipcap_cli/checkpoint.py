@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from clipcap_cli import lora
 from clipcap_cli.config import CLIP_FOR_DIM, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ModelConfig
 from clipcap_cli.errors import CheckpointError
 from clipcap_cli.fsutil import atomic_write
@@ -319,6 +318,8 @@ def build_model(
     is the GPT-2 to build (default: ``gpt2_architecture(raw)``); ``lm`` gives GPT-2's weights for a
     frozen-LM file that holds only its mapper (``lm_state`` of the pretrained model's tensors).
     """
+    from clipcap_cli import lora
+
     raw, lm = lora.merge_checkpoint(raw, lm)  # a LoRA file: its adapters merged into the LM's weights
     state = dict(raw.state)
     if not raw.has_lm:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from clipcap_cli import backbones, lora
+from clipcap_cli import backbones
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
@@ -169,6 +169,8 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
     torch.manual_seed(opts.seed)  # the mapper's initial weights: the same on every rank
     model = ClipCaptionModel(run_data.config, gpt)
     if opts.lora:  # adapters on the LM, its own weights frozen (lora.py); drawn from the seeded RNG, after the mapper
+        from clipcap_cli import lora
+
         lora.wrap(model, opts.lora, opts.lora_alpha, opts.lora_dropout, opts.lora_targets)
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
