@@ -20,7 +20,6 @@ from clipcap_cli.commands.options import (
     deprecated_alias,
 )
 from clipcap_cli.commands.train_display import Display
-from clipcap_cli.commands.train_lora import LoraAlphaOption, LoraDropoutOption, LoraOption, LoraTargetsOption
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.features import ExtractOptions
 from clipcap_cli.train import TrainOptions
@@ -150,10 +149,10 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = M.only_prefix,
-    lora: LoraOption = D.lora,
-    lora_alpha: LoraAlphaOption = D.lora_alpha,
-    lora_dropout: LoraDropoutOption = D.lora_dropout,
-    lora_targets: LoraTargetsOption = None,
+    lora: train_lora.LoraOption = D.lora,
+    lora_alpha: train_lora.LoraAlphaOption = D.lora_alpha,
+    lora_dropout: train_lora.LoraDropoutOption = D.lora_dropout,
+    lora_targets: train_lora.LoraTargetsOption = None,
     prefix_length: Annotated[
         int,
         typer.Option("--prefix-length", help="K: GPT-2 input embeddings made from each image.", rich_help_panel=MODEL),
@@ -308,10 +307,7 @@ def command(
         values: dict[str, Any] = {
             "mapping": mapping,
             "only_prefix": only_prefix,
-            "lora": lora,
-            "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout,
-            "lora_targets": train_lora.targets(lora_targets),
+            **train_lora.values(lora, lora_alpha, lora_dropout, lora_targets),
             "prefix_length": prefix_length,
             "clip_length": clip_length,
             "num_layers": num_layers,

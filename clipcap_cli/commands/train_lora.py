@@ -5,7 +5,7 @@ Their defaults live in ``TrainOptions`` (train/options.py); what they do, in ``c
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -46,6 +46,11 @@ LoraTargetsOption = Annotated[
 ]
 
 
-def targets(text: str | None) -> tuple[str, ...] | None:
-    """``--lora-targets a,b`` as a tuple; None (the family's defaults) when not given."""
-    return tuple(text.split(",")) if text else None
+def values(lora: int, alpha: float | None, dropout: float, targets: str | None) -> dict[str, Any]:
+    """The options as ``TrainOptions`` fields; ``--lora-targets a,b`` as a tuple (None: the family's defaults)."""
+    return {
+        "lora": lora,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "lora_targets": tuple(targets.split(",")) if targets else None,
+    }
