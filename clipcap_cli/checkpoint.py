@@ -318,6 +318,9 @@ def build_model(
     is the GPT-2 to build (default: ``gpt2_architecture(raw)``); ``lm`` gives GPT-2's weights for a
     frozen-LM file that holds only its mapper (``lm_state`` of the pretrained model's tensors).
     """
+    from clipcap_cli import lora
+
+    raw, lm = lora.merge_checkpoint(raw, lm)  # a LoRA file: its adapters merged into the LM's weights
     state = dict(raw.state)
     if not raw.has_lm:
         if lm is None:
@@ -380,14 +383,21 @@ def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
             )
 
 
-def save(model: ClipCaptionModel, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as safetensors with its config embedded, atomically (temp file + rename)."""
+def save(
+    model: ClipCaptionModel,
+    path: str | Path,
+    extra_metadata: dict[str, str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` as safetensors with its config embedded, atomically (temp file + rename).
+
+    ``tensors``: what to write instead of the model's weights (a LoRA run's mapper and adapters, lora.py)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
-    state = model.state_dict()
+    state = model.state_dict() if tensors is None else dict(tensors)
     gpt = model.gpt
     if config.only_prefix:
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}

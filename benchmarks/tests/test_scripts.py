@@ -154,3 +154,26 @@ def test_serve_benchmark_dry_run():
     assert 1 <= server["mean_batch_size"] <= server["largest_batch"] <= report["max_batch"]
     assert 0 < server["p50_ms"] <= server["p95_ms"] and server["requests_per_s"] > 0 and report["cli_images_per_s"] > 0
     assert server["exit_code_after_sigterm"] == 0
+
+
+def test_lora_benchmark_quick_run():
+    """benchmarks/bench_lora.py --quick: a row per mode; LoRA trains the mapper and its adapters, no more."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "--quick", "--json", "--rank", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert list(rows) == ["only-prefix", "lora", "full"]
+    width, layers, rank = report["settings"]["width"], report["settings"]["layers"], report["settings"]["rank"]
+    # GPT-2's adapted modules per layer: c_attn (w -> 3w), attn.c_proj (w -> w), c_fc (w -> 4w), mlp.c_proj (4w -> w)
+    adapters = layers * rank * ((width + 3 * width) + (width + width) + (width + 4 * width) + (4 * width + width))
+    mapper = rows["only-prefix"]["trainable_params"]
+    assert rows["lora"]["trainable_params"] == mapper + adapters
+    assert rows["full"]["trainable_params"] == mapper + report["lm_params"]
+    assert rows["lora"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"] / 10  # mapper + adapters only
+    assert all(r["steps"] == rows["full"]["steps"] > 0 and r["held_out_loss"] > 0 for r in rows.values())

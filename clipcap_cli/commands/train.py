@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from clipcap_cli.commands import train_lora
 from clipcap_cli.commands.options import (
     ClipPretrainedOption,
     DatasetFormatOption,
@@ -40,6 +41,7 @@ Multi-GPU: launch with torchrun (one process per GPU) on a store.
 
 Example: [bold]clipcap train photos/ --out runs/mine --epochs 5[/]
 Example: [bold]clipcap train feats/coco-train --out runs/mlp[/]
+Example: [bold]clipcap train feats/coco-train --out runs/lora --lora 8 --lr 1e-4[/]
 Example: [bold]torchrun --nproc_per_node 4 -m clipcap_cli train feats/coco-train --out runs/tf --mapping transformer --only-prefix --prefix-length 40 --clip-length 40[/]
 """
 
@@ -147,6 +149,10 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = M.only_prefix,
+    lora: train_lora.LoraOption = D.lora,
+    lora_alpha: train_lora.LoraAlphaOption = D.lora_alpha,
+    lora_dropout: train_lora.LoraDropoutOption = D.lora_dropout,
+    lora_targets: train_lora.LoraTargetsOption = None,
     prefix_length: Annotated[
         int,
         typer.Option("--prefix-length", help="K: GPT-2 input embeddings made from each image.", rich_help_panel=MODEL),
@@ -301,6 +307,7 @@ def command(
         values: dict[str, Any] = {
             "mapping": mapping,
             "only_prefix": only_prefix,
+            **train_lora.values(lora, lora_alpha, lora_dropout, lora_targets),
             "prefix_length": prefix_length,
             "clip_length": clip_length,
             "num_layers": num_layers,

@@ -167,7 +167,12 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
 
     device = dist.device
     torch.manual_seed(opts.seed)  # the mapper's initial weights: the same on every rank
-    model = ClipCaptionModel(run_data.config, gpt).to(device)
+    model = ClipCaptionModel(run_data.config, gpt)
+    if opts.lora:  # adapters on the LM, its own weights frozen (lora.py); drawn from the seeded RNG, after the mapper
+        from clipcap_cli import lora
+
+        lora.wrap(model, opts.lora, opts.lora_alpha, opts.lora_dropout, opts.lora_targets)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     ddp: nn.Module = model
     if dist.enabled:

@@ -63,6 +63,12 @@ class TrainOptions:
     # CapDec: Gaussian noise of this variance on the normalised prefix, in training only. None = auto:
     # 0.016 (CapDec) on a text store (`clipcap extract --text`), 0 on image features.
     noise_variance: float | None = None
+    # LoRA (lora.py): low-rank adapters on the LM, its own weights frozen; 0 = off (the LM trains whole,
+    # or not at all with only_prefix)
+    lora: int = 0  # the adapters' rank
+    lora_alpha: float | None = None  # scale alpha / rank; None = the rank (a scale of 1, as peft's defaults)
+    lora_dropout: float = 0.0  # dropout on the adapters' input (peft's default)
+    lora_targets: tuple[str, ...] | None = None  # LM module names; None = the family's (lora.DEFAULT_TARGETS)
     # watching the run (monitor.py)
     samples: int = 8  # held-out images captioned (greedy) at each epoch end; 0 = none
     early_stop: int = 0  # stop when the held-out loss has not improved for this many epochs; 0 = never
@@ -92,8 +98,21 @@ class TrainOptions:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"max-tokens must be at least 1, got {self.max_tokens}")
         check_variance(self.noise_variance)
+        self._check_lora()
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+    def _check_lora(self) -> None:
+        if self.lora_targets is not None:  # a list from JSON or the command line: one spelling, for resume checks
+            targets = tuple(t.strip() for t in self.lora_targets if t.strip())
+            object.__setattr__(self, "lora_targets", targets or None)
+        if self.lora < 0:
+            raise UsageError(f"lora rank must be at least 1 (or 0 = off), got {self.lora}")
+        if self.lora and self.model.only_prefix:
+            raise UsageError("--lora trains adapters on the LM and --only-prefix freezes it: give one of them")
+        if self.lora_alpha is not None:
+            check_number("lora-alpha", self.lora_alpha, low=0, low_open=True)
+        check_number("lora-dropout", self.lora_dropout, low=0, high=1, high_open=True)
 
     @classmethod
     def create(cls, **values: Any) -> TrainOptions:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clipcap_cli import lora
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import atomic_write, check_folder, remove_stale_temps, write_text_atomic
 from clipcap_cli.train.options import TrainOptions, resume_conflicts
@@ -97,6 +98,9 @@ def save_epoch_checkpoint(
     }
     if val_loss is not None:
         extra["val_loss"] = repr(float(val_loss))
+    if lora.settings_of(model):  # the mapper and the adapters, merged into the named LM at load time
+        extra.update(lora.checkpoint_metadata(model))
+        return checkpoint.save(model, path, extra_metadata=extra, tensors=lora.checkpoint_tensors(model))
     return checkpoint.save(model, path, extra_metadata=extra)
 
 
@@ -192,7 +196,9 @@ def load_resume_state(
             f"{embeddings_sha256[:12]}... now; re-extracted?): resume with the store it started with, "
             "or start a new run"
         )
-    if model.config.only_prefix:  # the state holds the mapper alone; GPT-2 comes from --gpt2
+    if lora.settings_of(model):  # the mapper and the adapters; the base LM comes from --gpt2
+        lora.load_trainable_state(model, state["model"])
+    elif model.config.only_prefix:  # the state holds the mapper alone; GPT-2 comes from --gpt2
         model.clip_project.load_state_dict({k.removeprefix("clip_project."): v for k, v in state["model"].items()})
     else:
         model.load_state_dict(state["model"])
@@ -220,7 +226,10 @@ def load_resume_state(
 
 
 def trainable_state(model: ClipCaptionModel) -> dict[str, torch.Tensor]:
-    """The weights a resume needs: the mapper only when GPT-2 is frozen (it comes from --gpt2)."""
+    """The weights a resume needs: the mapper only when GPT-2 is frozen (it comes from --gpt2), the mapper
+    and the adapters with LoRA."""
+    if lora.settings_of(model):
+        return lora.trainable_state(model)
     state = model.state_dict()
     if model.config.only_prefix:
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
