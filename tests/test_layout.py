@@ -11,7 +11,6 @@ MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
 TOO_LONG_TODAY = {
     "evaluation.py": 605,
-    "metrics.py": 660,
     "features.py": 740,
     "sharded.py": 640,
     "decoding.py": 620,
