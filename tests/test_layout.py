@@ -10,12 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipcap_cli"
 MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
 TOO_LONG_TODAY = {
-    "evaluation.py": 605,
     "features.py": 740,
     "sharded.py": 640,
     "decoding.py": 620,
     "caption.py": 530,
-    "eval.py": 525,
 }
 
 
