@@ -11,7 +11,6 @@ MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
 TOO_LONG_TODAY = {
     "features.py": 740,
-    "sharded.py": 640,
     "decoding.py": 620,
     "caption.py": 530,
 }
