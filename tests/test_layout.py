@@ -9,10 +9,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "clipcap_cli"
 MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
+# Keys are paths inside the package (commands/caption.py), so that two modules of one name are told apart.
 TOO_LONG_TODAY = {
     "features.py": 740,
     "decoding.py": 620,
-    "caption.py": 530,
+    "commands/caption.py": 530,
 }
 
 
@@ -81,6 +82,9 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 def test_no_module_is_too_long():
-    lines = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in PACKAGE.rglob("*.py")}
+    lines = {
+        p.relative_to(PACKAGE).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+        for p in PACKAGE.rglob("*.py")
+    }
     long = {name: n for name, n in lines.items() if n > TOO_LONG_TODAY.get(name, MAX_LINES)}
     assert not long, long
