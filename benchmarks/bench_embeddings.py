@@ -35,7 +35,7 @@ from clipcap_cli import embeddings_in, output, records  # noqa: E402
 from clipcap_cli.cpu import cpu_name  # noqa: E402
 from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.inputs import Source  # noqa: E402
-from clipcap_cli.sharded import make_record  # noqa: E402
+from clipcap_cli.sharded_output import make_record  # noqa: E402
 from clipcap_cli.shards import seed_id  # noqa: E402
 
 

@@ -60,7 +60,7 @@ class EmbeddingFile:
 
             return np.load(self.path, mmap_mode="r")
         if self.kind == "safetensors":
-            from clipcap_cli.sharded import load_embeddings
+            from clipcap_cli.sharded_output import load_embeddings
 
             return load_embeddings(self.path)
         start, stop = self.rows or (0, None)
@@ -230,7 +230,7 @@ def _npy_file(path: Path) -> tuple[str, EmbeddingFile]:
 def _safetensors_file(path: Path) -> tuple[str, EmbeddingFile]:
     from safetensors import safe_open
 
-    from clipcap_cli.sharded import EMBEDDINGS_KEY
+    from clipcap_cli.sharded_output import EMBEDDINGS_KEY
 
     try:
         with safe_open(str(path), framework="pt") as f:

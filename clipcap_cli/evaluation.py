@@ -1,22 +1,20 @@
-"""`clipcap eval` without the terminal: the options, captioning the reference images with a model,
-CLIPScore, and the JSON report. References, predictions and their matching are read by
-``references.py``; the scores come from :func:`clipcap_cli.metrics.score`; nothing here prints.
+"""`clipcap eval` without the terminal: the options and the JSON report. References, predictions and their
+matching are read by ``references.py``; the scores come from :func:`clipcap_cli.metrics.score` and, for
+CLIPScore, ``eval_clip``; captioning the reference images with a model is ``eval_captioning``; nothing here prints.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcap_cli.captioner import BATCH_SIZE
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from clipcap_cli.errors import UsageError
-from clipcap_cli.fsutil import write_text_atomic
-from clipcap_cli.inputs import WORKERS, check_loading, default_workers
+from clipcap_cli.eval_clip import add_clip_metrics, clip_metrics
+from clipcap_cli.inputs import WORKERS, check_loading
 from clipcap_cli.precision import DEFAULT_PRECISION
 from clipcap_cli.references import (
     DEFAULT_SPLIT,
@@ -54,11 +52,7 @@ __all__ = [
     "evaluate",
     "worst_images",
     "report_json",
-    "caption_references",
-    "write_predictions",
     "paper_comparison",
-    "ClipOutcome",
-    "clip_metrics",
     "check_scorers",
 ]
 
@@ -192,7 +186,10 @@ def evaluate(
             }
             for key in keys
         ]
-    _add_clip_metrics(report, clip_metrics(references, predictions, matching, keys, options, clip_progress), keys)
+    clip = clip_metrics(
+        references, predictions, matching, keys, options, requested_metrics(options.metrics), clip_progress
+    )
+    add_clip_metrics(report, clip, keys)
     if compare_paper:
         report["paper"] = paper_comparison(result.scores, references, result.n_images)
     return report
@@ -312,7 +309,7 @@ def worst_images(report: Mapping[str, Any], n: int) -> tuple[str | None, list[di
     return metric, sorted(rows, key=lambda r: r["scores"][metric])[:n]
 
 
-# --------------------------------------------------------------------------- CLIPScore
+# --------------------------------------------------------------------------- metric names, settings, JSON
 
 
 def coco_metric_names(names: Iterable[str] | None) -> list[str] | None:
@@ -322,270 +319,8 @@ def coco_metric_names(names: Iterable[str] | None) -> list[str] | None:
     return None if names is None else [n for n in requested_metrics(names) if n in metrics.METRIC_NAMES]
 
 
-@dataclass
-class ClipOutcome:
-    """CLIPScore/RefCLIPScore for the report: values, or why they could not be computed."""
-
-    scores: dict[str, float]  # requested CLIP metrics that ran -> corpus value (0-2.5)
-    per_image: dict[Any, dict[str, float]]  # scored key -> its values
-    unavailable: dict[str, str]  # requested CLIP metrics that could not run -> why
-    clip: tuple[str, str | None] | None = None  # (model, pretrained) when requested
-    note: str | None = None  # for the report's notes (e.g. stored embeddings were used)
-
-
-def clip_metrics(
-    references: References,
-    predictions: Predictions,
-    matching: Matching,
-    keys: Sequence[Any],
-    options: EvalOptions,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> ClipOutcome:
-    """CLIPScore and RefCLIPScore (as requested by ``options.metrics``) of the scored images.
-
-    The images are the references' own stored embeddings when they are a features store made
-    with ``options.clip_model``; else the image files under the --model run's folder, --images or
-    the store's root. No images, a missing or unreadable one, or a CLIP that is not available
-    make both unavailable (with the reason), like SPICE without Java.
-    ``on_progress(done, total)`` follows the image files as they are encoded.
-    """
-    from clipcap_cli import clipscore
-
-    names = [name for name in clipscore.METRIC_NAMES if name in requested_metrics(options.metrics)]
-    if not names:
-        return ClipOutcome({}, {}, {})
-    clip = (options.clip_model, options.clip_pretrained)
-    try:
-        features, text, stored = _clip_inputs(
-            references, predictions, [matching.info[key] for key in keys], options, on_progress
-        )
-    except _ClipUnavailable as exc:
-        return ClipOutcome({}, {}, {name: str(exc) for name in names}, clip)
-    result = clipscore.score(
-        features, [matching.predictions[key] for key in keys], text, [matching.references[key] for key in keys]
-    )
-    values = result.as_metrics()
-    per_image = [{"CLIPScore": c, "RefCLIPScore": r} for c, r in zip(result.per_image_clip, result.per_image_ref or ())]
-    note = f"{' and '.join(names)} from the CLIP embeddings stored in {references.source}" if stored else None
-    return ClipOutcome(
-        {name: values[name] for name in names},
-        {key: {name: row[name] for name in names} for key, row in zip(keys, per_image)},
-        {},
-        clip,
-        note,
-    )
-
-
-class _ClipUnavailable(Exception):
-    """Why CLIPScore cannot be computed (reported as unavailable, like SPICE without Java)."""
-
-
-def _clip_inputs(
-    references: References,
-    predictions: Predictions,
-    infos: Sequence[RefImage],
-    options: EvalOptions,
-    on_progress: Callable[[int, int], None] | None,
-) -> tuple[Any, Any, bool]:
-    """(image features (N, D), the CLIP text side, whether the features came from the store)."""
-    from clipcap_cli import clipscore
-    from clipcap_cli.device import pick_device
-    from clipcap_cli.errors import ModelNotAvailableError
-
-    meta = references.features_meta or {}
-    stored = references.embeddings is not None and (meta.get("clip_model"), meta.get("clip_pretrained")) == (
-        options.clip_model,
-        options.clip_pretrained,
-    )
-    files = [] if stored else _clip_image_files(predictions.images_root or references.images_root, infos)
-    device = pick_device(options.device)
-    try:
-        model, preprocess = clipscore.load_clip(options.clip_model, options.clip_pretrained, device)
-        text = clipscore.ClipText(model, clipscore.get_tokenizer(options.clip_model), device)
-    except ModelNotAvailableError as exc:
-        raise _ClipUnavailable(str(exc)) from exc
-    if stored:
-        import torch
-
-        return references.embeddings[torch.tensor([ref.row for ref in infos], dtype=torch.long)].float(), text, True
-    features, failed = clipscore.encode_image_files(
-        model,
-        preprocess,
-        [str(f) for f in files],
-        device,
-        options.batch_size or BATCH_SIZE,
-        _workers(options.workers, device),
-        on_progress,
-    )
-    if failed:
-        raise _ClipUnavailable(f"{len(failed)} scored images cannot be read (e.g. {failed[0][0]}: {failed[0][1]})")
-    return features, text, False
-
-
-def _workers(requested: int | None, device: Any) -> int:
-    return default_workers(device) if requested is None else requested
-
-
-def _clip_image_files(root: Path | None, infos: Sequence[RefImage]) -> list[Path]:
-    """Every scored image's file under ``root``, or :class:`_ClipUnavailable` saying what is missing."""
-    if root is None:
-        raise _ClipUnavailable("no images to score the captions against: pass --images DIR (the reference images)")
-    located = [_locate(ref, root) for ref in infos]
-    absent = [ref for ref, path in zip(infos, located) if path is None]
-    if absent:
-        example = absent[0].image or f"image_id {absent[0].image_id}"
-        raise _ClipUnavailable(f"{len(absent)} of {len(infos)} scored images are not under {root} (e.g. {example})")
-    return [path for path in located if path is not None]
-
-
-def _add_clip_metrics(report: dict[str, Any], outcome: ClipOutcome, keys: Sequence[Any]) -> None:
-    """Put a :class:`ClipOutcome` into a report made by :func:`evaluate`."""
-    report["metrics"].update(outcome.scores)
-    report["backends"].update({name: "open_clip" for name in outcome.scores})
-    report["unavailable"].update(outcome.unavailable)
-    if outcome.note:
-        report["notes"].append(outcome.note)
-    if outcome.clip is not None:
-        report["settings"]["clip_model"], report["settings"]["clip_pretrained"] = outcome.clip
-    for row, key in zip(report.get("per_image") or [], keys):
-        row["scores"].update(outcome.per_image.get(key, {}))
-
-
-# --------------------------------------------------------------------------- --model
-
-
-def caption_references(
-    references: References,
-    model: str,
-    *,
-    images_root: Path | None,
-    decoding: DecodingOptions,
-    batch_size: int | None = EvalOptions.batch_size,
-    device: str | None = None,
-    precision: str = EvalOptions.precision,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    allow_missing: bool = False,
-    workers: int | None = EvalOptions.workers,
-) -> Predictions:
-    """Caption every reference image with ``model`` (a registry name or a checkpoint path).
-
-    With a features store as references and no ``images_root``, the stored CLIP embeddings are
-    captioned (no image files needed; they must come from the model's CLIP). Otherwise the images
-    are read under ``images_root`` (else the store's root, else the references file's folder):
-    missing files fail before the model is loaded, unless ``allow_missing`` (then they count as
-    missing predictions); files that cannot be decoded become failed predictions.
-    ``on_start(total)`` and ``on_progress(done)`` drive a progress bar.
-    """
-    use_features = references.embeddings is not None and images_root is None
-    root = images_root or references.images_root or references.source.parent
-    todo: list[tuple[RefImage, Any]] = []
-    if use_features:
-        todo = [(ref, ref.row) for ref in references.images]
-    else:
-        absent: list[RefImage] = []
-        for ref in references.images:
-            path = _locate(ref, root)
-            if path is None:
-                absent.append(ref)
-            else:
-                todo.append((ref, path))
-        if absent and (not allow_missing or not todo):
-            example = absent[0].image or f"image_id {absent[0].image_id}"
-            raise UsageError(
-                f"{len(absent)} of {len(references.images)} reference images are not under {root} "
-                f"(e.g. {example}): point --images at the folder that holds them"
-                + ("" if not todo else ", or pass --allow-missing to score the others")
-            )
-
-    from clipcap_cli.loading import load_model
-
-    captioner = load_model(model, device=device, precision=precision)
-    if use_features:
-        _check_features_clip(references, captioner.config, model)
-    if on_start is not None:
-        on_start(len(todo))
-    outcomes = (
-        _caption_embeddings(captioner, references, todo, decoding, batch_size)
-        if use_features
-        else _caption_files(captioner, todo, decoding, batch_size, workers)
-    )
-    items: list[Prediction] = []
-    for done, ((ref, _), (text, error)) in enumerate(zip(todo, outcomes, strict=True), start=1):
-        items.append(Prediction(ref.image, ref.image_id, text, error))
-        if on_progress is not None:
-            on_progress(done)
-    return Predictions(
-        items, None, "model", None if use_features else root, captioned_from="features" if use_features else "images"
-    )
-
-
-def _check_features_clip(references: References, config: Any, model: str) -> None:
-    meta = references.features_meta or {}
-    stored = (meta.get("clip_model"), meta.get("clip_pretrained"))
-    wanted = (config.clip_model, config.clip_pretrained)
-    if stored != wanted:
-        raise UsageError(
-            f"the features in {references.source} come from CLIP {stored[0]} ({stored[1]}) but {model} uses "
-            f"{wanted[0]} ({wanted[1]}): pass --images DIR to caption the image files instead"
-        )
-
-
-Todo = list[tuple[RefImage, Any]]  # (reference image, its features row or its file)
-Outcome = tuple[str | None, str | None]  # (caption, error)
-
-
-def _caption_embeddings(
-    captioner: Any, references: References, todo: Todo, decoding: DecodingOptions, batch_size: int | None
-) -> Iterator[Outcome]:
-    """Decode stored CLIP embeddings (rows of the features store) through the captioning stream."""
-    rows = (references.embeddings[row] for _, row in todo)  # (D,) each; fp16 when extracted on a GPU
-    for out in captioner.stream(rows, decoding, batch_size=batch_size, workers=0):
-        yield out.result.text, None
-
-
-def _caption_files(
-    captioner: Any, todo: Todo, decoding: DecodingOptions, batch_size: int | None, workers: int | None
-) -> Iterator[Outcome]:
-    """Caption image files through the captioning stream (``workers`` decoding processes). An
-    unreadable image fails alone: the rest of its batch is captioned."""
-    paths = [str(path) for _, path in todo]
-    for out in captioner.stream(paths, decoding, batch_size=batch_size, workers=workers):
-        yield (out.result.text, None) if out.error is None else (None, f"{paths[out.index]}: {out.error}")
-
-
-def _locate(ref: RefImage, root: Path) -> Path | None:
-    """The reference image's file: its path under ``root``, or where its COCO id says (the dataset
-    readers' rule: ``datasets.coco_id_candidates`` through an ``ImageResolver``)."""
-    from clipcap_cli.datasets import coco_id_candidates
-    from clipcap_cli.images import ImageResolver
-
-    if ref.image:
-        candidates = [ref.image]
-    elif isinstance(ref.image_id, int):
-        candidates = coco_id_candidates(ref.image_id)
-    else:
-        return None
-    found = ImageResolver(root).existing(candidates)
-    return None if found is None else root / Path(found).expanduser()
-
-
 def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
     return asdict(options)
-
-
-def write_predictions(path: str | Path, predictions: Predictions) -> Path:
-    """Write predictions as JSON Lines (``{"path", "image_id", "caption", "error"}``, the shape of
-    ``clipcap caption --jsonl``), atomically; ``clipcap eval --predictions`` reads them back."""
-    path = Path(path).expanduser()
-    lines = [
-        json.dumps(
-            {"path": p.image, "image_id": p.image_id, "caption": p.caption, "error": p.error}, ensure_ascii=False
-        )
-        for p in predictions.items
-    ]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
-    return path
 
 
 def report_json(report: Mapping[str, Any]) -> str:

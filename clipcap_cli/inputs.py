@@ -164,7 +164,7 @@ def fetch_url(
         raise InputError("offline mode is on: URLs are not fetched")
     import requests
 
-    from clipcap_cli.download import read_available
+    from clipcap_cli.download_http import read_available
     from clipcap_cli.netguard import BlockedAddressError, public_session
     from clipcap_cli.version import __version__
 

@@ -9,7 +9,7 @@ ClipCap paper and most captioning papers report:
   pycocoevalcap's ``bleu_scorer.py``, ``rouge.py`` and ``cider_scorer.py`` (quirks included, see the
   functions' docstrings), so they need neither Java nor the package;
 * METEOR and SPICE exist only as Java programs bundled with pycocoevalcap: they are run when the
-  package is importable and ``java`` is on PATH, and otherwise reported unavailable with a reason.
+  package is importable and ``java`` is on PATH (``metrics_java``), and otherwise reported unavailable with a reason.
 
 Scale: every value is on the scale pycocoevalcap returns: BLEU, METEOR, ROUGE-L and SPICE in
 [0, 1], CIDEr on its own x10 scale (about 0..10, typically ~1.1 for a good COCO model). Papers,
@@ -22,23 +22,26 @@ tokenizer, which backend, why a metric is unavailable) is part of the returned :
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import itertools
-import json
-import math
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-import threading
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipcap_cli.errors import BackendUnavailableError, KeyMismatchError, MetricsInputError
+from clipcap_cli.metrics_java import (
+    DEFAULT_JAVA_TIMEOUT,
+    INSTALL_EVAL,
+    PTB_JAR,
+    JavaToolError,
+    java_path,
+    meteor_java,
+    meteor_unavailable_reason,
+    pycocoevalcap_dir,
+    run_java_ptb,
+    spice_java,
+    spice_unavailable_reason,
+)
 from clipcap_cli.ngrams import MetricScores, bleu, cider_d, rouge_l
 from clipcap_cli.ptb import PTB_PUNCTUATIONS, ptb_tokenize_python
 from clipcap_cli.ptb import remove_punctuation as _remove_punctuation
@@ -85,13 +88,6 @@ PAPER_TABLE1_COCO: dict[str, dict[str, float]] = {
 }
 #: Multiply :func:`score` values by this to compare with :data:`PAPER_TABLE1_COCO`.
 PAPER_SCALE = 100.0
-
-
-_PTB_JAR = "stanford-corenlp-3.4.1.jar"
-_METEOR_JAR = "meteor-1.5.jar"
-_SPICE_JAR = "spice-1.0.jar"
-_SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
-_DEFAULT_JAVA_TIMEOUT = 600.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,36 +138,9 @@ class ScoreResult:
         }
 
 
-class _JavaToolError(Exception):
-    """A Java tool failed; the message is the one-line reason shown to the user."""
-
-
 # --------------------------------------------------------------------------------------------
-# Environment: java and pycocoevalcap
+# Can the chosen backend run here (java and pycocoevalcap: see metrics_java)
 # --------------------------------------------------------------------------------------------
-
-
-def java_path() -> str | None:
-    """The ``java`` executable on PATH, or None."""
-    return shutil.which("java")
-
-
-def pycocoevalcap_dir() -> Path | None:
-    """The installed pycocoevalcap package folder, found without importing it (it is a namespace
-    package with no ``__init__.py``), or None when it is not installed."""
-    try:
-        spec = importlib.util.find_spec("pycocoevalcap")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    for location in spec.submodule_search_locations or []:
-        if (Path(location) / "bleu").is_dir():
-            return Path(location)
-    return None
-
-
-INSTALL_EVAL = "pip install 'clipcap-cli[eval]'"  # what brings pycocoevalcap, in every message that needs it
 
 
 def check_backends(backend: str, tokenizer: str) -> None:
@@ -185,96 +154,13 @@ def check_backends(backend: str, tokenizer: str) -> None:
         )
 
 
-def _package_and_java_reason(metric: str, package_dir: Path | None, java: str | None) -> str | None:
-    if package_dir is None:
-        return f"{metric} needs the pycocoevalcap package ({INSTALL_EVAL}) and Java"
-    if java is None:
-        return f"{metric} needs Java: no 'java' on PATH"
-    return None
-
-
-def _spice_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
-    reason = _package_and_java_reason("SPICE", package_dir, java)
-    if reason is not None:
-        return reason
-    assert package_dir is not None
-    spice_dir = package_dir / "spice"
-    if not (spice_dir / _SPICE_JAR).is_file():
-        return f"SPICE jar {spice_dir / _SPICE_JAR} is missing"
-    missing = [name for name in _SPICE_CORENLP_JARS if not (spice_dir / "lib" / name).is_file()]
-    if missing:
-        return (
-            f"SPICE needs Stanford CoreNLP 3.6.0 ({', '.join(missing)}) in {spice_dir / 'lib'}; "
-            "pycocoevalcap downloads it on first use, which needs internet: run "
-            "'python -m pycocoevalcap.spice.get_stanford_models' once online"
-        )
-    return None
-
-
-def _meteor_unavailable_reason(package_dir: Path | None, java: str | None) -> str | None:
-    reason = _package_and_java_reason("METEOR", package_dir, java)
-    if reason is not None:
-        return reason
-    assert package_dir is not None
-    meteor_dir = package_dir / "meteor"
-    for needed in (meteor_dir / _METEOR_JAR, meteor_dir / "data" / "paraphrase-en.gz"):
-        if not needed.is_file():
-            return f"METEOR file {needed} is missing"
-    return None
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """The last meaningful line of a tool's output, for a one-line reason."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    line = lines[-1] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 # --------------------------------------------------------------------------------------------
 # Tokenisation
 # --------------------------------------------------------------------------------------------
 
-# Characters Java's PTBTokenizer treats as line ends in -preserveLines mode. pycocoevalcap only
-# replaces "\n", so a "\r" in a caption shifts every later caption onto the wrong image there;
-# we replace them all to keep one caption per line.
-_LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-
-
-def _run_java_ptb(java: str, jar: Path, captions: Sequence[str], timeout: float) -> list[str]:
-    """Raw PTBTokenizer output, one line per caption (punctuation not yet removed).
-
-    Same command as pycocoevalcap's PTBTokenizer wrapper, but the temporary file goes to the
-    system temp dir, not into site-packages (which may be read-only), and output is captured.
-    """
-    lines = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
-    fd, tmp_name = tempfile.mkstemp(prefix="clipcap-ptb-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write("\n".join(lines).encode("utf-8"))
-        cmd = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", tmp_name]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise _JavaToolError(f"PTBTokenizer timed out after {timeout:g} s") from None
-        except OSError as exc:
-            raise _JavaToolError(f"could not run java: {exc}") from None
-    finally:
-        os.unlink(tmp_name)
-    if proc.returncode != 0:
-        raise _JavaToolError(
-            f"PTBTokenizer failed (exit {proc.returncode}): {_one_line(proc.stderr.decode('utf-8', 'replace'))}"
-        )
-    # Output mirrors the input's line structure ("a\n\n" -> "a\n\n"), blank lines included.
-    out = proc.stdout.decode("utf-8", "replace").split("\n")
-    if len(out) == len(lines) + 1 and out[-1] == "":
-        out.pop()  # tolerate a final newline the input did not have
-    if len(out) != len(lines):
-        raise _JavaToolError(f"PTBTokenizer returned {len(out)} lines for {len(lines)} captions")
-    return out
-
 
 def tokenize(
-    captions: Sequence[str], tokenizer: str = "auto", *, timeout: float = _DEFAULT_JAVA_TIMEOUT
+    captions: Sequence[str], tokenizer: str = "auto", *, timeout: float = DEFAULT_JAVA_TIMEOUT
 ) -> tuple[list[str], str, str | None]:
     """Tokenise captions the COCO way. Returns (tokenised captions, tokenizer used, note).
 
@@ -296,23 +182,18 @@ def tokenize(
         reason = "pycocoevalcap is not installed"
     elif java is None:
         reason = "no 'java' on PATH"
-    elif not (package_dir / "tokenizer" / _PTB_JAR).is_file():
-        reason = f"{package_dir / 'tokenizer' / _PTB_JAR} is missing"
+    elif not (package_dir / "tokenizer" / PTB_JAR).is_file():
+        reason = f"{package_dir / 'tokenizer' / PTB_JAR} is missing"
     else:
         try:
-            raw = _run_java_ptb(java, package_dir / "tokenizer" / _PTB_JAR, captions, timeout)
+            raw = run_java_ptb(java, package_dir / "tokenizer" / PTB_JAR, captions, timeout)
             return [_remove_punctuation(line) for line in raw], "ptb-java", None
-        except _JavaToolError as exc:
+        except JavaToolError as exc:
             reason = str(exc)
     if tokenizer == "ptb-java":
         raise BackendUnavailableError(f"the Java PTBTokenizer cannot run: {reason}")
     note = f"Java PTBTokenizer not used ({reason}); tokenised with the Python imitation"
     return [ptb_tokenize_python(c) for c in captions], "ptb-python", note
-
-
-# --------------------------------------------------------------------------------------------
-# Pure-Python scorers (input: pre-tokenised strings, aligned per image)
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,128 +223,6 @@ def _pycocoevalcap_python_scores(
         corpus, per_image = Cider().compute_score(gts, res)
         out["CIDEr"] = MetricScores(float(corpus), [float(x) for x in per_image])
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Java tools bundled with pycocoevalcap: METEOR 1.5 and SPICE 1.0
-# --------------------------------------------------------------------------------------------
-
-
-def _meteor_java(
-    java: str, package_dir: Path, references: Sequence[Sequence[str]], hypotheses: Sequence[str], timeout: float
-) -> MetricScores:
-    """METEOR through pycocoevalcap's meteor-1.5.jar, with the exact command line and stdio
-    protocol of its ``Meteor`` class (SCORE lines, then one EVAL line).
-
-    We drive the process ourselves because the class has no timeout, leaves stderr in a pipe
-    nobody reads, and its ``__del__`` deadlocks on its lock after a failed call.
-    """
-    meteor_dir = package_dir / "meteor"
-    cmd = [java, "-jar", "-Xmx2G", _METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
-    timed_out = threading.Event()
-    with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-        except OSError as exc:
-            raise _JavaToolError(f"could not run java: {exc}") from None
-
-        def kill() -> None:
-            timed_out.set()
-            proc.kill()
-
-        watchdog = threading.Timer(timeout, kill)
-        watchdog.daemon = True
-        watchdog.start()
-        stdin, stdout = proc.stdin, proc.stdout
-        assert stdin is not None and stdout is not None
-
-        def ask(line: str, n_answers: int) -> list[str]:
-            with contextlib.suppress(OSError):  # a dead process: the empty read below reports it
-                stdin.write((line + "\n").encode("utf-8"))
-                stdin.flush()
-            answers = []
-            for _ in range(n_answers):
-                raw = stdout.readline()
-                if not raw:  # end of output: the process died or the watchdog killed it
-                    if timed_out.is_set():
-                        raise _JavaToolError(f"METEOR timed out after {timeout:g} s")
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=10)
-                    err.seek(0)
-                    detail = _one_line(err.read().decode("utf-8", "replace")) or f"exit {proc.returncode}"
-                    raise _JavaToolError(f"METEOR failed: {detail}")
-                answers.append(raw.decode("utf-8", "replace").strip())
-            return answers
-
-        try:
-            stats = []
-            for refs, hyp in zip(references, hypotheses):
-                # Same clean-up as pycocoevalcap on the hypothesis; on references we only remove
-                # what would break the line protocol ("|||" and line breaks).
-                hyp = _LINE_BREAKS.sub(" ", hyp).replace("|||", "").replace("  ", " ")
-                refs = [_LINE_BREAKS.sub(" ", ref).replace("|||", "") for ref in refs]
-                stats.append(ask(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)), 1)[0])
-            answers = ask("EVAL" + "".join(f" ||| {s}" for s in stats), len(stats) + 1)
-            try:
-                values = [float(a) for a in answers]
-            except ValueError:
-                raise _JavaToolError(f"METEOR returned unexpected output: {answers[-1][:100]}") from None
-            return MetricScores(values[-1], values[:-1])
-        finally:
-            # Like pycocoevalcap's Meteor.__del__: nothing is pending, so just stop the JVM.
-            watchdog.cancel()
-            proc.kill()
-            proc.wait()
-            for stream in (stdin, stdout):
-                with contextlib.suppress(OSError):  # stdin may hold unflushed bytes for a dead process
-                    stream.close()
-
-
-def _spice_java(
-    java: str, package_dir: Path, references: Sequence[Sequence[str]], hypotheses: Sequence[str], timeout: float
-) -> tuple[MetricScores, int]:
-    """SPICE through pycocoevalcap's spice-1.0.jar, same arguments as its ``Spice`` class except
-    that input/output files live in a temp dir (not site-packages) and no parse cache is kept.
-
-    Returns the scores and how many images SPICE gave an undefined F-score (null or NaN):
-    pycocoevalcap keeps those as NaN, which makes the mean NaN; we count them as 0.
-    """
-    spice_dir = package_dir / "spice"
-    with tempfile.TemporaryDirectory(prefix="clipcap-spice-") as tmp:
-        in_file, out_file = Path(tmp) / "input.json", Path(tmp) / "output.json"
-        data = [
-            {"image_id": i, "test": hyp, "refs": list(refs)}
-            for i, (refs, hyp) in enumerate(zip(references, hypotheses))
-        ]
-        in_file.write_text(json.dumps(data), encoding="utf-8")
-        cmd = [java, "-jar", "-Xmx8G", _SPICE_JAR, str(in_file), "-out", str(out_file), "-subset", "-silent"]
-        try:
-            proc = subprocess.run(cmd, cwd=spice_dir, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise _JavaToolError(f"SPICE timed out after {timeout:g} s") from None
-        except OSError as exc:
-            raise _JavaToolError(f"could not run java: {exc}") from None
-        if proc.returncode != 0 or not out_file.is_file():
-            output = proc.stderr.decode("utf-8", "replace") + proc.stdout.decode("utf-8", "replace")
-            raise _JavaToolError(f"SPICE failed (exit {proc.returncode}): {_one_line(output)}")
-        try:
-            results = json.loads(out_file.read_text(encoding="utf-8"))
-            by_id = {int(item["image_id"]): item["scores"]["All"]["f"] for item in results}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _JavaToolError(f"SPICE output could not be read: {exc}") from None
-    per_image: list[float] = []
-    undefined = 0
-    for i in range(len(hypotheses)):
-        try:
-            value = float(by_id[i])
-        except (KeyError, TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
-            undefined += 1
-            value = 0.0
-        per_image.append(value)
-    corpus = math.fsum(per_image) / len(per_image) if per_image else 0.0
-    return MetricScores(corpus, per_image), undefined
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +265,7 @@ def score(
     tokenizer: str = "auto",
     per_image: bool = False,
     allow_missing: bool = False,
-    java_timeout: float = _DEFAULT_JAVA_TIMEOUT,
+    java_timeout: float = DEFAULT_JAVA_TIMEOUT,
 ) -> ScoreResult:
     """Score predicted captions against reference captions with the COCO caption protocol.
 
@@ -555,7 +314,7 @@ def score(
             results[name], note = _java_score(name, package_dir, tok_refs, tok_hyps, java_timeout)
             backends[name] = "pycocoevalcap-java"
             notes += [note] if note else []
-        except _JavaToolError as exc:
+        except JavaToolError as exc:
             unavailable[name] = str(exc)
 
     scores = {name: results[name].corpus for name in names if name in results}
@@ -645,16 +404,16 @@ def _java_score(
 ) -> tuple[MetricScores, str | None]:
     """METEOR or SPICE through pycocoevalcap's jars: (scores, a note or None).
 
-    Raises _JavaToolError with the reason when the tool cannot run here or fails.
+    Raises JavaToolError with the reason when the tool cannot run here or fails.
     """
     java = java_path()
-    reason = (_meteor_unavailable_reason if name == "METEOR" else _spice_unavailable_reason)(package_dir, java)
+    reason = (meteor_unavailable_reason if name == "METEOR" else spice_unavailable_reason)(package_dir, java)
     if reason is not None:
-        raise _JavaToolError(reason)
+        raise JavaToolError(reason)
     assert package_dir is not None and java is not None
     if name == "METEOR":
-        return _meteor_java(java, package_dir, tok_refs, tok_hyps, timeout), None
-    scores, undefined = _spice_java(java, package_dir, tok_refs, tok_hyps, timeout)
+        return meteor_java(java, package_dir, tok_refs, tok_hyps, timeout), None
+    scores, undefined = spice_java(java, package_dir, tok_refs, tok_hyps, timeout)
     return scores, (
         f"SPICE F-score undefined for {undefined} image(s) (no tuples); counted as 0" if undefined else None
     )

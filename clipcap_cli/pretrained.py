@@ -169,7 +169,9 @@ def fetch(
     one from Google Drive cannot be, which is logged as a warning. With ``force``, a verified
     record stays the reference: the new file must match it, or it is refused.
     """
-    from clipcap_cli import download
+    from clipcap_cli.download import fetch_verified
+    from clipcap_cli.download_errors import OfflineError
+    from clipcap_cli.fsutil import sha256_file
 
     offline = not paths.can_download()
     if offline and not model.path.is_file():
@@ -178,12 +180,10 @@ def fetch(
     old = record(model)
     expected = verified_sha256(model) if force else recorded_sha256(model)
     try:
-        got = download.fetch_verified(
-            model.urls, model.path, sha256=expected, force=force, progress=progress, offline=offline
-        )
-    except download.OfflineError as exc:
+        got = fetch_verified(model.urls, model.path, sha256=expected, force=force, progress=progress, offline=offline)
+    except OfflineError as exc:
         raise ModelNotAvailableError(f"model '{model.name}': {exc}") from exc
-    digest = got.sha256 or download.sha256_file(got.path)
+    digest = got.sha256 or sha256_file(got.path)
     verified_by = got.published_by or ("registry" if model.sha256 else None)
     if verified_by is None and old.get("verified_by") and old.get("sha256") == digest:
         verified_by = old["verified_by"]  # the same bytes a mirror vouched for before

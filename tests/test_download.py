@@ -17,8 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from clipcap_cli import download as dl
-from clipcap_cli.download import (
+from clipcap_cli import download_hosts
+from clipcap_cli.download import fetch
+from clipcap_cli.download_errors import (
     BadContentError,
     ChecksumError,
     HTTPStatusError,
@@ -26,9 +27,8 @@ from clipcap_cli.download import (
     NotEnoughSpaceError,
     OfflineError,
     TransferError,
-    fetch,
-    sha256_file,
 )
+from clipcap_cli.fsutil import sha256_file
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # 3 MiB and change: several 1 MiB chunks
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -341,7 +341,7 @@ Download anyway</a></body></html>"""
 @pytest.fixture
 def drive(server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
     """Make 127.0.0.1 count as a Drive host; /uc serves a confirmation page."""
-    monkeypatch.setattr(dl, "DRIVE_HOSTS", dl.DRIVE_HOSTS | {"127.0.0.1"})
+    monkeypatch.setattr(download_hosts, "DRIVE_HOSTS", download_hosts.DRIVE_HOSTS | {"127.0.0.1"})
     return server
 
 
@@ -440,14 +440,14 @@ def _fake_usage(free: int) -> Callable[[object], SimpleNamespace]:
 
 
 def test_not_enough_space_with_known_size(server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl.shutil, "disk_usage", _fake_usage(1 << 20))
+    monkeypatch.setattr("shutil.disk_usage", _fake_usage(1 << 20))
     with pytest.raises(NotEnoughSpaceError, match=r"need 3\.0 MiB.*1\.0 MiB free"):
         fetch([server.url(), server.url("/other")], dest, size=len(PAYLOAD), **FAST)
     assert server.log == []  # checked before any request
 
 
 def test_not_enough_space_from_content_length(server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl.shutil, "disk_usage", _fake_usage(1 << 20))
+    monkeypatch.setattr("shutil.disk_usage", _fake_usage(1 << 20))
     with pytest.raises(NotEnoughSpaceError, match="not enough disk space"):
         fetch([server.url(), server.url()], dest, **FAST)
     assert len(server.hits()) == 1  # fatal: the second mirror is not tried
@@ -455,7 +455,7 @@ def test_not_enough_space_from_content_length(server: Server, dest: Path, monkey
 
 
 def test_enough_space_passes(server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl.shutil, "disk_usage", _fake_usage(1 << 30))
+    monkeypatch.setattr("shutil.disk_usage", _fake_usage(1 << 30))
     fetch([server.url()], dest, sha256=SHA, size=len(PAYLOAD), **FAST)
     assert dest.read_bytes() == PAYLOAD
 

@@ -37,7 +37,7 @@ def saved(tiny_checkpoint, tmp_path_factory) -> dict:
         Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8), "RGB").save(root / "imgs" / f"{i}.jpg")
     result = caption(tiny_checkpoint, str(root / "imgs"), "--output-dir", str(root / "out"), "--save-embeddings")
     assert result.exit_code == 0, result.output
-    from clipcap_cli.sharded import load_embeddings
+    from clipcap_cli.sharded_output import load_embeddings
 
     records = jsonl((root / "out" / "part-00000.jsonl").read_text(encoding="utf-8"))
     return {

@@ -11,6 +11,7 @@ from paper_table import PAPER_TABLE1
 
 from clipcap_cli import evaluation, metrics
 from clipcap_cli.errors import UsageError
+from clipcap_cli.eval_captioning import write_predictions
 from clipcap_cli.evaluation import EvalOptions, Prediction
 from clipcap_cli.metrics import KeyMismatchError
 
@@ -397,7 +398,7 @@ def test_write_predictions_round_trip(tmp_path: Path):
     )
     old_umask = os.umask(0o022)
     try:
-        out = evaluation.write_predictions(tmp_path / "sub" / "saved.jsonl", preds)
+        out = write_predictions(tmp_path / "sub" / "saved.jsonl", preds)
     finally:
         os.umask(old_umask)
     back = evaluation.read_predictions(out)

@@ -9,15 +9,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "clipcap_cli"
 MAX_LINES = 520  # "about 500 lines"
 # Past the limit today, each to be split by concern (issue "One home"); they may shrink, not grow.
+# Keys are paths inside the package (commands/caption.py), so that two modules of one name are told apart.
 TOO_LONG_TODAY = {
-    "evaluation.py": 605,
-    "metrics.py": 660,
     "features.py": 740,
-    "download.py": 815,
-    "sharded.py": 640,
     "decoding.py": 620,
-    "caption.py": 530,
-    "eval.py": 525,
+    "commands/caption.py": 530,
 }
 
 
@@ -86,6 +82,9 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 def test_no_module_is_too_long():
-    lines = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in PACKAGE.rglob("*.py")}
+    lines = {
+        p.relative_to(PACKAGE).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+        for p in PACKAGE.rglob("*.py")
+    }
     long = {name: n for name, n in lines.items() if n > TOO_LONG_TODAY.get(name, MAX_LINES)}
     assert not long, long

@@ -18,6 +18,7 @@ from paper_table import PAPER_TABLE1
 
 from clipcap_cli import metrics as M
 from clipcap_cli.errors import UsageError
+from clipcap_cli.metrics_java import SPICE_CORENLP_JARS
 
 requires_java = pytest.mark.usefixtures("java")  # skipped without Java, failed in CI (conftest.need_tool)
 
@@ -404,7 +405,7 @@ def test_spice_is_reported_unavailable_without_corenlp(monkeypatch: pytest.Monke
     pytest.importorskip("pycocoevalcap")
     package_dir = M.pycocoevalcap_dir()
     assert package_dir is not None
-    if all((package_dir / "spice" / "lib" / name).is_file() for name in M._SPICE_CORENLP_JARS):
+    if all((package_dir / "spice" / "lib" / name).is_file() for name in SPICE_CORENLP_JARS):
         pytest.skip("Stanford CoreNLP 3.6.0 is installed for SPICE here, so SPICE is available")
 
     def no_download(*args: object, **kwargs: object) -> None:
@@ -424,7 +425,7 @@ def test_a_failing_spice_run_is_reported_not_raised(tmp_path: Path, monkeypatch:
     (tmp_path / "bleu").mkdir()
     (tmp_path / "spice" / "lib").mkdir(parents=True)
     (tmp_path / "spice" / "spice-1.0.jar").write_text("not a jar")
-    for name in M._SPICE_CORENLP_JARS:
+    for name in SPICE_CORENLP_JARS:
         (tmp_path / "spice" / "lib" / name).write_text("not a jar")
     monkeypatch.setattr(M, "pycocoevalcap_dir", lambda: tmp_path)
     result = M.score(REFERENCES, PREDICTIONS, metrics=["SPICE"], tokenizer="ptb-python")

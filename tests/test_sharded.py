@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from clipcap_cli import shards
 from clipcap_cli.cli import app
-from clipcap_cli.sharded import load_embeddings
+from clipcap_cli.sharded_output import load_embeddings
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]

@@ -428,7 +428,7 @@ def _run(
     from clipcap_cli import output as out
     from clipcap_cli.errors import UsageError
     from clipcap_cli.records import make_record
-    from clipcap_cli.sharded import OffThread
+    from clipcap_cli.sharded_output import OffThread
     from clipcap_cli.shards import is_tar_pattern
     from clipcap_cli.ui import stderr, warn
 

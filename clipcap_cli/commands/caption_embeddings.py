@@ -28,7 +28,7 @@ def caption_embeddings(
     from clipcap_cli import embeddings_in, ui
     from clipcap_cli import output as out
     from clipcap_cli.errors import UsageError
-    from clipcap_cli.sharded import OffThread, make_record
+    from clipcap_cli.sharded_output import OffThread, make_record
     from clipcap_cli.shards import Sample, seed_id
     from clipcap_cli.ui import stderr, warn
 

@@ -42,15 +42,6 @@ INPUTS = "Inputs"
 MODEL = "Captioning with --model"
 SCORING = "Scoring"
 OUTPUT = "Output"
-SHOW_FAILED = 5
-
-# Short column titles for the paper's Table 1 rows (metrics.PAPER_TABLE1_COCO keys).
-PAPER_COLUMNS = {
-    "transformer_frozen_gpt2": "paper: Transformer,\nfrozen GPT-2",
-    "mlp_gpt2_tuning": "paper: MLP +\nGPT-2 tuning",
-    "ablation_transformer_gpt2_tuning": "ablation: Transformer\n+ GPT-2 tuning",
-    "ablation_mlp_frozen_gpt2": "ablation: MLP,\nfrozen GPT-2",
-}
 
 
 def command(
@@ -305,9 +296,10 @@ def command(
                 "precision": options.precision,
             }
             if save_predictions is not None:
+                from clipcap_cli.eval_captioning import write_predictions
                 from clipcap_cli.ui import stderr
 
-                evaluation.write_predictions(save_predictions, preds)
+                write_predictions(save_predictions, preds)
                 stderr.print(f"wrote {len(preds.items)} captions to {save_predictions}", highlight=False)
                 settings["save_predictions"] = str(save_predictions)
         else:
@@ -400,14 +392,14 @@ def _say_refs(references: Any) -> None:
 def _caption(
     references: Any, model: str, images: Path | None, decoding: DecodingOptions, options: EvalOptions, quiet: bool
 ) -> Any:
-    from clipcap_cli import evaluation
+    from clipcap_cli.eval_captioning import caption_references
     from clipcap_cli.ui import item_progress, stderr
 
     progress = item_progress("images", quiet)
     task = progress.add_task("loading model", total=None)
     progress.start()
     try:
-        preds = evaluation.caption_references(
+        preds = caption_references(
             references,
             model,
             images_root=images,
@@ -451,71 +443,9 @@ def _emit(report: dict, output: Path | None, json_: bool, worst: int) -> None:
         for name, reason in report["unavailable"].items():
             warn(escape(f"{name} unavailable: {reason}"))
     else:
-        _render(report, worst)
+        from clipcap_cli.commands.eval_table import render
+
+        render(report, worst)
     if report["counts"]["failed_predictions"]:
         warn(escape(next(note for note in report["notes"] if note.startswith(evaluation.FAILED_NOTE))))
         raise typer.Exit(EXIT_PARTIAL)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _render(report: dict, worst: int) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
-
-    from clipcap_cli import evaluation, metrics
-    from clipcap_cli.ui import stdout
-
-    counts = report["counts"]
-    settings = report["settings"]
-    what = settings["refs_format"] + (f" {settings['split']}" if settings.get("split") else "")
-    source = f"model {settings['model']}" if settings.get("model") else Path(settings["predictions"] or "").name
-    table = Table(
-        title=f"{escape(source)}: {counts['images']} images, {counts['reference_captions']} reference captions ({what})",
-        caption=f"x100 = the papers' scale; JSON holds the unscaled values. Tokenizer: {report['tokenizer']}.",
-        title_justify="left",
-    )
-    table.add_column("metric")
-    table.add_column("x100", justify="right", style="bold")
-    table.add_column("value", justify="right", style="dim")
-    paper = report.get("paper")
-    if paper:
-        for row in paper["rows"]:
-            table.add_column(PAPER_COLUMNS.get(row, row.replace("_", " ")), justify="right")
-    requested = [
-        m for m in (*metrics.METRIC_NAMES, *CLIP_METRICS) if m in report["metrics"] or m in report["unavailable"]
-    ]
-    for name in requested:
-        value = report["metrics"].get(name)
-        cells = [
-            name,
-            _fmt(None if value is None else value * metrics.PAPER_SCALE),
-            "n/a" if value is None else f"{value:.4f}",
-        ]
-        if paper:
-            cells += [_fmt(values.get(name)) for values in paper["rows"].values()]
-        table.add_row(*cells)
-    stdout.print(table)
-    for name, reason in report["unavailable"].items():
-        stdout.print(f"[yellow]{name} unavailable:[/] {escape(reason)}", highlight=False)
-    for note in report["notes"]:
-        stdout.print(f"[dim]note: {escape(note)}[/]", highlight=False)
-    if paper and paper.get("note"):
-        stdout.print(f"[dim]note: {escape(paper['note'])}[/]", highlight=False)
-    metric, rows = evaluation.worst_images(report, worst)
-    if rows:
-        worst_table = Table(title=f"The {len(rows)} lowest {metric} images", title_justify="left")
-        worst_table.add_column("image", overflow="fold")
-        for name in ("CIDEr", "BLEU-4"):
-            if name in rows[0]["scores"]:
-                worst_table.add_column(name, justify="right")
-        worst_table.add_column("caption", overflow="fold")
-        worst_table.add_column("a reference", overflow="fold", style="dim")
-        for row in rows:
-            image = row["image"] or f"image_id {row['image_id']}"
-            scores = [f"{row['scores'][name]:.3f}" for name in ("CIDEr", "BLEU-4") if name in row["scores"]]
-            worst_table.add_row(Text(image), *scores, Text(row["caption"]), Text(row["references"][0]))
-        stdout.print(worst_table)

@@ -29,7 +29,7 @@ from clipcap_cli.train.callbacks import (
     TrainCallback,
     TrainResult,
 )
-from clipcap_cli.train.options import PRECISIONS, RESUMABLE_CHANGES, TrainOptions, model_config, resume_conflicts
+from clipcap_cli.train.options import RESUMABLE_CHANGES, TrainOptions, model_config, resume_conflicts
 
 _LAZY = {
     "loop": (
@@ -70,7 +70,6 @@ __all__ = [
     "StepInfo",
     "TrainCallback",
     "TrainResult",
-    "PRECISIONS",
     "RESUMABLE_CHANGES",
     "TrainOptions",
     "model_config",

@@ -27,7 +27,6 @@ RESUMABLE_CHANGES = frozenset(
 # AUTO_VAL_MIN_IMAGES images and there is no --val-data; else no held-out split.
 AUTO_VAL_FRACTION = 0.05
 AUTO_VAL_MIN_IMAGES = 20
-PRECISIONS = TRAIN_PRECISIONS  # what --precision takes for training (int8 and fast are for captioning)
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,8 @@ class TrainOptions:
             raise UsageError(f"max-tokens must be at least 1, got {self.max_tokens}")
         check_variance(self.noise_variance)
         self._check_lora()
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision not in TRAIN_PRECISIONS:  # int8 and fast are for captioning
+            raise UsageError(f"unknown precision {self.precision!r}: choose one of {', '.join(TRAIN_PRECISIONS)}")
 
     def _check_lora(self) -> None:
         if self.lora_targets is not None:  # a list from JSON or the command line: one spelling, for resume checks

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from clipcap_cli import download as dl
 from clipcap_cli.cli import app
+from clipcap_cli.download_errors import TooSlowError, TransferError
 from clipcap_cli.inputs import InputError, fetch_url
 
 runner = CliRunner()
@@ -138,7 +139,7 @@ def _trickle(handler, query) -> None:
 def test_a_trickling_download_stops_in_bounded_time_and_says_how_to_resume(server, dest):
     server.routes["/slow"] = _trickle
     start = time.monotonic()
-    with pytest.raises(dl.TooSlowError) as exc:
+    with pytest.raises(TooSlowError) as exc:
         dl.fetch([server.url("/slow")], dest, timeout=5.0, retries=3, backoff=0.01, min_rate=100_000, rate_window=1.0)
     assert time.monotonic() - start < 10  # the whole file would take 20 minutes at this pace
     message = str(exc.value)
@@ -156,7 +157,7 @@ def test_a_trickling_download_stops_in_bounded_time_and_says_how_to_resume(serve
 def test_a_stall_mid_body_fails_within_the_retries(server, dest):
     server.faults.extend(["drop:1000", "sleep:3", "sleep:3"])
     start = time.monotonic()
-    with pytest.raises(dl.TransferError, match="giving up"):
+    with pytest.raises(TransferError, match="giving up"):
         dl.fetch([server.url()], dest, timeout=0.5, retries=1, backoff=0.01)
     assert time.monotonic() - start < 10
 
