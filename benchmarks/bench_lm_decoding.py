@@ -156,10 +156,10 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     prefix = torch.randn(args.batch, PREFIX_LENGTH, width, generator=g) * lm.get_input_embeddings().weight.std()
     stepper = type(open_inference(lm, args.batch, PREFIX_LENGTH + args.tokens)).__name__
-    paths: dict[str, Callable[[torch.Tensor, int], list[list[int]]]] = {
-        "static": lambda p, beams: run_clipcap(lm, p, beams, args.tokens, "static"),
-        "forward": lambda p, beams: run_clipcap(lm, p, beams, args.tokens, "forward"),
-        "generate": lambda p, beams: run_generate(lm, p, beams, args.tokens),
+    paths: dict[str, Callable[[torch.Tensor, int, int], list[list[int]]]] = {
+        "static": lambda p, beams, n: run_clipcap(lm, p, beams, n, "static"),
+        "forward": lambda p, beams, n: run_clipcap(lm, p, beams, n, "forward"),
+        "generate": lambda p, beams, n: run_generate(lm, p, beams, n),
     }
     result: dict[str, Any] = {
         "stepper": stepper,
@@ -170,11 +170,11 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
         found: dict[str, list[list[int]]] = {}
         with torch.inference_mode():
             for run in paths.values():  # warm-up: first-call allocations, lazy imports
-                run(prefix[:2], beams)
+                run(prefix[:2], beams, min(3, args.tokens))
             for _ in range(args.repeat):
                 for name, run in paths.items():
                     start = time.perf_counter()
-                    found[name] = run(prefix, beams)
+                    found[name] = run(prefix, beams, args.tokens)
                     best[name] = min(best[name], time.perf_counter() - start)
                     print(f"{family} {label} {name}: {best[name]:.3f} s", file=sys.stderr)
         new_tokens = sum(len(t) for t in found["generate"])
