@@ -180,10 +180,12 @@ def test_lm_decoding_benchmark_tiny_run():
             assert set(row) >= {"static", "forward", "generate"}, (family, label)
             for name in ("static", "forward", "generate"):
                 path = row[name]
-                assert path["seconds"] > 0
-                assert path["x_generate"] == pytest.approx(
-                    row["generate"]["seconds"] / path["seconds"], rel=2e-3, abs=2e-3
-                )
+                assert path["seconds"] > 0 and path["cpu_seconds"] > 0
+                for key, ratio in (
+                    ("x_generate", row["generate"]["seconds"] / path["seconds"]),
+                    ("x_generate_cpu", row["generate"]["cpu_seconds"] / path["cpu_seconds"]),
+                ):
+                    assert path[key] == pytest.approx(ratio, rel=2e-3, abs=2e-3), (family, label, name, key)
             assert row["generate"]["x_generate"] == 1
             assert row["identical_to_forward"] == row["identical_to_generate"] == 2, (family, label)
             assert 2 <= row["new_tokens"] <= 2 * 5
