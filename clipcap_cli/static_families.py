@@ -93,10 +93,8 @@ class StaticGPT2(StaticStepper):
         import torch.nn.functional as F
 
         block = self.blocks[i]
-        n, t, e = x.shape
         q, k, v = (
-            z.view(n, t, self.n_head, self.head_dim).transpose(1, 2)
-            for z in block.attn.c_attn(self._norm(block.ln_1, x)).split(e, dim=-1)
+            self._heads(z, self.n_head) for z in block.attn.c_attn(self._norm(block.ln_1, x)).split(self.width, dim=-1)
         )  # 3 x (N, H, T, D)
         x = x + block.attn.c_proj(attend(i, q, k, v)).to(self.stream)
         mlp = block.mlp
@@ -196,11 +194,10 @@ class StaticLlama(StaticStepper):
     def _block(self, i: int, x: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
         block = self.blocks[i]
         attn, mlp = block.self_attn, block.mlp
-        n, t, _ = x.shape
         h = self._norm(block.input_layernorm, x)
-        q = attn.q_proj(h).view(n, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self._heads(attn.q_proj(h), self.n_head)
+        k = self._heads(attn.k_proj(h), self.kv_heads)
+        v = self._heads(attn.v_proj(h), self.kv_heads)
         q, k = self._rotate(q, rope), self._rotate(k, rope)
         x = x + attn.o_proj(attend(i, q, k, v)).to(self.stream)
         h = self._norm(block.post_attention_layernorm, x)
@@ -259,11 +256,9 @@ class StaticOPT(StaticStepper):
     def _block(self, i: int, x: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
         block = self.blocks[i]
         attn = block.self_attn
-        n, t, _ = x.shape
         h = self._norm(block.self_attn_layer_norm, x) if self.pre_norm else self._in(x)
-        q = (attn.q_proj(h) * attn.scaling).view(n, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(n, t, self.n_head, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(n, t, self.n_head, self.head_dim).transpose(1, 2)
+        q = self._heads(attn.q_proj(h) * attn.scaling, self.n_head)
+        k, v = self._heads(attn.k_proj(h), self.n_head), self._heads(attn.v_proj(h), self.n_head)
         x = x + attn.out_proj(attend(i, q, k, v)).to(self.stream)
         if not self.pre_norm:
             x = self._norm(block.self_attn_layer_norm, x, self.stream)

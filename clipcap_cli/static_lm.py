@@ -84,6 +84,7 @@ class StaticStepper:
         self.slot: torch.Tensor | None = None  # (n,) physical row of each logical row; None = the identity
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # bucket -> (graph, input, output)
         self._at: torch.Tensor | None = None  # (1,) the position being written, for the fixed-shape step
+        self._visible: torch.Tensor | None = None  # (1, positions held): the positions 0.._at, for the fixed-shape step
         self._step_at = 0  # the position being written, for the eager step
         self._pool: Any = None
         # The graphed step: padded input (b, E) -> ``_fixed_blocks``'s output (b, E). On CUDA, a
@@ -204,8 +205,8 @@ class StaticStepper:
         import torch.nn.functional as F
 
         n, at = q.shape[0], self._step_at
-        self.kv[i, 0, :n, :, at] = k[:, :, 0]
-        self.kv[i, 1, :n, :, at] = v[:, :, 0]
+        self.kv[i, 0, :n, :, at : at + 1] = k
+        self.kv[i, 1, :n, :, at : at + 1] = v
         # Grouped-query attention without copying the cache: a key/value head's query heads are its
         # ``groups`` queries (no mask: one new position sees every position before it).
         att = F.scaled_dot_product_attention(
@@ -219,18 +220,16 @@ class StaticStepper:
     def _attend_fixed(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``_attend_step`` with fixed shapes: the position ``_at`` is a tensor, attention spans the
         whole cache under a mask."""
-        import torch
         import torch.nn.functional as F
 
         b = q.shape[0]
-        visible = (torch.arange(self.kv.shape[4], device=q.device) <= self._at)[None]  # (1, P): positions 0..at
         self.kv[i, 0, :b].index_copy_(2, self._at, k)
         self.kv[i, 1, :b].index_copy_(2, self._at, v)
         att = F.scaled_dot_product_attention(
             q.view(b, self.kv_heads, self.groups, self.head_dim),
             self.kv[i, 0, :b],
             self.kv[i, 1, :b],
-            attn_mask=visible,
+            attn_mask=self._visible,
             scale=self.scales[i],
         )  # (b, KVH, groups, D)
         return att.reshape(b, 1, self.n_head * self.head_dim)
@@ -250,8 +249,11 @@ class StaticStepper:
         """``_blocks`` with fixed shapes, so that a CUDA graph can replay it at any position: the
         position ``at`` (1,) is a tensor. x: (b, E) with b a bucket size; rows past n are padding
         and write unused cache rows."""
+        import torch
+
         assert self.kv is not None
         self._at = at
+        self._visible = (torch.arange(self.kv.shape[4], device=x.device) <= at)[None]  # (1, P): positions 0..at
         rope = None if self.rope is None else (self.rope[0].index_select(0, at), self.rope[1].index_select(0, at))
         x = x.unsqueeze(1)
         for i in range(self.layers):
@@ -355,6 +357,13 @@ class StaticStepper:
             y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
             y = y if weight is None else y * weight
         return y.to(dtype or self.dtype)
+
+    def _heads(self, z: torch.Tensor, heads: int) -> torch.Tensor:
+        """A projection (N, T, heads * D) as (N, heads, T, D) (a plain view when T = 1, the step)."""
+        n, t = z.shape[:2]
+        if t == 1:
+            return z.view(n, heads, 1, self.head_dim)
+        return z.view(n, t, heads, self.head_dim).transpose(1, 2)
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         """The stream as the input of a matrix product (the model's dtype)."""
