@@ -123,8 +123,8 @@ def test_decoding_gives_the_forward_steppers_tokens(name, strategy, monkeypatch)
 
     def run():
         if strategy == "greedy":
-            return [tokens for tokens, _ in greedy(model, prefix, 10, STOP)]
-        return [[tokens for tokens, _ in hyps] for hyps in beam_search(model, prefix, 3, 10, STOP)]
+            return [tokens for tokens, _ in greedy(model, prefix, 8, STOP)]
+        return [[tokens for tokens, _ in hyps] for hyps in beam_search(model, prefix, 3, 8, STOP)]
 
     static = run()
     monkeypatch.setattr(decoding, "open_inference", lambda lm, rows, positions: ForwardStepper(lm))
@@ -173,7 +173,7 @@ def test_anything_not_stock_takes_the_generic_path():
     assert not inference.is_stock_opt(_lm("llama")) and not inference.is_stock_llama(_lm("opt"))
 
 
-@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("name", ["llama"])  # OPT's LayerNorms in fp32 are GPT-2's, tested in test_inference.py
 def test_bf16_keeps_the_residual_stream_in_float32(name):
     """bf16 weights and matrix products, the residual stream and the norms in fp32: the logits stay
     clearly closer to fp32 arithmetic on the same (bf16-rounded) weights than the all-bf16 forward
