@@ -4,6 +4,7 @@ never asserted). Run by `.ci/run` after the test suite, as the benchmark job: `p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,37 @@ def test_lora_benchmark_quick_run():
     assert rows["full"]["trainable_params"] == mapper + report["lm_params"]
     assert rows["lora"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"] / 10  # mapper + adapters only
     assert all(r["steps"] == rows["full"]["steps"] > 0 and r["held_out_loss"] > 0 for r in rows.values())
+
+
+def test_lm_decoding_benchmark_tiny_run():
+    """benchmarks/bench_lm_decoding.py --size tiny: a row per family and decoding for each path, ratios that are
+    the times' own, and the static stepper's tokens identical to the generic stepper's and to ``generate``'s."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_lm_decoding.py"), "--size", "tiny", "--json"]
+        + ["--batch", "2", "--tokens", "5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["size"] == "tiny" and report["cpu"]["name"] and report["cpu"]["isa"]
+    steppers = {family: res["stepper"] for family, res in report["families"].items()}
+    assert steppers == {"gpt2": "StaticGPT2", "opt": "StaticOPT", "smollm2": "StaticLlama"}
+    for family, res in report["families"].items():
+        for label in ("greedy", "beam5"):
+            row = res[label]
+            assert set(row) >= {"static", "forward", "generate"}, (family, label)
+            for name in ("static", "forward", "generate"):
+                path = row[name]
+                assert path["seconds"] > 0 and path["cpu_seconds"] > 0
+                for key, ratio in (
+                    ("x_generate", row["generate"]["seconds"] / path["seconds"]),
+                    ("x_generate_cpu", row["generate"]["cpu_seconds"] / path["cpu_seconds"]),
+                ):
+                    assert path[key] == pytest.approx(ratio, rel=2e-3, abs=2e-3), (family, label, name, key)
+            assert row["generate"]["x_generate"] == 1
+            assert row["identical_to_forward"] == row["identical_to_generate"] == 2, (family, label)
+            assert 2 <= row["new_tokens"] <= 2 * 5
