@@ -431,7 +431,7 @@ def extract(
             "preprocess": describe_preprocess(preprocess),
             "device": str(device),
             "dtype": dtype,
-            "embed_dim": int(getattr(model.visual, "output_dim", 0) or 0),
+            "embed_dim": _embed_dim(model, options),
         }
         progress = reused
 
@@ -587,6 +587,14 @@ def _encode_chunks(
         encoded += len(indices)
         step(len(indices) + len(failed))
     return encoded
+
+
+def _embed_dim(model: Any, options: ExtractOptions) -> int:
+    """The tower's output width: open_clip's ``output_dim`` (its own towers), else its config's
+    ``embed_dim`` (timm towers, such as SigLIP's, have no ``output_dim``)."""
+    from clipcap_cli.backbones import clip_embed_dim
+
+    return int(getattr(model.visual, "output_dim", 0) or clip_embed_dim(options.clip_model) or 0)
 
 
 def _load_clip(options: ExtractOptions, device: Any) -> tuple[Any, Any]:
