@@ -7,6 +7,10 @@ caption), the tower recorded by training, and stores/checkpoints of another towe
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,3 +223,71 @@ def test_training_records_the_tower_and_other_towers_are_refused(
     assert res.exit_code != 0
     [line] = res.stderr.strip().splitlines()
     assert f"expects 40-d CLIP features (trained on {resnet}); you gave {vit} (24-d): use --clip {resnet}" in line
+
+
+# --------------------------------------------------------------------------- the real layouts, rehearsed
+
+REHEARSE = "CLIPCAP_REHEARSE_TOWERS"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(REHEARSE), reason=f"full-size towers (a minute of CPU): set {REHEARSE}=1")
+def test_rehearsal_vit_l14_and_siglip_from_the_planted_hub_cache(tmp_path: Path, tiny_gpt2_dir: Path):
+    """The README's tower commands through the installed script, offline (no --offline flag: the network is
+    blocked and a test fails if anything reaches for it), on open_clip's hub cache planted with OpenAI's
+    ViT-L/14 and SigLIP ViT-B/16 (random weights): the default tags (openai, webli), QuickGELU for OpenAI's
+    weights, each tower's width and transform; a checkpoint trained on ViT-L/14 captions with no --clip."""
+    import open_clip
+    from released import plant_other_towers
+    from safetensors.torch import load_file
+    from test_rehearsal import PHOTO, SITECUSTOMIZE
+
+    from clipcap_cli import checkpoint
+    from clipcap_cli.config import ModelConfig
+    from clipcap_cli.features import load_features
+    from clipcap_cli.images import open_rgb
+    from clipcap_cli.model import ClipCaptionModel
+
+    home = tmp_path / "home"
+    planted = plant_other_towers(home)
+    exe = shutil.which("clipcap", path=str(Path(sys.executable).parent))
+    assert exe, "the clipcap console script is not installed next to this Python"
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    net_log = tmp_path / "network.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("CLIPCAP_OFFLINE", "HF_HUB_OFFLINE", "CLIPCAP_DEBUG")}
+    path = os.pathsep.join([str(tmp_path / "hooks"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update(CLIPCAP_HOME=str(home), PYTHONPATH=path, CLIPCAP_TEST_NET_LOG=str(net_log))
+    (tmp_path / "photos").mkdir()
+    shutil.copyfile(PHOTO, tmp_path / "photos" / "photo.jpg")
+
+    def clipcap(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert not net_log.exists(), f"clipcap {' '.join(args)} reached for the network:\n{net_log.read_text()}"
+        assert result.returncode == 0, f"clipcap {' '.join(args)}: exit {result.returncode}\n{result.stderr}"
+        return result
+
+    for name, tag, quick, size in (("ViT-L-14", "openai", True, 224), ("ViT-B-16-SigLIP", "webli", False, 224)):
+        clipcap("extract", "photos", "--clip", name, "--out", f"feats-{name}", "-q")
+        store = load_features(tmp_path / f"feats-{name}")
+        assert (store.meta["clip_model"], store.meta["clip_pretrained"]) == (name, tag)
+        assert store.meta["clip_activation"] == ("quick_gelu" if quick else "gelu")
+        assert store.embeddings.shape == (1, 768)
+        # The same embedding from open_clip itself: the tag's activation, the tower's own transform.
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick, **(
+            {"force_preprocess_cfg": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "squash"}} if not quick else {}))  # fmt: skip
+        weights = {k.removeprefix("visual."): v.float() for k, v in load_file(str(planted[name])).items()}
+        model.visual.load_state_dict(weights)
+        pixels = preprocess(open_rgb(tmp_path / "photos" / "photo.jpg")).unsqueeze(0)
+        assert pixels.shape[-1] == size
+        with torch.no_grad():
+            want = model.visual.eval()(pixels)[0]
+        assert (store.embeddings[0].float() - want).abs().max() < 1e-4, name
+        del model
+
+    config = ModelConfig(prefix_length=2, prefix_size=768, clip_model="ViT-L-14", gpt2=str(tiny_gpt2_dir))
+    ckpt = checkpoint.save(ClipCaptionModel(config, backbones.load_gpt2(config.gpt2)), tmp_path / "vitl.safetensors")
+    [record] = [
+        json.loads(line) for line in clipcap("caption", "photos/photo.jpg", "--model", str(ckpt)).stdout.splitlines()
+    ]
+    assert record["error"] is None and isinstance(record["caption"], str)
