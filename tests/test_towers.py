@@ -274,8 +274,10 @@ def test_rehearsal_vit_l14_and_siglip_from_the_planted_hub_cache(tmp_path: Path,
         assert store.meta["clip_activation"] == ("quick_gelu" if quick else "gelu")
         assert store.embeddings.shape == (1, 768)
         # The same embedding from open_clip itself: the tag's activation, the tower's own transform.
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick, **(
-            {"force_preprocess_cfg": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "squash"}} if not quick else {}))  # fmt: skip
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)  # the weights' mean, std and resize mode
+        keys = ("mean", "std", "resize_mode", "interpolation")
+        preprocess = open_clip.image_transform(size, is_train=False, **{k: tag_cfg[k] for k in keys})
         weights = {k.removeprefix("visual."): v.float() for k, v in load_file(str(planted[name])).items()}
         model.visual.load_state_dict(weights)
         pixels = preprocess(open_rgb(tmp_path / "photos" / "photo.jpg")).unsqueeze(0)
