@@ -123,9 +123,9 @@ def test_width_and_preprocessing_come_from_the_tower(towers: dict[str, str], kin
 @pytest.mark.parametrize(
     ("name", "tag", "width", "size", "mean", "crop"),
     [
-        ("ViT-B-16", "openai", 512, 224, 0.48145466, True),
+        pytest.param("ViT-B-16", "openai", 512, 224, 0.48145466, True, marks=pytest.mark.slow),
         ("ViT-L-14-336", "openai", 768, 336, 0.48145466, True),
-        ("RN50x16", "openai", 768, 384, 0.48145466, True),
+        pytest.param("RN50x16", "openai", 768, 384, 0.48145466, True, marks=pytest.mark.slow),
         ("ViT-B-16-SigLIP-384", "webli", 768, 384, 0.5, False),  # SigLIP: its own mean/std, squashed
     ],
 )
