@@ -148,6 +148,20 @@ def test_a_tower_with_several_tags_and_no_openai_asks_for_one():
         backbones.default_clip_tag("ViT-H-14")
 
 
+def test_a_store_of_another_tower_or_other_weights_is_refused_naming_both(tmp_path: Path):
+    from clipcap_cli.errors import UsageError
+    from clipcap_cli.store_format import FORMAT, check_store_tower
+
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"format": FORMAT, "format_version": 1, "clip_model": "ViT-L-14", "clip_pretrained": "openai"})
+    )
+    check_store_tower(tmp_path, "ViT-L-14", "openai")
+    with pytest.raises(UsageError, match=r"made with CLIP ViT-L-14 \(openai\), not --clip ViT-B-16-SigLIP \(webli\)"):
+        check_store_tower(tmp_path, "ViT-B-16-SigLIP", "webli")
+    with pytest.raises(UsageError, match=r"made with CLIP ViT-L-14 \(openai\), not --clip ViT-L-14 \(laion2b"):
+        check_store_tower(tmp_path, "ViT-L-14", "laion2b_s32b_b82k")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
