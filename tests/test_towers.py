@@ -143,9 +143,22 @@ def test_real_towers_have_their_own_width_size_and_preprocessing(name, tag, widt
     assert tuple(pixels.shape) == (3, size, size)
 
 
-def test_a_tower_with_several_tags_and_no_openai_asks_for_one():
-    with pytest.raises(Exception, match=r"several pretrained weights: choose one with --clip-pretrained \(.*laion2b"):
-        backbones.default_clip_tag("ViT-H-14")
+def test_clip_without_a_tag_takes_the_towers_own_weights_in_extract_and_train():
+    """`--clip NAME` alone: openai where NAME has it, else its only tag (SigLIP: webli), never random
+    weights; several tags and no openai: one line listing them."""
+    from clipcap_cli.commands.extract import _default_tag
+    from clipcap_cli.commands.train import _clip_tag
+    from clipcap_cli.errors import UsageError
+
+    for choose in (_default_tag, lambda clip: _clip_tag(clip, None)):
+        assert choose(None) == "openai"  # the default ViT-B-32
+        assert choose("ViT-L-14") == "openai"
+        assert choose("ViT-B-16-SigLIP") == "webli"
+        with pytest.raises(
+            UsageError, match=r"several pretrained weights: choose one with --clip-pretrained \(.*laion2b"
+        ):
+            choose("ViT-H-14")
+    assert _clip_tag("ViT-L-14", "none") is None
 
 
 def test_a_store_of_another_tower_or_other_weights_is_refused_naming_both(tmp_path: Path):
