@@ -235,10 +235,10 @@ def test_training_records_the_tower_and_other_towers_are_refused(
     config = checkpoint.read(ckpt).config
     assert (config.clip_model, config.clip_pretrained, config.prefix_size) == (resnet, None, 40)
     [store] = list((tmp_path / "stores").iterdir())
-    res = runner.invoke(app, ["caption", str(photos), "--model", str(ckpt), "--device", "cpu", "--format", "jsonl"])
+    res = runner.invoke(app, ["caption", str(photos / "0.png"), "--model", str(ckpt), "--device", "cpu", "--format", "jsonl"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    records = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
-    assert len(records) == 3 and all(r["error"] is None and isinstance(r["caption"], str) for r in records)
+    [record] = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    assert record["error"] is None and isinstance(record["caption"], str)
 
     res = runner.invoke(app, ["train", str(store), "--clip", vit, "--out", str(tmp_path / "run2"), *args])
     assert res.exit_code == 2
