@@ -175,6 +175,22 @@ def test_a_store_of_another_tower_or_other_weights_is_refused_naming_both(tmp_pa
         check_store_tower(tmp_path, "ViT-L-14", "laion2b_s32b_b82k")
 
 
+@pytest.mark.slow
+def test_caption_clip_alone_takes_that_towers_weights(tmp_path: Path, tiny_gpt2_dir: Path):
+    """`caption --clip OTHER` on a checkpoint trained on ViT-L-14 (openai) uses OTHER's own weights (SigLIP's
+    webli), not the checkpoint's tag; the checkpoint's own tower keeps its tag."""
+    from clipcap_cli import checkpoint
+    from clipcap_cli.config import ModelConfig
+    from clipcap_cli.loading import load_network
+    from clipcap_cli.model import ClipCaptionModel
+
+    config = ModelConfig(prefix_length=1, prefix_size=768, clip_model="ViT-L-14", gpt2=str(tiny_gpt2_dir))
+    ckpt = checkpoint.save(ClipCaptionModel(config, backbones.load_gpt2(config.gpt2)), tmp_path / "m.safetensors")
+    assert load_network(str(ckpt), clip_model="ViT-B-16-SigLIP").config.clip_pretrained == "webli"
+    assert load_network(str(ckpt), clip_model="ViT-L-14").config.clip_pretrained == "openai"
+    assert load_network(str(ckpt), clip_model="RN50x16", clip_pretrained="openai").config.clip_model == "RN50x16"
+
+
 # --------------------------------------------------------------------------- end to end
 
 
