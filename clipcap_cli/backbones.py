@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from clipcap_cli import paths
-from clipcap_cli.config import CLIP_EMBED_DIMS
 from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
 
 if TYPE_CHECKING:
@@ -250,14 +249,72 @@ def clip_activation(model_name: str, pretrained: str | None) -> str:
     return clip_spec(model_name, pretrained).activation
 
 
+def clip_model_config(model_name: str) -> dict[str, Any] | None:
+    """open_clip's architecture config for ``model_name`` (``embed_dim``, ``vision_cfg``, ...), or None for
+    a name open_clip does not know. A ``local-dir:`` folder's JSON and open_clip's bundled configs are read
+    as files, without importing open_clip (seconds of start-up); other names (configs registered with
+    ``open_clip.add_model_config``) are asked of open_clip."""
+    if model_name.startswith(LOCAL_DIR):
+        try:
+            return clip_spec(model_name, None).model_cfg
+        except UsageError:
+            return None
+    import importlib.util
+
+    found = importlib.util.find_spec("open_clip")
+    for root in (found.submodule_search_locations or []) if found else []:
+        bundled = Path(root) / "model_configs" / f"{model_name}.json"
+        if "/" not in model_name and bundled.is_file():
+            try:
+                return json.loads(bundled.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                break
+    import open_clip
+
+    return open_clip.get_model_config(model_name)
+
+
 def clip_embed_dim(model_name: str) -> int | None:
-    """The image-embedding width of an open_clip model, from its config (no weights needed)."""
-    if model_name in CLIP_EMBED_DIMS:
-        return CLIP_EMBED_DIMS[model_name]
+    """The image-embedding width of an open_clip model, read from its config (no weights, no model
+    built); None for a name open_clip does not know."""
+    cfg = clip_model_config(model_name)
     try:
-        return clip_spec(model_name, None).embed_dim
-    except (UsageError, KeyError, ValueError):
+        return int(cfg["embed_dim"]) if cfg else None
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def clip_image_size(model_name: str) -> tuple[int, int] | None:
+    """The (height, width) of the pixels ``model_name``'s image tower takes (its config's ``image_size``)."""
+    cfg = clip_model_config(model_name)
+    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def default_clip_tag(model_name: str) -> str | None:
+    """The pretrained tag used when none is given: ``openai`` where the model has it (the original's
+    weights), else the model's only tag (``webli`` for SigLIP). None for a ``local-dir:`` model (its
+    weights are in the folder). Several tags and none of them ``openai``: a one-line error listing them."""
+    if model_name.startswith(LOCAL_DIR):
+        return None
+    import open_clip
+
+    clip_spec(model_name, None)  # an unknown name: its own error, with a suggestion
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if "openai" in tags:
+        return "openai"
+    if len(tags) == 1:
+        return tags[0]
+    if not tags:
+        raise UsageError(
+            f"CLIP {model_name} has no pretrained weights in open_clip: pass --clip-pretrained FILE, "
+            "or --clip-pretrained none for random weights"
+        )
+    raise UsageError(
+        f"CLIP {model_name} has several pretrained weights: choose one with --clip-pretrained ({', '.join(tags)})"
+    )
 
 
 def clip_weights_file(spec: ClipSpec) -> Path | None:
@@ -328,10 +385,18 @@ def build_clip(spec: ClipSpec, *, meta: bool = True) -> tuple[Any, Any]:
                 force_quick_gelu=quick,
                 force_preprocess_cfg=spec.preprocess_cfg,
             )
-    # As open_clip's create_model_and_transforms: the evaluation transform of the final config.
+    return model, image_preprocess(model.visual.preprocess_cfg)
+
+
+def image_preprocess(preprocess_cfg: dict[str, Any]) -> Any:
+    """The evaluation transform (PIL image -> normalised pixels) of a built tower's ``preprocess_cfg``,
+    as open_clip's ``create_model_and_transforms`` makes it: the tower's image size, the weights' mean
+    and std, interpolation and resize mode (``shortest`` + centre crop for OpenAI's CLIPs, ``squash``
+    for SigLIP). Every image pipeline (extract, caption, serve, sharded, CLIPScore) gets its transform
+    from ``load_clip``, which makes it here."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    return model, image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
 
 
 def load_clip(

@@ -277,9 +277,11 @@ def _check_arch(arch: dict[str, Any], seen: dict[str, Any], where: str) -> None:
         )
 
 
-def describe_clip_mismatch(expected: int, clip_model: str, got: int | None) -> str:
-    want = CLIP_FOR_DIM.get(expected)
-    want_txt = f" ({want})" if want else ""
+def describe_clip_mismatch(expected: int, clip_model: str, got: int | None, trained_on: str | None = None) -> str:
+    """One line naming both sides: the tower the mapper was trained on (what the checkpoint records;
+    for a released file, the usual CLIP of that width) and the one given."""
+    want = trained_on or CLIP_FOR_DIM.get(expected)
+    want_txt = f" ({'trained on ' if trained_on else ''}{want})" if want else ""
     return f"this checkpoint expects {expected}-d CLIP features{want_txt}; you gave {clip_model} ({got}-d)" + (
         f": use --clip {want}" if want else ""
     )
@@ -290,10 +292,11 @@ def resolve_config(raw: RawCheckpoint, **overrides: Any) -> ModelConfig:
     return (raw.config or infer_config(raw.state)).replace(**overrides)
 
 
-def check_clip(config: ModelConfig, clip_dim: int | None) -> None:
-    """Refuse a CLIP whose embedding width (``clip_dim``; None = unknown) the mapper cannot take."""
+def check_clip(config: ModelConfig, clip_dim: int | None, trained_on: str | None = None) -> None:
+    """Refuse a CLIP whose embedding width (``clip_dim``; None = unknown) the mapper cannot take.
+    ``trained_on``: the tower the checkpoint records, named in the error."""
     if clip_dim is not None and clip_dim != config.prefix_size:
-        raise CheckpointError(describe_clip_mismatch(config.prefix_size, config.clip_model, clip_dim))
+        raise CheckpointError(describe_clip_mismatch(config.prefix_size, config.clip_model, clip_dim, trained_on))
 
 
 def lm_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,20 +21,9 @@ MAPPINGS: tuple[str, ...] = ("mlp", "transformer")
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
 
-# Output width of the CLIP image encoders people use with ClipCap (open_clip names).
-CLIP_EMBED_DIMS: dict[str, int] = {
-    "RN50": 1024,
-    "RN101": 512,
-    "RN50x4": 640,
-    "RN50x16": 768,
-    "RN50x64": 1024,
-    "ViT-B-32": 512,
-    "ViT-B-16": 512,
-    "ViT-L-14": 768,
-    "ViT-L-14-336": 768,
-}
 # Which CLIP a checkpoint probably wants, from its input width (the released files: 512 -> ViT-B/32,
-# 640 -> RN50x4). Used for defaults and for error messages.
+# 640 -> RN50x4): only a guess, for files that do not record their CLIP (the released ones) and for error
+# messages. Widths themselves are read from open_clip's configs (backbones.clip_embed_dim).
 CLIP_FOR_DIM: dict[int, str] = {512: "ViT-B-32", 640: "RN50x4", 768: "ViT-L-14", 1024: "RN50"}
 
 

@@ -424,6 +424,8 @@ def extract(
         on_progress(reused, total)
 
     if pending:
+        from clipcap_cli.backbones import clip_embed_dim  # timm towers (SigLIP's) have no output_dim
+
         model, preprocess = clip if clip is not None else _load_clip(options, device)
         header = {
             "settings_sha256": settings_sha,
@@ -431,7 +433,7 @@ def extract(
             "preprocess": describe_preprocess(preprocess),
             "device": str(device),
             "dtype": dtype,
-            "embed_dim": int(getattr(model.visual, "output_dim", 0) or 0),
+            "embed_dim": int(getattr(model.visual, "output_dim", 0) or clip_embed_dim(options.clip_model) or 0),
         }
         progress = reused
 

@@ -91,7 +91,10 @@ def load_network(
     path, implied = pretrained.resolve(name_or_path, progress=download_progress)  # 1.
     raw = read_checkpoint(path, converted=name_or_path in pretrained.REGISTRY)  # 2.
     config = checkpoint.resolve_config(raw, **{**implied, **{k: v for k, v in overrides.items() if v is not None}})
-    checkpoint.check_clip(config, backbones.clip_embed_dim(config.clip_model))
+    trained_on = raw.config.clip_model if raw.config else implied.get("clip_model")
+    if overrides.get("clip_model") not in (None, trained_on) and overrides.get("clip_pretrained") is None:
+        config = config.replace(clip_pretrained=backbones.default_clip_tag(config.clip_model))  # --clip's own weights
+    checkpoint.check_clip(config, backbones.clip_embed_dim(config.clip_model), trained_on)
     named_gpt2 = overrides.get("gpt2") is not None or raw.gpt2_config is None or not raw.has_lm
     lm = None if raw.has_lm else checkpoint.lm_state(backbones.gpt2_weights(config.gpt2))
     named = backbones.gpt2_config(config.gpt2) if named_gpt2 else None

@@ -100,6 +100,32 @@ def _check_activation(meta: dict, folder: Path) -> None:
         )
 
 
+def describe_tower(clip_model: object, clip_pretrained: object) -> str:
+    """``ViT-L-14 (openai)``: a CLIP tower as messages name it."""
+    return f"{clip_model} ({clip_pretrained})" if clip_pretrained else str(clip_model)
+
+
+def same_tower(meta: dict, clip_model: str, clip_pretrained: str | None) -> bool:
+    """Whether ``meta``'s features (a store's) came from ``clip_model`` with ``clip_pretrained`` weights.
+    A store that records no CLIP (an imported pickle) is taken at its word."""
+    if not meta.get("clip_model"):
+        return True
+    return str(meta["clip_model"]) == clip_model and (meta.get("clip_pretrained") or None) == (clip_pretrained or None)
+
+
+def check_store_tower(path: str | Path, clip_model: str, clip_pretrained: str | None, flag: str = "--clip") -> None:
+    """Refuse the store at ``path`` when another CLIP tower than ``clip_model``/``clip_pretrained`` made its
+    features (a model learns one tower's embedding space): one line naming both, before any work."""
+    folder, meta = read_meta(path)
+    if same_tower(meta, clip_model, clip_pretrained):
+        return
+    raise UsageError(
+        f"features store {folder} was made with CLIP {describe_tower(meta['clip_model'], meta.get('clip_pretrained'))}, "
+        f"not {flag} {describe_tower(clip_model, clip_pretrained)}: leave out {flag} to train on it, or encode "
+        f"the images again with {flag} {clip_model}"
+    )
+
+
 def read_meta(path: str | Path) -> tuple[Path, dict]:
     """(the store's folder, its checked ``meta.json``) for either layout; one-line errors otherwise."""
     folder = _store_dir(path)

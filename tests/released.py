@@ -23,6 +23,9 @@ HF_REVISION = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id
 CLIP_HUB_REPOS = {
     ("ViT-B-32", "openai"): "timm/vit_base_patch32_clip_224.openai",
     ("RN50x4", "openai"): "timm/resnet50x4_clip.openai",
+    # Other towers (issue 22), planted for the tower rehearsal (tests/test_towers.py, docs/image-towers.md).
+    ("ViT-L-14", "openai"): "timm/vit_large_patch14_clip_224.openai",
+    ("ViT-B-16-SigLIP", "webli"): "timm/ViT-B-16-SigLIP",
 }
 
 
@@ -127,16 +130,31 @@ def _hub_file(cache: Path, repo: str, filename: str) -> Path:
     return snapshot / filename
 
 
-def plant_open_clip(home: Path, model: str, tag: str, seed: int = 0) -> Path:
+def plant_open_clip(home: Path, model: str, tag: str, seed: int = 0, *, image_only: bool = False) -> Path:
     """open_clip's hub cache for ``model``/``tag`` under ``home/open_clip``: the real architecture with
-    open_clip's own random initialisation, saved as the ``open_clip_model.safetensors`` it looks for."""
+    random weights, saved as the ``open_clip_model.safetensors`` it looks for.
+
+    By default, open_clip's own random initialisation of the whole model (what a download holds). With
+    ``image_only`` (large towers: ViT-L-14 has 428 M parameters), only the ``visual.*`` tensors, filled
+    with seeded N(0, 0.02) noise in fp16 (a model built on the meta device, never initialised): enough
+    for clipcap's image-only loads (extract, caption), a few seconds instead of a minute and 0.6 GB
+    instead of 1.7 GB for ViT-L-14. The tag's QuickGELU is what clipcap builds (``backbones.clip_spec``).
+    """
     import open_clip
     from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
-    clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=True)
     target = _hub_file(home / "open_clip", CLIP_HUB_REPOS[(model, tag)], "open_clip_model.safetensors")
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(target))
+    quick = bool((open_clip.get_pretrained_cfg(model, tag) or {}).get("quick_gelu"))
+    if image_only:
+        with torch.device("meta"):
+            shapes = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick, device="meta").state_dict()
+        gen = torch.Generator().manual_seed(seed)
+        state = {k: _noise(k, v, gen) for k, v in shapes.items() if k.startswith("visual.")}
+    else:
+        torch.manual_seed(seed)
+        clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick)
+        state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(target))
     return target
 
 
@@ -157,6 +175,24 @@ def plant_gpt2_files(home: Path) -> Path:
     folder = write_gpt2_tokenizer(_hub_file(home / "huggingface", "gpt2", "vocab.json").parent)
     GPT2Config().save_pretrained(folder)  # GPT-2 small: 12 heads of 64
     return folder
+
+
+def _noise(key: str, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random fp16 weights for ``key`` (BatchNorm's running variances 1, counters 0: a ResNet stays finite)."""
+    if not like.is_floating_point():
+        return torch.zeros(like.shape, dtype=like.dtype)
+    if key.endswith("running_var"):
+        return torch.ones(like.shape, dtype=torch.float16)
+    return (torch.randn(like.shape, generator=gen) * 0.02).to(torch.float16)
+
+
+def plant_other_towers(home: Path) -> dict[str, Path]:
+    """The hub caches of OpenAI's ViT-L/14 and Google's SigLIP ViT-B/16 (image towers only, random
+    weights), as `clipcap extract --clip ViT-L-14` and `--clip ViT-B-16-SigLIP` find them."""
+    return {
+        "ViT-L-14": plant_open_clip(home, "ViT-L-14", "openai", image_only=True),
+        "ViT-B-16-SigLIP": plant_open_clip(home, "ViT-B-16-SigLIP", "webli", image_only=True),
+    }
 
 
 def plant_everything(home: Path) -> Path:

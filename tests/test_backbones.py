@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipcap_cli import backbones, paths
-from clipcap_cli.config import CLIP_EMBED_DIMS, CLIP_FOR_DIM
+from clipcap_cli.config import CLIP_FOR_DIM
 from clipcap_cli.device import pick_device
 from clipcap_cli.errors import ModelNotAvailableError, UsageError
 
@@ -53,15 +53,16 @@ def test_clip_names_are_checked():
         backbones.load_clip("ViT-B-32", "openia")
 
 
-def test_embed_dims_table_agrees_with_open_clip():
-    """The shortcut table must say what open_clip's own configs say (a wrong entry would let a
-    mapper meet the wrong CLIP width, or refuse the right one)."""
+def test_clip_widths_are_read_from_open_clip_configs():
+    """Widths come from open_clip's own configs (no table to fall out of date), and the guess table for
+    files that record no CLIP agrees with them."""
     import open_clip
 
-    for name, dim in CLIP_EMBED_DIMS.items():
-        assert open_clip.get_model_config(name)["embed_dim"] == dim, name
+    for name in ("RN50x4", "RN50x64", "ViT-B-16", "ViT-L-14-336", "ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP"):
+        assert backbones.clip_embed_dim(name) == open_clip.get_model_config(name)["embed_dim"], name
     for dim, name in CLIP_FOR_DIM.items():
-        assert open_clip.get_model_config(name)["embed_dim"] == dim, name
+        assert backbones.clip_embed_dim(name) == dim, name
+    assert backbones.clip_embed_dim("ViT-B-23") is None
 
 
 def _quickgelu_tags() -> list[tuple[str, str]]:

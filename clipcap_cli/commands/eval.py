@@ -188,7 +188,7 @@ def command(
         Optional[str],
         typer.Option(
             "--clip-pretrained",
-            help=f"open_clip pretrained tag of --clip \\[default: {D.clip_pretrained}; none for local-dir:].",
+            help="open_clip pretrained tag of --clip \\[default: openai where --clip has it, else its only tag; none for local-dir:].",
             show_default=False,
             rich_help_panel=SCORING,
         ),
@@ -330,7 +330,7 @@ def _clip_options(clip: str | None, pretrained: str | None) -> dict[str, Any]:
     if clip is None and pretrained is None:
         return {}
     model = clip or D.clip_model
-    from clipcap_cli.backbones import LOCAL_DIR
+    from clipcap_cli.backbones import LOCAL_DIR, default_clip_tag
 
     return {
         "clip_model": model,
@@ -338,7 +338,9 @@ def _clip_options(clip: str | None, pretrained: str | None) -> dict[str, Any]:
         if pretrained is not None
         else None
         if model.startswith(LOCAL_DIR)
-        else D.clip_pretrained,
+        else D.clip_pretrained
+        if clip is None
+        else default_clip_tag(model),
     }
 
 

@@ -86,7 +86,8 @@ def command(
         Optional[str],
         typer.Option(
             "--clip-pretrained",
-            help=f"open_clip pretrained tag; 'none' = random weights \\[default: {D.clip_pretrained}].",
+            help="open_clip pretrained tag; 'none' = random weights \\[default: openai where --clip has it, else its only tag,"
+            " e.g. webli for SigLIP].",
             show_default=False,
             rich_help_panel=MODEL,
         ),
@@ -174,8 +175,8 @@ def command(
                 raise UsageError("--text stores are written in one go: --shard and --export-pickle do not apply")
             from clipcap_cli.commands.extract_text import extract_text_command
 
+            pretrained = _default_tag(clip) if pretrained is None else _tag(pretrained)
             clip = clip or D.clip_model
-            pretrained = D.clip_pretrained if pretrained is None else _tag(pretrained)
             extract_text_command(
                 dataset, images, out, format_, split, clip, pretrained, batch_size, device, overwrite, json_, quiet
             )
@@ -184,8 +185,8 @@ def command(
 
         check_folder(out)
         refuse_inputs(export_pickle, [dataset], "--export-pickle")
+        pretrained = _default_tag(clip) if pretrained is None else _tag(pretrained)
         clip = clip or D.clip_model
-        pretrained = D.clip_pretrained if pretrained is None else _tag(pretrained)
         options = ExtractOptions(
             clip_model=clip,
             clip_pretrained=None if clip.startswith("local-dir:") else pretrained,
@@ -197,6 +198,15 @@ def command(
             shard_size=shard_size,
         )
         _extract(dataset, images, out, format_, split, recursive, options, overwrite, export_pickle, json_, quiet)
+
+
+def _default_tag(clip: str | None) -> str | None:
+    """The pretrained tag when none is typed: the default CLIP's, or the one ``--clip`` names by default."""
+    if clip is None:
+        return D.clip_pretrained
+    from clipcap_cli.backbones import default_clip_tag
+
+    return default_clip_tag(clip)
 
 
 def _tag(text: str) -> str | None:

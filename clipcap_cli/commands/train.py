@@ -362,6 +362,10 @@ def command(
         store = (
             _store(given, clip_opts, reading, features_dir, out, "training", quiet, from_text) if given else saved_data  # type: ignore[possibly-undefined]
         )
+        if clip is not None or clip_pretrained is not None:  # a store made with another tower is refused
+            from clipcap_cli.store_format import check_store_tower
+
+            check_store_tower(store, clip_opts.clip_model, clip_opts.clip_pretrained)
         if val_data:
             if _typed(ctx, "val_fraction") and (val_fraction or 0) > 0:
                 raise UsageError("give either --val-fraction or --val-data, not both")
@@ -387,8 +391,12 @@ def command(
 def _clip_tag(clip: str | None, tag: str | None) -> str | None:
     if clip and clip.startswith("local-dir:"):
         return None
-    if tag is None:
-        return E.clip_pretrained if not clip or clip == E.clip_model else None
+    if tag is None and (not clip or clip == E.clip_model):
+        return E.clip_pretrained
+    if tag is None:  # the tag --clip names by default (openai, else its only one), as extract's
+        from clipcap_cli.backbones import default_clip_tag
+
+        return default_clip_tag(clip)
     return None if tag.strip().lower() in ("", "none") else tag
 
 

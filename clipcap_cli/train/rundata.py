@@ -126,7 +126,14 @@ def _shard_tokens_main_first(store: Store, tokenizer: Any, dist: Distributed, ca
 def _separate_validation(path: str, fs: Store, tokenizer: Any, max_tokens: int, dist: Distributed) -> CaptionStream:
     """``--val-data``: every caption of another store (extracted with the same CLIP)."""
     vfs = open_store(path)
-    if vfs.embed_dim != fs.embed_dim or vfs.clip_model != fs.clip_model:
-        raise UsageError(f"--val-data {vfs.path} was extracted with another CLIP than {fs.path}")
+    from clipcap_cli.store_format import describe_tower, same_tower
+
+    if vfs.embed_dim != fs.embed_dim or not same_tower(
+        vfs.meta, fs.meta.get("clip_model") or "", fs.meta.get("clip_pretrained")
+    ):
+        raise UsageError(
+            f"--val-data {vfs.path} was made with CLIP {describe_tower(vfs.clip_model, vfs.meta.get('clip_pretrained'))}, "
+            f"{fs.path} with {describe_tower(fs.clip_model, fs.meta.get('clip_pretrained'))}: encode both with one CLIP"
+        )
     tokens = _shard_tokens_main_first(vfs, tokenizer, dist, TrainCallback())
     return CaptionStream(tokens, "all", None, max_tokens).count()
