@@ -27,6 +27,8 @@ STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
 RERANKERS: tuple[str, ...] = ("clip",)  # DecodingOptions.rerank values (see clipscore.py)
 RERANK_SAMPLES = 5  # rerank with sampling and num_captions 1: samples drawn to choose from
 Hypothesis = tuple[list[int], float]  # (token ids, score)
+REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
+UTF8_MAX_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -143,16 +145,30 @@ def clean_up_tokenization(text: str) -> str:
 
 
 def tokens_to_text(tokenizer: Any, tokens: list[int] | tuple[int, ...]) -> str:
-    """The caption text exactly as the original produced it: nothing stripped, case kept."""
-    return clean_up_tokenization(tokenizer.decode(list(tokens), clean_up_tokenization_spaces=False))
+    """The caption text exactly as the original produced it: nothing stripped, case kept.
+
+    The whole sequence is decoded at once, so a character spread over several tokens (byte-level
+    BPE, SentencePiece byte fallback) comes out whole. A caption cut by ``max_length`` inside a
+    character would end in U+FFFD: the bytes of that unfinished character are left out instead.
+    """
+    tokens = list(tokens)
+    text = tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+    if text.endswith(REPLACEMENT):
+        # Up to 3 byte tokens of an unfinished character; a U+FFFD the model really spelled stays.
+        for cut in range(len(tokens) - 1, max(len(tokens) - UTF8_MAX_BYTES, -1), -1):
+            shorter = tokenizer.decode(tokens[:cut], clean_up_tokenization_spaces=False)
+            if not shorter.endswith(REPLACEMENT):
+                text = shorter
+                break
+    return clean_up_tokenization(text)
 
 
 def stop_token_id(tokenizer: Any, stop_token: str) -> int:
-    """The id decoding stops at: the first token of ``stop_token`` (13 for "."), as the original."""
-    ids = tokenizer.encode(stop_token)
-    if not ids:
-        raise UsageError(f"stop token {stop_token!r} encodes to no token")
-    return int(ids[0])
+    """The id decoding stops at: the first token of ``stop_token`` (13 for "." in GPT-2, as the
+    original), or the tokenizer's end of text for ``stop_token`` "eos" (see ``lm.stop_id``)."""
+    from clipcap_cli.lm import stop_id
+
+    return stop_id(tokenizer, stop_token)
 
 
 # --------------------------------------------------------------------------- the stepping loop
@@ -520,7 +536,13 @@ def default_batch_size(
         return CPU_BATCH_SIZE[options.strategy]
     rows = options.beam_size if options.strategy == "beam" else options.num_captions  # rows per image
     config = model.gpt.config if model is not None else None
-    layers, width, vocab = (config.n_layer, config.n_embd, config.vocab_size) if config else (12, 768, 50257)
+    if config is not None:
+        from clipcap_cli.lm import hidden_size
+
+        layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+        width, vocab = hidden_size(config), config.vocab_size
+    else:
+        layers, width, vocab = 12, 768, 50257
     prefix = model.prefix_length if model is not None else 10
     element = next(model.gpt.parameters()).element_size() if model is not None else 4
     cache = layers * 2 * width * (prefix + options.max_length) * element  # one row's keys and values
@@ -542,10 +564,12 @@ def generate(
     best first. ``image_ids`` only matter for sampling (see ``sample``)."""
     import torch
 
-    positions = getattr(model.gpt.config, "n_positions", None)
+    from clipcap_cli.lm import max_positions
+
+    positions = max_positions(model.gpt.config)
     if positions is not None and prefix.shape[1] + options.max_length - 1 > positions:
         raise UsageError(
-            f"max_length {options.max_length} does not fit GPT-2's {positions} positions after a "
+            f"max_length {options.max_length} does not fit the LM's {positions} positions after a "
             f"{prefix.shape[1]}-token prefix (at most {positions - prefix.shape[1] + 1})"
         )
     if prefix.shape[0] == 0:

@@ -23,11 +23,13 @@ from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
     DeviceOption,
-    Gpt2Option,
+    Gpt2AliasOption,
     ImageWorkersOption,
+    LmOption,
     ModelOption,
     NormalizePrefixOption,
     QuietOption,
+    lm_choice,
 )
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
 from clipcap_cli.inputs import URL_DEADLINE, WORKERS
@@ -77,7 +79,8 @@ def command(
     model: ModelOption = "coco",
     clip: ClipOption = None,
     clip_pretrained: ClipPretrainedOption = None,
-    gpt2: Gpt2Option = None,
+    lm: LmOption = None,
+    gpt2: Gpt2AliasOption = None,
     normalize_prefix: NormalizePrefixOption = None,
     precision: Annotated[
         str,
@@ -158,7 +161,8 @@ def command(
         Optional[str],
         typer.Option(
             "--stop-token",
-            help='Stop after this token (default: the model\'s, ".").',
+            help="Stop after this token (default: the model's, \".\" for GPT-2 COCO models); eos = the tokenizer's"
+            " end of text only.",
             rich_help_panel=DECODING,
             show_default=False,
         ),
@@ -311,7 +315,7 @@ def command(
             name_or_path=model,
             clip_model=clip,
             clip_pretrained=clip_pretrained,
-            gpt2=gpt2,
+            gpt2=lm_choice(lm, gpt2),
             normalize_prefix=normalize_prefix,
             precision=precision,
         )
