@@ -117,7 +117,7 @@ def base_prefix(config: Any) -> str:
     """The attribute holding the base model in the family's causal-LM class ("transformer", "model")."""
     from transformers import AutoModelForCausalLM
 
-    cls = AutoModelForCausalLM._model_mapping.get(type(config))
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     return str(getattr(cls, "base_model_prefix", "model") or "model")
 
 
@@ -172,8 +172,8 @@ def check_tokenizer(tokenizer: Any, name: str) -> None:
     files are missing) or one that cannot give text back; one line naming the LM."""
     if tokenizer is None or len(tokenizer) <= 1:
         raise ModelNotAvailableError(
-            f"the tokenizer of LM '{name}' is missing or empty ({0 if tokenizer is None else len(tokenizer)} tokens):"
-            " give --lm a folder or hub name with the tokenizer's files"
+            f"the tokenizer of LM '{name}' is missing or has an empty vocabulary"
+            f" ({0 if tokenizer is None else len(tokenizer)} tokens): give --lm a folder or hub name with its files"
         )
     probe = "a dog."
     ids = tokenizer.encode(probe, add_special_tokens=False)
