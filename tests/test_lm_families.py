@@ -203,3 +203,34 @@ def test_lm_option_and_its_gpt2_alias():
         lm_choice("a", "b")
     assert ModelConfig.from_dict({"gpt2": "old"}).lm == "old"  # checkpoints written before --lm
     assert ModelConfig(gpt2="x").lm == "x" == ModelConfig(lm="x").gpt2
+
+
+# --------------------------------------------------------------------------- train and caption end to end
+
+
+@pytest.mark.slow
+def test_cli_trains_opt_and_llama_and_captions_without_lm(tmp_path, lm_dirs, tiny_clip_dir, images):
+    """`clipcap train --lm DIR` for OPT and a Llama-style LM (the latter with --stop-token eos), then
+    `clipcap caption` on the result with no --lm: the checkpoint names its LM and tokenizer."""
+    import json
+
+    from test_train import make_store
+    from typer.testing import CliRunner
+
+    from clipcap_cli.cli import app
+
+    runner = CliRunner()
+    store = make_store(tmp_path / "store", tiny_clip_dir, n_images=6)
+    for family, stop in (("opt", "."), ("llama", EOS_STOP)):
+        out = tmp_path / f"run-{family}"
+        args = ["train", "--data", str(store), "--out", str(out), "--lm", str(lm_dirs[family]), "--stop-token", stop]
+        args += ["--prefix-length", "2", "--epochs", "1", "--batch-size", "4", "--warmup", "1", "--device", "cpu"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        ckpt = result.stdout.strip()
+        raw = checkpoint.read(ckpt)
+        assert raw.lm_config["model_type"] == family and raw.config.stop_token == stop
+        shown = runner.invoke(app, ["caption", "--model", ckpt, str(images["rgb"]), "--json", "--max-length", "5"])
+        assert shown.exit_code == 0, shown.output
+        [record] = json.loads(shown.stdout)
+        assert isinstance(record["caption"], str) and record["caption"]
