@@ -57,7 +57,9 @@ LmOption = Annotated[
     ),
 ]
 # --gpt2: the option's name before any causal LM could be chosen, kept working (hidden).
-Gpt2AliasOption = Annotated[Optional[str], typer.Option("--gpt2", hidden=True, show_default=False)]
+Gpt2AliasOption = Annotated[
+    Optional[str], typer.Option("--gpt2", help="The earlier name of --lm.", hidden=True, show_default=False)
+]
 Gpt2Option = LmOption  # the old name of the type, for code that still imports it
 
 
