@@ -141,7 +141,14 @@ def lm_config(name: str) -> PretrainedConfig | None:
     _quiet_transformers()
     folder = local_folder(name)
     if folder is not None:
-        return AutoConfig.from_pretrained(str(folder)) if (folder / "config.json").is_file() else None
+        if not (folder / "config.json").is_file():
+            return None
+        try:
+            return AutoConfig.from_pretrained(str(folder))
+        except ValueError:  # a config.json without model_type: GPT-2's, as folders written before AutoConfig
+            from transformers import GPT2Config
+
+            return GPT2Config.from_pretrained(str(folder))
     try:
         return cached_or_download(
             lambda local: AutoConfig.from_pretrained(name, **_hub_kwargs(local)),

@@ -32,6 +32,17 @@ GPT2 = "gpt2"
 # logit scaling or soft-capping): training runs the LM head only on the positions it scores.
 BASE_THEN_HEAD = frozenset({"gpt2", "opt", "llama", "qwen2", "mistral", "gpt_neox", "gptj", "phi3"})
 CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Heads that make a saved model something other than a language model (a bare base model is allowed:
+# transformers gives it its LM head).
+OTHER_HEAD_SUFFIXES = (
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForPreTraining",
+    "ForNextSentencePrediction",
+)
 # Written into ``lm_config`` by transformers but not part of the architecture.
 UNRECORDED_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash")
 CJK_PROBE = "猫が座る"  # the tokenizer round-trip probe: ASCII and CJK must come back as they went in
@@ -77,7 +88,7 @@ def check_causal(config: Any, name: str) -> None:
     causal_archs = [a for a in archs if a.endswith(CAUSAL_CLASS_SUFFIXES)]
     if getattr(config, "is_encoder_decoder", False) or type(config) not in AutoModelForCausalLM._model_mapping:
         raise UsageError(f"--lm '{name}' is a {kind} model, not a causal language model: give a decoder-only LM")
-    if archs and not causal_archs:
+    if archs and not causal_archs and any(a.endswith(OTHER_HEAD_SUFFIXES) for a in archs):
         raise UsageError(
             f"--lm '{name}' is a {kind} model saved as {', '.join(archs)}, not a causal language model: "
             "give a decoder-only LM"
