@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from clipcap_cli.caption_text import clean_up_tokenization, stop_token_id, tokens_to_text  # noqa: F401 (re-exported)
 from clipcap_cli.errors import UsageError, check_number
 from clipcap_cli.inference import open_inference
 
@@ -27,8 +28,6 @@ STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
 RERANKERS: tuple[str, ...] = ("clip",)  # DecodingOptions.rerank values (see clipscore.py)
 RERANK_SAMPLES = 5  # rerank with sampling and num_captions 1: samples drawn to choose from
 Hypothesis = tuple[list[int], float]  # (token ids, score)
-REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
-UTF8_MAX_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -119,56 +118,6 @@ class DecodingResult:
     clip_score: float | None = None  # rerank="clip": CLIP-S of ``text`` (0-2.5); None = not reranked
     clip_scores: tuple[float, ...] | None = None  # rerank="clip": CLIP-S of each of ``texts``
     all_tokens: tuple[tuple[int, ...], ...] = ()  # the token ids of each of ``texts``
-
-
-# --------------------------------------------------------------------------- text
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers 4.x's ``clean_up_tokenization_spaces=True`` (the original's default).
-
-    transformers 5 ignores that flag for BPE tokenizers, so the original's post-processing is
-    applied here to give the same strings (e.g. "a dog ." -> "a dog.").
-    """
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
-
-
-def tokens_to_text(tokenizer: Any, tokens: list[int] | tuple[int, ...]) -> str:
-    """The caption text exactly as the original produced it: nothing stripped, case kept.
-
-    The whole sequence is decoded at once, so a character spread over several tokens (byte-level
-    BPE, SentencePiece byte fallback) comes out whole. A caption cut by ``max_length`` inside a
-    character would end in U+FFFD: the bytes of that unfinished character are left out instead.
-    """
-    tokens = list(tokens)
-    text = tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
-    if text.endswith(REPLACEMENT):
-        # Up to 3 byte tokens of an unfinished character; a U+FFFD the model really spelled stays.
-        for cut in range(len(tokens) - 1, max(len(tokens) - UTF8_MAX_BYTES, -1), -1):
-            shorter = tokenizer.decode(tokens[:cut], clean_up_tokenization_spaces=False)
-            if not shorter.endswith(REPLACEMENT):
-                text = shorter
-                break
-    return clean_up_tokenization(text)
-
-
-def stop_token_id(tokenizer: Any, stop_token: str) -> int:
-    """The id decoding stops at: the first token of ``stop_token`` (13 for "." in GPT-2, as the
-    original), or the tokenizer's end of text for ``stop_token`` "eos" (see ``lm.stop_id``)."""
-    from clipcap_cli.lm import stop_id
-
-    return stop_id(tokenizer, stop_token)
 
 
 # --------------------------------------------------------------------------- the stepping loop

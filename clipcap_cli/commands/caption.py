@@ -29,6 +29,7 @@ from clipcap_cli.commands.options import (
     ModelOption,
     NormalizePrefixOption,
     QuietOption,
+    StopTokenOption,
     lm_choice,
 )
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
@@ -157,16 +158,7 @@ def command(
     max_length: Annotated[
         int, typer.Option("--max-length", help="Most tokens per caption.", rich_help_panel=DECODING)
     ] = DecodingOptions.max_length,
-    stop_token: Annotated[
-        Optional[str],
-        typer.Option(
-            "--stop-token",
-            help="Stop after this token (default: the model's, \".\" for GPT-2 COCO models); eos = the tokenizer's"
-            " end of text only.",
-            rich_help_panel=DECODING,
-            show_default=False,
-        ),
-    ] = DecodingOptions.stop_token,
+    stop_token: StopTokenOption = DecodingOptions.stop_token,
     format_: Annotated[
         Optional[str],
         typer.Option(

@@ -63,6 +63,16 @@ Gpt2AliasOption = Annotated[
 Gpt2Option = LmOption  # the old name of the type, for code that still imports it
 
 
+StopTokenOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--stop-token",
+        help="Stop after this token (default: the model's, \".\" for the released models); eos = the tokenizer's"
+        " end of text only.",
+        rich_help_panel="Decoding",
+        show_default=False,
+    ),
+]
 NormalizePrefixOption = Annotated[
     Optional[bool],
     typer.Option(
