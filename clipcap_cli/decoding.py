@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from clipcap_cli.caption_text import clean_up_tokenization, stop_token_id, tokens_to_text  # noqa: F401 (re-exported)
+from clipcap_cli.config import EOS_STOP
 from clipcap_cli.errors import UsageError, check_number
 from clipcap_cli.inference import open_inference
 
@@ -572,12 +573,15 @@ def decode_prefix(
     options: DecodingOptions,
     image_ids: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
-    """Caption GPT-2 prefix embeddings (B, K, E) directly."""
+    """Caption LM prefix embeddings (B, K, E) directly. With the end-of-text stop ("eos") the final
+    end-of-text token stays in ``tokens`` but not in the text."""
     stop = options.stop_token or getattr(model.config, "stop_token", None) or "."
-    found = generate(model, prefix, options, stop_token_id(tokenizer, stop), image_ids)
+    stop_id = stop_token_id(tokenizer, stop)
+    found = generate(model, prefix, options, stop_id, image_ids)
+    hidden = stop_id if stop == EOS_STOP else None
     results = []
     for hyps in found:
-        texts = tuple(tokens_to_text(tokenizer, t) for t, _ in hyps)
+        texts = tuple(tokens_to_text(tokenizer, t[:-1] if t and t[-1] == hidden else t) for t, _ in hyps)
         results.append(
             DecodingResult(
                 text=texts[0],

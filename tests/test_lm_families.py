@@ -150,6 +150,18 @@ def test_stop_token_from_the_tokenizer():
     assert lm.training_tokenizer(llama, ".") is llama
 
 
+def test_the_end_of_text_stop_is_kept_in_tokens_but_not_in_text(models, clips, monkeypatch):
+    from clipcap_cli import decoding
+
+    model, llama = models["llama"]
+    words = llama.encode("a dog", add_special_tokens=False)
+    monkeypatch.setattr(decoding, "generate", lambda *a, **k: [[([*words, llama.eos_token_id], -1.0)]])
+    [eos] = decoding.decode_prefix(model, llama, clips[:1], decoding.DecodingOptions(stop_token=EOS_STOP))
+    assert eos.text == "a dog" and eos.tokens[-1] == llama.eos_token_id
+    [dot] = decoding.decode_prefix(model, llama, clips[:1], decoding.DecodingOptions(stop_token="."))
+    assert dot.text == "a dog</s>"  # any other stop: the text is every token's, as the original
+
+
 # --------------------------------------------------------------------------- checkpoints record the LM
 
 
