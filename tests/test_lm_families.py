@@ -211,10 +211,28 @@ def test_bad_lms_are_refused_before_any_work(tmp_path, lm_dirs):
     with pytest.raises(UsageError, match="is a t5 model, not a causal language model"):
         lm.check_causal(T5Config(), "t5-small")
 
+    _, llama = build_lm("llama")
+    small = lm.config_from_dict({"model_type": "llama", "vocab_size": 300, "hidden_size": 32})
+    with pytest.raises(
+        UsageError, match=r"tokenizer of 'x' has 407 tokens, the LM 'x' \(llama, hidden 32, vocab 300\)"
+    ):
+        lm.check_vocab(llama, small, "x")
+
     no_tokenizer = tmp_path / "no-tokenizer"
     build_lm("llama")[0].save_pretrained(no_tokenizer)
     with pytest.raises(ModelNotAvailableError, match="tokenizer of LM '.*no-tokenizer'"):
         backbones.load_tokenizer(str(no_tokenizer))
+
+
+def test_pretrained_weights_get_the_families_keys():
+    t = torch.zeros(1)
+    # Old OPT hub files keep the decoder bare; GPT-2's keep its blocks bare; save_pretrained's are whole.
+    assert set(checkpoint.lm_state({"decoder.layers.0.w": t, "lm_head.weight": t}, "model")) == {
+        "gpt.model.decoder.layers.0.w",
+        "gpt.lm_head.weight",
+    }
+    assert set(checkpoint.lm_state({"model.layers.0.w": t}, "model")) == {"gpt.model.layers.0.w"}
+    assert set(checkpoint.lm_state({"h.0.attn.bias": t, "wte.weight": t})) == {"gpt.transformer.wte.weight"}
 
 
 def test_lm_option_and_its_gpt2_alias():
