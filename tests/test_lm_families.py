@@ -7,6 +7,7 @@ checkpoint records the LM so loading needs no ``--lm``; wrong LMs are refused wi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -189,14 +190,17 @@ def test_checkpoint_records_the_lm_and_loads_without_lm(tmp_path, lm_dirs, clips
         assert torch.equal(load_network(str(small))(tokens, clips.float())[0], want)
 
 
-def test_a_checkpoint_refuses_another_lm(tmp_path, lm_dirs, tiny_checkpoint):
+def test_a_checkpoint_refuses_another_lm(tmp_path, lm_dirs, models):
     llama = lm_dirs["llama"]
-    model = ClipCaptionModel(_config(str(llama)), backbones.load_lm(str(llama)))
-    path = checkpoint.save(model, tmp_path / "llama.safetensors")
+    saved = {}
+    for family in ("llama", "gpt2"):
+        model = copy.deepcopy(models[family][0]).float()  # the shared fixture stays as it is
+        model.config = _config(str(llama) if family == "llama" else "gpt2")
+        saved[family] = checkpoint.save(model, tmp_path / f"{family}.safetensors")
     with pytest.raises(CheckpointError, match=r"trained on the LM 'recorded' \(llama.*--lm '.*opt' \(opt"):
-        load_network(str(path), lm=str(lm_dirs["opt"]))
-    with pytest.raises(CheckpointError, match=r"trained on GPT-2 \(hidden 32, vocab 50257\); --lm '.*llama' \(llama"):
-        load_network(str(tiny_checkpoint), lm=str(llama))
+        load_network(str(saved["llama"]), lm=str(lm_dirs["opt"]))
+    with pytest.raises(CheckpointError, match=r"trained on GPT-2 \(hidden 32, vocab 361\); --lm '.*llama' \(llama"):
+        load_network(str(saved["gpt2"]), lm=str(llama))
 
 
 def test_bad_lms_are_refused_before_any_work(tmp_path, lm_dirs):
