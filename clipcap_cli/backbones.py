@@ -1,5 +1,5 @@
-"""The two pretrained parts ClipCap stands on: a CLIP image encoder (open_clip) and GPT-2
-(transformers), with every cache under clipcap's data directory.
+"""The two pretrained parts ClipCap stands on: a CLIP image encoder (open_clip) and a causal language
+model (transformers: GPT-2, OPT, Llama-style, ... see ``lm.py``), with every cache under clipcap's data directory.
 
 CLIP is built as its pretrained tag says it was trained: OpenAI's models (and the other
 QuickGELU tags) get QuickGELU, which open_clip 3.x only warns about. Models are built on the
@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from clipcap_cli import paths
+from clipcap_cli import lm, paths
 from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
+from clipcap_cli.lm import local_folder
 
 if TYPE_CHECKING:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 LOCAL_DIR = "local-dir:"
 QUICK_GELU = "quick_gelu"
@@ -61,11 +62,11 @@ def cached_or_download(load: Callable[[bool], T], what: str, hint: str) -> T:
     return load(False)
 
 
-# --------------------------------------------------------------------------- GPT-2
+# --------------------------------------------------------------------------- the language model
 
 
 def is_local(name: str) -> bool:
-    return Path(name).expanduser().is_dir()
+    return local_folder(name) is not None
 
 
 def _quiet_transformers() -> None:
@@ -80,67 +81,123 @@ def _hub_kwargs(local: bool) -> dict[str, Any]:
     return {"cache_dir": paths.hf_cache_dir(), "local_files_only": local}
 
 
+GPT2_HUB_NAMES = frozenset(
+    {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+    | {f"openai-community/gpt2{s}" for s in ("", "-medium", "-large", "-xl")}
+)
+
+
+def _label(name: str) -> str:
+    """How messages name an LM: "GPT-2" for OpenAI's, "LM" for the rest."""
+    return "GPT-2" if name in GPT2_HUB_NAMES else "LM"
+
+
+def _gpt2_tokenizer_files(name: str) -> bool:
+    """Whether ``name``'s tokenizer is OpenAI's GPT-2 one (vocab.json + merges.txt and no tokenizer
+    config of its own): GPT2TokenizerFast reads it; AutoTokenizer would need a config to pick a class."""
+    folder = local_folder(name)
+    if folder is None:
+        return name in GPT2_HUB_NAMES
+    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+        return False
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The GPT-2 tokenizer from a hub name (cached under CLIPCAP_HOME) or a local folder."""
-    from transformers import GPT2TokenizerFast
+    """The LM's tokenizer from a hub name (cached under CLIPCAP_HOME) or a local folder: GPT-2's
+    own for OpenAI's GPT-2, else ``AutoTokenizer``. An empty one (missing files) is refused."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
 
     _quiet_transformers()
-    hint = f"{DOWNLOAD_HINT}, or pass --gpt2 DIR with vocab.json and merges.txt"
-    if is_local(name):
-        tok = GPT2TokenizerFast.from_pretrained(str(Path(name).expanduser()))
+    cls = GPT2TokenizerFast if _gpt2_tokenizer_files(name) else AutoTokenizer
+    hint = f"{DOWNLOAD_HINT}, or pass --lm DIR with the tokenizer's files"
+    folder = local_folder(name)
+    if folder is not None:
+        try:
+            tok = cls.from_pretrained(str(folder))
+        except (OSError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotAvailableError(f"the tokenizer of LM '{name}' is missing or unreadable ({first})") from exc
     else:
 
         def load(local: bool) -> PreTrainedTokenizerBase:
-            found = GPT2TokenizerFast.from_pretrained(name, **_hub_kwargs(local))
+            found = cls.from_pretrained(name, **_hub_kwargs(local))
             if len(found) <= 1:  # transformers 5: missing files give an empty tokenizer, not an error
                 raise FileNotFoundError(f"tokenizer '{name}' not found")
             return found
 
-        tok = cached_or_download(load, f"GPT-2 tokenizer '{name}'", hint)
-    if len(tok) <= 1:
-        raise ModelNotAvailableError(f"GPT-2 tokenizer '{name}' has an empty vocabulary (files missing): {hint}")
+        tok = cached_or_download(load, f"{_label(name)} tokenizer '{name}'", hint)
+    lm.check_tokenizer(tok, name)
     return tok
 
 
-def gpt2_config(name: str) -> GPT2Config | None:
-    """The architecture of the GPT-2 ``name`` names: a local folder's ``config.json``, or the hub
+def lm_config(name: str) -> PretrainedConfig | None:
+    """The architecture of the LM ``name`` names: a local folder's ``config.json``, or the hub
     model's config (cached, or downloaded when the network may be used). None when there is none
     to be had (a folder with only a tokenizer, or offline with nothing cached)."""
-    from transformers import GPT2Config
+    from transformers import AutoConfig
 
     _quiet_transformers()
-    if is_local(name):
-        folder = Path(name).expanduser()
-        return GPT2Config.from_pretrained(str(folder)) if (folder / "config.json").is_file() else None
+    folder = local_folder(name)
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            return None
+        try:
+            return AutoConfig.from_pretrained(str(folder))
+        except ValueError:  # a config.json without model_type: GPT-2's, as folders written before AutoConfig
+            from transformers import GPT2Config
+
+            return GPT2Config.from_pretrained(str(folder))
     try:
         return cached_or_download(
-            lambda local: GPT2Config.from_pretrained(name, **_hub_kwargs(local)),
-            f"GPT-2 config '{name}'",
+            lambda local: AutoConfig.from_pretrained(name, **_hub_kwargs(local)),
+            f"{_label(name)} config '{name}'",
             DOWNLOAD_HINT,
         )
     except ModelNotAvailableError:
         return None
 
 
-def gpt2_weights(name: str) -> dict[str, torch.Tensor]:
-    """The pretrained GPT-2 ``name``'s tensors (``transformer.*``), from a local folder or the hub
-    cache, without building a model (frozen-LM checkpoints carry only their mapper)."""
-    hint = f"{DOWNLOAD_HINT}, or pass --gpt2 DIR with the model's weights"
-    if is_local(name):
-        folder = Path(name).expanduser()
-        files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+gpt2_config = lm_config  # the name before any causal LM could be chosen
+
+
+def lm_weights(name: str) -> dict[str, torch.Tensor]:
+    """The pretrained LM ``name``'s tensors (its own keys), from a local folder or the hub cache,
+    without building a model (frozen-LM checkpoints carry only their mapper). Sharded files too."""
+    hint = f"{DOWNLOAD_HINT}, or pass --lm DIR with the model's weights"
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    folder = local_folder(name)
+    if folder is not None:
+        files = [folder / f for f in names if (folder / f).is_file()]
         if not files:
-            raise ModelNotAvailableError(f"GPT-2 folder {folder} has no model.safetensors or pytorch_model.bin: {hint}")
-        return _read_weights(files[0])
+            raise ModelNotAvailableError(f"LM folder {folder} has no model.safetensors or pytorch_model.bin: {hint}")
+        return _read_weight_files(files[0], lambda shard: folder / shard)
     from huggingface_hub import hf_hub_download
 
     def load(local: bool) -> Path:
-        try:
-            return Path(hf_hub_download(name, "model.safetensors", **_hub_kwargs(local)))
-        except OSError:
-            return Path(hf_hub_download(name, "pytorch_model.bin", **_hub_kwargs(local)))
+        for i, file in enumerate(names):
+            try:
+                return Path(hf_hub_download(name, file, **_hub_kwargs(local)))
+            except OSError:
+                if i == len(names) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
-    return _read_weights(cached_or_download(load, f"GPT-2 weights '{name}'", hint))
+    first = cached_or_download(load, f"{_label(name)} weights '{name}'", hint)
+    return _read_weight_files(first, lambda shard: Path(hf_hub_download(name, shard, **_hub_kwargs(True))))
+
+
+gpt2_weights = lm_weights
+
+
+def _read_weight_files(path: Path, shard_path: Callable[[str], Path]) -> dict[str, torch.Tensor]:
+    if not path.name.endswith(".index.json"):
+        return _read_weights(path)
+    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        out.update(_read_weights(shard_path(shard)))
+    return out
 
 
 def _read_weights(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
@@ -157,18 +214,31 @@ def _read_weights(path: Path, keep: Callable[[str], bool] | None = None) -> dict
     return {k: v for k, v in state.items() if keep is None or keep(k.removeprefix("module."))}
 
 
-def load_gpt2(name: str) -> GPT2LMHeadModel:
-    """GPT-2 with its pretrained weights, ready to train (transformers' own loading path)."""
-    from transformers import GPT2LMHeadModel
+def load_lm(name: str) -> PreTrainedModel:
+    """The causal LM ``name`` with its pretrained weights, in float32, ready to train (transformers'
+    own loading path). A model that is not a causal LM is refused before its weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    if is_local(name):
-        return GPT2LMHeadModel.from_pretrained(str(Path(name).expanduser()))
+    hint = f"{DOWNLOAD_HINT}, or pass --lm DIR"
+    config = lm_config(name)
+    if config is None:
+        if local_folder(name) is not None:
+            raise ModelNotAvailableError(f"LM folder {name} has no config.json: {hint}")
+        raise ModelNotAvailableError(f"{_label(name)} weights '{name}' is not cached: {hint}")
+    lm.check_causal(config, name)
+    folder = local_folder(name)
+    if folder is not None:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     return cached_or_download(
-        lambda local: GPT2LMHeadModel.from_pretrained(name, **_hub_kwargs(local)),
-        f"GPT-2 weights '{name}'",
-        f"{DOWNLOAD_HINT}, or pass --gpt2 DIR",
+        lambda local: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **_hub_kwargs(local)),
+        f"{_label(name)} weights '{name}'",
+        hint,
     )
+
+
+load_gpt2 = load_lm  # the name before any causal LM could be chosen
 
 
 # --------------------------------------------------------------------------- CLIP

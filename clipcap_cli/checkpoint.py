@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from clipcap_cli import lm
 from clipcap_cli.config import CLIP_FOR_DIM, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ModelConfig
 from clipcap_cli.errors import CheckpointError
 from clipcap_cli.fsutil import atomic_write
@@ -64,6 +65,7 @@ class RawCheckpoint:
     state: dict[str, torch.Tensor]
     config: ModelConfig | None = None  # embedded config (our files); None for released files
     gpt2_config: dict[str, Any] | None = None  # GPT-2 architecture, when the file carries it
+    lm_config: dict[str, Any] | None = None  # another family's full config (lm.record), when the LM is not GPT-2
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -132,7 +134,8 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
         raise CheckpointError(f"cannot read {path.name}: {exc}") from exc
     config = ModelConfig.from_dict(json.loads(metadata["config"])) if "config" in metadata else None
     gpt2_config = json.loads(metadata["gpt2_config"]) if "gpt2_config" in metadata else None
-    return RawCheckpoint(state=state, config=config, gpt2_config=gpt2_config, metadata=metadata)
+    lm_config = json.loads(metadata["lm_config"]) if "lm_config" in metadata else None
+    return RawCheckpoint(state=state, config=config, gpt2_config=gpt2_config, lm_config=lm_config, metadata=metadata)
 
 
 def to_safetensors(path: str | Path) -> Path:
@@ -299,14 +302,51 @@ def check_clip(config: ModelConfig, clip_dim: int | None, trained_on: str | None
         raise CheckpointError(describe_clip_mismatch(config.prefix_size, config.clip_model, clip_dim, trained_on))
 
 
-def lm_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A pretrained GPT-2's tensors (hub or ``save_pretrained`` layout) as ``gpt.*`` checkpoint keys."""
-    out = {}
-    for key, value in weights.items():
-        key = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        if not STALE_GPT_BUFFER.match(f"gpt.{key}"):
-            out[f"gpt.{key}"] = value
-    return out
+def lm_state(weights: dict[str, torch.Tensor], base_prefix: str = "transformer") -> dict[str, torch.Tensor]:
+    """A pretrained LM's tensors (hub or ``save_pretrained`` layout) as ``gpt.*`` checkpoint keys.
+    ``base_prefix``: where the family's causal-LM class keeps its base model (GPT-2: "transformer")."""
+    state = lm.state_keys(weights, base_prefix)
+    return {k: v for k, v in state.items() if not STALE_GPT_BUFFER.match(k)}
+
+
+def lm_architecture(
+    raw: RawCheckpoint,
+    named: Any | None = None,
+    name: str = "--lm",
+    lm_tensors: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The LM to build for ``raw``, as a config dict (GPT-2: ``gpt2_architecture``'s fields; another
+    family: its recorded config, with ``model_type``).
+
+    ``named``: the config of the LM the user or the checkpoint's config names (a transformers config,
+    or None when there is none to be had). Raises CheckpointError, naming both sides, when it is
+    another LM than the one the checkpoint was trained on.
+    """
+    recorded = raw.lm_config
+    if recorded is not None:
+        built = lm.config_from_dict(recorded)
+        if named is not None:
+            _check_same_lm(built, named, name)
+        return {**lm.record(built), "model_type": lm.model_type(built)}
+    if named is not None and not lm.is_gpt2(named):
+        theirs = gpt2_architecture(raw, lm=lm_tensors) if raw.has_lm or lm_tensors else None
+        ours = f"GPT-2 (hidden {theirs['n_embd']}, vocab {theirs['vocab_size']})" if theirs else "GPT-2"
+        raise CheckpointError(
+            f"this checkpoint was trained on {ours}; --lm {lm.describe(name, named)} is another language model: "
+            "drop --lm, or give the GPT-2 it was trained on"
+        )
+    return gpt2_architecture(raw, named.to_dict() if named is not None else None, f"GPT-2 '{name}'", lm=lm_tensors)
+
+
+def _check_same_lm(recorded: Any, named: Any, name: str) -> None:
+    keys = ("vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    same = lm.model_type(recorded) == lm.model_type(named) and lm.hidden_size(recorded) == lm.hidden_size(named)
+    same = same and all(getattr(recorded, k, None) == getattr(named, k, None) for k in keys)
+    if not same:
+        raise CheckpointError(
+            f"this checkpoint was trained on the LM {lm.describe('recorded', recorded)}; "
+            f"--lm {lm.describe(name, named)} is another: drop --lm, or give the LM it was trained on"
+        )
 
 
 def build_model(
@@ -327,45 +367,73 @@ def build_model(
     state = dict(raw.state)
     if not raw.has_lm:
         if lm is None:
-            raise CheckpointError("this checkpoint holds only its mapper: the pretrained GPT-2's weights are needed")
+            raise CheckpointError("this checkpoint holds only its mapper: the pretrained LM's weights are needed")
         state.update(lm)
-    model = _meta_model(config, gpt2_arch or gpt2_architecture(raw, lm=lm))
-    tied = model.gpt.config.tie_word_embeddings
-    if tied and TIED_LM_HEAD in state and not _same_tensor(state[TIED_LM_HEAD], state["gpt.transformer.wte.weight"]):
-        raise CheckpointError("the checkpoint's lm_head differs from its token embeddings, but GPT-2 ties them")
-    if tied:
-        state[TIED_LM_HEAD] = state["gpt.transformer.wte.weight"]
+    model = _meta_model(config, gpt2_arch or lm_architecture(raw, lm_tensors=lm))
+    tied = _tie_state(model, state)
     _check_keys(model.state_dict(), state)
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
-        model.gpt.tie_weights()  # assignment gave lm_head its own Parameter: share wte's again
+        model.gpt.tie_weights()  # assignment gave lm_head its own Parameter: share the embeddings' again
+    _materialise_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"checkpoint left {len(left)} tensors unset (e.g. {left[0]})")
     return model
 
 
+def _tie_state(model: ClipCaptionModel, state: dict[str, torch.Tensor]) -> bool:
+    """Give a tied LM's output embeddings the input embeddings' tensor in ``state``; whether it is tied."""
+    keys = lm.tied_keys(model)
+    if keys is None:
+        return False
+    head, embed = keys
+    if head in state and embed in state and not _same_tensor(state[head], state[embed]):
+        raise CheckpointError("the checkpoint's lm_head differs from its token embeddings, but its LM ties them")
+    if embed in state:
+        state[head] = state[embed]
+    return True
+
+
+def _materialise_buffers(model: ClipCaptionModel) -> None:
+    """Computed, unsaved buffers (rotary frequencies) are still on the meta device after assignment:
+    such a module (no parameters of its own, a ``config``) is rebuilt on the CPU from its config."""
+    for name, module in list(model.named_modules()):
+        meta = any(b.is_meta for b in module.buffers(recurse=False))
+        if not meta or next(module.parameters(recurse=False), None) is not None or not hasattr(module, "config"):
+            continue
+        with torch.device("cpu"):
+            fresh = type(module)(config=module.config)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() or (a.shape == b.shape and torch.equal(a, b))
 
 
-def _meta_model(config: ModelConfig, gpt2_arch: dict[str, Any]) -> ClipCaptionModel:
-    """The model ``config`` and ``gpt2_arch`` describe, on the meta device (no memory, no init)."""
+def _meta_model(config: ModelConfig, arch: dict[str, Any]) -> ClipCaptionModel:
+    """The model ``config`` and ``arch`` (``lm_architecture``) describe, on the meta device (no memory, no init)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if arch.get("model_type", lm.GPT2) != lm.GPT2:
+        gpt = lm.build_meta(lm.config_from_dict(arch))
+        with torch.device("meta"):
+            return ClipCaptionModel(config, gpt)
     with torch.device("meta"):
-        return ClipCaptionModel(config, GPT2LMHeadModel(GPT2Config(**gpt2_arch)))
+        return ClipCaptionModel(
+            config, GPT2LMHeadModel(GPT2Config(**{k: v for k, v in arch.items() if k != "model_type"}))
+        )
 
 
 def check_structure(raw: RawCheckpoint, config: ModelConfig) -> None:
     """Strictly compare the file's keys and shapes with the model ``config`` describes, without
     allocating it (the model is built on the meta device). Raises CheckpointError."""
     if not raw.has_lm:
-        raise CheckpointError("checkpoint has no GPT-2 weights to check against")
-    model = _meta_model(config, gpt2_architecture(raw))
+        raise CheckpointError("checkpoint has no LM weights to check against")
+    model = _meta_model(config, lm_architecture(raw))
     state = dict(raw.state)
-    if TIED_LM_HEAD not in state and "gpt.transformer.wte.weight" in state:
-        state[TIED_LM_HEAD] = state["gpt.transformer.wte.weight"]
+    _tie_state(model, state)
     _check_keys(model.state_dict(), state)
 
 
@@ -402,18 +470,24 @@ def save(
     config = model.config
     state = model.state_dict() if tensors is None else dict(tensors)
     gpt = model.gpt
+    tied = lm.tied_keys(model)
     if config.only_prefix:
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
-    elif gpt.config.tie_word_embeddings:
-        state.pop(TIED_LM_HEAD, None)  # shared with wte; safetensors refuses aliased tensors
+    elif tied is not None:
+        state.pop(tied[0], None)  # shared with the input embeddings; safetensors refuses aliased tensors
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "clipcap_version": __version__,
         "config": config.to_json(),
-        "gpt2_config": json.dumps({k: getattr(gpt.config, k) for k in GPT2_ARCH_KEYS if hasattr(gpt.config, k)}),
     }
+    if lm.is_gpt2(gpt.config):
+        metadata["gpt2_config"] = json.dumps(
+            {k: getattr(gpt.config, k) for k in GPT2_ARCH_KEYS if hasattr(gpt.config, k)}
+        )
+    else:  # the whole config: the architecture is rebuilt from it with no network (lm_architecture)
+        metadata["lm_config"] = json.dumps(lm.record(gpt.config), sort_keys=True)
     metadata.update(extra_metadata or {})
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path

@@ -27,6 +27,10 @@ DEFAULT_CLIP_PRETRAINED = "openai"
 CLIP_FOR_DIM: dict[int, str] = {512: "ViT-B-32", 640: "RN50x4", 768: "ViT-L-14", 1024: "RN50"}
 
 
+# ``stop_token`` value meaning "stop at the tokenizer's end-of-text token only" (``--stop-token eos``).
+EOS_STOP = "eos"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A ClipCap model. Defaults are the original train.py's (MLP, K=10, ViT-B/32, GPT-2 small)."""
@@ -41,8 +45,8 @@ class ModelConfig:
     only_prefix: bool = False  # GPT-2 frozen (trained mapper only)
     clip_model: str = DEFAULT_CLIP_MODEL  # open_clip name, or "local-dir:PATH"
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED  # open_clip pretrained tag (None for local-dir models)
-    gpt2: str = "gpt2"  # Hugging Face name or local folder of the language model and tokenizer
-    stop_token: str = "."  # decoding stops after this token (the original's stop token)
+    lm: str = "gpt2"  # Hugging Face name or local folder of the causal language model and its tokenizer
+    stop_token: str = "."  # decoding stops after this token (the original's); EOS_STOP: the tokenizer's end of text
 
     def __post_init__(self) -> None:
         if self.mapping not in MAPPINGS:
@@ -51,7 +55,13 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
+    @property
+    def gpt2(self) -> str:
+        """The language model's name: the field's name before any causal LM could be chosen."""
+        return self.lm
+
     def replace(self, **changes: Any) -> ModelConfig:
+        changes = _renamed(changes)
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,4 +74,31 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         # Unknown keys come from newer versions: ignore them rather than refuse the file.
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in _renamed(data).items() if k in known})
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """Older names of fields (``gpt2``, before any causal LM) under their current ones."""
+    if "gpt2" not in data:
+        return data
+    data = dict(data)
+    old = data.pop("gpt2")
+    if data.get("lm") is None:
+        data["lm"] = old
+    return data
+
+
+def _accept_old_names(init: Any) -> Any:
+    """``ModelConfig(gpt2=...)`` and ``dataclasses.replace(config, gpt2=...)`` keep working: ``gpt2``
+    was the LM field's name before any causal LM could be chosen (the CLI keeps ``--gpt2`` too)."""
+
+    def __init__(self: ModelConfig, *args: Any, gpt2: str | None = None, **kwargs: Any) -> None:
+        if gpt2 is not None:
+            kwargs["lm"] = gpt2
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    return __init__
+
+
+ModelConfig.__init__ = _accept_old_names(ModelConfig.__init__)  # type: ignore[method-assign]

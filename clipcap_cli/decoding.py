@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from clipcap_cli.caption_text import clean_up_tokenization, stop_token_id, tokens_to_text  # noqa: F401 (re-exported)
+from clipcap_cli.config import EOS_STOP
 from clipcap_cli.errors import UsageError, check_number
 from clipcap_cli.inference import open_inference
 
@@ -117,42 +119,6 @@ class DecodingResult:
     clip_score: float | None = None  # rerank="clip": CLIP-S of ``text`` (0-2.5); None = not reranked
     clip_scores: tuple[float, ...] | None = None  # rerank="clip": CLIP-S of each of ``texts``
     all_tokens: tuple[tuple[int, ...], ...] = ()  # the token ids of each of ``texts``
-
-
-# --------------------------------------------------------------------------- text
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers 4.x's ``clean_up_tokenization_spaces=True`` (the original's default).
-
-    transformers 5 ignores that flag for BPE tokenizers, so the original's post-processing is
-    applied here to give the same strings (e.g. "a dog ." -> "a dog.").
-    """
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
-
-
-def tokens_to_text(tokenizer: Any, tokens: list[int] | tuple[int, ...]) -> str:
-    """The caption text exactly as the original produced it: nothing stripped, case kept."""
-    return clean_up_tokenization(tokenizer.decode(list(tokens), clean_up_tokenization_spaces=False))
-
-
-def stop_token_id(tokenizer: Any, stop_token: str) -> int:
-    """The id decoding stops at: the first token of ``stop_token`` (13 for "."), as the original."""
-    ids = tokenizer.encode(stop_token)
-    if not ids:
-        raise UsageError(f"stop token {stop_token!r} encodes to no token")
-    return int(ids[0])
 
 
 # --------------------------------------------------------------------------- the stepping loop
@@ -520,7 +486,13 @@ def default_batch_size(
         return CPU_BATCH_SIZE[options.strategy]
     rows = options.beam_size if options.strategy == "beam" else options.num_captions  # rows per image
     config = model.gpt.config if model is not None else None
-    layers, width, vocab = (config.n_layer, config.n_embd, config.vocab_size) if config else (12, 768, 50257)
+    if config is not None:
+        from clipcap_cli.lm import hidden_size
+
+        layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+        width, vocab = hidden_size(config), config.vocab_size
+    else:
+        layers, width, vocab = 12, 768, 50257
     prefix = model.prefix_length if model is not None else 10
     element = next(model.gpt.parameters()).element_size() if model is not None else 4
     cache = layers * 2 * width * (prefix + options.max_length) * element  # one row's keys and values
@@ -542,10 +514,12 @@ def generate(
     best first. ``image_ids`` only matter for sampling (see ``sample``)."""
     import torch
 
-    positions = getattr(model.gpt.config, "n_positions", None)
+    from clipcap_cli.lm import max_positions
+
+    positions = max_positions(model.gpt.config)
     if positions is not None and prefix.shape[1] + options.max_length - 1 > positions:
         raise UsageError(
-            f"max_length {options.max_length} does not fit GPT-2's {positions} positions after a "
+            f"max_length {options.max_length} does not fit the LM's {positions} positions after a "
             f"{prefix.shape[1]}-token prefix (at most {positions - prefix.shape[1] + 1})"
         )
     if prefix.shape[0] == 0:
@@ -599,12 +573,15 @@ def decode_prefix(
     options: DecodingOptions,
     image_ids: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
-    """Caption GPT-2 prefix embeddings (B, K, E) directly."""
+    """Caption LM prefix embeddings (B, K, E) directly. With the end-of-text stop ("eos") the final
+    end-of-text token stays in ``tokens`` but not in the text."""
     stop = options.stop_token or getattr(model.config, "stop_token", None) or "."
-    found = generate(model, prefix, options, stop_token_id(tokenizer, stop), image_ids)
+    stop_id = stop_token_id(tokenizer, stop)
+    found = generate(model, prefix, options, stop_id, image_ids)
+    hidden = stop_id if stop == EOS_STOP else None
     results = []
     for hyps in found:
-        texts = tuple(tokens_to_text(tokenizer, t) for t, _ in hyps)
+        texts = tuple(tokens_to_text(tokenizer, t[:-1] if t and t[-1] == hidden else t) for t, _ in hyps)
         results.append(
             DecodingResult(
                 text=texts[0],

@@ -84,7 +84,7 @@ def read_prefix(
     embedding = clip_embedding.to(captioner.device)
     with torch.inference_mode():
         prefix = model.embed_prefix(embedding)  # (B, K, E)
-        cosines, ids = nearest_tokens(prefix, model.gpt.transformer.wte.weight, top)
+        cosines, ids = nearest_tokens(prefix, model.gpt.get_input_embeddings().weight, top)
     captions = captioner.decode(embedding, options)
     readings = []
     for result, cos_rows, id_rows in zip(captions, cosines.tolist(), ids.tolist()):

@@ -1,4 +1,5 @@
-"""The ClipCap network: a mapper from a CLIP image embedding to K GPT-2 input embeddings.
+"""The ClipCap network: a mapper from a CLIP image embedding to K input embeddings of a causal LM
+(GPT-2 as in the original, or any transformers causal LM: see ``lm.py``).
 
 Parameter names and shapes follow the original release exactly, so its checkpoints load
 unchanged (``clip_project.model.0.weight``, ``clip_project.transformer.layers.3.attn.to_keys_values.weight``,
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.lm import BASE_THEN_HEAD
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel
+    from transformers import PreTrainedModel
 
 MAPPER_HEADS = 8  # hard-coded in the original
 MAPPER_MLP_RATIO = 2.0  # Transformer passes 2.0 to its layers (their own default of 4.0 is unused)
@@ -116,14 +118,18 @@ class TransformerMapper(nn.Module):
 
 
 class ClipCaptionModel(nn.Module):
-    """GPT-2 (``self.gpt``) fed [mapper(CLIP embedding) ; caption token embeddings]."""
+    """A causal LM (``self.gpt``: GPT-2 or another family) fed [mapper(CLIP embedding) ; caption token embeddings].
 
-    def __init__(self, config: ModelConfig, gpt: GPT2LMHeadModel):
+    The attribute keeps the name ``gpt`` whatever the family, so GPT-2 checkpoints keep their keys
+    (``gpt.transformer.*``); other families' keys are their causal-LM class's (``gpt.model.*``).
+    """
+
+    def __init__(self, config: ModelConfig, gpt: PreTrainedModel):
         super().__init__()
         self.config = config
         self.prefix_length = config.prefix_length
         self.gpt = gpt
-        self.gpt_embedding_size = gpt.transformer.wte.weight.shape[1]
+        self.gpt_embedding_size = gpt.get_input_embeddings().weight.shape[1]
         e, k = self.gpt_embedding_size, config.prefix_length
         if config.mapping == "mlp":
             self.clip_project: nn.Module = MLP((config.prefix_size, e * k // 2, e * k))
@@ -140,7 +146,7 @@ class ClipCaptionModel(nn.Module):
         return self
 
     def embed_prefix(self, clip_embedding: torch.Tensor) -> torch.Tensor:
-        """(B, prefix_size) CLIP embeddings -> (B, K, E) GPT-2 input embeddings."""
+        """(B, prefix_size) CLIP embeddings -> (B, K, E) LM input embeddings."""
         weight = next(self.clip_project.parameters(), None)  # None: an int8 mapper (quantize.py) holds no parameters
         x = clip_embedding.to(dtype=weight.dtype if weight is not None else torch.float32)
         if self.config.normalize_prefix:
@@ -148,7 +154,7 @@ class ClipCaptionModel(nn.Module):
         return self.clip_project(x).view(-1, self.prefix_length, self.gpt_embedding_size)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.gpt.transformer.wte(tokens)
+        return self.gpt.get_input_embeddings()(tokens)
 
     def forward(
         self,
@@ -157,7 +163,7 @@ class ClipCaptionModel(nn.Module):
         mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """GPT-2 run on [prefix ; caption tokens], as nanoGPT's ``forward(idx, targets)``.
+        """The LM run on [prefix ; caption tokens], as nanoGPT's ``forward(idx, targets)``.
 
         Args:
             tokens: caption token ids, right-padded, shape = (B, T).
@@ -176,8 +182,11 @@ class ClipCaptionModel(nn.Module):
         embeds = torch.cat((self.embed_prefix(clip_embedding), self.embed_tokens(tokens)), dim=1)  # (B, K+T, E)
         if targets is None:
             return self.gpt(inputs_embeds=embeds).logits, None
-        hidden = self.gpt.transformer(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, K+T, E)
-        logits = self.gpt.lm_head(hidden[:, self.prefix_length - 1 :])  # (B, T+1, V)
+        if getattr(self.gpt.config, "model_type", "gpt2") in BASE_THEN_HEAD:
+            hidden = self.gpt.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, K+T, H)
+            logits = self.gpt.get_output_embeddings()(hidden[:, self.prefix_length - 1 :])  # (B, T+1, V)
+        else:  # a family whose head does more than a matmul (scaling, soft-capping): its own forward
+            logits = self.gpt(inputs_embeds=embeds, use_cache=False).logits[:, self.prefix_length - 1 :]
         if mask is None:
             mask = torch.ones_like(targets, dtype=torch.bool)
         # The logits already start at position K-1, so caption_loss's [K-1 : -1] slice is [0 : -1].

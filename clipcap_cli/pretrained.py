@@ -54,7 +54,12 @@ class PretrainedModel:
 
     @property
     def gpt2(self) -> str:
-        return self.settings.get("gpt2", "gpt2")
+        return self.lm
+
+    @property
+    def lm(self) -> str:
+        """The language model (and tokenizer) the registry entry names."""
+        return self.settings.get("lm") or self.settings.get("gpt2", "gpt2")
 
 
 REGISTRY: dict[str, PretrainedModel] = {

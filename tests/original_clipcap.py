@@ -42,7 +42,7 @@ def ref_beam(model, prefix, beam_size, entry_length, stop_id, temperature=1.0):
             generated = generated[source]
             scores = average * seq_lengths
             is_stopped = is_stopped[source]
-        embeds = model.gpt.transformer.wte(next_tokens.squeeze(1)).view(beam_size, 1, -1)
+        embeds = model.gpt.get_input_embeddings()(next_tokens.squeeze(1)).view(beam_size, 1, -1)
         generated = torch.cat((generated, embeds), dim=1)
         is_stopped = is_stopped | next_tokens.eq(stop_id).squeeze(1)
         if is_stopped.all():
@@ -60,7 +60,7 @@ def ref_greedy(model, prefix, entry_length, stop_id):
         token = int(last_logits(model, generated).argmax(-1))
         tokens.append(token)
         generated = torch.cat(
-            (generated, model.gpt.transformer.wte(torch.tensor([[token]], device=prefix.device))), dim=1
+            (generated, model.gpt.get_input_embeddings()(torch.tensor([[token]], device=prefix.device))), dim=1
         )
         if token == stop_id:
             break

@@ -174,7 +174,7 @@ def test_old_option_spellings_still_work_for_one_release(tmp_path, monkeypatch, 
 
 def test_inspect_takes_the_model_options():
     help_text = CliRunner().invoke(app, ["inspect", "--help"], env={"COLUMNS": "200"}).stdout
-    for flag in ("--clip", "--clip-pretrained", "--gpt2", "--normalize-prefix"):
+    for flag in ("--clip", "--clip-pretrained", "--lm", "--normalize-prefix"):
         assert flag in help_text
 
 

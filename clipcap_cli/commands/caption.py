@@ -23,11 +23,14 @@ from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
     DeviceOption,
-    Gpt2Option,
+    Gpt2AliasOption,
     ImageWorkersOption,
+    LmOption,
     ModelOption,
     NormalizePrefixOption,
     QuietOption,
+    StopTokenOption,
+    lm_choice,
 )
 from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
 from clipcap_cli.inputs import URL_DEADLINE, WORKERS
@@ -77,7 +80,8 @@ def command(
     model: ModelOption = "coco",
     clip: ClipOption = None,
     clip_pretrained: ClipPretrainedOption = None,
-    gpt2: Gpt2Option = None,
+    lm: LmOption = None,
+    gpt2: Gpt2AliasOption = None,
     normalize_prefix: NormalizePrefixOption = None,
     precision: Annotated[
         str,
@@ -154,15 +158,7 @@ def command(
     max_length: Annotated[
         int, typer.Option("--max-length", help="Most tokens per caption.", rich_help_panel=DECODING)
     ] = DecodingOptions.max_length,
-    stop_token: Annotated[
-        Optional[str],
-        typer.Option(
-            "--stop-token",
-            help='Stop after this token (default: the model\'s, ".").',
-            rich_help_panel=DECODING,
-            show_default=False,
-        ),
-    ] = DecodingOptions.stop_token,
+    stop_token: StopTokenOption = DecodingOptions.stop_token,
     format_: Annotated[
         Optional[str],
         typer.Option(
@@ -311,7 +307,7 @@ def command(
             name_or_path=model,
             clip_model=clip,
             clip_pretrained=clip_pretrained,
-            gpt2=gpt2,
+            gpt2=lm_choice(lm, gpt2),
             normalize_prefix=normalize_prefix,
             precision=precision,
         )

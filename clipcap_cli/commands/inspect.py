@@ -13,9 +13,11 @@ from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
     DeviceOption,
-    Gpt2Option,
+    Gpt2AliasOption,
+    LmOption,
     ModelOption,
     NormalizePrefixOption,
+    lm_choice,
 )
 from clipcap_cli.interpret import TOP
 
@@ -41,7 +43,8 @@ def command(
     model: ModelOption = "coco",
     clip: ClipOption = None,
     clip_pretrained: ClipPretrainedOption = None,
-    gpt2: Gpt2Option = None,
+    lm: LmOption = None,
+    gpt2: Gpt2AliasOption = None,
     normalize_prefix: NormalizePrefixOption = None,
     top: Annotated[
         int,
@@ -70,7 +73,7 @@ def command(
             name_or_path=model,
             clip_model=clip,
             clip_pretrained=clip_pretrained,
-            gpt2=gpt2,
+            gpt2=lm_choice(lm, gpt2),
             normalize_prefix=normalize_prefix,
             device=device,
         )

@@ -46,12 +46,30 @@ ClipPretrainedOption = Annotated[
         show_default=False,
     ),
 ]
-Gpt2Option = Annotated[
+LmOption = Annotated[
     Optional[str],
     typer.Option(
-        "--gpt2",
-        help="GPT-2 name or local folder (tokenizer, and weights for frozen-LM checkpoints).",
+        "--lm",
+        help="Causal language model (Hugging Face name or local folder: GPT-2, OPT, Llama, Qwen2, ...) instead of"
+        " the one the checkpoint records; its tokenizer, and its weights for frozen-LM checkpoints.",
         rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+# --gpt2: the option's name before any causal LM could be chosen, kept working (hidden).
+Gpt2AliasOption = Annotated[
+    Optional[str], typer.Option("--gpt2", help="The earlier name of --lm.", hidden=True, show_default=False)
+]
+Gpt2Option = LmOption  # the old name of the type, for code that still imports it
+
+
+StopTokenOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--stop-token",
+        help="Stop after this token (default: the model's, \".\" for the released models); eos = the tokenizer's"
+        " end of text only.",
+        rich_help_panel="Decoding",
         show_default=False,
     ),
 ]
@@ -117,6 +135,17 @@ QuietOption = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr (results still on stdout)."),
 ]
+
+
+def lm_choice(lm: str | None, gpt2: str | None, default: str | None = None) -> str | None:
+    """The LM of ``--lm`` or its hidden alias ``--gpt2`` (``default``: --lm's own default, if it has one)."""
+    if gpt2 is None:
+        return lm
+    if lm is not None and lm != default and lm != gpt2:
+        from clipcap_cli.errors import UsageError
+
+        raise UsageError(f"--lm {lm} and --gpt2 {gpt2} disagree: --gpt2 is --lm's old name, give one")
+    return gpt2
 
 
 def deprecated_alias(old: str, new: str, old_value: object, new_value: object, default: object) -> object:

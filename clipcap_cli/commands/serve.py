@@ -11,9 +11,11 @@ from clipcap_cli.commands.options import (
     ClipOption,
     ClipPretrainedOption,
     DeviceOption,
-    Gpt2Option,
+    Gpt2AliasOption,
+    LmOption,
     ModelOption,
     NormalizePrefixOption,
+    lm_choice,
 )
 from clipcap_cli.precision import DEFAULT_PRECISION, PRECISIONS
 from clipcap_cli.serve import INSTALL_HINT, ServeOptions
@@ -37,7 +39,8 @@ def command(
     model: ModelOption = "coco",
     clip: ClipOption = None,
     clip_pretrained: ClipPretrainedOption = None,
-    gpt2: Gpt2Option = None,
+    lm: LmOption = None,
+    gpt2: Gpt2AliasOption = None,
     normalize_prefix: NormalizePrefixOption = None,
     precision: Annotated[
         str,
@@ -139,7 +142,7 @@ def command(
                 name_or_path=model,
                 clip_model=clip,
                 clip_pretrained=clip_pretrained,
-                gpt2=gpt2,
+                gpt2=lm_choice(lm, gpt2),
                 normalize_prefix=normalize_prefix,
                 precision=precision,
                 device=device,

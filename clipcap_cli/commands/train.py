@@ -14,10 +14,12 @@ from clipcap_cli.commands import train_lora
 from clipcap_cli.commands.options import (
     ClipPretrainedOption,
     DatasetFormatOption,
+    Gpt2AliasOption,
     ImagesRootOption,
     RecursiveOption,
     SplitOption,
     deprecated_alias,
+    lm_choice,
 )
 from clipcap_cli.commands.train_display import Display
 from clipcap_cli.config import ModelConfig
@@ -195,14 +197,25 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = D.noise_variance,
-    gpt2: Annotated[
+    lm: Annotated[
         str,
         typer.Option(
-            "--gpt2",
-            help="GPT-2 to start from: hub name or local folder (weights and tokenizer).",
+            "--lm",
+            help="Causal language model to start from: hub name or local folder (weights and tokenizer): GPT-2,"
+            " OPT, Llama, Qwen2, ... The mapper's width is its hidden size.",
             rich_help_panel=MODEL,
         ),
-    ] = M.gpt2,
+    ] = M.lm,
+    gpt2: Gpt2AliasOption = None,
+    stop_token: Annotated[
+        str,
+        typer.Option(
+            "--stop-token",
+            help='The token captions end with, recorded for captioning: "." as the original (captions are'
+            " trained as written), or eos: the tokenizer's end of text, appended to every caption.",
+            rich_help_panel=MODEL,
+        ),
+    ] = M.stop_token,
     epochs: Annotated[
         int, typer.Option("--epochs", "-e", help="Passes over the training captions.", rich_help_panel=OPTIM)
     ] = D.epochs,
@@ -312,7 +325,8 @@ def command(
             "clip_length": clip_length,
             "num_layers": num_layers,
             "normalize_prefix": normalize_prefix,
-            "gpt2": gpt2,
+            "gpt2": lm_choice(lm, gpt2, M.lm),
+            "stop_token": stop_token,
             "noise_variance": noise_variance,
             "epochs": epochs,
             "batch_size": batch_size,

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from clipcap_cli import backbones
+from clipcap_cli import backbones, lm
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
@@ -158,8 +158,8 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
     state.check_out_dir(out, resume)
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
-    tokenizer = backbones.load_tokenizer(opts.model.gpt2)
-    gpt = backbones.load_gpt2(opts.model.gpt2)
+    tokenizer = lm.training_tokenizer(backbones.load_tokenizer(opts.model.lm), opts.model.stop_token)
+    gpt = backbones.load_lm(opts.model.lm)
     run_data = load_data(opts, data, tokenizer, gpt.config, dist, cb)
     opts = noise.resolve(opts, run_data.config)  # --noise-variance auto: from the store's modality
     opts = opts.replace(warmup=auto_warmup(opts.warmup, run_data.steps_per_epoch * opts.epochs))

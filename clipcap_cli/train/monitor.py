@@ -20,6 +20,7 @@ import torch
 
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
+from clipcap_cli.lm import max_positions
 from clipcap_cli.train import state
 from clipcap_cli.train.callbacks import METRICS_FILE, Sample, TrainCallback
 from clipcap_cli.train.options import AUTO_VAL_MIN_IMAGES, TrainOptions
@@ -186,7 +187,7 @@ class Monitor:
 
         if self._tokenizer is None:
             self._tokenizer = backbones.load_tokenizer(t.opts.model.gpt2)
-        positions = int(getattr(t.model.gpt.config, "n_positions", 1024))
+        positions = max_positions(t.model.gpt.config) or 1024
         max_length = max(1, min(SAMPLE_MAX_LENGTH, positions - t.model.prefix_length + 1))
         t.model.eval()
         try:

@@ -17,8 +17,18 @@ from clipcap_cli.precision import TRAIN_PRECISIONS
 from clipcap_cli.train.noise import check_variance
 
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
-# the features store's, and stop_token is decoding's.
-MODEL_FIELDS = ("mapping", "only_prefix", "prefix_length", "clip_length", "num_layers", "normalize_prefix", "gpt2")
+# the features store's. gpt2 is the LM (ModelConfig.lm, under its first name); stop_token "eos" appends
+# the tokenizer's end of text to every caption.
+MODEL_FIELDS = (
+    "mapping",
+    "only_prefix",
+    "prefix_length",
+    "clip_length",
+    "num_layers",
+    "normalize_prefix",
+    "gpt2",
+    "stop_token",
+)
 # Options that may change when a run is resumed: they do not touch the trajectory of the weights.
 RESUMABLE_CHANGES = frozenset(
     {"device", "num_workers", "save_every", "checkpoint_every", "log_every", "precision", "samples", "early_stop"}

@@ -14,6 +14,7 @@ import torch
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import UsageError
+from clipcap_cli.lm import max_positions
 from clipcap_cli.store import Store, open_store
 from clipcap_cli.train import stream
 from clipcap_cli.train.callbacks import TrainCallback
@@ -72,10 +73,11 @@ def load_data(
         raise UsageError(f"{fs.path} holds no images")
     tokens = _shard_tokens_main_first(fs, tokenizer, dist, callback)
     k = opts.model.prefix_length
-    window = int(gpt_config.n_positions) - k
+    positions = max_positions(gpt_config) or 1024
+    window = positions - k
     max_tokens = opts.max_tokens or window
     if max_tokens > window:
-        raise UsageError(f"max-tokens {max_tokens} does not fit GPT-2's window ({gpt_config.n_positions} - K={k})")
+        raise UsageError(f"max-tokens {max_tokens} does not fit the LM's window ({positions} - K={k})")
     fraction = opts.held_out_fraction(fs.num_images)
     val_image = split_images(fs.num_images, fraction, opts.seed) if fraction > 0 else None
     train = CaptionStream(tokens, "train", val_image, max_tokens, opts.buffer_shards).count()
