@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipcap_cli import backbones
+from clipcap_cli import backbones, clip_tower
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.cpu import capability
@@ -115,7 +115,7 @@ def build(device: torch.device, tmp: Path) -> Captioner:
         mapping="mlp", prefix_length=10, prefix_size=512, clip_model="ViT-B-32", clip_pretrained=None, gpt2=str(tok_dir)
     )
     model = ClipCaptionModel(config, GPT2LMHeadModel(GPT2Config())).eval().to(device)
-    clip, preprocess = backbones.load_clip("ViT-B-32", None, device)  # random weights, fp16 on CUDA
+    clip, preprocess = clip_tower.load_clip("ViT-B-32", None, device)  # random weights, fp16 on CUDA
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(tok_dir)), device)
 
 

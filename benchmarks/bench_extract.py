@@ -76,14 +76,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from clipcap_cli import backbones
+    from clipcap_cli import clip_tower
     from clipcap_cli.datasets import read_dataset
     from clipcap_cli.features import ExtractOptions, extract, load_features
     from clipcap_cli.inputs import default_workers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    model, preprocess = backbones.load_clip(args.model, None, "cpu")
+    model, preprocess = clip_tower.load_clip(args.model, None, "cpu")
     workers = default_workers("cpu") if args.workers is None else args.workers
     print(
         f"{args.model} (random weights, seed 0), {args.images} images x {args.captions} captions, 640x480 JPEG; "

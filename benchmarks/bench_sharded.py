@@ -49,7 +49,7 @@ def build_tiny(device: torch.device, tmp: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import TINY_CLIP_CFG, write_tiny_clip, write_tiny_gpt2
 
-    from clipcap_cli import backbones
+    from clipcap_cli import backbones, clip_tower
     from clipcap_cli.captioner import Captioner
     from clipcap_cli.config import ModelConfig
     from clipcap_cli.model import ClipCaptionModel
@@ -64,7 +64,7 @@ def build_tiny(device: torch.device, tmp: Path):
         gpt2=str(gpt2_dir),
     )
     model = ClipCaptionModel(config, backbones.load_gpt2(str(gpt2_dir))).eval().to(device)
-    clip, preprocess = backbones.load_clip(config.clip_model, None, device)
+    clip, preprocess = clip_tower.load_clip(config.clip_model, None, device)
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(gpt2_dir)), device)
 
 

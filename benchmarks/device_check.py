@@ -42,7 +42,7 @@ os.environ.setdefault("CLIPCAP_OFFLINE", "1")
 
 import torch
 
-from clipcap_cli import backbones, inputs
+from clipcap_cli import backbones, clip_tower, inputs
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.decoding import DecodingOptions, generate, stop_token_id
@@ -108,7 +108,7 @@ def build(device: torch.device, tmp: Path, tiny: bool) -> Captioner:
         gpt2=str(tok_dir),
     )
     model = ClipCaptionModel(config, GPT2LMHeadModel(gpt_config)).eval().to(device)
-    clip, preprocess = backbones.load_clip(clip_name, None, device)  # fp16 on CUDA
+    clip, preprocess = clip_tower.load_clip(clip_name, None, device)  # fp16 on CUDA
     return Captioner(model, clip, preprocess, backbones.load_tokenizer(str(tok_dir)), device)
 
 

@@ -44,9 +44,10 @@ TEXT_BATCH = 256  # captions per text-tower batch (the reference's batch size)
 
 def load_clip(model_name: str, pretrained: str | None, device: torch.device | str) -> tuple[Any, Any]:
     """(CLIP with both towers, preprocess): the one place clipcap builds a CLIP for its text side."""
-    from clipcap_cli import backbones
 
-    return backbones.load_clip(model_name, pretrained, device, text=True)
+    from clipcap_cli import clip_tower
+
+    return clip_tower.load_clip(model_name, pretrained, device, text=True)
 
 
 def has_text_tower(clip_model: Any) -> bool:
@@ -69,7 +70,7 @@ def get_tokenizer(model_name: str) -> Callable[[list[str]], torch.Tensor]:
 
 def check_clip(model_name: str, pretrained: str | None) -> None:
     """Refuse an unknown CLIP name or pretrained tag before anything slow runs (no weights read)."""
-    from clipcap_cli.backbones import clip_spec
+    from clipcap_cli.clip_tower import clip_spec
 
     clip_spec(model_name, pretrained)
 

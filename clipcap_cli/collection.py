@@ -86,7 +86,7 @@ def read_collection(
 def collection_key(records: Sequence[dict], options: ExtractOptions) -> str:
     """What a collection's features depend on: the CLIP (name, tag, activation, weights), every image's
     location, size and mtime, and the captions. Data changed under the same names gets another key."""
-    from clipcap_cli.backbones import clip_activation
+    from clipcap_cli.clip_tower import clip_activation
     from clipcap_cli.features import clip_weights_sha256
 
     h = hashlib.sha256()
@@ -173,7 +173,7 @@ def encode_captions(
     ``place = (rank, world)``: in a torchrun job the first process encodes (text is fast) while the
     others wait for its store, checking every ``poll`` seconds."""
     from clipcap_cli import paths, text_features
-    from clipcap_cli.backbones import clip_activation
+    from clipcap_cli.clip_tower import clip_activation
     from clipcap_cli.features import clip_weights_sha256
 
     reading = reading or {}

@@ -23,7 +23,7 @@ DEFAULT_CLIP_PRETRAINED = "openai"
 
 # Which CLIP a checkpoint probably wants, from its input width (the released files: 512 -> ViT-B/32,
 # 640 -> RN50x4): only a guess, for files that do not record their CLIP (the released ones) and for error
-# messages. Widths themselves are read from open_clip's configs (backbones.clip_embed_dim).
+# messages. Widths themselves are read from open_clip's configs (clip_tower.clip_embed_dim).
 CLIP_FOR_DIM: dict[int, str] = {512: "ViT-B-32", 640: "RN50x4", 768: "ViT-L-14", 1024: "RN50"}
 
 

@@ -84,7 +84,7 @@ def save_features(path: str | Path, embeddings: torch.Tensor, records: list[dict
     index_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     full_meta = dict(meta)
     if full_meta.get("clip_model") and not full_meta.get("clip_activation"):
-        from clipcap_cli.backbones import clip_activation
+        from clipcap_cli.clip_tower import clip_activation
 
         # Features written now come from clipcap's CLIP loader, which builds the activation the tag needs.
         full_meta["clip_activation"] = clip_activation(str(full_meta["clip_model"]), full_meta.get("clip_pretrained"))
@@ -248,7 +248,7 @@ def clear_store(out: Path) -> None:
 
 def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOptions, dtype: str, source: dict) -> dict:
     """What must match for part files to be combined: same model, same records, same chunking."""
-    from clipcap_cli.backbones import clip_activation
+    from clipcap_cli.clip_tower import clip_activation
 
     return {
         "clip_model": options.clip_model,
@@ -267,7 +267,7 @@ def run_settings(records: Sequence[dict], images_root: Path, options: ExtractOpt
 
 def clip_weights_sha256(model: str, pretrained: str | None) -> str | None:
     """The fingerprint of the CLIP weights a run encodes with (None: random weights, as in tests)."""
-    from clipcap_cli.backbones import clip_spec, clip_weights_file
+    from clipcap_cli.clip_tower import clip_spec, clip_weights_file
     from clipcap_cli.fingerprint import file_sha256
 
     path = clip_weights_file(clip_spec(model, pretrained))
@@ -424,7 +424,7 @@ def extract(
         on_progress(reused, total)
 
     if pending:
-        from clipcap_cli.backbones import clip_embed_dim  # timm towers (SigLIP's) have no output_dim
+        from clipcap_cli.clip_tower import clip_embed_dim  # timm towers (SigLIP's) have no output_dim
 
         model, preprocess = clip if clip is not None else _load_clip(options, device)
         header = {
@@ -462,7 +462,7 @@ def _device_and_dtype(options: ExtractOptions, clip: tuple[Any, Any] | None) -> 
     if clip is not None:
         param = next(clip[0].parameters())
         return param.device, str(param.dtype).removeprefix("torch.")
-    from clipcap_cli.backbones import clip_dtype
+    from clipcap_cli.clip_tower import clip_dtype
     from clipcap_cli.device import pick_device
 
     device = pick_device(options.device)
@@ -592,9 +592,10 @@ def _encode_chunks(
 
 
 def _load_clip(options: ExtractOptions, device: Any) -> tuple[Any, Any]:
-    from clipcap_cli import backbones
 
-    return backbones.load_clip(options.clip_model, options.clip_pretrained, device)
+    from clipcap_cli import clip_tower
+
+    return clip_tower.load_clip(options.clip_model, options.clip_pretrained, device)
 
 
 def merge_parts(out: str | Path) -> ExtractResult:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcap_cli import backbones, checkpoint, pretrained
+from clipcap_cli import backbones, checkpoint, clip_tower, pretrained
 from clipcap_cli import lm as lm_module
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.errors import CheckpointError
@@ -73,7 +73,7 @@ def load_model(
     model = load_network(name_or_path, dev, download_progress=download_progress, **user)
     apply_precision(model, resolved)  # int8: quantised here, once
     config = model.config
-    clip, preprocess = backbones.load_clip(config.clip_model, config.clip_pretrained, dev)  # 5.
+    clip, preprocess = clip_tower.load_clip(config.clip_model, config.clip_pretrained, dev)  # 5.
     apply_clip_precision(clip, resolved, dev)  # bf16 on the CPU, or int8
     tokenizer = backbones.load_tokenizer(config.lm)
     lm_module.check_vocab(tokenizer, model.gpt.config, config.lm)
@@ -101,8 +101,8 @@ def load_network(
     config = checkpoint.resolve_config(raw, **{**implied, **{k: v for k, v in overrides.items() if v is not None}})
     trained_on = raw.config.clip_model if raw.config else implied.get("clip_model")
     if overrides.get("clip_model") not in (None, trained_on) and overrides.get("clip_pretrained") is None:
-        config = config.replace(clip_pretrained=backbones.default_clip_tag(config.clip_model))  # --clip's own weights
-    checkpoint.check_clip(config, backbones.clip_embed_dim(config.clip_model), trained_on)
+        config = config.replace(clip_pretrained=clip_tower.default_clip_tag(config.clip_model))  # --clip's own weights
+    checkpoint.check_clip(config, clip_tower.clip_embed_dim(config.clip_model), trained_on)
     recorded = raw.lm_config is not None or raw.gpt2_config is not None
     named_lm = overrides.get("lm") is not None or not recorded or not raw.has_lm
     named = backbones.lm_config(config.lm) if named_lm else None
@@ -140,7 +140,7 @@ def verify_download(model: pretrained.PretrainedModel) -> Path:
         raw = read_checkpoint(model.path, converted=True)
         config = checkpoint.resolve_config(raw, **model.settings)
         checkpoint.check_structure(raw, config)
-        checkpoint.check_clip(config, backbones.clip_embed_dim(model.clip[0]))
+        checkpoint.check_clip(config, clip_tower.clip_embed_dim(model.clip[0]))
     except CheckpointError as exc:
         model.path.unlink(missing_ok=True)
         model.path.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -124,7 +124,7 @@ def apply_precision(model: ClipCaptionModel, precision: str = DEFAULT_PRECISION)
 def apply_clip_precision(clip: Any, precision: str, device: torch.device | str) -> Any:
     """CLIP's image tower for a resolved ``precision`` (in place; returns it): bf16 on the CPU (most of
     bf16's speed-up comes from CLIP there), int8's linear layers (1.9x at CLIP's shapes, issue 24),
-    and as loaded otherwise (fp16 on CUDA, fp32 elsewhere: ``backbones.clip_dtype``)."""
+    and as loaded otherwise (fp16 on CUDA, fp32 elsewhere: ``clip_tower.clip_dtype``)."""
     import torch
 
     if precision == "bf16" and torch.device(device).type == "cpu":

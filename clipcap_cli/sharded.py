@@ -240,7 +240,7 @@ def _caption(
     slot: str,
 ) -> int:
     """Stream every pending sample through the captioner; returns the failures among them."""
-    from clipcap_cli.backbones import clip_dtype
+    from clipcap_cli.clip_tower import clip_dtype
 
     context = {
         "settings": settings,

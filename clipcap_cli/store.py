@@ -349,7 +349,7 @@ def with_clip_activation(meta: dict) -> dict:
     """``meta`` with the activation of its CLIP (features written now come from clipcap's loader)."""
     full = dict(meta)
     if full.get("clip_model") and not full.get("clip_activation"):
-        from clipcap_cli.backbones import clip_activation
+        from clipcap_cli.clip_tower import clip_activation
 
         full["clip_activation"] = clip_activation(str(full["clip_model"]), full.get("clip_pretrained"))
     return full

@@ -74,7 +74,7 @@ def with_activation(settings: dict) -> dict:
     ignores a pretrained tag's QuickGELU (OpenAI's ViTs got GELU)."""
     if settings.get("clip_activation") or not settings.get("clip_model"):
         return settings
-    from clipcap_cli.backbones import clip_activation
+    from clipcap_cli.clip_tower import clip_activation
 
     try:
         then = clip_activation(str(settings["clip_model"]), None)
@@ -87,7 +87,7 @@ def _check_activation(meta: dict, folder: Path) -> None:
     """Refuse a store whose image features came from the wrong activation (clipcap 0.1's ViTs)."""
     if meta.get("clip_activation") or not meta.get("clip_model"):
         return
-    from clipcap_cli.backbones import clip_spec
+    from clipcap_cli.clip_tower import clip_spec
 
     try:
         spec = clip_spec(str(meta["clip_model"]), meta.get("clip_pretrained"))

@@ -104,9 +104,10 @@ def caption_records(records: Iterable[dict]) -> tuple[list[dict], int]:
 
 def load_text_clip(model_name: str, pretrained: str | None, device: Any) -> tuple[Any, Any]:
     """(the whole open_clip model, in eval mode on ``device``, its tokenizer)."""
-    from clipcap_cli import backbones
 
-    model, _ = backbones.load_clip(model_name, pretrained, device, text=True)
+    from clipcap_cli import clip_tower
+
+    model, _ = clip_tower.load_clip(model_name, pretrained, device, text=True)
     try:
         import open_clip
 
@@ -197,7 +198,7 @@ def _device(options: TextExtractOptions, clip: tuple[Any, Any] | None) -> Any:
 
 def _settings(rows: list[dict], options: TextExtractOptions, clip: tuple[Any, Any] | None) -> dict:
     """What makes a text store: the CLIP and its weights, and the captions in order."""
-    from clipcap_cli.backbones import clip_activation
+    from clipcap_cli.clip_tower import clip_activation
     from clipcap_cli.features import clip_weights_sha256
 
     captions = json.dumps([[r["image"], r["image_id"], r["captions"][0]] for r in rows], ensure_ascii=False)

@@ -138,7 +138,7 @@ def plant_open_clip(home: Path, model: str, tag: str, seed: int = 0, *, image_on
     ``image_only`` (large towers: ViT-L-14 has 428 M parameters), only the ``visual.*`` tensors, filled
     with seeded N(0, 0.02) noise in fp16 (a model built on the meta device, never initialised): enough
     for clipcap's image-only loads (extract, caption), a few seconds instead of a minute and 0.6 GB
-    instead of 1.7 GB for ViT-L-14. The tag's QuickGELU is what clipcap builds (``backbones.clip_spec``).
+    instead of 1.7 GB for ViT-L-14. The tag's QuickGELU is what clipcap builds (``clip_tower.clip_spec``).
     """
     import open_clip
     from safetensors.torch import save_file

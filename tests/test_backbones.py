@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap_cli import backbones, paths
+from clipcap_cli import backbones, clip_tower, paths
 from clipcap_cli.config import CLIP_FOR_DIM
 from clipcap_cli.device import pick_device
 from clipcap_cli.errors import ModelNotAvailableError, UsageError
@@ -36,7 +36,7 @@ def test_missing_models_fail_fast_offline(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ModelNotAvailableError, match="GPT-2 weights 'gpt2'"):
         backbones.load_gpt2("gpt2")
     with pytest.raises(ModelNotAvailableError, match=r"CLIP ViT-B-32 \(openai\) weights is not cached"):
-        backbones.load_clip("ViT-B-32", "openai")
+        clip_tower.load_clip("ViT-B-32", "openai")
     assert reached == []
 
 
@@ -48,8 +48,8 @@ def test_empty_tokenizer_folder_is_refused(tmp_path: Path):
 
 
 def test_tiny_clip_from_local_dir(tiny_clip_dir: Path):
-    model, preprocess = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None)
-    assert backbones.clip_embed_dim(f"local-dir:{tiny_clip_dir}") == 32
+    model, preprocess = clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None)
+    assert clip_tower.clip_embed_dim(f"local-dir:{tiny_clip_dir}") == 32
     from PIL import Image
 
     x = preprocess(Image.new("RGB", (50, 40), "red")).unsqueeze(0)
@@ -60,9 +60,9 @@ def test_tiny_clip_from_local_dir(tiny_clip_dir: Path):
 
 def test_clip_names_are_checked():
     with pytest.raises(UsageError, match="did you mean ViT-B-32"):
-        backbones.load_clip("ViT-B-23", "openai")
+        clip_tower.load_clip("ViT-B-23", "openai")
     with pytest.raises(UsageError, match="no pretrained weights tagged 'openia'"):
-        backbones.load_clip("ViT-B-32", "openia")
+        clip_tower.load_clip("ViT-B-32", "openia")
 
 
 def test_clip_widths_are_read_from_open_clip_configs():
@@ -71,10 +71,10 @@ def test_clip_widths_are_read_from_open_clip_configs():
     import open_clip
 
     for name in ("RN50x4", "RN50x64", "ViT-B-16", "ViT-L-14-336", "ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP"):
-        assert backbones.clip_embed_dim(name) == open_clip.get_model_config(name)["embed_dim"], name
+        assert clip_tower.clip_embed_dim(name) == open_clip.get_model_config(name)["embed_dim"], name
     for dim, name in CLIP_FOR_DIM.items():
-        assert backbones.clip_embed_dim(name) == dim, name
-    assert backbones.clip_embed_dim("ViT-B-23") is None
+        assert clip_tower.clip_embed_dim(name) == dim, name
+    assert clip_tower.clip_embed_dim("ViT-B-23") is None
 
 
 def _quickgelu_tags() -> list[tuple[str, str]]:
@@ -97,14 +97,14 @@ def test_every_quickgelu_tag_builds_quickgelu():
     tags = _quickgelu_tags()
     assert ("ViT-B-32", "openai") in tags and ("RN50x4", "openai") in tags and len(tags) >= 10
     for name, tag in tags:
-        spec = backbones.clip_spec(name, tag)
-        assert spec.activation == backbones.QUICK_GELU, (name, tag)
-        model, _ = backbones.build_clip(spec)
+        spec = clip_tower.clip_spec(name, tag)
+        assert spec.activation == clip_tower.QUICK_GELU, (name, tag)
+        model, _ = clip_tower.build_clip(spec)
         assert _activations(model) == {"QuickGELU"}, (name, tag)
     # ... and a tag trained with GELU keeps GELU, so the rule is the tag's, not "always QuickGELU".
-    laion = backbones.clip_spec("ViT-B-32", "laion2b_s34b_b79k")
-    assert laion.activation == backbones.GELU
-    assert _activations(backbones.build_clip(laion)[0]) == {"GELU"}
+    laion = clip_tower.clip_spec("ViT-B-32", "laion2b_s34b_b79k")
+    assert laion.activation == clip_tower.GELU
+    assert _activations(clip_tower.build_clip(laion)[0]) == {"GELU"}
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_openai_vit_b32_image_features_are_quickgelu(tmp_path: Path):
     weights = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
     # A file given as `pretrained` carries no activation: name the QuickGELU architecture.
-    ours, _ = backbones.load_clip("ViT-B-32-quickgelu", str(weights))
+    ours, _ = clip_tower.load_clip("ViT-B-32-quickgelu", str(weights))
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want, got, wrong = reference.encode_image(pixels), ours.encode_image(pixels), gelu.encode_image(pixels)
@@ -134,11 +134,11 @@ def test_image_tower_alone_and_both_towers_match_open_clip(tiny_clip_dir: Path):
 
     reference, _, ref_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir}")
     reference.eval()
-    image_only, preprocess = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None)
+    image_only, preprocess = clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None)
     assert not hasattr(image_only, "encode_text") and not any(
         n.startswith("transformer") for n, _ in image_only.named_parameters()
     )
-    full, _ = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None, text=True)
+    full, _ = clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None, text=True)
     assert repr(preprocess) == repr(ref_preprocess)
     pixels = torch.randn(3, 3, 32, 32)
     tokens = open_clip.get_tokenizer(f"local-dir:{tiny_clip_dir}")(["a red square", "two dogs on a beach"])

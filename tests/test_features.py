@@ -89,9 +89,9 @@ def test_store_validation_and_incomplete(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_clip_dir: Path):
-    from clipcap_cli import backbones
+    from clipcap_cli import clip_tower
 
-    return backbones.load_clip(f"local-dir:{tiny_clip_dir}", None, "cpu")
+    return clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None, "cpu")
 
 
 def _folder_records(folder: Path) -> tuple[list[dict], Path]:

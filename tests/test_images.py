@@ -39,9 +39,9 @@ def test_real_photos_decode_like_the_original(tiny_clip_dir: Path):
     import numpy as np
     import torch
 
-    from clipcap_cli import backbones
+    from clipcap_cli import clip_tower
 
-    _, preprocess = backbones.load_clip(f"local-dir:{tiny_clip_dir}", None)
+    _, preprocess = clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None)
     photos = sorted(PHOTOS.glob("*.jpg"))
     assert len(photos) == 4
     for photo in photos:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipcap_cli import backbones
+from clipcap_cli import backbones, clip_tower
 from clipcap_cli.cli import app
 
 runner = CliRunner()
@@ -108,9 +108,9 @@ def _reference(clip: str, images: list[Path]) -> tuple[torch.Tensor, tuple[int, 
 def test_width_and_preprocessing_come_from_the_tower(towers: dict[str, str], kind: str):
     model_cfg, preprocess_cfg = TOWERS[kind]
     size = model_cfg["vision_cfg"]["image_size"]
-    assert backbones.clip_embed_dim(towers[kind]) == model_cfg["embed_dim"]
-    assert backbones.clip_image_size(towers[kind]) == (size, size)
-    encoder, preprocess = backbones.load_clip(towers[kind], None)
+    assert clip_tower.clip_embed_dim(towers[kind]) == model_cfg["embed_dim"]
+    assert clip_tower.clip_image_size(towers[kind]) == (size, size)
+    encoder, preprocess = clip_tower.load_clip(towers[kind], None)
     pixels = preprocess(Image.new("RGB", (size * 2, size), "white")).unsqueeze(0)
     assert pixels.shape == (1, 3, size, size)
     assert pixels[0, :, 0, 0].tolist() == pytest.approx(
@@ -132,10 +132,10 @@ def test_width_and_preprocessing_come_from_the_tower(towers: dict[str, str], kin
 def test_real_towers_have_their_own_width_size_and_preprocessing(name, tag, width, size, mean, crop):
     """The real configs, built on the meta device (no weights, no memory): width, image size, mean and
     the resize mode of the transform every pipeline gets."""
-    spec = backbones.clip_spec(name, tag)
-    assert backbones.clip_embed_dim(name) == spec.embed_dim == width
-    assert backbones.default_clip_tag(name) == tag
-    _, preprocess = backbones.build_clip(spec)
+    spec = clip_tower.clip_spec(name, tag)
+    assert clip_tower.clip_embed_dim(name) == spec.embed_dim == width
+    assert clip_tower.default_clip_tag(name) == tag
+    _, preprocess = clip_tower.build_clip(spec)
     steps = {type(t).__name__: t for t in preprocess.transforms}
     assert steps["Normalize"].mean[0] == pytest.approx(mean)
     assert ("CenterCrop" in steps) == crop

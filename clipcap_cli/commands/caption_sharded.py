@@ -103,7 +103,7 @@ def _model_identity(model_args: dict[str, Any]) -> dict[str, Any]:
 
 def _weights(model_args: dict[str, Any]) -> dict[str, str | None]:
     """sha256 fingerprints of the weights the model is made of (checkpoint; a local CLIP or GPT-2 folder)."""
-    from clipcap_cli.backbones import LOCAL_DIR
+    from clipcap_cli.clip_tower import LOCAL_DIR
     from clipcap_cli.fingerprint import weights_fingerprint
 
     found = {"checkpoint": weights_fingerprint(str(model_args["name_or_path"]))}

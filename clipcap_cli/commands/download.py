@@ -125,7 +125,7 @@ def _fetch_with_progress(model, *, force: bool, quiet: bool):
 
 
 def _fetch_backbones(model, *, quiet: bool) -> None:
-    from clipcap_cli import backbones, checkpoint
+    from clipcap_cli import backbones, checkpoint, clip_tower
     from clipcap_cli.ui import stderr
 
     clip_name, clip_tag = model.clip
@@ -133,7 +133,7 @@ def _fetch_backbones(model, *, quiet: bool) -> None:
         stderr.print(
             f"fetching CLIP {clip_name} ({clip_tag}) and GPT-2 '{model.gpt2}' (tokenizer, config) ...", highlight=False
         )
-    backbones.load_clip(clip_name, clip_tag, "cpu")
+    clip_tower.load_clip(clip_name, clip_tag, "cpu")
     backbones.load_tokenizer(model.gpt2)
     backbones.gpt2_config(model.gpt2)
     if not checkpoint.holds_lm(model.path.with_suffix(".safetensors")):

@@ -330,7 +330,7 @@ def _clip_options(clip: str | None, pretrained: str | None) -> dict[str, Any]:
     if clip is None and pretrained is None:
         return {}
     model = clip or D.clip_model
-    from clipcap_cli.backbones import LOCAL_DIR, default_clip_tag
+    from clipcap_cli.clip_tower import LOCAL_DIR, default_clip_tag
 
     return {
         "clip_model": model,

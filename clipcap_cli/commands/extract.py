@@ -204,7 +204,7 @@ def _default_tag(clip: str | None) -> str | None:
     """The pretrained tag when none is typed: the default CLIP's, or the one ``--clip`` names by default."""
     if clip is None:
         return D.clip_pretrained
-    from clipcap_cli.backbones import default_clip_tag
+    from clipcap_cli.clip_tower import default_clip_tag
 
     return default_clip_tag(clip)
 
