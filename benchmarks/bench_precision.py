@@ -161,13 +161,20 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     cpu = report["cpu"]
-    print(
-        f"\n{report['images']} images (640x480 JPEG), batch {report['batch_size']}, max_length {report['max_length']}, "
+    machine = (
         f"{cpu['name']} (torch: {cpu['isa']}, native bf16: {cpu['native_bf16']}), {report['threads']} threads, "
-        f"torch {report['torch']}; random weights ({'tiny models' if report['dry_run'] else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); load average "
-        f"{report['load_average'][0]} at the start, {report['load_average'][1]} at the end. Times include reading, "
-        "preprocessing and CLIP."
+        f"torch {report['torch']}"
     )
+    load = f"load average {report['load_average'][0]} at the start, {report['load_average'][1]} at the end"
+    if report["results"]:
+        print(
+            f"\n{report['images']} images (640x480 JPEG), batch {report['batch_size']}, max_length "
+            f"{report['max_length']}, {machine}; random weights "
+            f"({'tiny models' if report['dry_run'] else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); {load}. "
+            "Times include reading, preprocessing and CLIP."
+        )
+    else:
+        print(f"\n{machine}; {load}.")
     limits = " ".join(f"{k}={v}" for k, v in report["isa_limits"].items())
     print(f"Limits: {limits or 'none (the CPU as it is)'}\n")
     if report["results"]:

@@ -35,16 +35,19 @@ DRY_SHAPES = ((32, 64, 4), (32, 64, 40))
 ROUTES = ("torch fp32", "torch quantize_dynamic", "onnxruntime fp32", "onnxruntime int8", "torchao int8")
 
 
-def _best(fn: Callable[[], object], repeat: int, reps: int) -> float:
-    """Best seconds per call of ``fn`` over ``repeat`` rounds of ``reps`` calls (after two warm-up calls)."""
-    fn()
-    fn()
-    best = float("inf")
+def _best(calls: dict[str, Callable[[], object]], repeat: int, reps: int) -> dict[str, float]:
+    """Each call's best seconds per call over ``repeat`` rounds of ``reps`` calls, after two warm-up
+    calls; the rounds alternate between the calls, so that a busy machine slows them alike."""
+    best = dict.fromkeys(calls, float("inf"))
+    for call in calls.values():
+        call()
+        call()
     for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(reps):
+                call()
+            best[name] = min(best[name], (time.perf_counter() - start) / reps)
     return best
 
 
@@ -114,7 +117,7 @@ def skipped_routes() -> dict[str, str]:
     return missing
 
 
-def measure(dry_run: bool = False, repeat: int = 3) -> dict:
+def measure(dry_run: bool = False, repeat: int = 5) -> dict:
     """{"rows": [...], "skipped": {route: why}}: each route on each shape, against torch fp32."""
     from clipcap_cli.quantize import quantize_int8
 
@@ -143,10 +146,12 @@ def measure(dry_run: bool = False, repeat: int = 3) -> dict:
                 if "onnxruntime" not in skipped:
                     for name, runner in _onnxruntime_runners(linear, Path(tmp_dir), threads).items():
                         calls[name] = lambda r=runner: torch.from_numpy(r(x_np))
+                best = _best(calls, repeat, reps)
                 for name, call in calls.items():
-                    seconds = _best(call, repeat, reps)
                     error = float((call() - expected).abs().max()) / scale
-                    rows.append({"route": name, "in": n_in, "out": n_out, "m": m, "seconds": seconds, "error": error})
+                    rows.append(
+                        {"route": name, "in": n_in, "out": n_out, "m": m, "seconds": best[name], "error": error}
+                    )
         fp32 = rows[-len(calls)]["seconds"]  # this shape's torch fp32 row (the first)
         for row in rows[-len(calls) :]:
             seconds = row.pop("seconds")
