@@ -79,7 +79,10 @@ def main() -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
             return
+    from clipcap_cli import lean
     from clipcap_cli.commands import invoked
+
+    lean.enable()  # this process is the clipcap command: imports it never uses may be kept out (lean.py)
 
     # Only the command on the line is registered (shell completion needs every command).
     only = None if "_CLIPCAP_COMPLETE" in os.environ else invoked(sys.argv[1:])
