@@ -44,7 +44,14 @@ IMPORT_STEPS = (
     ("torch", "import torch"),
     ("safetensors, PIL, tokenizers, numpy", "import safetensors.torch, PIL.Image, tokenizers, numpy"),
     ("transformers (the tokenizer)", "from transformers import GPT2TokenizerFast"),
-    ("torch._dynamo (via torchvision.ops and transformers.masking_utils)", "import torch._dynamo"),
+    (
+        "torch._dynamo, without triton (via torchvision.ops and transformers.masking_utils)",
+        "import sys; sys.modules['triton'] = None; import torch._dynamo",
+    ),
+    (
+        "triton (torch._dynamo's, where installed; the clipcap process keeps it out of a CPU run)",
+        "del sys.modules['triton']\ntry:\n    import triton\nexcept ImportError:\n    pass",
+    ),
     ("torchvision", "import torchvision.transforms"),
     ("torch.distributed.tensor (via transformers.activations)", "import torch.distributed.tensor"),
     ("transformers' GPT-2 model", "from transformers import GPT2LMHeadModel"),
@@ -64,6 +71,14 @@ for label, stmt in steps:
     start = time.perf_counter()
     exec(stmt)
     out.append([label, rss(), time.perf_counter() - start])
+cuda, name = 0, ""
+for line in open("/proc/self/smaps"):
+    head = line.split()
+    if "-" in head[0] and not line[0].isupper():
+        name = head[5] if len(head) > 5 else ""
+    elif head[0] == "Rss:" and ("/nvidia/" in name or "libtorch_cuda" in name or "/libcu" in name):
+        cuda += int(head[1]) * 1024
+out.append(["of which CUDA libraries' pages (torch's CUDA wheels)", cuda, 0.0])
 print(json.dumps(out))
 """
 CAPABILITY = "from clipcap_cli.cpu import capability, cpu_name; print(cpu_name()); print(capability())"
@@ -95,7 +110,8 @@ def import_steps(env: dict[str, str], cwd: Path) -> list[dict]:
     """RSS (MB) each of IMPORT_STEPS adds, in one fresh process (Linux: /proc/self/status)."""
     _, out = run([sys.executable, "-c", PROBE, json.dumps(IMPORT_STEPS)], env, cwd)
     steps, before = [], 0
-    for label, rss, seconds in json.loads(out.strip().splitlines()[-1]):
+    *rows, (cuda_label, cuda, _) = json.loads(out.strip().splitlines()[-1])
+    for label, rss, seconds in rows:
         steps.append(
             {
                 "step": label,
@@ -105,6 +121,7 @@ def import_steps(env: dict[str, str], cwd: Path) -> list[dict]:
             }
         )
         before = rss
+    steps.append({"step": cuda_label, "rss_mb": round(cuda / 2**20), "adds_mb": None, "s": 0.0})
     return steps
 
 
@@ -185,7 +202,8 @@ def main() -> int:
         print("\nRSS by import step (each step: what it adds to the ones above it):\n")
         print("| import | adds MB | RSS MB |\n|---|---:|---:|")
         for step in steps:
-            print(f"| {step['step']} | {step['adds_mb']} | {step['rss_mb']} |")
+            adds = "" if step["adds_mb"] is None else step["adds_mb"]
+            print(f"| {step['step']} | {adds} | {step['rss_mb']} |")
     return 0
 
 

@@ -47,6 +47,12 @@ def test_startup_benchmark_quick_run(planted: Path):
     assert (
         report["peak_rss_gb"]["ours"] > report["peak_rss_gb"]["bare"]
     )  # clipcap maps the weights on top of the imports
+    # The import steps add up to the last step's RSS; the CPU is named with its capability.
+    steps = report["imports"]
+    assert [s["step"] for s in steps[:2]] == ["python", "torch"] and all(s["rss_mb"] > 0 for s in steps[:-1])
+    assert sum(s["adds_mb"] for s in steps[:-1]) == pytest.approx(steps[-2]["rss_mb"], abs=len(steps))
+    assert steps[-1]["adds_mb"] is None and 0 <= steps[-1]["rss_mb"] < steps[1]["rss_mb"]  # CUDA pages: part of torch's
+    assert report["cpu"]["name"] and "bf16" in report["cpu"]["capability"]
 
 
 def test_device_check_dry_run():
