@@ -7,9 +7,9 @@ any ClipCap program must (torch, open_clip and transformers' GPT-2), on full-siz
 
 Each run is a fresh process, timed from start to exit; runs alternate between the two sides so
 that a busy machine slows both alike. Peak RSS is the process's own (``wait4``). Linux starts a
-child's peak RSS at its parent's size (``ru_maxrss`` survives fork and exec), so this script keeps
+child's peak RSS at its parent's peak (``ru_maxrss`` survives fork and exec), so this script keeps
 itself small: it imports no torch, and plants the weights in a child process of its own; a peak
-that is not above this script's own is reported as unmeasurable. The first caption after a
+that is not above this script's own (VmHWM) is reported as unmeasurable. The first caption after a
 download also converts the released .pt to safetensors; it is reported on its own line.
 ``imports`` is the RSS each import step adds, in a fresh process, in the order a caption meets
 them: the top contributors to the start-up memory. Each step is charged what it alone adds to the
@@ -101,9 +101,21 @@ def peak_rss(cmd: list[str], env: dict[str, str], cwd: Path) -> float | None:
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({status})")
-    if usage.ru_maxrss <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss:
+    if usage.ru_maxrss <= own_peak_kb():
         return None
     return usage.ru_maxrss / 1e6
+
+
+def own_peak_kb() -> int:
+    """This process's own peak RSS (KiB): its memory's high-water mark (Linux: VmHWM), which a child
+    starts from. Not ``getrusage(RUSAGE_SELF)``: that too starts at this process's parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def import_steps(env: dict[str, str], cwd: Path) -> list[dict]:
