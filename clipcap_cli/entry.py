@@ -82,7 +82,7 @@ def main() -> None:
     from clipcap_cli import lean
     from clipcap_cli.commands import invoked
 
-    lean.enable()  # this process is the clipcap command: imports it never uses may be kept out (lean.py)
+    lean.enable(sys.argv[1:])  # this process is the clipcap command: triton stays out of a CPU run (lean.py)
 
     # Only the command on the line is registered (shell completion needs every command).
     only = None if "_CLIPCAP_COMPLETE" in os.environ else invoked(sys.argv[1:])

@@ -499,11 +499,9 @@ def _run(
 
 
 def _load(model_args: dict[str, Any], options: DecodingOptions, quiet: bool) -> Any:
-    from clipcap_cli.lean import keep_triton_out
     from clipcap_cli.loading import load_model
     from clipcap_cli.ui import say
 
-    keep_triton_out(model_args.get("device"))  # before the model's imports (lean.py)
     with _download_progress(quiet) as progress_cb:
         captioner = load_model(**model_args, download_progress=progress_cb)
     say(f"model {model_args['name_or_path']}: {captioner!r}; decoding {options}")
