@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.cpu import describe
 from clipcap_cli.decoding import DecodingOptions, generate
 from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.precision import apply_precision
@@ -52,7 +53,7 @@ def main() -> None:
     if args.only:
         runs = {k: v for k, v in runs.items() if k.startswith(args.only)}
     print(
-        f"{n} images, {torch.get_num_threads()} threads, {args.precision}, max_length {args.max_length}, "
+        f"{n} images, {describe()}, {torch.get_num_threads()} threads, {args.precision}, max_length {args.max_length}, "
         f"load average {os.getloadavg()[0]:.2f}",
         file=sys.stderr,
     )
@@ -69,7 +70,7 @@ def main() -> None:
                 best[size] = min(best[size], time.perf_counter() - start)
                 print(f"{label} batch {size}: {n / best[size]:.2f} images/s", file=sys.stderr)
         print(f"| {label} | " + " | ".join(f"{n / best[s]:.2f}" for s in args.sizes) + " |")
-    print(f"\nimages/s, decoding only; load average {os.getloadavg()[0]:.2f} at the end.")
+    print(f"\nimages/s, decoding only; {describe()}; load average {os.getloadavg()[0]:.2f} at the end.")
 
 
 if __name__ == "__main__":

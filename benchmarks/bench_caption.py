@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from PIL import Image
 from clipcap_cli import backbones, clip_tower
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
-from clipcap_cli.cpu import capability
+from clipcap_cli.cpu import describe
 from clipcap_cli.decoding import DecodingOptions, default_batch_size, stop_token_id, tokens_to_text
 from clipcap_cli.images import open_rgb
 from clipcap_cli.model import ClipCaptionModel
@@ -249,7 +248,7 @@ def main() -> None:
         paths = make_images(tmp, args.images)
         print(
             f"device {where}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-            f"{platform.processor() or platform.machine()} (CPU: {capability()}), load average {load_start:.2f}",
+            f"{describe()}, load average {load_start:.2f}",
             file=sys.stderr,
         )
         for name, options in runs.items():
@@ -266,7 +265,7 @@ def print_table(results: list[tuple], args: argparse.Namespace, where: str, load
     print(
         f"\n{args.images} images (640x480 JPEG), {where}, {torch.get_num_threads()} threads, max_length "
         f"{args.max_length}{best}; random weights (ViT-B-32 + GPT-2 124M + MLP K=10); the original algorithm on "
-        f"the first {args.original_images}; CPU: {capability()}; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} "
+        f"the first {args.original_images}; CPU: {describe()}; load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} "
         "at the end."
     )
     print("Times include reading, CLIP preprocessing and CLIP encoding on every path.\n")

@@ -32,7 +32,7 @@ from bench_caption import build, make_images  # noqa: E402  (the caption benchma
 from bench_sharded import build_tiny, timed  # noqa: E402
 
 from clipcap_cli import embeddings_in, output, records  # noqa: E402
-from clipcap_cli.cpu import cpu_name  # noqa: E402
+from clipcap_cli.cpu import describe  # noqa: E402
 from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.inputs import Source  # noqa: E402
 from clipcap_cli.sharded_output import make_record  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
     n = args.images
     report = {
         "dry_run": args.dry_run,
-        "cpu": cpu_name(),
+        "cpu": describe(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),

@@ -77,6 +77,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from clipcap_cli import clip_tower
+    from clipcap_cli.cpu import describe
     from clipcap_cli.datasets import read_dataset
     from clipcap_cli.features import ExtractOptions, extract, load_features
     from clipcap_cli.inputs import default_workers
@@ -87,7 +88,8 @@ def main() -> None:
     workers = default_workers("cpu") if args.workers is None else args.workers
     print(
         f"{args.model} (random weights, seed 0), {args.images} images x {args.captions} captions, 640x480 JPEG; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, workers {workers}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, workers {workers}; "
+        f"CPU: {describe()}"
     )
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,11 +9,16 @@ through the library's own steps (``precision.apply_precision`` and ``apply_clip_
 It prints the CPU's capability (``cpu.capability()``), images/s for each precision, greedy and beam
 5, the ratio to fp32, and how many captions are identical to fp32's. ``fast`` resolves to one of
 the others (bf16 on a CPU with native bf16, int8 elsewhere): its row is that precision's run.
+Then the int8 routes on one linear layer (``int8_routes.py``): torch's ``quantize_dynamic`` (the
+route clipcap takes), onnxruntime's int8 kernels and torchao's, each against fp32, so that the
+choice can be revisited (onnxruntime and torchao are optional: their rows are skipped, with the
+reason, where they are not installed; ``pip install -e .[bench]`` brings onnxruntime).
 
     python benchmarks/bench_precision.py                        # 32 images, batch 32, greedy and beam 5
     CLIPCAP_CPU_CAPABILITY=AVX2 python benchmarks/bench_precision.py   # the choices an AVX2-only CPU gets
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 CLIPCAP_CPU_CAPABILITY=AVX2 \
         python benchmarks/bench_precision.py                    # ... and, roughly, its kernels (see ISA_LIMITS)
+    python benchmarks/bench_precision.py --routes-only          # the int8 routes alone (a minute)
     python benchmarks/bench_precision.py --dry-run --json       # tiny shapes, seconds (the test)
 """
 
@@ -35,6 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_check import build  # noqa: E402  (full-size or tiny random models, the real tokenizer)
+from int8_routes import measure as measure_routes  # noqa: E402
+from int8_routes import print_routes  # noqa: E402
 
 from clipcap_cli.captioner import Captioner  # noqa: E402
 from clipcap_cli.cpu import capability, cpu_name  # noqa: E402
@@ -55,51 +62,10 @@ def with_precision(base: Captioner, precision: str) -> Captioner:
     return Captioner(model, clip, base.preprocess_image, base.tokenizer, base.device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, help="images per run (default 32; --dry-run 4)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, help="tokens per caption (default 20; --dry-run 5)")
-    parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--only", choices=["greedy", "beam"], help="run one strategy only")
-    parser.add_argument("--repeat", type=int, default=1, help="time each precision this many times, keep the best")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny models and few images: checks the script runs")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    images = args.images or (4 if args.dry_run else 32)
-    max_length = args.max_length or (5 if args.dry_run else 20)
+def caption_runs(args: argparse.Namespace, runs: dict, resolved: dict, images: int) -> dict:
+    """{strategy: {precision: row}}: each distinct precision's captions of the same images, against fp32."""
+    results: dict = {}
     device = torch.device("cpu")
-    cap = capability()
-    resolved = {p: resolve_precision(p, device) for p in PRECISIONS}
-    runs = {
-        "greedy": DecodingOptions(max_length=max_length),
-        "beam": DecodingOptions(strategy="beam", beam_size=args.beam, max_length=max_length),
-    }
-    if args.only:
-        runs = {args.only: runs[args.only]}
-    load_start = os.getloadavg()[0]
-    print(
-        f"CPU: {cpu_name()}; torch reports {cap.isa}, native bf16: {cap.native_bf16} ({cap.source}); "
-        f"fast = {resolved['fast']}, bf16 = {resolved['bf16']}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {load_start:.2f}; "
-        f"limits: {' '.join(f'{k}={os.environ[k]}' for k in ISA_LIMITS if k in os.environ) or 'none'}",
-        file=sys.stderr,
-    )
-    report: dict = {
-        "cpu": {"name": cpu_name(), **cap.as_dict()},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "images": images,
-        "batch_size": args.batch_size,
-        "max_length": max_length,
-        "dry_run": args.dry_run,
-        "resolved": resolved,
-        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
-        "results": {},
-    }
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         from bench_caption import make_images
@@ -128,7 +94,64 @@ def main() -> None:
                     "x_fp32": round(best["fp32"] / best[name], 3),
                     "identical_to_fp32": sum(a == b for a, b in zip(texts[name], texts["fp32"])),
                 }
-            report["results"]["greedy" if label == "greedy" else f"beam{args.beam}"] = rows
+            results["greedy" if label == "greedy" else f"beam{args.beam}"] = rows
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, help="images per run (default 32; --dry-run 4)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, help="tokens per caption (default 20; --dry-run 5)")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--only", choices=["greedy", "beam"], help="run one strategy only")
+    parser.add_argument("--repeat", type=int, default=1, help="time each precision this many times, keep the best")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny models and few images: checks the script runs")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    routes = parser.add_mutually_exclusive_group()
+    routes.add_argument("--no-routes", action="store_true", help="skip the int8 routes on one linear layer")
+    routes.add_argument("--routes-only", action="store_true", help="only the int8 routes on one linear layer")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = args.images or (4 if args.dry_run else 32)
+    max_length = args.max_length or (5 if args.dry_run else 20)
+    device = torch.device("cpu")
+    cap = capability()
+    resolved = {p: resolve_precision(p, device) for p in PRECISIONS}
+    runs = {
+        "greedy": DecodingOptions(max_length=max_length),
+        "beam": DecodingOptions(strategy="beam", beam_size=args.beam, max_length=max_length),
+    }
+    if args.only:
+        runs = {args.only: runs[args.only]}
+    if args.routes_only:
+        runs = {}
+    load_start = os.getloadavg()[0]
+    print(
+        f"CPU: {cpu_name()}; torch reports {cap.isa}, native bf16: {cap.native_bf16} ({cap.source}); "
+        f"fast = {resolved['fast']}, bf16 = {resolved['bf16']}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {load_start:.2f}; "
+        f"limits: {' '.join(f'{k}={os.environ[k]}' for k in ISA_LIMITS if k in os.environ) or 'none'}",
+        file=sys.stderr,
+    )
+    report: dict = {
+        "cpu": {"name": cpu_name(), **cap.as_dict()},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "images": images,
+        "batch_size": args.batch_size,
+        "max_length": max_length,
+        "dry_run": args.dry_run,
+        "resolved": resolved,
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
+        "results": {},
+    }
+    if runs:
+        report["results"] = caption_runs(args, runs, resolved, images)
+    if not args.no_routes:
+        report["int8_routes"] = measure_routes(dry_run=args.dry_run)
     report["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     if args.json:
         print(json.dumps(report))
@@ -138,23 +161,33 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     cpu = report["cpu"]
-    print(
-        f"\n{report['images']} images (640x480 JPEG), batch {report['batch_size']}, max_length {report['max_length']}, "
+    machine = (
         f"{cpu['name']} (torch: {cpu['isa']}, native bf16: {cpu['native_bf16']}), {report['threads']} threads, "
-        f"torch {report['torch']}; random weights ({'tiny models' if report['dry_run'] else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); load average "
-        f"{report['load_average'][0]} at the start, {report['load_average'][1]} at the end. Times include reading, "
-        "preprocessing and CLIP."
+        f"torch {report['torch']}"
     )
+    load = f"load average {report['load_average'][0]} at the start, {report['load_average'][1]} at the end"
+    if report["results"]:
+        print(
+            f"\n{report['images']} images (640x480 JPEG), batch {report['batch_size']}, max_length "
+            f"{report['max_length']}, {machine}; random weights "
+            f"({'tiny models' if report['dry_run'] else 'ViT-B-32 + GPT-2 124M + MLP K=10'}); {load}. "
+            "Times include reading, preprocessing and CLIP."
+        )
+    else:
+        print(f"\n{machine}; {load}.")
     limits = " ".join(f"{k}={v}" for k, v in report["isa_limits"].items())
     print(f"Limits: {limits or 'none (the CPU as it is)'}\n")
-    print("| decoding | precision | runs as | images/s | x fp32 | identical captions vs fp32 |")
-    print("|---|---|---|---:|---:|---:|")
+    if report["results"]:
+        print("| decoding | precision | runs as | images/s | x fp32 | identical captions vs fp32 |")
+        print("|---|---|---|---:|---:|---:|")
     for label, rows in report["results"].items():
         for p, row in rows.items():
             print(
                 f"| {label} | {p} | {row['runs_as']} | {row['images_per_s']:.2f} | {row['x_fp32']:.2f}x | "
                 f"{row['identical_to_fp32']}/{report['images']} |"
             )
+    if "int8_routes" in report:
+        print_routes(report["int8_routes"])
 
 
 if __name__ == "__main__":

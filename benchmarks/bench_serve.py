@@ -37,7 +37,7 @@ os.environ.setdefault("CLIPCAP_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from clipcap_cli.cpu import cpu_name  # noqa: E402
+from clipcap_cli.cpu import describe  # noqa: E402
 
 
 def write_checkpoint(size: str, tmp: Path) -> Path:
@@ -249,7 +249,7 @@ def main() -> None:
     report = {
         "dry_run": args.dry_run,
         "model": args.size,
-        "cpu": cpu_name(),
+        "cpu": describe(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": round(load, 2),

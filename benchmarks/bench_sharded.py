@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tarfile
 import tempfile
@@ -39,6 +38,7 @@ from bench_caption import build, make_images  # noqa: E402  (the same model and 
 
 from clipcap_cli import output, records, shards  # noqa: E402
 from clipcap_cli import sharded as runner  # noqa: E402
+from clipcap_cli.cpu import describe  # noqa: E402
 from clipcap_cli.decoding import DecodingOptions  # noqa: E402
 from clipcap_cli.inputs import Source  # noqa: E402
 
@@ -170,7 +170,7 @@ def main() -> None:
         tars = write_shards(paths, tmp, args.per_shard)
         print(
             f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-            f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}",
+            f"{describe()}, load average {os.getloadavg()[0]:.2f}",
             file=sys.stderr,
         )
         # Warm-up, not timed: one full batch through each path (allocator, kernels, page cache).

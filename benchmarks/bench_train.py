@@ -211,6 +211,8 @@ def main() -> None:
 
     import torch
 
+    from clipcap_cli.cpu import describe
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("CLIPCAP_OFFLINE", "1")
     if args.threads:
@@ -221,7 +223,8 @@ def main() -> None:
         gpt_dir, store = make_run_inputs(root, (args.warm + args.steps + 2) * args.batch_size)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-            f"{args.steps} timed steps per path (after {args.warm} warm-up), GPT-2 124M random weights",
+            f"{args.steps} timed steps per path (after {args.warm} warm-up), GPT-2 124M random weights; "
+            f"CPU: {describe()}",
             flush=True,
         )
         for mode in args.modes.split(","):

@@ -45,6 +45,7 @@ import torch
 from clipcap_cli import backbones, clip_tower, inputs
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.cpu import describe
 from clipcap_cli.decoding import DecodingOptions, generate, stop_token_id
 from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.precision import apply_precision
@@ -294,6 +295,7 @@ def main() -> None:
     start = time.perf_counter()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu": describe(),
         "dry_run": args.dry_run,
         "torch": torch.__version__,
         "max_length": s["max_length"],

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from clipcap_cli.cpu import cpu_name  # noqa: E402
+from clipcap_cli.cpu import capability, describe  # noqa: E402
 
 D = 512
 WORDS = "a an the dog cat man woman child bus car tree red blue green small big on near with under sits runs".split()
@@ -218,8 +218,8 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "cpu": cpu_name(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu": describe(),
+                "cpu_capability": str(capability()),
                 "cores": os.cpu_count(),
                 "threads": args.threads,
                 "torch": torch.__version__,

@@ -92,3 +92,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def describe() -> str:
+    """The line every benchmark prints beside its numbers: the CPU's name and capability, e.g.
+    ``AMD EPYC (torch: AVX2, no native bf16)``; a faked capability is marked as such."""
+    cap = capability()
+    faked = f", faked by {ENV}" if cap.source == ENV else ""
+    return f"{cpu_name()} (torch: {cap}{faked})"
+
+
+def report() -> dict:
+    """``describe()`` for a JSON report: the CPU's name, torch's ISA, native bf16, and how it was found."""
+    return {"name": cpu_name(), **capability().as_dict()}

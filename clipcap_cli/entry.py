@@ -79,7 +79,10 @@ def main() -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
             return
+    from clipcap_cli import lean
     from clipcap_cli.commands import invoked
+
+    lean.enable(sys.argv[1:])  # this process is the clipcap command: triton stays out of a CPU run (lean.py)
 
     # Only the command on the line is registered (shell completion needs every command).
     only = None if "_CLIPCAP_COMPLETE" in os.environ else invoked(sys.argv[1:])

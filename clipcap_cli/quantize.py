@@ -5,7 +5,9 @@ against fp32): torch's built-in ``quantize_dynamic`` (fbgemm/x86 kernels) ran 1.
 shapes, 3.1x on GPT-2's LM head and 1.9x at CLIP's shapes; torchao's int8 configs ran 0.03-0.99x.
 torch marks ``torch.ao.quantization`` deprecated: its two deprecation warnings are silenced here,
 around this call only. When torch removes it, this function is the one place to change, and
-``benchmarks/bench_precision.py`` re-measures the choice.
+``benchmarks/bench_precision.py`` re-measures the choice: its int8 routes (``benchmarks/int8_routes.py``)
+time torch's route, onnxruntime's int8 kernels (on an AVX512-VNNI EPYC: faster on one thread, mixed
+on two, with about half the error: the likeliest successor) and torchao's, on one linear layer.
 
 Weights are quantised per output channel (symmetric int8), activations per batch, at run time
 (dynamic: no calibration data). Everything that is not an exact ``nn.Linear`` (or transformers'

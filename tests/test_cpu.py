@@ -68,3 +68,21 @@ def test_info_shows_the_capability(monkeypatch):
     assert json.loads(result.stdout)["cpu"] == {"isa": "AVX2", "native_bf16": False, "source": cpu.ENV}
     monkeypatch.setenv(cpu.ENV, "AVX512+bf16")
     assert json.loads(runner.invoke(app, ["info", "--json"]).stdout)["cpu"]["native_bf16"] is True
+
+
+def test_describe_names_the_cpu_and_a_faked_capability(monkeypatch):
+    monkeypatch.setenv(cpu.ENV, "AVX2")
+    line = cpu.describe()
+    assert line.startswith(cpu.cpu_name()) and "AVX2, no native bf16" in line and cpu.ENV in line
+    assert cpu.report() == {"name": cpu.cpu_name(), "isa": "AVX2", "native_bf16": False, "source": cpu.ENV}
+
+
+def test_every_benchmark_prints_the_cpu_capability():
+    """Each speed benchmark reports the CPU's capability beside its numbers (issue 24)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = [*folder.glob("bench_*.py"), folder / "streaming.py", folder / "device_check.py"]
+    assert len(scripts) >= 10
+    silent = [p.name for p in scripts if not any(s in p.read_text() for s in ("describe()", "capability()"))]
+    assert not silent, f"benchmarks that do not print the CPU's capability: {silent}"

@@ -68,3 +68,31 @@ def test_quantize_refuses_a_gpu_module(monkeypatch):
     monkeypatch.setattr(torch.nn.Linear, "parameters", lambda self: iter([torch.empty(0, device="meta")]))
     with pytest.raises(ValueError, match="CPU only"):
         quantize_int8(layer)
+
+
+def test_only_the_apis_deprecation_is_silenced_and_only_around_the_call(monkeypatch):
+    """quantize_int8 hides torch's deprecation notices of torch.ao.quantization, nothing else: an other warning
+    raised inside still reaches the user, the filters are as before afterwards, a bare call still warns."""
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    real = tq.quantize_dynamic
+
+    def noisy(*args, **kwargs):
+        warnings.warn("something else went wrong", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        assert not seen  # the API's own deprecation notices: silenced
+        monkeypatch.setattr(tq, "quantize_dynamic", noisy)
+        quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        assert [str(w.message) for w in seen] == ["something else went wrong"]
+        monkeypatch.setattr(tq, "quantize_dynamic", real)
+        seen.clear()
+        real(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear}, dtype=torch.qint8)
+        assert any(issubclass(w.category, DeprecationWarning) and "deprecated" in str(w.message) for w in seen)
+    assert warnings.filters == before

@@ -48,6 +48,12 @@ def test_startup_benchmark_quick_run(planted: Path):
     assert (
         report["peak_rss_gb"]["ours"] > report["peak_rss_gb"]["bare"]
     )  # clipcap maps the weights on top of the imports
+    # The import steps add up to the last step's RSS; the CPU is named with its capability.
+    steps = report["imports"]
+    assert [s["step"] for s in steps[:2]] == ["python", "torch"] and all(s["rss_mb"] > 0 for s in steps[:-1])
+    assert sum(s["adds_mb"] for s in steps[:-1]) == pytest.approx(steps[-2]["rss_mb"], abs=len(steps))
+    assert steps[-1]["adds_mb"] is None and 0 <= steps[-1]["rss_mb"] < steps[1]["rss_mb"]  # CUDA pages: part of torch's
+    assert report["cpu"]["name"] and "bf16" in report["cpu"]["capability"]
 
 
 def test_device_check_dry_run():
@@ -132,6 +138,19 @@ def test_precision_benchmark_dry_run(monkeypatch):
         assert rows["fp32"]["x_fp32"] == 1 and rows["fp32"]["identical_to_fp32"] == 3
         assert rows["fast"] == rows["int8"] and rows["bf16"] == rows["fp32"] | {"runs_as": "fp32"}
         assert all(r["images_per_s"] > 0 and 0 <= r["identical_to_fp32"] <= 3 for r in rows.values())
+    # The int8 routes on one linear layer: torch's (the one clipcap takes) always, the others or why not.
+    routes = report["int8_routes"]
+    by_route = {}
+    for row in routes["rows"]:
+        by_route.setdefault(row["route"], []).append(row)
+        assert row["ms"] > 0 and row["x_fp32"] > 0 and row["gflops"] >= 0 and row["m"] > 0
+        assert 0 <= row["error"] < (1e-5 if row["route"].endswith("fp32") else 0.1)  # int8: close, not exact
+    shapes = {(r["in"], r["out"], r["m"]) for r in routes["rows"]}
+    assert len(shapes) == 2 and all(len(rows) == len(shapes) for rows in by_route.values())
+    assert {"torch fp32", "torch quantize_dynamic"} <= set(by_route)
+    assert all(r["x_fp32"] == pytest.approx(1, abs=1e-2) for r in by_route["torch fp32"])
+    for route, needs in (("onnxruntime", ("onnxruntime fp32", "onnxruntime int8")), ("torchao", ("torchao int8",))):
+        assert (route in routes["skipped"]) != (set(needs) <= set(by_route)), route
 
 
 def test_serve_benchmark_dry_run():
