@@ -186,12 +186,15 @@ def main() -> None:
         lm_params = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(gpt_dir).parameters())
         modes = MODES + (("lora-lr",) if args.lora_lr else ())
         rows = [run_mode(mode, gpt_dir, store, root / mode, args) for mode in modes]
+    from clipcap_cli import cpu
+
     names = ("rank", "lr", "epochs", "batch_size", "per_class", "width", "layers", "pretrain_steps")
     settings = {k: getattr(args, k) for k in names}
     if args.json:
-        print(json.dumps({"settings": settings, "lm_params": lm_params, "rows": rows}))
+        print(json.dumps({"settings": settings, "lm_params": lm_params, "rows": rows, "cpu": cpu.report()}))
         return
     print(f"tiny GPT-2 {args.width}x{args.layers} ({lm_params:,} parameters), LoRA rank {args.rank}, lr {args.lr:g}")
+    print(f"CPU: {cpu.describe()} (losses are deterministic; the CPU matters only for the time taken)")
     print(table(rows, lm_params))
 
 
