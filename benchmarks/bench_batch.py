@@ -20,9 +20,9 @@ import torch
 
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.cpu import describe
-from clipcap_cli.decoding import DecodingOptions, generate
+from clipcap_cli.decoding.decode import DecodingOptions, generate
+from clipcap_cli.decoding.precision import apply_precision
 from clipcap_cli.model import ClipCaptionModel
-from clipcap_cli.precision import apply_precision
 
 
 def main() -> None:

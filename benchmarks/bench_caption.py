@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipcap_cli import backbones, clip_tower
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.cpu import describe
-from clipcap_cli.decoding import DecodingOptions, default_batch_size, stop_token_id, tokens_to_text
-from clipcap_cli.images import open_rgb
+from clipcap_cli.data.images import open_rgb
+from clipcap_cli.decoding.decode import DecodingOptions, default_batch_size, stop_token_id, tokens_to_text
+from clipcap_cli.decoding.precision import apply_precision
 from clipcap_cli.model import ClipCaptionModel
-from clipcap_cli.precision import apply_precision
+from clipcap_cli.weights import backbones, clip_tower
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from original_clipcap import ref_beam, ref_greedy  # noqa: E402  (the original algorithms, shared with the tests)

@@ -31,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import build, make_images  # noqa: E402  (the caption benchmark's model and images)
 from bench_sharded import build_tiny, timed  # noqa: E402
 
-from clipcap_cli import embeddings_in, output, records  # noqa: E402
+from clipcap_cli import records  # noqa: E402
+from clipcap_cli.batch.sharded_output import make_record  # noqa: E402
+from clipcap_cli.batch.shards import seed_id  # noqa: E402
+from clipcap_cli.cli import output  # noqa: E402
 from clipcap_cli.cpu import describe  # noqa: E402
-from clipcap_cli.decoding import DecodingOptions  # noqa: E402
-from clipcap_cli.inputs import Source  # noqa: E402
-from clipcap_cli.sharded_output import make_record  # noqa: E402
-from clipcap_cli.shards import seed_id  # noqa: E402
+from clipcap_cli.data import embeddings_in  # noqa: E402
+from clipcap_cli.data.inputs import Source  # noqa: E402
+from clipcap_cli.decoding.decode import DecodingOptions  # noqa: E402
 
 
 def store(captioner, paths: list[Path], root: Path) -> Path:

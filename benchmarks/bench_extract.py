@@ -76,11 +76,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from clipcap_cli import clip_tower
     from clipcap_cli.cpu import describe
-    from clipcap_cli.datasets import read_dataset
-    from clipcap_cli.features import ExtractOptions, extract, load_features
-    from clipcap_cli.inputs import default_workers
+    from clipcap_cli.data.datasets import read_dataset
+    from clipcap_cli.data.features import ExtractOptions, extract, load_features
+    from clipcap_cli.data.inputs import default_workers
+    from clipcap_cli.weights import clip_tower
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)

@@ -39,9 +39,9 @@ os.environ.setdefault("CLIPCAP_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipcap_cli import decoding  # noqa: E402
 from clipcap_cli.cpu import capability, cpu_name  # noqa: E402
-from clipcap_cli.inference import ForwardStepper, open_inference  # noqa: E402
+from clipcap_cli.decoding import decode as decoding  # noqa: E402
+from clipcap_cli.decoding.inference import ForwardStepper, open_inference  # noqa: E402
 
 PREFIX_LENGTH = 10  # K, as ClipCap's released COCO models
 STOP = 13  # "." in GPT-2's vocabulary; with random weights it is rarely chosen

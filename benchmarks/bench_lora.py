@@ -72,7 +72,7 @@ def make_inputs(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
 
     gpt_dir = root / "gpt2-tiny"
     torch.manual_seed(seed)

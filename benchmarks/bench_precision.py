@@ -45,8 +45,8 @@ from int8_routes import print_routes  # noqa: E402
 
 from clipcap_cli.captioner import Captioner  # noqa: E402
 from clipcap_cli.cpu import capability, cpu_name  # noqa: E402
-from clipcap_cli.decoding import DecodingOptions  # noqa: E402
-from clipcap_cli.precision import apply_clip_precision, apply_precision, resolve_precision  # noqa: E402
+from clipcap_cli.decoding.decode import DecodingOptions  # noqa: E402
+from clipcap_cli.decoding.precision import apply_clip_precision, apply_precision, resolve_precision  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "fast")
 # Set to approximate an AVX2-only CPU on a newer one: torch's own kernels, oneDNN (bf16 then runs

@@ -43,9 +43,9 @@ from clipcap_cli.cpu import describe  # noqa: E402
 def write_checkpoint(size: str, tmp: Path) -> Path:
     import torch
 
-    from clipcap_cli import backbones, checkpoint
     from clipcap_cli.config import ModelConfig
     from clipcap_cli.model import ClipCaptionModel
+    from clipcap_cli.weights import backbones, checkpoint
 
     torch.manual_seed(0)
     if size == "tiny":

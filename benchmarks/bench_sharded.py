@@ -36,11 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import build, make_images  # noqa: E402  (the same model and images as the caption benchmark)
 
-from clipcap_cli import output, records, shards  # noqa: E402
-from clipcap_cli import sharded as runner  # noqa: E402
+from clipcap_cli import records  # noqa: E402
+from clipcap_cli.batch import sharded as runner  # noqa: E402
+from clipcap_cli.batch import shards  # noqa: E402
+from clipcap_cli.cli import output  # noqa: E402
 from clipcap_cli.cpu import describe  # noqa: E402
-from clipcap_cli.decoding import DecodingOptions  # noqa: E402
-from clipcap_cli.inputs import Source  # noqa: E402
+from clipcap_cli.data.inputs import Source  # noqa: E402
+from clipcap_cli.decoding.decode import DecodingOptions  # noqa: E402
 
 
 def build_tiny(device: torch.device, tmp: Path):
@@ -49,10 +51,10 @@ def build_tiny(device: torch.device, tmp: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import TINY_CLIP_CFG, write_tiny_clip, write_tiny_gpt2
 
-    from clipcap_cli import backbones, clip_tower
     from clipcap_cli.captioner import Captioner
     from clipcap_cli.config import ModelConfig
     from clipcap_cli.model import ClipCaptionModel
+    from clipcap_cli.weights import backbones, clip_tower
 
     clip_dir, gpt2_dir = write_tiny_clip(tmp / "tiny-clip"), write_tiny_gpt2(tmp / "tiny-gpt2")
     config = ModelConfig(

@@ -57,7 +57,10 @@ IMPORT_STEPS = (
     ("transformers' GPT-2 model", "from transformers import GPT2LMHeadModel"),
     ("timm (via open_clip)", "import timm"),
     ("open_clip", "import open_clip"),
-    ("clipcap_cli's caption path", "import clipcap_cli.loading, clipcap_cli.captioner, clipcap_cli.commands.caption"),
+    (
+        "clipcap_cli's caption path",
+        "import clipcap_cli.loading, clipcap_cli.captioner, clipcap_cli.cli.commands.caption",
+    ),
 )
 PROBE = """
 import json, sys, time

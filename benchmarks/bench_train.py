@@ -51,7 +51,7 @@ def make_run_inputs(root: Path, n: int) -> tuple[Path, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from clipcap_cli.config import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
 
     gpt_dir = root / "gpt2-random"
     torch.manual_seed(0)
@@ -135,10 +135,11 @@ def bench(
 ) -> dict:
     import torch
 
-    from clipcap_cli import backbones, train
+    from clipcap_cli import train
+    from clipcap_cli.data.features import load_features
     from clipcap_cli.distributed import Distributed
-    from clipcap_cli.features import load_features
     from clipcap_cli.train.data import CaptionDataset, tokenize_captions
+    from clipcap_cli.weights import backbones
 
     only_prefix = mode == "only-prefix"
     opts = train.TrainOptions.create(

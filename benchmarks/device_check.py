@@ -42,13 +42,14 @@ os.environ.setdefault("CLIPCAP_OFFLINE", "1")
 
 import torch
 
-from clipcap_cli import backbones, clip_tower, inputs
 from clipcap_cli.captioner import Captioner
 from clipcap_cli.config import ModelConfig
 from clipcap_cli.cpu import describe
-from clipcap_cli.decoding import DecodingOptions, generate, stop_token_id
+from clipcap_cli.data import inputs
+from clipcap_cli.decoding.decode import DecodingOptions, generate, stop_token_id
+from clipcap_cli.decoding.precision import apply_precision
 from clipcap_cli.model import ClipCaptionModel
-from clipcap_cli.precision import apply_precision
+from clipcap_cli.weights import backbones, clip_tower
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import make_images  # noqa: E402  (the same 640x480 JPEGs)

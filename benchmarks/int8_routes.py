@@ -1,4 +1,4 @@
-"""int8 routes on one linear layer, against fp32: the measurement behind ``clipcap_cli/quantize.py``'s choice.
+"""int8 routes on one linear layer, against fp32: the measurement behind ``clipcap_cli/decoding/quantize.py``'s choice.
 
 ``quantize.py`` runs torch's built-in dynamic quantisation (``torch.ao.quantization.quantize_dynamic``),
 an API torch marks deprecated. These rows keep the alternatives measured beside it, so that the
@@ -119,7 +119,7 @@ def skipped_routes() -> dict[str, str]:
 
 def measure(dry_run: bool = False, repeat: int = 5) -> dict:
     """{"rows": [...], "skipped": {route: why}}: each route on each shape, against torch fp32."""
-    from clipcap_cli.quantize import quantize_int8
+    from clipcap_cli.decoding.quantize import quantize_int8
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()

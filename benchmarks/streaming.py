@@ -45,7 +45,7 @@ def build_store(folder: Path, captions: int, per_image: int, shard_images: int) 
     """A sharded store of ``captions`` captions (cached: rebuilt only when its recipe differs)."""
     import torch
 
-    from clipcap_cli.store import finish_sharded, write_shard
+    from clipcap_cli.data.store import finish_sharded, write_shard
 
     recipe = {"captions": captions, "per_image": per_image, "shard_images": shard_images, "d": D, "version": 2}
     meta_file = folder / "meta.json"
@@ -88,8 +88,8 @@ def whole(args: argparse.Namespace) -> None:
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
-    from clipcap_cli import backbones  # noqa: F401
-    from clipcap_cli.features import load_features
+    from clipcap_cli.data.features import load_features
+    from clipcap_cli.weights import backbones  # noqa: F401
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()

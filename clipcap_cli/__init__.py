@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipcap_cli.decoding import DecodingOptions, DecodingResult
+from clipcap_cli.decoding.decode import DecodingOptions, DecodingResult
 from clipcap_cli.version import __version__
 
 __all__ = ["DecodingOptions", "DecodingResult", "__version__", "load_features", "load_model"]
@@ -25,7 +25,7 @@ def load_model(name_or_path: str = "coco", **kwargs: Any) -> Any:
 
 
 def load_features(path: str) -> Any:
-    """Read a features store written by ``clipcap extract`` (see ``clipcap_cli.features``)."""
-    from clipcap_cli.features import load_features as _load
+    """Read a features store written by ``clipcap extract`` (see ``clipcap_cli.data.features``)."""
+    from clipcap_cli.data.features import load_features as _load
 
     return _load(path)

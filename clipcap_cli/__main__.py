@@ -1,3 +1,3 @@
-from clipcap_cli.entry import main
+from clipcap_cli.cli.entry import main
 
 main()

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from clipcap_cli.decoding import DecodingOptions, DecodingResult, decode, default_batch_size
-from clipcap_cli.images import as_rgb
-from clipcap_cli.inputs import WORKERS, default_workers
+from clipcap_cli.data.images import as_rgb
+from clipcap_cli.data.inputs import WORKERS, default_workers
+from clipcap_cli.decoding.decode import DecodingOptions, DecodingResult, decode, default_batch_size
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from clipcap_cli.clipscore import ClipText
     from clipcap_cli.config import ModelConfig
+    from clipcap_cli.eval.clipscore import ClipText
     from clipcap_cli.model import ClipCaptionModel
 
 ImageInput = Union[str, Path, bytes, "Image.Image"]
@@ -79,7 +79,7 @@ class Captioner:
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings (B, D) in float32 for preprocessed pixels (B, 3, H, W)."""
-        from clipcap_cli.clip_image import encode_pixels
+        from clipcap_cli.data.clip_image import encode_pixels
 
         return encode_pixels(self.clip_model, pixels).float()
 
@@ -111,7 +111,7 @@ class Captioner:
         """
         options = (options or DecodingOptions()).replace(**overrides) if overrides else (options or DecodingOptions())
         if options.rerank is not None:
-            from clipcap_cli.clipscore import rerank_decode
+            from clipcap_cli.eval.clipscore import rerank_decode
 
             return rerank_decode(self, clip_embedding.to(self.device), options, image_ids)
         return decode(self.model, self.tokenizer, clip_embedding.to(self.device), options, image_ids)
@@ -119,7 +119,7 @@ class Captioner:
     def clip_text(self) -> ClipText:
         """The text side of this captioner's CLIP (for reranking), built on first use and kept."""
         if self._clip_text is None:
-            from clipcap_cli.clipscore import ClipText
+            from clipcap_cli.eval.clipscore import ClipText
 
             c = self.config
             self._clip_text = ClipText.load(c.clip_model, c.clip_pretrained, self.device, reuse=self.clip_model)
@@ -156,7 +156,7 @@ class Captioner:
         """
         import torch
 
-        from clipcap_cli.inputs import load_batches
+        from clipcap_cli.data.inputs import load_batches
 
         options = options or DecodingOptions()
         items = _as_list(images) if _is_single(images) else images
@@ -214,7 +214,7 @@ class Captioner:
         With sampling, image i draws from ``seed + i`` whatever the batch size. An unreadable
         image raises ``images.ImageError`` (``stream`` reports it and goes on instead).
         """
-        from clipcap_cli.images import ImageError
+        from clipcap_cli.data.images import ImageError
 
         options = (options or DecodingOptions()).replace(**overrides) if overrides else (options or DecodingOptions())
         images = _as_list(images)

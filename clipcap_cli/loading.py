@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcap_cli import backbones, checkpoint, clip_tower, pretrained
-from clipcap_cli import lm as lm_module
 from clipcap_cli.captioner import Captioner
+from clipcap_cli.decoding.precision import DEFAULT_PRECISION, apply_clip_precision, apply_precision, resolve_precision
 from clipcap_cli.errors import CheckpointError
-from clipcap_cli.precision import DEFAULT_PRECISION, apply_clip_precision, apply_precision, resolve_precision
+from clipcap_cli.weights import backbones, checkpoint, clip_tower
+from clipcap_cli.weights import lm as lm_module
+from clipcap_cli.weights import registry as pretrained
 
 if TYPE_CHECKING:
     import torch

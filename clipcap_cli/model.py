@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcap_cli.config import ModelConfig
-from clipcap_cli.lm import BASE_THEN_HEAD
+from clipcap_cli.weights.lm import BASE_THEN_HEAD
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -17,7 +17,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clipcap_cli.decoding import DecodingResult
+    from clipcap_cli.decoding.decode import DecodingResult
 
 Record = dict[str, Any]
 

@@ -127,8 +127,8 @@ def build_tiny_model(config, seed: int = 0):
     """A ClipCaptionModel on ``config`` with the tiny pretrained GPT-2 and a seeded random mapper."""
     import torch
 
-    from clipcap_cli import backbones
     from clipcap_cli.model import ClipCaptionModel
+    from clipcap_cli.weights import backbones
 
     torch.manual_seed(seed)
     return ClipCaptionModel(config, backbones.load_gpt2(config.gpt2)).eval()
@@ -137,7 +137,7 @@ def build_tiny_model(config, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Path:
     """A full (mapper + GPT-2) tiny checkpoint saved by us."""
-    from clipcap_cli import checkpoint
+    from clipcap_cli.weights import checkpoint
 
     model = build_tiny_model(tiny_config)
     return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
@@ -146,7 +146,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Pa
 @pytest.fixture(scope="session")
 def tiny_transformer_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Path:
     """A frozen-LM transformer-mapper tiny checkpoint (mapper weights only)."""
-    from clipcap_cli import checkpoint
+    from clipcap_cli.weights import checkpoint
 
     config = tiny_config.replace(
         mapping="transformer", prefix_length=5, clip_length=3, num_layers=2, only_prefix=True, normalize_prefix=True

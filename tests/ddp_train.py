@@ -65,7 +65,7 @@ def main() -> None:
         return real_train(*a, callback=[callback, Probe(folder, fail_at)], **kw)
 
     core.train = train_with_probe  # what `clipcap train` calls
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     app(args=args, prog_name="clipcap")
 

@@ -1,5 +1,5 @@
 """The ClipCap paper's Table 1 (COCO, Karpathy test split; BLEU-4, METEOR, CIDEr, SPICE, x100),
-typed in from the paper (arXiv 2111.09734 v1, Table 1), not copied from clipcap_cli.metrics, so
+typed in from the paper (arXiv 2111.09734 v1, Table 1), not copied from clipcap_cli.eval.metrics, so
 that the tests catch a wrong number there. Row names are clipcap's."""
 
 PAPER_TABLE1 = {

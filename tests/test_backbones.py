@@ -3,10 +3,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap_cli import backbones, clip_tower, paths
+from clipcap_cli import paths
 from clipcap_cli.config import CLIP_FOR_DIM
 from clipcap_cli.device import pick_device
 from clipcap_cli.errors import ModelNotAvailableError, UsageError
+from clipcap_cli.weights import backbones, clip_tower
 
 
 def test_real_gpt2_tokenizer_from_local_folder(gpt2_tokenizer_dir: Path):

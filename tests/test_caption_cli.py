@@ -17,7 +17,7 @@ import pytest
 from conftest import make_images
 from typer.testing import CliRunner
 
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]

@@ -8,9 +8,9 @@ from PIL import Image
 
 import clipcap_cli
 from clipcap_cli.captioner import Captioner
-from clipcap_cli.decoding import DecodingOptions, DecodingResult
+from clipcap_cli.data.images import ImageError, open_rgb
+from clipcap_cli.decoding.decode import DecodingOptions, DecodingResult
 from clipcap_cli.errors import ModelNotAvailableError
-from clipcap_cli.images import ImageError, open_rgb
 
 FAST = {"max_length": 6}
 
@@ -148,14 +148,14 @@ def test_stream_workers_and_seed_ids(captioner, images):
 
 
 def test_batches_never_mix_groups(images):
-    from clipcap_cli.inputs import load_batches
+    from clipcap_cli.data.inputs import load_batches
 
     class Item:
         def __init__(self, group):
             self.group = group
 
         def open_image(self):
-            from clipcap_cli.images import open_rgb
+            from clipcap_cli.data.images import open_rgb
 
             return open_rgb(images["rgb"])
 

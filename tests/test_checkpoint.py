@@ -10,9 +10,9 @@ import torch
 from conftest import build_tiny_model
 from released import released_mlp_state, released_transformer_state
 
-from clipcap_cli import checkpoint
 from clipcap_cli.errors import CheckpointError
 from clipcap_cli.loading import load_network
+from clipcap_cli.weights import checkpoint
 
 
 def _assert_loaded_exactly(model, sd):

@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
 from clipcap_cli.version import __version__
 
 runner = CliRunner()
@@ -48,7 +48,7 @@ def test_info_json_reports_the_device_this_machine_would_use(monkeypatch):
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = "import sys, clipcap_cli.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, clipcap_cli.cli.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -94,7 +94,7 @@ def test_error_text_with_brackets_is_printed_as_it_is(capsys):
     error printer itself (a MarkupError instead of the one line)."""
     import typer
 
-    from clipcap_cli import ui
+    from clipcap_cli.cli import ui
     from clipcap_cli.errors import ClipCapError
 
     message = "Connection closed by peer [/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:561]"
@@ -114,7 +114,7 @@ def test_rate_and_eta_follow_this_runs_items_when_they_arrive_in_bursts():
     """Captions come a batch at a time: 4 images after 20 s, then nothing. rich's own speed spans
     only the updates it sampled (4 advances a microsecond apart: thousands of images/s); the bar
     must show 4 / 20 s. A resumed job's already-done items (``base``) are not this run's work."""
-    from clipcap_cli import ui
+    from clipcap_cli.cli import ui
 
     now = [100.0]
     progress = ui.item_progress("images", quiet=True)
@@ -147,7 +147,7 @@ def test_verbose_belongs_to_one_invocation(tmp_path):
     """--verbose lives in the invocation's context: a later run in the same process is not verbose."""
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     runner = CliRunner()
     args = ["caption", "--model", str(tmp_path / "missing.pt"), "x.jpg"]
@@ -182,7 +182,7 @@ def test_core_warnings_reach_stderr_when_a_library_raises_the_root_level(capsys)
     """A library that sets the root logger to ERROR (one did, in the suite) must not hide clipcap's warnings."""
     import logging
 
-    from clipcap_cli.ui import show_core_warnings
+    from clipcap_cli.cli.ui import show_core_warnings
 
     root = logging.getLogger()
     saved = root.level

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap_cli.features import FeaturesError, load_features, save_features
+from clipcap_cli.data.features import FeaturesError, load_features, save_features
 
 
 def _store(folder: Path, clip_model: str, clip_pretrained: str | None) -> Path:

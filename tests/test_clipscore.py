@@ -17,8 +17,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipcap_cli import clipscore
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
+from clipcap_cli.eval import clipscore
 
 runner = CliRunner()
 N_IMAGES = 24
@@ -301,7 +301,7 @@ def test_eval_clip_typos_are_usage_errors(tmp_path: Path, scored: dict):
 
 def test_eval_uses_a_features_store_made_with_the_same_clip(tmp_path: Path, scored: dict, tiny_clip_dir: Path):
     """Stored embeddings give the same values as the image files, without the files."""
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
 
     model, preprocess = clipscore.load_clip(scored["clip"], None, "cpu")
     features, _ = clipscore.encode_image_files(model, preprocess, [str(f) for f in scored["files"]], "cpu")

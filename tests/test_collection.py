@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap_cli import collection, tars
-from clipcap_cli.datasets import read_dataset
+from clipcap_cli.data import collection, tars
+from clipcap_cli.data.datasets import read_dataset
+from clipcap_cli.data.features import ExtractOptions
+from clipcap_cli.data.images import open_rgb
 from clipcap_cli.errors import UsageError
-from clipcap_cli.features import ExtractOptions
-from clipcap_cli.images import open_rgb
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
@@ -122,7 +122,7 @@ def test_shards_by_brace_range_and_glob(tmp_path: Path):
 
 
 def test_a_member_missing_from_its_shard_is_an_image_error(tmp_path: Path):
-    from clipcap_cli.images import ImageError
+    from clipcap_cli.data.images import ImageError
 
     shard = _tar(tmp_path / "s.tar", {"1.png": _png((1, 2, 3))})
     with pytest.raises(ImageError, match="2.png is not in"):
@@ -190,7 +190,7 @@ def test_train_from_images_reports_caches_and_refuses_changed_data_on_resume(
 ):
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     runner = CliRunner()
     photos = _captioned_folder(tmp_path / "photos")
@@ -205,7 +205,7 @@ def test_train_from_images_reports_caches_and_refuses_changed_data_on_resume(
     assert listed["no_caption"] == ["extra.png"] and listed["no_image"] == ["lost.txt"]
     stores = list((tmp_path / "stores").iterdir())
     assert len(stores) == 1 and (stores[0] / "meta.json").is_file()
-    from clipcap_cli.store import open_store
+    from clipcap_cli.data.store import open_store
 
     assert open_store(stores[0]).sharded  # streamed a few shards at a time, however large the collection
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -233,7 +233,7 @@ def test_train_from_images_reports_caches_and_refuses_changed_data_on_resume(
 def test_train_data_mistakes_are_one_line_errors(tmp_path: Path, tiny_clip_dir: Path, tiny_gpt2_dir: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     runner = CliRunner()
     photos = _captioned_folder(tmp_path / "photos", n=3)
@@ -259,8 +259,8 @@ def test_train_data_mistakes_are_one_line_errors(tmp_path: Path, tiny_clip_dir: 
 def test_extract_reads_webdataset_shards(tmp_path: Path, tiny_clip_dir: Path):
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
-    from clipcap_cli.features import load_features
+    from clipcap_cli.cli.app import app
+    from clipcap_cli.data.features import load_features
 
     for i in range(2):
         _tar(
@@ -285,7 +285,7 @@ def test_extract_reads_webdataset_shards(tmp_path: Path, tiny_clip_dir: Path):
 
 
 def test_a_caption_file_without_from_text_and_a_source_without_captions_with_it(tmp_path: Path):
-    from clipcap_cli.text_features import TextExtractOptions
+    from clipcap_cli.data.text_features import TextExtractOptions
 
     lines = tmp_path / "captions.txt"
     lines.write_text("a cat.\n")
@@ -305,7 +305,7 @@ def test_processes_of_a_job_encode_their_shares_and_the_first_joins_them(tmp_pat
 
     import torch
 
-    from clipcap_cli.features import load_features
+    from clipcap_cli.data.features import load_features
 
     coll = collection.read_collection([_captioned_folder(tmp_path / "photos", n=7)])
     opts = ExtractOptions(clip_model=f"local-dir:{tiny_clip_dir}", clip_pretrained=None, workers=0, device="cpu")
@@ -334,7 +334,7 @@ def test_processes_of_a_job_encode_their_shares_and_the_first_joins_them(tmp_pat
 def test_text_stores_are_encoded_by_the_first_process_while_the_others_wait(tmp_path: Path, tiny_clip_dir: Path):
     import threading
 
-    from clipcap_cli.text_features import TextExtractOptions
+    from clipcap_cli.data.text_features import TextExtractOptions
 
     lines = tmp_path / "captions.txt"
     lines.write_text("a red square.\na blue circle.\n")
@@ -356,8 +356,8 @@ def test_the_dataset_format_option_names_every_format_the_readers_take():
     """Declared once for extract and train (commands/options.py); its help must not drift from datasets.FORMATS."""
     from typing import get_args
 
-    from clipcap_cli.commands.options import DatasetFormatOption
-    from clipcap_cli.datasets import FORMATS
+    from clipcap_cli.cli.commands.options import DatasetFormatOption
+    from clipcap_cli.data.datasets import FORMATS
 
     help_text = get_args(DatasetFormatOption)[1].help
     assert [f for f in FORMATS if f not in help_text] == []

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from clipcap_cli import cpu
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
 
 
 @pytest.fixture

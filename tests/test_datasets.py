@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap_cli.datasets import DatasetError, normalize_id, read_dataset
+from clipcap_cli.data.datasets import DatasetError, normalize_id, read_dataset
 from clipcap_cli.errors import UsageError
 
 

@@ -18,8 +18,9 @@ from conftest import build_tiny_model
 from original_clipcap import last_logits as _last_logits
 from original_clipcap import ref_beam, ref_greedy
 
-from clipcap_cli import backbones, decoding, inference
-from clipcap_cli.decoding import (
+from clipcap_cli.decoding import decode as decoding
+from clipcap_cli.decoding import inference
+from clipcap_cli.decoding.decode import (
     DecodingOptions,
     DecodingResult,
     beam_search,
@@ -31,8 +32,9 @@ from clipcap_cli.decoding import (
     sample,
     tokens_to_text,
 )
+from clipcap_cli.decoding.inference import forward_kwargs as _forward_kwargs
 from clipcap_cli.errors import UsageError
-from clipcap_cli.inference import forward_kwargs as _forward_kwargs
+from clipcap_cli.weights import backbones
 
 STOP = 13  # GPT-2's "."
 MAX = 20

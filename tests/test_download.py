@@ -1,4 +1,4 @@
-"""Tests for clipcap_cli.download against a real HTTP server on 127.0.0.1."""
+"""Tests for clipcap_cli.weights.download against a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from clipcap_cli import download_hosts
-from clipcap_cli.download import fetch
-from clipcap_cli.download_errors import (
+from clipcap_cli.fsutil import sha256_file
+from clipcap_cli.weights import download_hosts
+from clipcap_cli.weights.download import fetch
+from clipcap_cli.weights.download_errors import (
     BadContentError,
     ChecksumError,
     HTTPStatusError,
@@ -28,7 +29,6 @@ from clipcap_cli.download_errors import (
     OfflineError,
     TransferError,
 )
-from clipcap_cli.fsutil import sha256_file
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # 3 MiB and change: several 1 MiB chunks
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -480,7 +480,7 @@ def test_offline_flag_is_held_by_the_network_policy_not_the_environment(monkeypa
     from typer.testing import CliRunner
 
     from clipcap_cli import paths
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     monkeypatch.delenv("CLIPCAP_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

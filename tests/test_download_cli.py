@@ -13,8 +13,8 @@ import torch
 from conftest import build_tiny_model
 from typer.testing import CliRunner
 
-from clipcap_cli import pretrained
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
+from clipcap_cli.weights import registry as pretrained
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]
@@ -37,7 +37,7 @@ def saved(tiny_checkpoint, tmp_path_factory) -> dict:
         Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8), "RGB").save(root / "imgs" / f"{i}.jpg")
     result = caption(tiny_checkpoint, str(root / "imgs"), "--output-dir", str(root / "out"), "--save-embeddings")
     assert result.exit_code == 0, result.output
-    from clipcap_cli.sharded_output import load_embeddings
+    from clipcap_cli.batch.sharded_output import load_embeddings
 
     records = jsonl((root / "out" / "part-00000.jsonl").read_text(encoding="utf-8"))
     return {
@@ -92,7 +92,7 @@ def test_clip_retrieval_output_is_keyed_by_its_metadata(tiny_checkpoint, saved, 
 def test_a_features_store_is_keyed_by_image_path(tiny_checkpoint, tiny_config, saved, tmp_path):
     import torch
 
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
 
     keys = list(saved["captions"])
     records = [{"image": k, "captions": [f"ref {k}"]} for k in keys]
@@ -128,7 +128,7 @@ def test_output_dir_is_sharded_by_file_resumable_and_split(tiny_checkpoint, save
 def test_mismatches_are_one_line_usage_errors(tiny_checkpoint, tiny_config, saved, tmp_path):
     import torch
 
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
 
     wide = tmp_path / "wide.npy"
     np.save(wide, np.ones((2, saved["emb"].shape[1] + 1), dtype=np.float16))

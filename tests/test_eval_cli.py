@@ -20,8 +20,8 @@ from test_evaluation import (
 )
 from typer.testing import CliRunner
 
-from clipcap_cli import clipscore, evaluation, metrics
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
+from clipcap_cli.eval import clipscore, evaluation, metrics
 
 runner = CliRunner()
 FAST = ["--metrics", "BLEU,ROUGE-L,CIDEr", "--tokenizer", "ptb-python"]  # no JVM: keeps the tests quick
@@ -284,8 +284,8 @@ def test_json_schema_is_stable(tmp_path: Path):
 
 
 def test_terminal_table_with_paper_and_worst_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from clipcap_cli import ui
-    from clipcap_cli.commands import eval as eval_command
+    from clipcap_cli.cli import ui
+    from clipcap_cli.cli.commands import eval as eval_command
 
     monkeypatch.setattr(eval_command, "_is_terminal", lambda: True)
     monkeypatch.setattr(ui.stdout, "width", 220)  # a wide terminal, whatever the one running the tests
@@ -397,7 +397,7 @@ def test_model_on_a_features_store_captions_the_stored_embeddings(
     tmp_path: Path, coco_images: Path, tiny_checkpoint: Path
 ):
     """Captions from the store's CLIP embeddings equal captions from the image files."""
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
     from clipcap_cli.loading import load_model
 
     captioner = load_model(str(tiny_checkpoint), device="cpu")

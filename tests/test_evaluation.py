@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from paper_table import PAPER_TABLE1
 
-from clipcap_cli import evaluation, metrics
 from clipcap_cli.errors import UsageError
-from clipcap_cli.eval_captioning import write_predictions
-from clipcap_cli.evaluation import EvalOptions, Prediction
-from clipcap_cli.metrics import KeyMismatchError
+from clipcap_cli.eval import evaluation, metrics
+from clipcap_cli.eval.captioning import write_predictions
+from clipcap_cli.eval.evaluation import EvalOptions, Prediction
+from clipcap_cli.eval.metrics import KeyMismatchError
 
 # Six COCO val images (id -> captions) and a model's captions for them: the shared test set.
 CAPTIONS: dict[int, list[str]] = {
@@ -120,7 +120,7 @@ def write_refs_jsonl(path: Path, captions: dict[int, list[str]] = CAPTIONS) -> P
 def write_features(path: Path, captions: dict[int, list[str]] = CAPTIONS, images_root: Path | None = None) -> Path:
     import torch
 
-    from clipcap_cli.features import save_features
+    from clipcap_cli.data.features import save_features
 
     records = [{"image": f"val2014/{coco_name(i)}", "image_id": i, "captions": caps} for i, caps in captions.items()]
     records.append({"image": "val2014/uncaptioned.jpg", "image_id": None, "captions": []})

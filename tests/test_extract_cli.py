@@ -16,9 +16,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipcap_cli.cli import app
-from clipcap_cli.features import load_features, read_skipped
-from clipcap_cli.legacy import LegacyPickleError, load_original_pickle
+from clipcap_cli.cli.app import app
+from clipcap_cli.data.features import load_features, read_skipped
+from clipcap_cli.data.legacy import LegacyPickleError, load_original_pickle
 
 runner = CliRunner()
 MAIN = Path(__file__).resolve().parents[1]
@@ -335,7 +335,7 @@ def test_resume_after_a_real_interruption(tmp_path: Path, tiny_clip_dir: Path, h
 def test_shard_size_writes_a_sharded_store_equal_to_the_single_file(
     tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from clipcap_cli.store import open_store
+    from clipcap_cli.data.store import open_store
 
     src = _coco_dataset(tmp_path / "coco", n=7)
     base = [src, "--images", tmp_path / "coco", *_clip(tiny_clip_dir)]

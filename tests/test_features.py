@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap_cli import features, shards
+from clipcap_cli.batch import shards
+from clipcap_cli.data import features
+from clipcap_cli.data.features import FeatureSet, load_features, save_features
 from clipcap_cli.errors import ClipCapError, UsageError
-from clipcap_cli.features import FeatureSet, load_features, save_features
 
 
 def _records(n: int) -> list[dict]:
@@ -89,13 +90,13 @@ def test_store_validation_and_incomplete(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_clip_dir: Path):
-    from clipcap_cli import clip_tower
+    from clipcap_cli.weights import clip_tower
 
     return clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None, "cpu")
 
 
 def _folder_records(folder: Path) -> tuple[list[dict], Path]:
-    from clipcap_cli.datasets import read_dataset
+    from clipcap_cli.data.datasets import read_dataset
 
     ds = read_dataset(folder)
     return list(ds.records()), ds.images_root
@@ -109,7 +110,7 @@ def _opts(tiny_clip_dir: Path, **kw) -> features.ExtractOptions:
 def test_features_match_direct_encode_image(
     tmp_path: Path, images: dict, tiny_clip, tiny_clip_dir: Path, workers, batch, chunk
 ):
-    from clipcap_cli.images import open_rgb
+    from clipcap_cli.data.images import open_rgb
 
     records, root = _folder_records(images["rgb"].parent)
     # extract() loads the model itself from the options (the CLI path); the reference uses a second copy

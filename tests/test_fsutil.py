@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clipcap_cli import fsutil, output
+from clipcap_cli import fsutil
+from clipcap_cli.cli import output
 from clipcap_cli.errors import UsageError
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clipcap_cli.inference import GRAPHED_ATTR, GRAPHS_OFF_ATTR, StaticGPT2, open_inference
+from clipcap_cli.decoding.inference import GRAPHED_ATTR, GRAPHS_OFF_ATTR, StaticGPT2, open_inference
 
 
 @pytest.fixture

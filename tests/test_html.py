@@ -9,7 +9,7 @@ import pytest
 from conftest import need_tool
 from PIL import Image
 
-from clipcap_cli import html
+from clipcap_cli.cli import html
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap_cli.images import ImageError, open_rgb
+from clipcap_cli.data.images import ImageError, open_rgb
 
 
 def test_all_modes_become_rgb(images: dict[str, Path]):
@@ -39,7 +39,7 @@ def test_real_photos_decode_like_the_original(tiny_clip_dir: Path):
     import numpy as np
     import torch
 
-    from clipcap_cli import clip_tower
+    from clipcap_cli.weights import clip_tower
 
     _, preprocess = clip_tower.load_clip(f"local-dir:{tiny_clip_dir}", None)
     photos = sorted(PHOTOS.glob("*.jpg"))

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clipcap_cli import decoding, inference
-from clipcap_cli.decoding import DecodingOptions, _topk, beam_search, default_batch_size, generate, greedy
-from clipcap_cli.inference import CacheIgnoredError, ForwardStepper, StaticGPT2, is_stock_gpt2
+from clipcap_cli.decoding import decode as decoding
+from clipcap_cli.decoding import inference
+from clipcap_cli.decoding.decode import DecodingOptions, _topk, beam_search, default_batch_size, generate, greedy
+from clipcap_cli.decoding.inference import CacheIgnoredError, ForwardStepper, StaticGPT2, is_stock_gpt2
 
 STOP = 13
 
@@ -177,7 +178,7 @@ def test_bf16_keeps_the_residual_stream_in_float32():
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_bf16_model_decodes_with_float32_scores(strategy):
-    from clipcap_cli.precision import apply_precision
+    from clipcap_cli.decoding.precision import apply_precision
 
     model = _caption_model(_gpt(dtype=torch.float32, vocab_size=2000))
     assert apply_precision(model, "bf16") == "bf16"

@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from clipcap_cli import decoding, inference
-from clipcap_cli.decoding import beam_search, greedy
-from clipcap_cli.inference import ForwardStepper, StaticLlama, StaticOPT, open_inference
-from clipcap_cli.static_lm import GRAPHED_ATTR, GRAPHS_OFF_ATTR
+from clipcap_cli.decoding import decode as decoding
+from clipcap_cli.decoding import inference
+from clipcap_cli.decoding.decode import beam_search, greedy
+from clipcap_cli.decoding.inference import ForwardStepper, StaticLlama, StaticOPT, open_inference
+from clipcap_cli.decoding.static_lm import GRAPHED_ATTR, GRAPHS_OFF_ATTR
 
 VOCAB = 200
 STOP = 13

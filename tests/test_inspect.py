@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from clipcap_cli import interpret
-from clipcap_cli.cli import app
-from clipcap_cli.decoding import DecodingOptions
+from clipcap_cli.cli.app import app
+from clipcap_cli.decoding import interpret
+from clipcap_cli.decoding.decode import DecodingOptions
 from clipcap_cli.errors import UsageError
 from clipcap_cli.loading import load_model
 
@@ -114,7 +114,7 @@ def test_cli_jsonl_records_and_exit_codes(tiny_checkpoint: Path, photos, tmp_pat
 
 
 def test_cli_table_on_a_terminal(tiny_checkpoint: Path, photos, monkeypatch):
-    from clipcap_cli.commands import inspect as inspect_command
+    from clipcap_cli.cli.commands import inspect as inspect_command
 
     monkeypatch.setattr(inspect_command, "_is_terminal", lambda: True)
     monkeypatch.setenv("COLUMNS", "200")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from clipcap_cli import lean
+from clipcap_cli.cli import lean
 
 
 @pytest.fixture
@@ -59,7 +59,8 @@ def test_cuda_the_override_and_a_bad_device_keep_triton(no_triton_yet, monkeypat
 
 
 def test_only_the_console_entry_point_installs_it(no_triton_yet, monkeypatch):
-    from clipcap_cli import cli, entry
+    from clipcap_cli.cli import app as cli
+    from clipcap_cli.cli import entry
 
     assert not any(isinstance(f, lean.TritonGate) for f in sys.meta_path)  # importing clipcap_cli: untouched
     monkeypatch.setattr(sys, "argv", ["clipcap", "info"])

@@ -29,8 +29,11 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap_cli import backbones, decoding, features, train
+from clipcap_cli import train
+from clipcap_cli.data import features
+from clipcap_cli.decoding import decode as decoding
 from clipcap_cli.loading import load_network
+from clipcap_cli.weights import backbones
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -191,7 +194,7 @@ def test_clipcap_train_on_a_sidecar_folder_and_tar_shards_learns(tmp_path, tiny_
     so a reader that pairs images with the wrong captions fails its own colour (chance per colour: 1/3)."""
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     clip_dir = calibrated_clip(tiny_clip_dir, tmp_path / "clip")
     records = write_images(tmp_path / "all", per_class=8, seed=0)

@@ -15,12 +15,12 @@ import torch
 from lm_families import CJK_CAPTION, FAMILIES, build_lm, write_tiny_lm
 from original_clipcap import last_logits, ref_beam, ref_greedy
 
-from clipcap_cli import backbones, checkpoint, lm
 from clipcap_cli.config import EOS_STOP, ModelConfig
-from clipcap_cli.decoding import beam_search, filter_logits, greedy, row_seed, sample, tokens_to_text
+from clipcap_cli.decoding.decode import beam_search, filter_logits, greedy, row_seed, sample, tokens_to_text
 from clipcap_cli.errors import CheckpointError, ModelNotAvailableError, UsageError
 from clipcap_cli.loading import load_network
 from clipcap_cli.model import ClipCaptionModel
+from clipcap_cli.weights import backbones, checkpoint, lm
 
 CLIP_DIM = 16
 MAX = 7
@@ -152,7 +152,7 @@ def test_stop_token_from_the_tokenizer():
 
 
 def test_the_end_of_text_stop_is_kept_in_tokens_but_not_in_text(models, clips, monkeypatch):
-    from clipcap_cli import decoding
+    from clipcap_cli.decoding import decode as decoding
 
     model, llama = models["llama"]
     words = llama.encode("a dog", add_special_tokens=False)
@@ -240,7 +240,7 @@ def test_pretrained_weights_get_the_families_keys():
 
 
 def test_lm_option_and_its_gpt2_alias():
-    from clipcap_cli.commands.options import lm_choice
+    from clipcap_cli.cli.commands.options import lm_choice
 
     assert lm_choice("a", None) == "a" and lm_choice(None, "b") == "b" and lm_choice("gpt2", "b", "gpt2") == "b"
     with pytest.raises(UsageError, match="--lm a and --gpt2 b disagree"):
@@ -261,7 +261,7 @@ def test_cli_trains_opt_and_llama_and_captions_without_lm(tmp_path, lm_dirs, tin
     from test_train import make_store
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     runner = CliRunner()
     store = make_store(tmp_path / "store", tiny_clip_dir, n_images=6)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from original_clipcap import ref_beam, ref_greedy
 
-from clipcap_cli import checkpoint, loading
+from clipcap_cli import loading
 from clipcap_cli.config import ModelConfig
-from clipcap_cli.decoding import beam_search, greedy
+from clipcap_cli.decoding.decode import beam_search, greedy
 from clipcap_cli.errors import CheckpointError
+from clipcap_cli.weights import checkpoint
 
 STOP = 13
 MAX = 16
@@ -203,8 +204,8 @@ def test_stream_picks_the_batch_size_for_the_device(
     """No batch size given: the one decoding.default_batch_size measured for the strategy."""
     from PIL import Image
 
-    import clipcap_cli.inputs as inputs_module
-    from clipcap_cli.decoding import CPU_BATCH_SIZE, DecodingOptions
+    import clipcap_cli.data.inputs as inputs_module
+    from clipcap_cli.decoding.decode import CPU_BATCH_SIZE, DecodingOptions
 
     photos = []
     for i in range(3):

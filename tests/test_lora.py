@@ -12,14 +12,15 @@ from conftest import make_images
 from test_train import Recorder, make_store, tiny_opts
 from typer.testing import CliRunner
 
-from clipcap_cli import checkpoint, lora, train
-from clipcap_cli.cli import app
+from clipcap_cli import train
+from clipcap_cli.cli.app import app
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.decoding.inference import is_stock_gpt2
 from clipcap_cli.errors import UsageError
-from clipcap_cli.inference import is_stock_gpt2
 from clipcap_cli.loading import load_model, load_network
 from clipcap_cli.model import ClipCaptionModel
 from clipcap_cli.train import TrainOptions, report
+from clipcap_cli.weights import checkpoint, lora
 
 peft = pytest.importorskip("peft")
 

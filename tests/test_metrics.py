@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from paper_table import PAPER_TABLE1
 
-from clipcap_cli import metrics as M
 from clipcap_cli.errors import UsageError
-from clipcap_cli.metrics_java import SPICE_CORENLP_JARS
+from clipcap_cli.eval import metrics as M
+from clipcap_cli.eval.metrics_java import SPICE_CORENLP_JARS
 
 requires_java = pytest.mark.usefixtures("java")  # skipped without Java, failed in CI (conftest.need_tool)
 
@@ -394,7 +394,7 @@ def test_without_pycocoevalcap(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(M.BackendUnavailableError, match=r"pip install 'clipcap-cli\[eval\]'"):
         M.score(REFERENCES, PREDICTIONS, backend="pycocoevalcap")
     # the same message, checked before any work, from the command line's own check
-    from clipcap_cli.evaluation import EvalOptions, check_scorers
+    from clipcap_cli.eval.evaluation import EvalOptions, check_scorers
 
     with pytest.raises(M.BackendUnavailableError, match=r"pip install 'clipcap-cli\[eval\]'"):
         check_scorers(EvalOptions(backend="pycocoevalcap"))

@@ -12,13 +12,14 @@ from PIL import Image
 from test_train import Recorder, make_store, tiny_opts
 from typer.testing import CliRunner
 
-from clipcap_cli import backbones, checkpoint, train
-from clipcap_cli.cli import app
+from clipcap_cli import train
+from clipcap_cli.cli.app import app
+from clipcap_cli.data.features import load_features, save_features
 from clipcap_cli.errors import UsageError
-from clipcap_cli.features import load_features, save_features
 from clipcap_cli.loading import load_network
 from clipcap_cli.train import Sample, loop, monitor
 from clipcap_cli.train.state import Position
+from clipcap_cli.weights import backbones, checkpoint
 
 COLOURS = [(220, 30, 30), (30, 170, 40), (30, 60, 220), (240, 200, 20)]
 
@@ -294,7 +295,7 @@ def test_cli_shows_samples_best_and_report(tmp_path, image_store, tiny_gpt2_dir)
 
 
 def test_the_samples_table_shows_captions_as_text_not_markup(capsys):
-    from clipcap_cli.commands.train_display import Display
+    from clipcap_cli.cli.commands.train_display import Display
 
     with Display(quiet=False) as display:
         display.on_samples(3, 9, [Sample("img/[x].jpg", ("[red]ref[/red]",), "[/oops] [bold]x", "train")])

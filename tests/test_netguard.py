@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from clipcap_cli import netguard
-from clipcap_cli.inputs import InputError, fetch_url
+from clipcap_cli.data import netguard
+from clipcap_cli.data.inputs import InputError, fetch_url
 
 JPEG = b"\xff\xd8\xff\xe0" + b"0" * 64  # the body only has to arrive: fetch_url does not decode
 
@@ -124,7 +124,7 @@ def test_serve_names_the_flag_for_a_bad_policy():
     pytest.importorskip("fastapi")
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     result = CliRunner().invoke(app, ["serve", "--urls", "everything"])
     assert result.exit_code == 2

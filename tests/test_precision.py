@@ -8,8 +8,8 @@ import torch
 from conftest import build_tiny_model
 
 from clipcap_cli import cpu
+from clipcap_cli.decoding.precision import PRECISIONS, apply_precision, dtype_of, resolve_precision
 from clipcap_cli.errors import UsageError
-from clipcap_cli.precision import PRECISIONS, apply_precision, dtype_of, resolve_precision
 
 
 def test_auto_is_fp32_everywhere(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clipcap_cli import cpu
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
 
 runner = CliRunner()
 

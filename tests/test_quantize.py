@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from clipcap_cli import backbones, loading
-from clipcap_cli.decoding import DecodingOptions, decode
-from clipcap_cli.precision import apply_precision
-from clipcap_cli.quantize import conv1d_to_linear, is_quantized, quantize_int8
+from clipcap_cli import loading
+from clipcap_cli.decoding.decode import DecodingOptions, decode
+from clipcap_cli.decoding.precision import apply_precision
+from clipcap_cli.decoding.quantize import conv1d_to_linear, is_quantized, quantize_int8
+from clipcap_cli.weights import backbones
 
 
 def test_conv1d_becomes_the_same_linear(tiny_config):

@@ -105,7 +105,7 @@ def test_readme_download_list_and_eval_work_offline(run, tmp_path: Path):
     assert report["counts"]["images"] == 1
     # The scores are those of the caption the model wrote, recomputed here from the saved prediction.
     [saved] = [json.loads(line) for line in preds.read_text().splitlines()]
-    from clipcap_cli import metrics
+    from clipcap_cli.eval import metrics
 
     again = metrics.score(
         {"photo.jpg": references},
@@ -127,7 +127,7 @@ def test_default_extract_uses_openai_quickgelu_vit(run, planted: Path, tmp_path:
     photos.mkdir()
     shutil.copyfile(PHOTO, photos / "photo.jpg")
     run("extract", "photos", "--out", "feats")
-    from clipcap_cli.features import load_features
+    from clipcap_cli.data.features import load_features
 
     store = load_features(tmp_path / "feats")
     assert store.meta["clip_activation"] == "quick_gelu"
@@ -146,7 +146,7 @@ def test_default_extract_uses_openai_quickgelu_vit(run, planted: Path, tmp_path:
     for quick in (True, False):
         model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", force_quick_gelu=quick)
         model.load_state_dict(weights)
-        from clipcap_cli.images import open_rgb
+        from clipcap_cli.data.images import open_rgb
 
         pixels = preprocess(open_rgb(photos / "photo.jpg")).unsqueeze(0)
         with torch.no_grad():
@@ -166,7 +166,7 @@ def test_default_extract_uses_openai_quickgelu_vit(run, planted: Path, tmp_path:
 
 
 def test_the_built_architectures_are_the_real_ones(planted: Path, monkeypatch: pytest.MonkeyPatch):
-    from clipcap_cli.clip_image import ClipImageEncoder
+    from clipcap_cli.data.clip_image import ClipImageEncoder
     from clipcap_cli.loading import load_model
 
     monkeypatch.setenv("CLIPCAP_HOME", str(planted))

@@ -16,7 +16,7 @@ from test_monitor import store_with_images
 from test_train import tiny_opts
 
 from clipcap_cli import train
-from clipcap_cli.html import thumbnail_data_uri
+from clipcap_cli.cli.html import thumbnail_data_uri
 from clipcap_cli.train import report
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}

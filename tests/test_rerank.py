@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipcap_cli import clipscore
-from clipcap_cli.cli import app
-from clipcap_cli.decoding import RERANK_SAMPLES, DecodingOptions, tokens_to_text
+from clipcap_cli.cli.app import app
+from clipcap_cli.decoding.decode import RERANK_SAMPLES, DecodingOptions, tokens_to_text
 from clipcap_cli.errors import UsageError
+from clipcap_cli.eval import clipscore
 from clipcap_cli.loading import load_model
 
 runner = CliRunner()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from clipcap_cli.cli import app as cli_app  # noqa: E402
+from clipcap_cli.cli.app import app as cli_app  # noqa: E402
 from clipcap_cli.serve import ServeOptions  # noqa: E402
 from clipcap_cli.serve.app import create_app, serving_in_thread  # noqa: E402
 from clipcap_cli.serve.batcher import Batcher, captioner_runner  # noqa: E402
@@ -282,7 +282,7 @@ def test_bad_server_options_are_usage_errors(tiny_checkpoint):
 
 
 def test_the_batcher_groups_by_options_drops_cancelled_jobs_and_survives_failures():
-    from clipcap_cli.decoding import DecodingOptions
+    from clipcap_cli.decoding.decode import DecodingOptions
 
     seen: list[tuple[list[int], DecodingOptions]] = []
     gate = threading.Event()
@@ -314,7 +314,7 @@ def test_the_batcher_groups_by_options_drops_cancelled_jobs_and_survives_failure
 
 
 def test_the_batcher_gathers_until_the_batch_is_full():
-    from clipcap_cli.decoding import DecodingOptions
+    from clipcap_cli.decoding.decode import DecodingOptions
 
     sizes = []
     with Batcher(lambda p, o: sizes.append(len(p)) or list(p), max_batch=4, max_wait_ms=600_000) as batcher:

@@ -18,9 +18,9 @@ import torch
 from conftest import make_images
 from typer.testing import CliRunner
 
-from clipcap_cli import shards
-from clipcap_cli.cli import app
-from clipcap_cli.sharded_output import load_embeddings
+from clipcap_cli.batch import shards
+from clipcap_cli.batch.sharded_output import load_embeddings
+from clipcap_cli.cli.app import app
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]

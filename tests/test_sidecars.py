@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]
@@ -91,8 +91,8 @@ def test_sidecar_dir_mirrors_the_tree(tiny_checkpoint, photos, tmp_path):
 
 
 def test_a_file_created_after_the_check_is_not_clobbered(photos):
-    from clipcap_cli import inputs
-    from clipcap_cli.sidecar_out import SidecarOptions, Sidecars
+    from clipcap_cli.cli.sidecar_out import SidecarOptions, Sidecars
+    from clipcap_cli.data import inputs
 
     sources = inputs.collect([str(photos)], recursive=True)
     files = Sidecars.plan(SidecarOptions(), sources, [str(photos)])

@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_CLIP_CFG
 from test_train import make_store
 
-from clipcap_cli.features import FeaturesError, load_features
-from clipcap_cli.store import SHARDS_DIR, open_store, save_sharded
+from clipcap_cli.data.features import FeaturesError, load_features
+from clipcap_cli.data.store import SHARDS_DIR, open_store, save_sharded
 
 D = TINY_CLIP_CFG["embed_dim"]
 
@@ -72,7 +72,7 @@ def test_single_file_store_is_one_shard(tmp_path, tiny_clip_dir):
 
 
 def test_the_embeddings_fingerprint_comes_from_meta_and_is_checked_on_read(tmp_path, tiny_clip_dir):
-    from clipcap_cli.fingerprint import file_sha256
+    from clipcap_cli.weights.fingerprint import file_sha256
 
     folder = make_sharded(tmp_path / "s", tiny_clip_dir)
     store = open_store(folder)

@@ -12,11 +12,12 @@ import torch
 from conftest import TINY_CLIP_CFG
 from test_train import WORDS, Recorder, make_store, tiny_opts
 
-from clipcap_cli import backbones, checkpoint, train
-from clipcap_cli.features import load_features
-from clipcap_cli.store import Store, open_store, save_sharded
+from clipcap_cli import train
+from clipcap_cli.data.features import load_features
+from clipcap_cli.data.store import Store, open_store, save_sharded
 from clipcap_cli.train.data import CaptionDataset, split_ids, split_images, tokenize_captions
 from clipcap_cli.train.stream import CaptionStream, ShardTokens
+from clipcap_cli.weights import backbones, checkpoint
 
 D = TINY_CLIP_CFG["embed_dim"]
 
@@ -210,7 +211,7 @@ def test_resume_refuses_a_changed_shard(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     opts = tiny_opts(tiny_gpt2_dir, epochs=1, buffer_shards=2)
     train.train(opts, folder, tmp_path / "run")
     # Same captions, other embeddings in one shard (re-extracted): refused by the shards' fingerprint.
-    from clipcap_cli.store import finish_sharded, write_shard
+    from clipcap_cli.data.store import finish_sharded, write_shard
 
     store = open_store(folder)
     entries = []

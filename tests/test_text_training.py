@@ -25,12 +25,15 @@ from test_learns import draw
 from test_train import Recorder, make_store, tiny_opts
 from typer.testing import CliRunner
 
-from clipcap_cli import backbones, decoding, features, text_features, train
-from clipcap_cli.cli import app
+from clipcap_cli import train
+from clipcap_cli.cli.app import app
+from clipcap_cli.data import features, text_features
+from clipcap_cli.decoding import decode as decoding
 from clipcap_cli.errors import UsageError
 from clipcap_cli.loading import load_network
 from clipcap_cli.train import noise
 from clipcap_cli.train.options import model_config
+from clipcap_cli.weights import backbones
 
 runner = CliRunner()
 
@@ -128,7 +131,7 @@ def text_store(tmp_path_factory, tiny_clip_dir) -> Path:
 
 
 def test_text_run_records_noise_and_normalisation_in_the_checkpoint(tmp_path, text_store, tiny_gpt2_dir):
-    from clipcap_cli import checkpoint
+    from clipcap_cli.weights import checkpoint
 
     result = train.train(tiny_opts(tiny_gpt2_dir, epochs=1), text_store, tmp_path / "run")
     raw = checkpoint.read(result.checkpoints[-1])
@@ -142,7 +145,7 @@ def test_text_run_records_noise_and_normalisation_in_the_checkpoint(tmp_path, te
 
 
 def test_image_run_is_unchanged_by_default(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
-    from clipcap_cli import checkpoint
+    from clipcap_cli.weights import checkpoint
 
     store = make_store(tmp_path / "f", tiny_clip_dir, n_images=8, per_image=1)
     result = train.train(tiny_opts(tiny_gpt2_dir, epochs=1), store, tmp_path / "run")
@@ -347,7 +350,7 @@ def test_runs_saved_before_noise_existed_resume_as_noiseless():
 def test_clipcap_train_from_text_encodes_captions_once_and_records_capdec(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     lines = tmp_path / "captions.txt"
     lines.write_text("".join(f"a {c} square.\n" for c in COLOURS * 3) + "\n")

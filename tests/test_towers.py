@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipcap_cli import backbones, clip_tower
-from clipcap_cli.cli import app
+from clipcap_cli.cli.app import app
+from clipcap_cli.weights import backbones, clip_tower
 
 runner = CliRunner()
 OPENAI = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -93,7 +93,7 @@ def _reference(clip: str, images: list[Path]) -> tuple[torch.Tensor, tuple[int, 
     ``images`` and the shape its preprocessing gives."""
     import open_clip
 
-    from clipcap_cli.images import open_rgb
+    from clipcap_cli.data.images import open_rgb
 
     model, _, preprocess = open_clip.create_model_and_transforms(clip)
     pixels = torch.stack([preprocess(open_rgb(p)) for p in images])
@@ -146,8 +146,8 @@ def test_real_towers_have_their_own_width_size_and_preprocessing(name, tag, widt
 def test_clip_without_a_tag_takes_the_towers_own_weights_in_extract_and_train():
     """`--clip NAME` alone: openai where NAME has it, else its only tag (SigLIP: webli), never random
     weights; several tags and no openai: one line listing them."""
-    from clipcap_cli.commands.extract import _default_tag
-    from clipcap_cli.commands.train import _clip_tag
+    from clipcap_cli.cli.commands.extract import _default_tag
+    from clipcap_cli.cli.commands.train import _clip_tag
     from clipcap_cli.errors import UsageError
 
     for choose in (_default_tag, lambda clip: _clip_tag(clip, None)):
@@ -162,8 +162,8 @@ def test_clip_without_a_tag_takes_the_towers_own_weights_in_extract_and_train():
 
 
 def test_a_store_of_another_tower_or_other_weights_is_refused_naming_both(tmp_path: Path):
+    from clipcap_cli.data.store_format import FORMAT, check_store_tower
     from clipcap_cli.errors import UsageError
-    from clipcap_cli.store_format import FORMAT, check_store_tower
 
     (tmp_path / "meta.json").write_text(
         json.dumps({"format": FORMAT, "format_version": 1, "clip_model": "ViT-L-14", "clip_pretrained": "openai"})
@@ -179,10 +179,10 @@ def test_a_store_of_another_tower_or_other_weights_is_refused_naming_both(tmp_pa
 def test_caption_clip_alone_takes_that_towers_weights(tmp_path: Path, tiny_gpt2_dir: Path):
     """`caption --clip OTHER` on a checkpoint trained on ViT-L-14 (openai) uses OTHER's own weights (SigLIP's
     webli), not the checkpoint's tag; the checkpoint's own tower keeps its tag."""
-    from clipcap_cli import checkpoint
     from clipcap_cli.config import ModelConfig
     from clipcap_cli.loading import load_network
     from clipcap_cli.model import ClipCaptionModel
+    from clipcap_cli.weights import checkpoint
 
     config = ModelConfig(prefix_length=1, prefix_size=768, clip_model="ViT-L-14", gpt2=str(tiny_gpt2_dir))
     ckpt = checkpoint.save(ClipCaptionModel(config, backbones.load_gpt2(config.gpt2)), tmp_path / "m.safetensors")
@@ -201,11 +201,11 @@ def test_extract_and_caption_use_the_towers_own_preprocessing(
 ):
     """extract: the store holds exactly open_clip's embeddings with the tower's own transform (size,
     mean/std, crop or squash); caption, with a checkpoint for that tower: the same embeddings."""
-    from clipcap_cli import checkpoint
     from clipcap_cli.config import ModelConfig
-    from clipcap_cli.features import load_features
+    from clipcap_cli.data.features import load_features
     from clipcap_cli.loading import load_model
     from clipcap_cli.model import ClipCaptionModel
+    from clipcap_cli.weights import checkpoint
 
     clip = towers[kind]
     res = runner.invoke(
@@ -246,7 +246,7 @@ def test_training_records_the_tower_and_other_towers_are_refused(
     res = runner.invoke(app, ["train", str(photos), "--clip", resnet, "--out", str(tmp_path / "run"), *args])
     assert res.exit_code == 0, res.output
     ckpt = Path(res.stdout.strip().splitlines()[-1])
-    from clipcap_cli import checkpoint
+    from clipcap_cli.weights import checkpoint
 
     config = checkpoint.read(ckpt).config
     assert (config.clip_model, config.clip_pretrained, config.prefix_size) == (resnet, None, 40)
@@ -285,11 +285,11 @@ def test_rehearsal_vit_l14_and_siglip_from_the_planted_hub_cache(tmp_path: Path,
     from safetensors.torch import load_file
     from test_rehearsal import PHOTO, SITECUSTOMIZE
 
-    from clipcap_cli import checkpoint
     from clipcap_cli.config import ModelConfig
-    from clipcap_cli.features import load_features
-    from clipcap_cli.images import open_rgb
+    from clipcap_cli.data.features import load_features
+    from clipcap_cli.data.images import open_rgb
     from clipcap_cli.model import ClipCaptionModel
+    from clipcap_cli.weights import checkpoint
 
     home = tmp_path / "home"
     planted = plant_other_towers(home)

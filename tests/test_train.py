@@ -13,15 +13,16 @@ import torch
 from conftest import TINY_CLIP_CFG, build_tiny_model
 from typer.testing import CliRunner
 
-from clipcap_cli import checkpoint, train
-from clipcap_cli.cli import app
+from clipcap_cli import train
+from clipcap_cli.cli.app import app
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.data.features import load_features, save_features
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import UsageError
-from clipcap_cli.features import load_features, save_features
 from clipcap_cli.loading import load_network
 from clipcap_cli.model import caption_loss
 from clipcap_cli.train import TrainOptions
+from clipcap_cli.weights import checkpoint
 
 WORDS = "a dog cat sits on the red blue green bench near tree small big house with grass".split()
 
@@ -158,7 +159,7 @@ def test_options_are_validated(bad, match):
 
 
 def test_tokens_are_cached_keyed_and_rebuilt_when_stale(tmp_path, tiny_clip_dir, gpt2_tokenizer_dir):
-    from clipcap_cli import backbones
+    from clipcap_cli.weights import backbones
 
     tok = backbones.load_tokenizer(str(gpt2_tokenizer_dir))
     caps = [["A dog on a bench.", "Two cats."], [], ["A red house near a tree with grass."]]
@@ -189,7 +190,7 @@ def test_tokens_are_cached_keyed_and_rebuilt_when_stale(tmp_path, tiny_clip_dir,
 
 
 def test_collate_pads_each_batch_to_its_own_longest_caption(tmp_path, tiny_clip_dir, gpt2_tokenizer_dir):
-    from clipcap_cli import backbones
+    from clipcap_cli.weights import backbones
 
     tok = backbones.load_tokenizer(str(gpt2_tokenizer_dir))
     caps = [["A dog."], ["A big red house near the small green tree."], ["Cats!"]]
@@ -211,7 +212,7 @@ def test_collate_pads_each_batch_to_its_own_longest_caption(tmp_path, tiny_clip_
 
 
 def test_validation_split_is_by_image_and_drops_empty_captions(tmp_path, tiny_clip_dir, gpt2_tokenizer_dir):
-    from clipcap_cli import backbones
+    from clipcap_cli.weights import backbones
 
     fs = load_features(make_store(tmp_path / "f", tiny_clip_dir, n_images=20, per_image=3))
     fs.records[5]["captions"][1] = ""

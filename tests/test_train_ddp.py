@@ -137,7 +137,7 @@ def test_two_processes_stream_a_sharded_store_disjointly(
     frozen-LM transformer mapper, so that DDP over a mapper alone is covered too."""
     from test_stream import sharded_store, stream
 
-    from clipcap_cli import backbones
+    from clipcap_cli.weights import backbones
 
     store = sharded_store(tmp_path / "feats", tiny_clip_dir)  # 35 captions with tokens
     out, debug = tmp_path / "run", tmp_path / "debug"

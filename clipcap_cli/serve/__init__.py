@@ -56,7 +56,7 @@ class ServeOptions:
             raise UsageError(f"max_pixels must be at least 1, got {self.max_pixels}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port must be 0-65535, got {self.port}")
-        from clipcap_cli.netguard import URL_POLICIES
+        from clipcap_cli.data.netguard import URL_POLICIES
 
         if self.urls not in URL_POLICIES:
             raise UsageError(f"urls must be one of {', '.join(URL_POLICIES)}, got {self.urls!r}")

@@ -39,7 +39,7 @@ from clipcap_cli.serve.protocol import (
 
 if TYPE_CHECKING:
     from clipcap_cli.captioner import Captioner
-    from clipcap_cli.decoding import DecodingOptions, DecodingResult
+    from clipcap_cli.decoding.decode import DecodingOptions, DecodingResult
 
 IMAGE_FIELDS = ("image", "file")  # multipart field names an upload may come in
 SOURCE_FIELDS = ("url", "base64")  # JSON fields naming the image

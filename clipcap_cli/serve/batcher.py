@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from clipcap_cli.captioner import Captioner
-    from clipcap_cli.decoding import DecodingOptions, DecodingResult
+    from clipcap_cli.decoding.decode import DecodingOptions, DecodingResult
 
 # (pixels of the batch's images, their options) -> one result per image, in order
 RunBatch = Callable[[Sequence["torch.Tensor"], "DecodingOptions"], Sequence["DecodingResult"]]

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clipcap_cli.decoding import DecodingOptions
+from clipcap_cli.decoding.decode import DecodingOptions
 from clipcap_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from clipcap_cli.decoding import DecodingResult
+    from clipcap_cli.decoding.decode import DecodingResult
     from clipcap_cli.serve import ServeOptions
 
 
@@ -113,7 +113,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     is checked from the header, before the image is decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    from clipcap_cli.images import ImageError, open_rgb
+    from clipcap_cli.data.images import ImageError, open_rgb
 
     if not data:
         raise RequestError(400, "the image is empty", param="image")
@@ -153,7 +153,7 @@ def decode_base64(text: Any, param: str = "base64") -> bytes:
 def fetch_image_bytes(url: str, limits: ServeOptions, deadline: float) -> bytes:
     """The body of an http(s) image URL, within the upload limit and ``deadline`` seconds, from the
     addresses ``limits.urls`` allows (public ones by default: see ``netguard``)."""
-    from clipcap_cli.inputs import InputError, fetch_url
+    from clipcap_cli.data.inputs import InputError, fetch_url
 
     if not url.lower().startswith(("http://", "https://")):
         raise RequestError(400, "url must be http(s) (or use base64 / a data: URL)", param="url")

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from clipcap_cli.features import TOKENS_FILE, FeatureSet
+from clipcap_cli.data.features import TOKENS_FILE, FeatureSet
 from clipcap_cli.fsutil import atomic_write
 from clipcap_cli.train.callbacks import TrainCallback
 from clipcap_cli.version import __version__

@@ -24,7 +24,6 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from clipcap_cli import backbones, lm
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import ClipCapError, UsageError
 from clipcap_cli.model import ClipCaptionModel
@@ -34,6 +33,7 @@ from clipcap_cli.train.data import Batch
 from clipcap_cli.train.options import TrainOptions, auto_warmup
 from clipcap_cli.train.rundata import TrainData, load_data
 from clipcap_cli.train.state import RESUME_FILE, Position
+from clipcap_cli.weights import backbones, lm
 
 log = logging.getLogger(__name__)
 ADAM_BETAS = (0.9, 0.999)  # transformers' old AdamW defaults, which the original used
@@ -169,7 +169,7 @@ def prepare(opts: TrainOptions, data: Path, out: Path, resume: bool, dist: Distr
     torch.manual_seed(opts.seed)  # the mapper's initial weights: the same on every rank
     model = ClipCaptionModel(run_data.config, gpt)
     if opts.lora:  # adapters on the LM, its own weights frozen (lora.py); drawn from the seeded RNG, after the mapper
-        from clipcap_cli import lora
+        from clipcap_cli.weights import lora
 
         lora.wrap(model, opts.lora, opts.lora_alpha, opts.lora_dropout, opts.lora_targets)
     model = model.to(device)
@@ -226,7 +226,7 @@ def _mixed_precision(device: torch.device, precision: str) -> tuple[torch.dtype 
             raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32)")
         return torch.float16, True
     if device.type == "cpu":
-        from clipcap_cli.precision import bf16_fallback_message, cpu_has_bf16
+        from clipcap_cli.decoding.precision import bf16_fallback_message, cpu_has_bf16
 
         if not cpu_has_bf16():  # emulated bf16 autocast: many times slower than fp32
             log.warning(bf16_fallback_message(instead="the default, fp32"))

@@ -20,10 +20,10 @@ import torch
 
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import write_text_atomic
-from clipcap_cli.lm import max_positions
 from clipcap_cli.train import state
 from clipcap_cli.train.callbacks import METRICS_FILE, Sample, TrainCallback
 from clipcap_cli.train.options import AUTO_VAL_MIN_IMAGES, TrainOptions
+from clipcap_cli.weights.lm import max_positions
 
 if TYPE_CHECKING:
     from clipcap_cli.train.data import TrainData
@@ -183,7 +183,8 @@ class Monitor:
         embeddings, records, _, split = self._choose(t)
         if not records:
             return []
-        from clipcap_cli import backbones, decoding
+        from clipcap_cli.decoding import decode as decoding
+        from clipcap_cli.weights import backbones
 
         if self._tokenizer is None:
             self._tokenizer = backbones.load_tokenizer(t.opts.model.gpt2)
@@ -257,7 +258,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _thumbnail(root: Path, image: str) -> str | None:
     """A small JPEG data URI of ``root / image``; None when it cannot be read (the report draws a box)."""
-    from clipcap_cli.html import thumbnail_data_uri
+    from clipcap_cli.cli.html import thumbnail_data_uri
 
     if not image or image.startswith(("http://", "https://")):
         return None

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipcap_cli import backbones
 from clipcap_cli.config import DEFAULT_CLIP_MODEL, ModelConfig
+from clipcap_cli.decoding.precision import TRAIN_PRECISIONS
 from clipcap_cli.errors import UsageError, check_number
-from clipcap_cli.precision import TRAIN_PRECISIONS
 from clipcap_cli.train.noise import check_variance
+from clipcap_cli.weights import backbones
 
 # The ModelConfig fields a run chooses; the others (prefix_size, clip_model, clip_pretrained) are
 # the features store's. gpt2 is the LM (ModelConfig.lm, under its first name); stop_token "eos" appends

@@ -12,15 +12,15 @@ from typing import Any, Iterator
 import torch
 
 from clipcap_cli.config import ModelConfig
+from clipcap_cli.data.store import Store, open_store
 from clipcap_cli.distributed import Distributed
 from clipcap_cli.errors import UsageError
-from clipcap_cli.lm import max_positions
-from clipcap_cli.store import Store, open_store
 from clipcap_cli.train import stream
 from clipcap_cli.train.callbacks import TrainCallback
 from clipcap_cli.train.data import Batch, split_images
 from clipcap_cli.train.options import TrainOptions, model_config
 from clipcap_cli.train.stream import CaptionStream, ShardTokens
+from clipcap_cli.weights.lm import max_positions
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _shard_tokens_main_first(store: Store, tokenizer: Any, dist: Distributed, ca
 def _separate_validation(path: str, fs: Store, tokenizer: Any, max_tokens: int, dist: Distributed) -> CaptionStream:
     """``--val-data``: every caption of another store (extracted with the same CLIP)."""
     vfs = open_store(path)
-    from clipcap_cli.store_format import describe_tower, same_tower
+    from clipcap_cli.data.store_format import describe_tower, same_tower
 
     if vfs.embed_dim != fs.embed_dim or not same_tower(
         vfs.meta, fs.meta.get("clip_model") or "", fs.meta.get("clip_pretrained")

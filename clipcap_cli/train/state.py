@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clipcap_cli import lora
 from clipcap_cli.errors import UsageError
 from clipcap_cli.fsutil import atomic_write, check_folder, remove_stale_temps, write_text_atomic
 from clipcap_cli.train.options import TrainOptions, resume_conflicts
 from clipcap_cli.version import __version__
+from clipcap_cli.weights import lora
 
 if TYPE_CHECKING:
     from clipcap_cli.model import ClipCaptionModel
@@ -86,7 +86,7 @@ def save_epoch_checkpoint(
     model: ClipCaptionModel, path: Path, epoch: int, step: int, opts: TrainOptions, val_loss: float | None = None
 ) -> Path:
     """An epoch's checkpoint: usable by ``clipcap caption --model`` with no other flags."""
-    from clipcap_cli import checkpoint
+    from clipcap_cli.weights import checkpoint
 
     extra = {
         "epoch": str(epoch),

@@ -31,8 +31,8 @@ from typing import Any, Iterator
 
 import torch
 
-from clipcap_cli.features import FeatureSet
-from clipcap_cli.store import Store
+from clipcap_cli.data.features import FeatureSet
+from clipcap_cli.data.store import Store
 from clipcap_cli.train.callbacks import TrainCallback
 from clipcap_cli.train.data import (
     Batch,

@@ -10,9 +10,9 @@ import pytest
 from test_extract_cli import _clip, _coco_dataset
 from typer.testing import CliRunner
 
-from clipcap_cli.cli import app
-from clipcap_cli.datasets import DatasetError, read_dataset
-from clipcap_cli.features import load_features
+from clipcap_cli.cli.app import app
+from clipcap_cli.data.datasets import DatasetError, read_dataset
+from clipcap_cli.data.features import load_features
 
 runner = CliRunner()
 

@@ -49,7 +49,7 @@ def test_completion_never_depends_on_the_data_directory(bad_home):
 def test_commands_that_need_it_say_so_in_one_line(bad_home, tmp_path, args, monkeypatch):
     from typer.testing import CliRunner
 
-    from clipcap_cli.cli import app
+    from clipcap_cli.cli.app import app
 
     monkeypatch.setenv("CLIPCAP_HOME", str(bad_home))
     photos = tmp_path / "photos"  # captioned images: their features are cached under the data directory

@@ -14,10 +14,10 @@ from conftest import make_images
 from test_download import PAYLOAD, SHA, dest, server  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from clipcap_cli import download as dl
-from clipcap_cli.cli import app
-from clipcap_cli.download_errors import TooSlowError, TransferError
-from clipcap_cli.inputs import InputError, fetch_url
+from clipcap_cli.cli.app import app
+from clipcap_cli.data.inputs import InputError, fetch_url
+from clipcap_cli.weights import download as dl
+from clipcap_cli.weights.download_errors import TooSlowError, TransferError
 
 runner = CliRunner()
 
@@ -174,7 +174,7 @@ def _planted_model(tmp_path, monkeypatch):
     """A registry model 'coco' whose checkpoint is a cached file with a verified record."""
     import hashlib
 
-    from clipcap_cli import pretrained
+    from clipcap_cli.weights import registry as pretrained
 
     model = pretrained.REGISTRY["coco"]
     model.path.parent.mkdir(parents=True, exist_ok=True)

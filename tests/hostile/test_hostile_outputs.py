@@ -16,8 +16,9 @@ from conftest import build_tiny_model, make_images
 from test_sharded import make_shards
 from typer.testing import CliRunner
 
-from clipcap_cli import checkpoint, fsutil
-from clipcap_cli.cli import app
+from clipcap_cli import fsutil
+from clipcap_cli.cli.app import app
+from clipcap_cli.weights import checkpoint
 
 runner = CliRunner()
 FAST = ["--max-length", "6"]

@@ -14,9 +14,10 @@ from test_sharded import make_shards
 from test_train import make_store, tiny_opts
 from typer.testing import CliRunner
 
-from clipcap_cli import checkpoint, train
-from clipcap_cli.cli import app
+from clipcap_cli import train
+from clipcap_cli.cli.app import app
 from clipcap_cli.errors import UsageError
+from clipcap_cli.weights import checkpoint
 
 runner = CliRunner()
 FAST = ["--max-length", "5", "--batch-size", "2"]
@@ -155,7 +156,7 @@ def test_a_torn_settings_file_of_an_output_dir_is_named(tmp_path, tiny_checkpoin
 
 
 def test_weights_fingerprints_are_remembered_by_size_and_time(tmp_path, monkeypatch):
-    from clipcap_cli import fingerprint
+    from clipcap_cli.weights import fingerprint
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"x" * 1000)

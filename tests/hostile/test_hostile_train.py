@@ -12,11 +12,12 @@ import torch
 from test_train import make_store, tiny_opts
 from typer.testing import CliRunner
 
-from clipcap_cli import checkpoint, train
-from clipcap_cli.cli import app
-from clipcap_cli.decoding import DecodingOptions
+from clipcap_cli import train
+from clipcap_cli.cli.app import app
+from clipcap_cli.decoding.decode import DecodingOptions
 from clipcap_cli.errors import UsageError, check_number
 from clipcap_cli.train import loop
+from clipcap_cli.weights import checkpoint
 
 runner = CliRunner()
 

@@ -1,0 +1,1 @@
+"""Sharded, resumable captioning over large collections (`clipcap caption --output-dir`)."""

@@ -1,0 +1,1 @@
+"""Images in, CLIP embeddings out: inputs, the one image loader and encoder, datasets, features stores."""

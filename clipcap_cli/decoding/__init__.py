@@ -1,0 +1,1 @@
+"""From a prefix to a caption: greedy, beam and sampled decoding, GPT-2 stepping, precision."""

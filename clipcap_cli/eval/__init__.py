@@ -1,0 +1,1 @@
+"""The caption metrics (COCO protocol, CLIPScore) and `clipcap eval` without the terminal."""
