@@ -1,4 +1,4 @@
-"""clipcap: ClipCap image captioning (CLIP prefix + GPT-2) as a library and a command line.
+"""clipcap: ClipCap image captioning (CLIP prefix + a causal language model, GPT-2 by default) as a library and a command line.
 
 The public API is small: ``load_model(name_or_path)`` returns a captioner with ``.caption(images)``.
 Heavy modules (torch, transformers, open_clip) are imported on first use, not at import.

@@ -17,7 +17,7 @@ from clipcap_cli.cli.ui import RunSettings, show_core_warnings, stdout
 from clipcap_cli.version import __version__
 
 HELP = (
-    "Caption images with ClipCap (CLIP prefix + GPT-2): download, extract, train, caption, eval, inspect.\n\n"
+    "Caption images with ClipCap (CLIP prefix + a language model, GPT-2 by default): download, extract, train, caption, eval, inspect.\n\n"
     "Exit codes: 0 success, 1 fatal error, 2 usage error, 3 some inputs failed.\n\n"
     "Example: [bold]clipcap caption photos/*.jpg --beam 5 | jq .caption[/]"
 )

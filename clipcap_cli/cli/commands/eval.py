@@ -133,7 +133,7 @@ def command(
         Optional[str],
         typer.Option(
             "--precision",
-            help=f"GPT-2's precision for --model: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact]; "
+            help=f"The LM's precision for --model: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact]; "
             "e.g. --precision fast (bf16 on CPUs with native bf16, int8 on other CPUs, bf16/fp16 on CUDA; some captions "
             "differ). bf16 on a CPU without native bf16 runs in fp32, with a warning.",
             show_default=False,

@@ -46,7 +46,7 @@ def command(
         str,
         typer.Option(
             "--precision",
-            help=f"GPT-2's precision: {', '.join(PRECISIONS)} (see clipcap caption --help).",
+            help=f"The model's precision: {', '.join(PRECISIONS)} (see clipcap caption --help).",
             rich_help_panel="Model",
         ),
     ] = DEFAULT_PRECISION,

@@ -120,7 +120,7 @@ def command(
         Optional[int],
         typer.Option(
             "--max-tokens",
-            help="Truncate captions to this many tokens (default: GPT-2's window minus the prefix).",
+            help="Truncate captions to this many tokens (default: the LM's context window minus the prefix).",
             rich_help_panel=DATA,
         ),
     ] = D.max_tokens,
@@ -145,7 +145,7 @@ def command(
         bool,
         typer.Option(
             "--only-prefix",
-            help="Freeze GPT-2 and train only the mapper (the released transformer model's recipe).",
+            help="Freeze the LM and train only the mapper (the released transformer model's recipe).",
             rich_help_panel=MODEL,
         ),
     ] = M.only_prefix,
@@ -155,7 +155,7 @@ def command(
     lora_targets: train_lora.LoraTargetsOption = None,
     prefix_length: Annotated[
         int,
-        typer.Option("--prefix-length", help="K: GPT-2 input embeddings made from each image.", rich_help_panel=MODEL),
+        typer.Option("--prefix-length", help="K: LM input embeddings made from each image.", rich_help_panel=MODEL),
     ] = M.prefix_length,
     clip_length: Annotated[
         int,
