@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 
 from clipcap_cli.cli import lean
 
@@ -42,12 +41,14 @@ def test_on_the_cpu_the_first_import_of_triton_is_refused(no_triton_yet):
     assert lean.enable(["caption"]) is None  # triton is settled: nothing to install
 
 
-@pytest.mark.parametrize("case", ["cuda", "keep", "bad device"])
+@pytest.mark.parametrize("case", ["cuda", "cuda named", "keep", "bad device"])
 def test_cuda_the_override_and_a_bad_device_keep_triton(no_triton_yet, monkeypatch, case):
     device = "cpu"
     if case == "cuda":
-        monkeypatch.setattr("clipcap_cli.device.pick_device", lambda requested=None: torch.device("cuda"))
+        monkeypatch.setattr(lean, "gpu_possible", lambda: True)
         device = None
+    elif case == "cuda named":
+        device = "cuda:0"
     elif case == "keep":
         monkeypatch.setenv(lean.ENV, "1")
     else:
@@ -67,3 +68,31 @@ def test_only_the_console_entry_point_installs_it(no_triton_yet, monkeypatch):
     monkeypatch.setattr(cli, "main", lambda only=None: None)
     entry.main()
     assert isinstance(sys.meta_path[0], lean.TritonGate) and sys.meta_path[0].device is None
+
+
+@pytest.mark.parametrize(
+    ("files", "visible", "possible"),
+    [(["/dev/nvidiactl"], None, True), ([], None, False), (["/dev/kfd"], None, True), (["/dev/nvidiactl"], "", False)],
+)
+def test_a_gpu_is_possible_only_with_a_driver_and_visible_devices(monkeypatch, files, visible, possible):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(lean.os.path, "exists", lambda p: p in files)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert lean.gpu_possible() is possible
+    assert lean.keeps_triton_out(None) is (not possible)
+
+
+def test_the_gate_decides_while_torch_is_being_imported():
+    """The real order: the gate first, then ``import torch``, which asks for triton while it is half imported."""
+    import subprocess
+
+    code = (
+        "import sys; from clipcap_cli.cli import lean; lean.enable(['extract', 'x', '--device', 'cpu']); "
+        "import clipcap_cli.device, torch; print(sys.modules.get('triton', 'absent'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ("None", "absent")  # refused (or never asked for): not imported

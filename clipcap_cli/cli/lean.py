@@ -9,8 +9,9 @@ Its library alone is ~75 MB of the first caption's peak RSS (issue 24, measured 
 
 Only the console entry point turns this on (``enable``), for its own process: a program that
 imports clipcap_cli as a library keeps its triton, and so do the tests (they call the Typer app).
-Nothing is decided, and torch is not imported, until something imports triton: then the device
-the command line asks for (``--device``, else the best available) decides, once. On CUDA or MPS,
+Nothing is decided until something imports triton (torch itself looks for it while it is being
+imported): then the device the command line asks for decides, once, without torch (``--device``; without
+it, whether the machine has a GPU driver at all). On CUDA or MPS,
 or with ``CLIPCAP_KEEP_TRITON=1``, triton imports as usual.
 """
 
@@ -42,16 +43,31 @@ class TritonGate(importlib.abc.MetaPathFinder):
 
 
 def keeps_triton_out(device: str | None) -> bool:
-    """Whether a run on ``device`` (the ``--device`` value; None: the best available) does without triton."""
+    """Whether a run on ``device`` (the ``--device`` value; None: the best available) does without triton.
+
+    Decided without torch: the question comes while torch itself is being imported (it looks for triton),
+    so torch's own CUDA check cannot be asked. ``--device cpu`` keeps triton out; any other device keeps it;
+    with no ``--device``, it is kept out only where no GPU can be (see ``gpu_possible``)."""
     if os.environ.get(ENV):
         return False
-    from clipcap_cli.device import pick_device
-    from clipcap_cli.errors import UsageError
+    if device and device.strip().lower() not in ("", "auto"):
+        return device.strip().lower() == "cpu"
+    return not gpu_possible()
 
-    try:
-        return pick_device(device).type == "cpu"
-    except UsageError:  # a bad --device: the command says so, with its own message
+
+# A CUDA driver's and a ROCm driver's files: where neither exists, torch finds no GPU either.
+GPU_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+
+
+def gpu_possible() -> bool:
+    """Whether this machine might have a GPU torch can use, read from files (no torch, no driver call).
+    Off Linux the answer is yes: triton is then left alone."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
         return False
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in GPU_FILES)
 
 
 def requested_device(argv: Sequence[str]) -> str | None:
