@@ -22,7 +22,7 @@ import pytest
 import torch
 from released import CLIP_HUB_REPOS, HF_REVISION
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # the system lane: pytest --system
 PHOTO = Path(__file__).parent / "data" / "photos" / "COCO_val2014_000000354533.jpg"
 SITECUSTOMIZE = """
 import os, socket, sys

@@ -468,6 +468,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_checkpo
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_torchrun_two_processes_equal_one(tmp_path, tiny_checkpoint, tar_dir, baseline):
     out = tmp_path / "out"
     pattern = f"{tar_dir}/{{00000..00002}}.tar"

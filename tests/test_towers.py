@@ -270,11 +270,8 @@ def test_training_records_the_tower_and_other_towers_are_refused(
 
 # --------------------------------------------------------------------------- the real layouts, rehearsed
 
-REHEARSE = "CLIPCAP_REHEARSE_TOWERS"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get(REHEARSE), reason=f"full-size towers (a minute of CPU): set {REHEARSE}=1")
+@pytest.mark.system  # full-size towers, a minute of CPU: the system lane (pytest --system)
 def test_rehearsal_vit_l14_and_siglip_from_the_planted_hub_cache(tmp_path: Path, tiny_gpt2_dir: Path):
     """The README's tower commands through the installed script, offline (no --offline flag: the network is
     blocked and a test fails if anything reaches for it), on open_clip's hub cache planted with OpenAI's

@@ -67,6 +67,7 @@ def train_args(store: Path, out: Path, gpt2: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.parametrize(
     "mode",
     [["--mapping", "mlp"]],  # full fine-tuning: GPT-2 gradients are all-reduced too (frozen LM: the test below)
@@ -110,6 +111,7 @@ def test_two_cpu_processes_stay_in_sync_on_disjoint_data(tmp_path: Path, tiny_cl
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_a_failure_on_rank_0_stops_rank_1_at_once_with_its_message(tmp_path: Path, tiny_clip_dir, tiny_gpt2_dir):
     """Rank-0-only work fails (a callback raises mid-run): rank 1 must not wait in its next collective
     for the backend's timeout (30 min for gloo), nor die of a lost connection, but stop with rank 0's
@@ -129,6 +131,7 @@ def test_a_failure_on_rank_0_stops_rank_1_at_once_with_its_message(tmp_path: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_two_processes_stream_a_sharded_store_disjointly(
     tmp_path: Path, tiny_clip_dir, tiny_gpt2_dir, gpt2_tokenizer_dir
 ):
