@@ -98,7 +98,11 @@ def train(
     callbacks = Callbacks([*given, metrics], main=dist.main)
     try:
         with _tf32(dist.device):
-            return fit(prepare(opts, Path(data), out, resume, dist, callbacks), callbacks)
+            result = fit(prepare(opts, Path(data), out, resume, dist, callbacks), callbacks)
+        # Every process leaves together: a gloo group torn down while its peer is still busy (rank 0
+        # writing its report) can abort the process at exit ("terminate called without an active exception").
+        dist.barrier()
+        return result
     finally:
         metrics.close()
         dist.close()
