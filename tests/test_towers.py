@@ -270,6 +270,7 @@ def test_training_records_the_tower_and_other_towers_are_refused(
 
 # --------------------------------------------------------------------------- the real layouts, rehearsed
 
+
 @pytest.mark.slow
 @pytest.mark.system  # full-size towers, a minute of CPU: the system lane (pytest --system)
 def test_rehearsal_vit_l14_and_siglip_from_the_planted_hub_cache(tmp_path: Path, tiny_gpt2_dir: Path):
