@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clipcap_cli.batch import shards
-from clipcap_cli.data import features
+from clipcap_cli.data import extract_parts, features
 from clipcap_cli.data.features import FeatureSet, load_features, save_features
 from clipcap_cli.errors import ClipCapError, UsageError
 
@@ -266,7 +266,7 @@ def test_concurrent_shard_with_other_settings_is_refused(tmp_path: Path, monkeyp
 
     def start(name: str, records: list[dict], settings: dict) -> None:
         try:
-            features._prepare_parts(out, records, settings)
+            extract_parts._prepare_parts(out, records, settings)
             outcome[name] = "ok"
         except UsageError as exc:
             outcome[name] = str(exc)
@@ -286,9 +286,8 @@ def test_concurrent_shard_with_other_settings_is_refused(tmp_path: Path, monkeyp
 
         return hooked
 
-    monkeypatch.setattr(features, "write_text_atomic", with_other_shard(features.write_text_atomic))
-    if hasattr(features, "create_exclusive"):
-        monkeypatch.setattr(features, "create_exclusive", with_other_shard(features.create_exclusive))
+    monkeypatch.setattr(extract_parts, "write_text_atomic", with_other_shard(extract_parts.write_text_atomic))
+    monkeypatch.setattr(extract_parts, "create_exclusive", with_other_shard(extract_parts.create_exclusive))
     start("ours", _records(6), ours)
 
     results = [outcome["ours"], outcome["other"]]
@@ -299,4 +298,4 @@ def test_concurrent_shard_with_other_settings_is_refused(tmp_path: Path, monkeyp
     parts = out / features.PARTS_DIR
     assert json.loads((parts / features.SETTINGS_FILE).read_text()) == winner
     records = [json.loads(line) for line in (parts / features.RECORDS_FILE).read_text().splitlines()]
-    assert features._sha256_json(records) == winner["records_sha256"]
+    assert extract_parts._sha256_json(records) == winner["records_sha256"]

@@ -228,7 +228,7 @@ def _read_meta(out: Path) -> dict:
 def _meta(
     options: TextExtractOptions, settings: dict, source: dict, result: TextExtractResult, device: Any, tokenizer: Any
 ) -> dict:
-    from clipcap_cli.data.features import _versions
+    from clipcap_cli.data.extract_parts import _versions
 
     return {
         "modality": MODALITY,
