@@ -53,11 +53,13 @@ TINY_CLIP = {
 # and 20 steps exercise the same static cache path as the default 67.
 MAX_LENGTH = "20"
 CAPTIONS = {"red": "a red square.", "green": "a green square.", "blue": "a blue square.", "white": "a white square."}
-# (hub name, extra train flags, the static stepper class's name, the real config): one frozen LM, one
-# fully fine-tuned, so both checkpoint kinds are rehearsed (mapper only + the hub weights; mapper + LM).
+# (hub name, extra train flags, the static stepper class's name, the real config): a frozen LM, a fully
+# fine-tuned one and LoRA, so the three checkpoint kinds are rehearsed (mapper only + the hub weights;
+# mapper + LM; mapper + adapters merged into the hub weights at load time).
 CASES = {
     "smollm2-only-prefix": (SMOLLM2, ["--only-prefix"], "StaticLlama", SMOLLM2_CONFIG),
     "opt-full": (OPT125M, [], "StaticOPT", OPT125M_CONFIG),
+    "opt-lora4": (OPT125M, ["--lora", "4"], "StaticOPT", OPT125M_CONFIG),
 }
 
 
@@ -160,7 +162,9 @@ def test_docs_train_and_caption_commands_work_offline_on_the_real_lm_layouts(
         assert (
             raw.lm_config["num_key_value_heads"] == 3 and rope.get("rope_theta", raw.lm_config.get("rope_theta")) == 1e5
         )
-    assert raw.has_lm == ("--only-prefix" not in flags)
+    full = not ({"--only-prefix", "--lora"} & set(flags))
+    assert raw.has_lm == full
+    assert any(k.startswith("lora.") for k in raw.state) == ("--lora" in flags) == ("lora" in raw.metadata)
     assert raw.state["clip_project.model.2.weight"].shape[0] == raw.config.prefix_length * real["hidden_size"]
 
     [record] = _records(run("caption", "--model", "run/epoch-001.safetensors", "photo.jpg", "--max-length", MAX_LENGTH))
@@ -198,13 +202,19 @@ def test_docs_train_and_caption_commands_work_offline_on_the_real_lm_layouts(
     assert plain.tokens == result.tokens
 
     # The LM's weights: a frozen LM's are the planted hub file's (read under the recorded name,
-    # whatever its key layout: OPT's bare decoder.* keys); a fine-tuned one's are the checkpoint's.
+    # whatever its key layout: OPT's bare decoder.* keys), LoRA's too except where the adapters were
+    # merged; a fine-tuned one's are the checkpoint's.
     embed = gpt.get_input_embeddings().weight
     planted = backbones.lm_weights(name)
     [planted_key] = [k for k in planted if k.endswith("embed_tokens.weight")]
-    if "--only-prefix" in flags:
+    if not full:
         assert torch.equal(embed, planted[planted_key].float())
-    else:
+    if "--lora" in flags:
+        [q_key] = [k for k in planted if k.endswith("layers.0.self_attn.q_proj.weight")]
+        q = gpt.get_decoder().layers[0].self_attn.q_proj.weight
+        assert q.shape == planted[q_key].shape and not torch.equal(q, planted[q_key].float())  # merged
+        assert (q - planted[q_key].float()).abs().max() < 1e-2  # by a small low-rank step, not replaced
+    if full:
         [saved_key] = [k for k in raw.state if k.startswith("gpt.") and k.endswith("embed_tokens.weight")]
         assert torch.equal(embed, raw.state[saved_key].float())
         assert not torch.equal(embed, planted[planted_key].float())  # trained: the LM moved
