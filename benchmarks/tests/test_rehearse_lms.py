@@ -13,6 +13,7 @@ Run by the benchmark job (`pytest benchmarks/tests`): about a minute or two on t
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -132,6 +133,17 @@ def in_process(home: Path, monkeypatch: pytest.MonkeyPatch):
     return home
 
 
+def _module(*names: str):
+    """The first of ``names`` that imports: clipcap's modules moved into subpackages (``decoding.decode``,
+    ``weights.checkpoint``...) while this rehearsal was written; it runs on either layout."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError(names[-1])
+
+
 def _records(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip().startswith("{")]
 
@@ -151,8 +163,7 @@ def test_docs_train_and_caption_commands_work_offline_on_the_real_lm_layouts(
 
     # The checkpoint records the LM: its hub name and its whole (real) config; a frozen LM's file
     # holds only the mapper, a fine-tuned one's the LM too.
-    from clipcap_cli import checkpoint
-
+    checkpoint = _module("clipcap_cli.weights.checkpoint", "clipcap_cli.checkpoint")
     raw = checkpoint.read(ckpt)
     assert raw.config.lm == name and raw.config.only_prefix == ("--only-prefix" in flags)
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
@@ -173,8 +184,11 @@ def test_docs_train_and_caption_commands_work_offline_on_the_real_lm_layouts(
 
     # In-process, on the same files: the real architecture is built, decoded by the family's static
     # stepper, and the caption is the one the script wrote.
-    from clipcap_cli import backbones, decoding, inference
     from clipcap_cli.loading import load_model
+
+    backbones = _module("clipcap_cli.weights.backbones", "clipcap_cli.backbones")
+    decoding = _module("clipcap_cli.decoding.decode", "clipcap_cli.decoding")  # where open_inference is called
+    inference = _module("clipcap_cli.decoding.inference", "clipcap_cli.inference")
 
     opened = []
     real_open = decoding.open_inference
