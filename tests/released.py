@@ -202,3 +202,170 @@ def plant_everything(home: Path) -> Path:
     plant_open_clip(home, "RN50x4", "openai")
     plant_registry_models(home)
     return home
+
+
+# --------------------------------------------------------------------------- other language models (issue 22)
+
+# The two non-GPT-2 LMs the docs name first, with their real configs (as in the hub repos' config.json;
+# weights random). SmolLM2-135M: Llama with grouped-query attention (9 heads, 3 KV heads) and tied
+# embeddings; OPT-125m: 12 layers of 768, learned positions offset by 2, bos = eos = </s> = 2, pad = 1.
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M"
+OPT125M = "facebook/opt-125m"
+SMOLLM2_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 576,
+    "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536,
+    "is_llama_config": True,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_interleaved": False,
+    "rope_scaling": None,
+    "rope_theta": 100000,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1",
+    "use_cache": True,
+    "vocab_size": 49152,
+}
+OPT125M_CONFIG = {
+    "_name_or_path": "facebook/opt-125m",
+    "architectures": ["OPTForCausalLM"],
+    "model_type": "opt",
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "do_layer_norm_before": True,
+    "dropout": 0.1,
+    "eos_token_id": 2,
+    "ffn_dim": 3072,
+    "hidden_size": 768,
+    "init_std": 0.02,
+    "layerdrop": 0.0,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "prefix": "</s>",
+    "torch_dtype": "float16",
+    "transformers_version": "4.21.0.dev0",
+    "use_cache": True,
+    "vocab_size": 50272,
+    "word_embed_proj_dim": 768,
+}
+# SmolLM2's first special tokens (ids 0, 1, 2; <|endoftext|> is its BOS, EOS and UNK).
+SMOLLM2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3 as in OPT's vocab.json
+
+
+def _random_lm_state(config: dict, dtype: torch.dtype, seed: int, *, bare_prefix: str | None = None) -> dict:
+    """Random weights for the causal LM ``config`` describes, keyed as its hub file: N(0, 0.02) noise,
+    norm weights 1 and biases 0, in the file's dtype; tied output embeddings left out, as
+    ``save_pretrained`` does; with ``bare_prefix``, the base model's keys without it (old OPT files)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("_name_or_path", "torch_dtype")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, like in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if "norm" in key and key.endswith(".weight"):
+            value = torch.ones(like.shape, dtype=dtype)
+        elif key.endswith(".bias"):
+            value = torch.zeros(like.shape, dtype=dtype)
+        else:
+            value = (torch.randn(like.shape, generator=gen) * 0.02).to(dtype)
+        if bare_prefix:
+            key = key.removeprefix(bare_prefix + ".")
+        state[key] = value
+    return state
+
+
+def smollm2_tokenizer():
+    """A stand-in for SmolLM2's tokenizer, built here: its real files (a 49152-token byte-level BPE)
+    cannot be had offline. The same scheme (GPT-2-style byte-level BPE) with SmolLM2's first special
+    tokens at ids 0-2, merges learned on a small corpus (tests/lm_families.py), and filler tokens up to
+    the real vocabulary size, so every id the LM can emit decodes to text."""
+    from lm_families import byte_level_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    trained = byte_level_tokenizer(SMOLLM2_SPECIALS)
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(trained.to_str())["model"]["merges"]
+    ]
+    vocab = dict(sorted(trained.get_vocab().items(), key=lambda kv: kv[1]))
+    assert [vocab[t] for t in SMOLLM2_SPECIALS] == [0, 1, 2]
+    i = 0
+    while len(vocab) < SMOLLM2_CONFIG["vocab_size"]:
+        vocab.setdefault(f"\u0120w{i}", len(vocab))  # "Ġw123": decodes to " w123"
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SMOLLM2_SPECIALS))
+    eot = SMOLLM2_SPECIALS[0]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=8192
+    )
+
+
+def write_opt_tokenizer(folder: Path) -> Path:
+    """OPT's tokenizer files: GPT-2's byte-level BPE (the real merges.txt) with OPT's special tokens
+    <s> <pad> </s> <unk> at ids 0-3, as OPT's vocab.json has them, and GPT2Tokenizer's config with
+    </s> as BOS, EOS and UNK. (OPT's real vocab.json orders the same BPE tokens by fairseq's
+    dictionary; here GPT-2's tokens follow the specials in GPT-2's order. Ids differ, the scheme not.)"""
+    write_gpt2_tokenizer(folder)
+    gpt2_vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab = {t: i for i, t in enumerate(OPT_SPECIALS)}
+    for token, _ in sorted(gpt2_vocab.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    specials = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    tok_config = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "errors": "replace", **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return folder
+
+
+def plant_lm(home: Path, name: str, seed: int = 0) -> Path:
+    """The hub cache of ``name`` (SMOLLM2 or OPT125M) under ``home/huggingface``, as
+    ``from_pretrained(name)`` leaves it: the real config, random weights in the file's dtype
+    (model.safetensors: SmolLM2 bf16 with tied embeddings; OPT fp16 with the bare ``decoder.*`` keys
+    of its hub file, no lm_head) and the tokenizer (see ``smollm2_tokenizer`` / ``write_opt_tokenizer``)."""
+    from safetensors.torch import save_file
+
+    folder = _hub_file(home / "huggingface", name, "config.json").parent
+    if name == SMOLLM2:
+        config, dtype, bare = SMOLLM2_CONFIG, torch.bfloat16, None
+        smollm2_tokenizer().save_pretrained(folder)
+    elif name == OPT125M:
+        config, dtype, bare = OPT125M_CONFIG, torch.float16, "model"
+        write_opt_tokenizer(folder)
+    else:
+        raise ValueError(f"no real config for {name!r}: {SMOLLM2} or {OPT125M}")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = _random_lm_state(config, dtype, seed, bare_prefix=bare)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def plant_other_lms(home: Path) -> dict[str, Path]:
+    """SmolLM2-135M and OPT-125m in the Hugging Face cache under ``home`` (real configs, random weights)."""
+    return {name: plant_lm(home, name) for name in (SMOLLM2, OPT125M)}

@@ -224,8 +224,13 @@ def load_lm(name: str) -> PreTrainedModel:
     folder = local_folder(name)
     if folder is not None:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    # With peft installed, from_pretrained also looks for an adapter_config.json, and (transformers 5)
+    # without our cache_dir and local_files_only: on a machine without network that lookup retried for
+    # about 20 s before training started. adapter_kwargs gives it the same two as everything else.
     return cached_or_download(
-        lambda local: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **_hub_kwargs(local)),
+        lambda local: AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, adapter_kwargs=_hub_kwargs(local), **_hub_kwargs(local)
+        ),
         f"{_label(name)} weights '{name}'",
         hint,
     )
