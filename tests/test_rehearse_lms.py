@@ -23,23 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 from released import OPT125M, OPT125M_CONFIG, SMOLLM2, SMOLLM2_CONFIG, plant_other_lms
+from test_rehearsal import PHOTO, SITECUSTOMIZE  # the photo, and the audit hook that refuses the network
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.system]  # full-size LMs: the system lane (pytest --system)
 
-PHOTO = ROOT / "tests" / "data" / "photos" / "COCO_val2014_000000354533.jpg"
-# The audit hook of tests/test_rehearsal.py: any IP socket or name lookup is logged and refused.
-SITECUSTOMIZE = """
-import os, socket, sys
-_log = os.environ["CLIPCAP_TEST_NET_LOG"]
-def _hook(event, args):
-    inet = event == "socket.__new__" and args[1] in (socket.AF_INET, socket.AF_INET6)
-    if inet or event in ("socket.getaddrinfo", "socket.gethostbyname"):
-        with open(_log, "a") as f:
-            f.write(f"{event} {args[1:]!r}\\n")
-        raise OSError(f"network blocked by the test ({event})")
-sys.addaudithook(_hook)
-"""
 TINY_CLIP = {
     "model_cfg": {
         "embed_dim": 32,
