@@ -278,3 +278,18 @@ def test_cli_trains_opt_and_llama_and_captions_without_lm(tmp_path, lm_dirs, tin
         assert shown.exit_code == 0, shown.output
         [record] = json.loads(shown.stdout)
         assert isinstance(record["caption"], str) and record["caption"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "device"])
+def test_an_lm_written_as_a_path_that_is_no_folder_is_one_line(tmp_path: Path, kind: str):
+    """A path is never sent to the hub (which could only say "not cached"): one line saying what it is."""
+    from clipcap_cli.errors import UsageError
+    from clipcap_cli.weights import backbones
+
+    name = {"missing": str(tmp_path / "gone"), "file": str(tmp_path / "weights.bin"), "device": "/dev/null"}[kind]
+    if kind == "file":
+        Path(name).write_bytes(b"x")
+    want = "does not exist" if kind == "missing" else "is not a folder"
+    with pytest.raises(UsageError, match=f"language model {name}: {want}"):
+        backbones.load_tokenizer(name)
+    assert backbones.local_folder(str(tmp_path)) == tmp_path and backbones.local_folder("org/model") is None

@@ -14,6 +14,7 @@ torch is imported inside functions, like the rest of the decoding core.
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 Attend = Callable[[int, "torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
-class StaticStepper:
+class StaticStepper(abc.ABC):
     """An LM over a KV cache preallocated for the whole caption.
 
     Every row has the same length (the prefix has a fixed K, and each step adds one token to every
@@ -95,25 +96,26 @@ class StaticStepper:
         )
         self._checked: set[int] = set()
 
-    # ---- what a family provides
+    # ---- what a family provides (each family class in static_families.py defines the abstract four)
 
     def _setup_rope(self) -> None:
         """Rotary families fill ``self.rope``; the others have nothing to do."""
 
+    @abc.abstractmethod
     def _norm_modules(self) -> list[Any]:
-        raise NotImplementedError
+        """The family's LayerNorm/RMSNorm modules (kept in fp32 under a bf16/fp16 model)."""
 
+    @abc.abstractmethod
     def _embed(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """Input embeddings (N, T, E_in) at positions start.. -> the residual stream (N, T, E)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _block(self, i: int, x: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
         """Block ``i`` on the stream (N, T, E); ``rope``: (cos, sin) of the T positions, each (T, D), or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _final(self, x: torch.Tensor) -> torch.Tensor:
         """The last norm (and projection) of the stream (n, E), kept in the stream's dtype."""
-        raise NotImplementedError
 
     # ---- the three calls
 

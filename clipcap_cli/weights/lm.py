@@ -238,8 +238,19 @@ def stop_id(tokenizer: Any, stop_token: str) -> int:
 
 
 def local_folder(name: str) -> Path | None:
+    """The folder ``name`` names, or None for a Hugging Face name. A name written as a path (``/``, ``./``,
+    ``../``, ``~``) or naming a file is refused in one line: it can only mean a folder, and sending it to the
+    hub would only say "not cached"."""
     path = Path(name).expanduser()
-    return path if path.is_dir() else None
+    if path.is_dir():
+        return path
+    if name.startswith(("/", "./", "../", "~")) or path.exists():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise UsageError(
+            f"language model {name}: {what}; give a folder saved by save_pretrained (config.json, the weights, "
+            "the tokenizer's files) or a Hugging Face name"
+        )
+    return None
 
 
 class EosAppended:

@@ -29,6 +29,7 @@ from clipcap_cli.cli.commands.options import (
     LmOption,
     ModelOption,
     NormalizePrefixOption,
+    PrecisionOption,
     QuietOption,
     StopTokenOption,
     lm_choice,
@@ -37,7 +38,7 @@ from clipcap_cli.cli.output import available_formats
 from clipcap_cli.cli.sidecar_out import SidecarOptions, from_flags
 from clipcap_cli.data.inputs import URL_DEADLINE, WORKERS
 from clipcap_cli.decoding.decode import CPU_BATCH_SIZE, DecodingOptions
-from clipcap_cli.decoding.precision import DEFAULT_PRECISION, PRECISIONS
+from clipcap_cli.decoding.precision import DEFAULT_PRECISION
 
 HELP = """Caption images: files, folders, globs, http(s) URLs, or - to read paths and URLs from stdin;
 with --output-dir, also webdataset tar shards, in sharded, resumable runs over many processes.
@@ -83,14 +84,7 @@ def command(
     lm: LmOption = None,
     gpt2: Gpt2AliasOption = None,
     normalize_prefix: NormalizePrefixOption = None,
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help=f"The model's precision: {', '.join(PRECISIONS)}. auto = fp32, exact (the original's captions). fast = the fastest good mode on this hardware: bf16 on a CPU with native bf16 (AVX512-BF16/AMX; see clipcap info), int8 on other CPUs, bf16/fp16 on CUDA; some captions differ from fp32's. bf16 on a CPU without native bf16 runs in fp32 (emulated bf16 is many times slower), with a warning. int8 (CPU): GPT-2, mapper and CLIP quantised. fp16: CUDA only. E.g. --precision fast.",
-            rich_help_panel=MODEL,
-        ),
-    ] = DEFAULT_PRECISION,
+    precision: PrecisionOption = DEFAULT_PRECISION,
     beam: Annotated[
         Optional[int],
         typer.Option(

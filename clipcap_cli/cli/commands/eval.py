@@ -10,10 +10,9 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from clipcap_cli.cli.commands.options import DeviceOption, ImageWorkersOption, JsonOption
+from clipcap_cli.cli.commands.options import DeviceOption, ImageWorkersOption, JsonOption, PrecisionOption
 from clipcap_cli.cli.ui import complete_model
 from clipcap_cli.decoding.decode import DecodingOptions
-from clipcap_cli.decoding.precision import PRECISIONS
 from clipcap_cli.eval.clipscore import METRIC_NAMES as CLIP_METRICS
 from clipcap_cli.eval.evaluation import EvalOptions
 
@@ -129,17 +128,7 @@ def command(
             rich_help_panel=MODEL,
         ),
     ] = None,
-    precision: Annotated[
-        Optional[str],
-        typer.Option(
-            "--precision",
-            help=f"The LM's precision for --model: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact]; "
-            "e.g. --precision fast (bf16 on CPUs with native bf16, int8 on other CPUs, bf16/fp16 on CUDA; some captions "
-            "differ). bf16 on a CPU without native bf16 runs in fp32, with a warning.",
-            show_default=False,
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
+    precision: PrecisionOption = None,
     workers: ImageWorkersOption = None,
     device: DeviceOption = D.device,
     save_predictions: Annotated[

@@ -14,6 +14,7 @@ import typer
 from typing_extensions import Annotated
 
 from clipcap_cli.cli.ui import complete_model
+from clipcap_cli.decoding.precision import PRECISIONS
 
 MODEL = "Model"
 SPEED = "Device and speed"
@@ -80,6 +81,19 @@ NormalizePrefixOption = Annotated[
         help="L2-normalise CLIP embeddings before the mapper (default: what the checkpoint implies).",
         rich_help_panel=MODEL,
         show_default=False,
+    ),
+]
+PrecisionOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--precision",
+        help=f"The model's precision: {', '.join(PRECISIONS)} \\[default: auto = fp32, exact: the original's captions]. "
+        "fast = the fastest good mode on this hardware: bf16 on a CPU with native bf16 (AVX512-BF16/AMX; see clipcap "
+        "info), int8 on other CPUs, bf16/fp16 on CUDA; some captions differ from fp32's. bf16 on a CPU without native "
+        "bf16 runs in fp32 (emulated bf16 is many times slower), with a warning. int8 (CPU): the LM, mapper and CLIP "
+        "quantised. fp16: CUDA only. E.g. --precision fast.",
+        show_default=False,
+        rich_help_panel=MODEL,
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON on stdout (also on a terminal).", show_default=False)]

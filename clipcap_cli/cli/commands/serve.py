@@ -15,9 +15,10 @@ from clipcap_cli.cli.commands.options import (
     LmOption,
     ModelOption,
     NormalizePrefixOption,
+    PrecisionOption,
     lm_choice,
 )
-from clipcap_cli.decoding.precision import DEFAULT_PRECISION, PRECISIONS
+from clipcap_cli.decoding.precision import DEFAULT_PRECISION
 from clipcap_cli.serve import INSTALL_HINT, ServeOptions
 
 _HINT = INSTALL_HINT.replace("[", "\\[")  # rich markup: a literal [
@@ -42,14 +43,7 @@ def command(
     lm: LmOption = None,
     gpt2: Gpt2AliasOption = None,
     normalize_prefix: NormalizePrefixOption = None,
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help=f"The model's precision: {', '.join(PRECISIONS)} (see clipcap caption --help).",
-            rich_help_panel="Model",
-        ),
-    ] = DEFAULT_PRECISION,
+    precision: PrecisionOption = DEFAULT_PRECISION,
     device: DeviceOption = None,
     host: Annotated[
         str,
